@@ -1,0 +1,26 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Without an NVIDIA driver, pin the CPU torch build.
+CONSTRAINT := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
+
+$(BIN)/.ready: pyproject.toml constraints-cpu.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(CONSTRAINT) -e ".[test]"
+	touch $@
+
+venv: $(BIN)/.ready
+
+demo: $(BIN)/.ready
+	$(BIN)/python examples/quickstart.py
+
+test: $(BIN)/.ready
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+bench: $(BIN)/.ready
+	$(BIN)/python benchmarks/bench_models.py
+
+.PHONY: venv demo test bench

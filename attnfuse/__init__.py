@@ -1,0 +1,48 @@
+"""attnfuse: find attention subgraphs in PyTorch models and fuse them.
+
+    compiled = torch.compile(model, backend="attnfuse")
+    report = attnfuse.audit(model, *example_inputs)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import ops  # noqa: F401 - registers torch.ops.attnfuse.*
+from .config import Config
+from .costmodel import DeviceSpec
+from .report import Report, Site, last_report
+
+__all__ = ["Config", "DeviceSpec", "Report", "Site", "audit", "last_report"]
+
+
+def audit(model: Any, *args: Any, options: Any = None, **kwargs: Any) -> Report:
+    """Trace ``model(*args, **kwargs)`` once and report what attnfuse would fuse, and why not.
+
+    Runs the canonicalize / match / mask / plan passes on every graph dynamo
+    captures; compiles no kernel (the captured graphs run eagerly).
+    """
+    from .backend import analyze
+
+    config = Config.from_options(options)
+    combined = Report(device=config.device_spec().name)
+
+    def _audit_backend(gm, example_inputs):
+        report = Report(device=combined.device, graphs=1)
+        import copy
+
+        work = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        try:
+            analyze(work, example_inputs, config, report)
+        except Exception as exc:
+            if config.strict:
+                raise
+            report.notes.append(f"a pass raised {type(exc).__name__}: {exc}")
+        combined.merge(report)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=_audit_backend, dynamic=False)
+    compiled(*args, **kwargs)
+    return combined

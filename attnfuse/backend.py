@@ -1,0 +1,154 @@
+"""The dynamo backend ``"attnfuse"``: options -> Config; passes; inner compile.
+
+``torch.compile(model, backend="attnfuse", options={...})`` calls
+`attnfuse_backend`.  The passes run on a copy of dynamo's Torch-IR graph
+(see docs/architecture.md for why this level); if any of them raises, the
+original graph is compiled unchanged and the report says why (unless
+``strict=True``).  The result goes to Inductor (``inner="inductor"``), whose
+AOTAutograd traces the custom op's registered autograd for training, or runs
+as is (``inner="eager"``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from . import costmodel, ops  # noqa: F401 - ops registers torch.ops.attnfuse
+from .config import Config
+from .passes import canonicalize, masks, match, rewrite
+from .passes.canonicalize import val
+from .passes.match import _hint, _shape
+from .report import Report, Site, _set_last
+
+
+def _module_path(node: fx.Node | None) -> str:
+    stack = (node.meta.get("nn_module_stack") or {}) if node is not None else {}
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    path = re.sub(r"^[LG]\['[^']*'\]", "", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]|\[(\d+)\]", lambda m: "." + (m.group(1) or m.group(2)), path)
+    return path.strip(".")
+
+
+def _source(node: fx.Node | None) -> str:
+    trace = (node.meta.get("stack_trace") or "") if node is not None else ""
+    found = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    return f"{os.path.basename(found[-1][0])}:{found[-1][1]}" if found else ""
+
+
+def _fused_site(m: match.AttentionMatch, mask_info: dict, plan: costmodel.Plan) -> Site:
+    qs, ks, vs = (_shape(o) for o in (m.q, m.k, m.v))
+    dtype = val(m.q.node).dtype
+    return Site(
+        id=0, module=_module_path(m.anchor), source=_source(m.anchor),
+        status="fused" if plan.kernel != "eager" else "skipped",
+        reason=None if plan.kernel != "eager" else plan.candidates[0]["rejected"],
+        pattern=m.pattern, shapes={"q": [_hint(s) for s in qs], "k": [_hint(s) for s in ks],
+                                   "v": [_hint(s) for s in vs]},
+        dtype=str(dtype).replace("torch.", ""), mask=mask_info, kv_groups=m.kv_groups,
+        scale=m.scale if not m.scale_nodes else "runtime", kernel=plan.kernel if plan.kernel != "eager" else None,
+        config=plan.config, candidates=plan.candidates,
+    )
+
+
+def _plan_shape(m: match.AttentionMatch) -> dict[str, Any]:
+    qs, ks, vs = ([_hint(s) for s in _shape(o)] for o in (m.q, m.k, m.v))
+    while len(qs) < 4:
+        qs, ks, vs = [1, *qs], [1, *ks], [1, *vs]
+    batch = 1
+    for s in qs[:-3]:
+        batch *= s
+    return {"batch": batch, "heads": qs[-3], "kv_heads": ks[-3], "q_len": qs[-2], "kv_len": ks[-2],
+            "head_dim": qs[-1], "v_head_dim": vs[-1], "elem": val(m.q.node).element_size()}
+
+
+def _mha_shape(m: match.AttentionMatch) -> dict[str, Any]:
+    num_heads = m.anchor.args[4] if len(m.anchor.args) > 4 else 1
+    qv, kv = val(m.q.node), val(m.k.node)
+    batch = _hint(qv.shape[1]) if qv.dim() == 3 else 1
+    e = _hint(qv.shape[-1])
+    return {"batch": batch, "heads": num_heads, "kv_heads": num_heads, "q_len": _hint(qv.shape[0]),
+            "kv_len": _hint(kv.shape[0]), "head_dim": e // num_heads, "v_head_dim": e // num_heads,
+            "elem": qv.element_size()}
+
+
+def _unsupported(m: match.AttentionMatch) -> str | None:
+    if m.form == "graph" and len(_shape(m.q)) > 4 and m.masks:
+        return "a mask on attention with more than 2 batch dims is not supported"
+    return None
+
+
+def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Config,
+            report: Report) -> list[match.AttentionMatch]:
+    """Canonicalize + match + mask analysis + plan on ``gm`` (in place); fills ``report``."""
+    spec = config.device_spec()
+    canonicalize.canonicalize(gm)
+    found, misses = match.match(gm)
+    chosen = []
+    for m in found:
+        m, mask_info = masks.analyze(gm, m, example_inputs)
+        shape = _mha_shape(m) if m.form == "mha" else _plan_shape(m)
+        plan = costmodel.plan(shape, spec, config.kernels, exact_only=config.approximate is None)
+        site = report.add(_fused_site(m, mask_info, plan))
+        why = _unsupported(m)
+        if why:
+            site.status, site.reason, site.kernel = "skipped", why, None
+        if site.status == "fused":
+            chosen.append(m)
+    for miss in misses:
+        report.add(Site(id=0, module=_module_path(miss.anchor), source=_source(miss.anchor), status="skipped",
+                        reason=str(miss)))
+    return chosen
+
+
+def transform(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Config,
+              report: Report) -> fx.GraphModule:
+    """The rewritten copy of ``gm``, or ``gm`` itself if any pass fails (unless strict)."""
+    work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    work.meta = dict(getattr(gm, "meta", {}))
+    try:
+        chosen = analyze(work, example_inputs, config, report)
+        if chosen:
+            rewrite.rewrite(work, chosen)
+        return work
+    except Exception as exc:
+        if config.strict:
+            raise
+        for site in report.sites:
+            site.status, site.kernel = "skipped", None
+            site.reason = site.reason or "a pass failed on this graph; it runs unchanged"
+        report.notes.append(f"a pass raised {type(exc).__name__}: {exc}; the graph runs unchanged")
+        return gm
+
+
+def _publish(report: Report, config: Config) -> None:
+    _set_last(report)
+    if config.report:
+        report.save(config.report)
+    torch._logging.trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": "attnfuse_report", "encoding": "json"},
+        payload_fn=report.to_json,
+    )
+
+
+def attnfuse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Any = None):
+    """The ``torch.compile`` backend (registered as "attnfuse" through an entry point)."""
+    config = Config.from_options(options)
+    report = Report(device=config.device_spec().name, graphs=1)
+    new_gm = transform(gm, example_inputs, config, report)
+    _publish(report, config)
+    if config.inner == "eager":
+        return new_gm
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(new_gm, example_inputs)

@@ -1,0 +1,118 @@
+"""Device description and the cost of each kernel candidate for one site.
+
+This is the first cut of the cost model: a roofline estimate (max of compute
+time and HBM time) for the exact fused kernel and for the unfused eager graph
+it replaces, plus the tile choice for the fused kernel from the device's
+shared memory per SM.  Approximate families and their calibration come with
+the cost-model issue; until then they are listed as candidates with the
+reason they were not chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+    """What the cost model knows about a device."""
+
+    name: str
+    sram_per_sm: int  # bytes of shared memory a block may use
+    sms: int
+    l2_bytes: int
+    hbm_bytes_per_s: float
+    flops: float  # dense fp16/bf16 matmul FLOP/s (fp32 on CPU)
+
+    @staticmethod
+    def detect() -> DeviceSpec:
+        """The spec of the current CUDA device, or the generic CPU spec."""
+        if torch.cuda.is_available():
+            major, _ = torch.cuda.get_device_capability()
+            name = torch.cuda.get_device_name().lower()
+            if "h200" in name:
+                return PRESETS["h200"]
+            if major >= 9:
+                return PRESETS["h100"]
+            return PRESETS["a100"]
+        return PRESETS["cpu"]
+
+
+PRESETS: dict[str, DeviceSpec] = {
+    "h100": DeviceSpec("h100", 227 * 1024, 132, 50 * 2**20, 3.35e12, 989e12),
+    "h200": DeviceSpec("h200", 227 * 1024, 132, 50 * 2**20, 4.8e12, 989e12),
+    "a100": DeviceSpec("a100", 163 * 1024, 108, 40 * 2**20, 2.0e12, 312e12),
+    "cpu": DeviceSpec("cpu", 1 * 2**20, 1, 32 * 2**20, 20e9, 100e9),
+}
+
+# Tile candidates for the flash kernel, filtered by the SRAM they need.
+_TILES = [(m, n) for m in (128, 64, 32) for n in (128, 64, 32) if n <= m]
+
+
+def _tile_smem(block_m: int, block_n: int, head_dim: int, elem: int, stages: int = 2) -> int:
+    # Q tile stays resident; K and V tiles are multi-buffered.
+    return (block_m * head_dim + stages * 2 * block_n * head_dim) * elem
+
+
+def choose_tiles(head_dim: int, elem: int, device: DeviceSpec) -> dict[str, int]:
+    """The largest (BLOCK_M, BLOCK_N) whose shared memory fits the device."""
+    for block_m, block_n in _TILES:
+        if _tile_smem(block_m, block_n, head_dim, elem) <= device.sram_per_sm:
+            return {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    return {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    kernel: str
+    config: dict[str, int]
+    candidates: list[dict[str, Any]]
+
+
+def _estimate(flops: float, nbytes: float, device: DeviceSpec) -> float:
+    return max(flops / device.flops, nbytes / device.hbm_bytes_per_s)
+
+
+def plan(shape: dict[str, Any], device: DeviceSpec, kernels: tuple[str, ...], exact_only: bool = True) -> Plan:
+    """Pick the kernel for one site.
+
+    ``shape`` has ``batch, heads, kv_heads, q_len, kv_len, head_dim, v_head_dim, elem``
+    (sizes as ints, their example values when the graph is dynamic).
+    """
+    b, h, hk = shape["batch"], shape["heads"], shape["kv_heads"]
+    lq, lk, d, dv, elem = shape["q_len"], shape["kv_len"], shape["head_dim"], shape["v_head_dim"], shape["elem"]
+    flops = 2.0 * b * h * lq * lk * (d + dv)
+    io = (b * h * lq * (d + dv) + b * hk * lk * (d + dv)) * elem
+    scores = b * h * lq * lk * 4.0
+    fused = {
+        "kernel": "flash",
+        "exact": True,
+        "est_time_s": _estimate(flops, io, device),
+        "hbm_bytes": io,
+        "rejected": None,
+    }
+    # The unfused graph writes and reads the score matrix several times
+    # (matmul out, scale, mask, softmax in/out, second matmul in).
+    eager_bytes = io + 6 * scores
+    eager = {
+        "kernel": "eager",
+        "exact": True,
+        "est_time_s": _estimate(flops, eager_bytes, device),
+        "hbm_bytes": eager_bytes,
+        "rejected": f"materializes {scores / 2**20:.1f} MiB of scores",
+    }
+    candidates = [fused, eager]
+    for family in ("window", "blocksparse"):
+        candidates.append({"kernel": family, "exact": True, "est_time_s": None, "hbm_bytes": None,
+                           "rejected": "needs a structured mask (none detected)"})
+    for family in ("topk", "lsh"):
+        why = "approximate kernels need approximate=... (opt-in)" if exact_only else "not calibrated yet"
+        candidates.append({"kernel": family, "exact": False, "est_time_s": None, "hbm_bytes": None,
+                           "rejected": why})
+    if "flash" not in kernels:
+        fused["rejected"] = "'flash' is not in options['kernels']"
+        return Plan("eager", {}, candidates)
+    return Plan("flash", choose_tiles(max(d, dv), elem, device), candidates)

@@ -1,0 +1,137 @@
+"""``torch.ops.attnfuse.*``: the fused attention op the rewriter emits.
+
+``attnfuse::attention(q, k, v, mask=None, seed=None, *, scale=None, causal=False,
+softcap=0.0, kv_groups=1, dropout_p=0.0, mask_fill=None) -> Tensor``
+
+Tensors are ``(batch, heads, seqlen, head_dim)``; K/V have ``heads / kv_groups``
+heads.  ``mask`` broadcasts to ``(batch, heads, q_len, kv_len)``: bool means
+"True = attend" (masked scores become ``mask_fill``), float is an additive
+bias and gets a gradient when it requires one.  ``mask_fill=None`` means -inf.  ``seed`` (int64 tensor) seeds
+the dropout mask.  The exact semantics are in `attnfuse.kernels.reference`.
+
+Device dispatch: on CPU the forward runs PyTorch's fused flash-attention CPU
+kernel where it can express the site (no softcap, no dropout, equal q/v head
+dims) and the blocked reference otherwise; it never holds more than one block
+of query rows of scores.  CUDA uses the same path until the Triton kernels land.
+The backward recomputes the log-sum-exp (one extra forward) instead of saving it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .kernels import reference
+
+_NEG_INF = float("-inf")
+_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+
+def _check(q, k, v, mask, kv_groups):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attnfuse.attention: q, k, v must be 4-D (batch, heads, seqlen, head_dim); "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[1] * kv_groups != q.shape[1] or v.shape[1] != k.shape[1]:
+        raise ValueError(f"attnfuse.attention: kv_groups={kv_groups} needs k/v heads * kv_groups == q heads; "
+                         f"got q heads {q.shape[1]}, k heads {k.shape[1]}, v heads {v.shape[1]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attnfuse.attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _dead_rows(mask, causal, lq, lk):
+    """Bool (..., q_len, 1) of rows where every key is masked, or None."""
+    if mask is None:
+        return None
+    keep = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
+    if mask.dtype != torch.bool and bool(keep.all()):
+        return None
+    if causal:
+        keep = keep & torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril()
+    dead = ~keep.any(-1, keepdim=True)
+    return dead if bool(dead.any()) else None
+
+
+def _fast_ok(q, v, mask, softcap, dropout_p) -> bool:
+    return (softcap == 0 and dropout_p == 0 and q.shape[-1] == v.shape[-1] and q.dtype in _FAST_DTYPES
+            and (mask is None or mask.dtype == torch.bool or mask.dtype == q.dtype))
+
+
+def _expand(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+@torch.library.custom_op("attnfuse::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              seed: torch.Tensor | None = None, *, scale: float | None = None, causal: bool = False,
+              softcap: float = 0.0, kv_groups: int = 1, dropout_p: float = 0.0,
+              mask_fill: float | None = None) -> torch.Tensor:
+    _check(q, k, v, mask, kv_groups)
+    mask_fill = _NEG_INF if mask_fill is None else mask_fill
+    sc = _scale(q, scale)
+    dead = _dead_rows(mask, causal, q.shape[-2], k.shape[-2])
+    finite_fill = mask is not None and mask.dtype == torch.bool and mask_fill != _NEG_INF
+    if _fast_ok(q, v, mask, softcap, dropout_p) and not (dead is not None and finite_fill):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=sc, enable_gqa=kv_groups > 1)
+        out = out.contiguous()  # the fake impl promises a contiguous result
+        return out if dead is None else out.masked_fill(dead, float("nan"))
+    return reference.forward(q, k, v, mask, 0 if seed is None else int(seed.item()), scale=sc, causal=causal,
+                             softcap=softcap, kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=mask_fill)
+
+
+@attention.register_fake
+def _(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0, kv_groups=1, dropout_p=0.0,
+      mask_fill=None):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op("attnfuse::attention_backward", mutates_args=())
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, mask: torch.Tensor | None, seed: torch.Tensor | None, *,
+                       scale: float | None, causal: bool, softcap: float, kv_groups: int, dropout_p: float,
+                       mask_fill: float | None, mask_grad: bool) -> list[torch.Tensor]:
+    sc = _scale(q, scale)
+    mask_fill = _NEG_INF if mask_fill is None else mask_fill
+    fast = _fast_ok(q, v, mask, softcap, dropout_p) and not mask_grad
+    if fast and _dead_rows(mask, causal, q.shape[-2], k.shape[-2]) is None:
+        ke, ve = _expand(k, kv_groups), _expand(v, kv_groups)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, ke, ve, 0.0, causal, attn_mask=mask, scale=sc)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), q, ke, ve, o, lse, 0.0, causal, attn_mask=mask, scale=sc)
+        if kv_groups > 1:
+            dk = dk.unflatten(1, (k.shape[1], kv_groups)).sum(2)
+            dv = dv.unflatten(1, (v.shape[1], kv_groups)).sum(2)
+        dm = None
+    else:
+        dq, dk, dv, dm = reference.backward(
+            grad_out, q, k, v, out, mask, 0 if seed is None else int(seed.item()), scale=sc, causal=causal,
+            softcap=softcap, kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=mask_fill, mask_grad=mask_grad)
+    return [dq, dk, dv, dm if dm is not None else q.new_empty(0)]
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, out, mask, seed, *, scale, causal, softcap, kv_groups, dropout_p, mask_fill, mask_grad):
+    dm = torch.empty_like(mask) if mask_grad else q.new_empty(0)
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dm]
+
+
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    q, k, v, mask, seed = inputs
+    ctx.save_for_backward(q, k, v, mask, seed, output)
+    ctx.kwargs = keyword_only_inputs
+
+
+def _backward(ctx, grad):
+    q, k, v, mask, seed, out = ctx.saved_tensors
+    mask_grad = mask is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dm = attention_backward(grad, q, k, v, out, mask, seed, mask_grad=mask_grad, **ctx.kwargs)
+    return dq, dk, dv, (dm if mask_grad else None), None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)

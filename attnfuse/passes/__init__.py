@@ -1,0 +1,1 @@
+"""Graph passes: canonicalize -> match -> masks -> rewrite (one entry point each)."""

@@ -1,0 +1,309 @@
+"""Normal form: one canonical reading of every op spelling the matcher cares about.
+
+Entry point: `canonicalize(gm)`.  It rewrites the few spellings that hide a
+matmul inside another op, and only where they touch a softmax, into plain
+``matmul`` form (each rule below is an exact algebraic identity):
+
+* ``einsum("...qd,...kd->...qk", a, b)``  = ``matmul(permute(a), permute(b))``
+* ``baddbmm(m, a, b, beta, alpha)``          = ``alpha * matmul(a, b) + beta * m``
+
+Everything else is read in place through `canon(node)`, which maps Torch-IR
+(dynamo) and ATen spellings to one `COp` vocabulary: ``matmul, permute, scale,
+add, masked_fill, where, softmax, cast, identity, dropout, tanh, unsqueeze,
+expand, reshape, repeat_interleave, repeat, sdpa, mha``.  Scalars are read
+exactly: Python numbers, 0-d constant tensors (``torch.full([], c)``,
+``torch.tensor(c)``), or kept as runtime nodes (SymFloat, 0-d buffers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+
+@dataclasses.dataclass(frozen=True)
+class COp:
+    kind: str
+    args: tuple[Any, ...]
+
+
+def val(node: Any) -> Any:
+    """The example value (FakeTensor / SymInt / number) a node produces."""
+    if not isinstance(node, fx.Node):
+        return node
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return node.target
+    if node.op != "call_function":
+        return ""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._overloadpacket.__name__
+    return getattr(target, "__name__", str(target))
+
+
+def arg(node: fx.Node, i: int, key: str, default: Any = None) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
+
+
+def _ndim(node: Any) -> int:
+    v = val(node)
+    return v.dim() if isinstance(v, torch.Tensor) else 0
+
+
+def _constant_tensor(node: fx.Node) -> float | None:
+    """Value of a 0-d tensor built in-graph from a literal, else None."""
+    n = name(node)
+    if n in ("full", "tensor", "scalar_tensor"):
+        value = arg(node, 1, "fill_value") if n == "full" else arg(node, 0, "data")
+        if n == "full" and tuple(arg(node, 0, "size", (1,))) != ():
+            return None
+        if isinstance(value, numbers.Number) and not isinstance(value, bool):
+            return float(value)
+    if n in ("lift_fresh_copy", "detach", "clone", "to", "_to_copy") and isinstance(node.args[0], fx.Node):
+        return _constant_tensor(node.args[0])
+    return None
+
+
+def scalar(x: Any) -> float | fx.Node | None:
+    """A scalar operand: its float value when known, the node when only known at run time, else None."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, numbers.Number):
+        return float(x)
+    if not isinstance(x, fx.Node):
+        return None
+    v = val(x)
+    if isinstance(v, (torch.SymInt, torch.SymFloat, numbers.Number)) and not isinstance(v, bool):
+        return x
+    if isinstance(v, torch.Tensor) and v.dim() == 0:
+        const = _constant_tensor(x)
+        return x if const is None else const
+    return None
+
+
+def _perm_transpose(ndim: int, d0: int, d1: int) -> tuple[int, ...]:
+    perm = list(range(ndim))
+    d0, d1 = d0 % ndim, d1 % ndim
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    return tuple(perm)
+
+
+def _dims(node: fx.Node, start: int) -> tuple[Any, ...]:
+    dims = node.args[start:] or (node.kwargs.get("dims") or node.kwargs.get("size") or node.kwargs.get("shape"),)
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple, torch.Size)):
+        dims = tuple(dims[0])
+    return tuple(dims)
+
+
+def _binary(kind: str, node: fx.Node) -> COp | None:
+    a, b = arg(node, 0, "input"), arg(node, 1, "other")
+    if kind == "add":
+        if arg(node, 2, "alpha", 1) != 1:
+            return None
+        return COp("add", (a, b))
+    sb = scalar(b)
+    if sb is not None and isinstance(a, fx.Node) and _ndim(a) > 0:
+        return COp("scale", (a, sb, kind == "div"))
+    sa = scalar(a)
+    if kind == "mul" and sa is not None and isinstance(b, fx.Node) and _ndim(b) > 0:
+        return COp("scale", (b, sa, False))
+    return None
+
+
+def _softmax(node: fx.Node) -> COp:
+    n = name(node)
+    x = arg(node, 0, "input", arg(node, 0, "self"))
+    dim = arg(node, 1, "dim")
+    return COp("softmax", (x, dim if n != "softmax" or dim is not None else -1))
+
+
+def _cast_or_identity(node: fx.Node) -> COp:
+    x = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    before, after = val(x), val(node)
+    if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.shape == after.shape:
+        return COp("cast" if before.dtype != after.dtype else "identity", (x,))
+    return COp("other", ())
+
+
+def _dropout(node: fx.Node) -> COp:
+    x = arg(node, 0, "input")
+    p = arg(node, 1, "p", 0.5)
+    training = arg(node, 2, "training", arg(node, 2, "train", True))
+    if not training or p == 0:
+        return COp("identity", (x,))
+    return COp("dropout", (x, float(p)))
+
+
+def _permute(node: fx.Node) -> COp:
+    x = node.args[0]
+    n = name(node)
+    nd = _ndim(x)
+    if n in ("transpose", "swapaxes", "swapdims"):
+        d0, d1 = arg(node, 1, "dim0"), arg(node, 2, "dim1")
+        return COp("permute", (x, _perm_transpose(nd, d0, d1)))
+    if n == "getattr":
+        if node.args[1] == "mT":
+            return COp("permute", (x, _perm_transpose(nd, -2, -1)))
+        if node.args[1] == "T":
+            return COp("permute", (x, tuple(reversed(range(nd)))))
+        return COp("other", ())
+    if n == "t":
+        return COp("permute", (x, tuple(reversed(range(nd)))))
+    return COp("permute", (x, tuple(d % nd for d in _dims(node, 1))))
+
+
+_CASTS = ("float", "half", "bfloat16", "double", "to", "type", "type_as", "_to_copy", "_to_dtype")
+_IDENTITY = ("contiguous", "clone", "alias", "lift_fresh_copy")
+
+# name -> reader; each reads one spelling family into the canonical vocabulary.
+_RULES = {
+    **dict.fromkeys(("matmul", "bmm", "mm"), lambda n: COp("matmul", (n.args[0], n.args[1]))),
+    **dict.fromkeys(("mul", "mul_", "imul"), lambda n: _binary("mul", n)),
+    **dict.fromkeys(("truediv", "div", "div_", "itruediv"), lambda n: _binary("div", n)),
+    **dict.fromkeys(("add", "add_", "iadd"), lambda n: _binary("add", n)),
+    **dict.fromkeys(("masked_fill", "masked_fill_"),
+                    lambda n: COp("masked_fill", (n.args[0], arg(n, 1, "mask"), arg(n, 2, "value")))),
+    "where": lambda n: COp("where", tuple(n.args[:3])) if len(n.args) >= 3 else COp("other", ()),
+    **dict.fromkeys(("softmax", "_softmax"), _softmax),
+    **dict.fromkeys(_CASTS + _IDENTITY, _cast_or_identity),
+    **dict.fromkeys(("dropout", "dropout_"), _dropout),
+    "tanh": lambda n: COp("tanh", (n.args[0],)),
+    **dict.fromkeys(("transpose", "swapaxes", "swapdims", "permute", "getattr", "t"), _permute),
+    "unsqueeze": lambda n: COp("unsqueeze", (n.args[0], arg(n, 1, "dim"))),
+    "getitem": lambda n: COp("getitem", (n.args[0], n.args[1])),
+    "expand": lambda n: COp("expand", (n.args[0],)),
+    **dict.fromkeys(("reshape", "view", "_unsafe_view"), lambda n: COp("reshape", (n.args[0],))),
+    "repeat_interleave": lambda n: COp("repeat_interleave", (n.args[0], arg(n, 1, "repeats"), arg(n, 2, "dim"))),
+    "repeat": lambda n: COp("repeat", (n.args[0], _dims(n, 1))),
+    "scaled_dot_product_attention": lambda n: COp("sdpa", ()),
+    "multi_head_attention_forward": lambda n: COp("mha", ()),
+}
+
+
+def canon(node: Any) -> COp:
+    """The canonical reading of ``node`` (kind "other" when it is none of ours)."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return COp("other", ())
+    rule = _RULES.get(name(node))
+    op = rule(node) if rule else None
+    return op or COp("other", ())
+
+
+def _near_softmax(node: fx.Node, hops: int = 10) -> bool:
+    """Whether a softmax is reachable from ``node`` (either direction) within a few elementwise hops."""
+    frontier, seen = [node], set()
+    for _ in range(hops):
+        nxt = []
+        for n in frontier:
+            for m in [*n.users, *n.all_input_nodes]:
+                if m in seen:
+                    continue
+                seen.add(m)
+                if canon(m).kind == "softmax":
+                    return True
+                if canon(m).kind in ("cast", "identity", "scale", "add", "masked_fill", "where", "dropout", "tanh"):
+                    nxt.append(m)
+        frontier = nxt
+    return False
+
+
+def _einsum_as_matmul(eq: str) -> tuple[str, str, str] | None:
+    """Split ``'xa,yb->z'`` into batch-matmul roles, or None if it is not one."""
+    eq = eq.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    parts = lhs.split(",")
+    if len(parts) != 2 or any(len(set(p)) != len(p) for p in (*parts, out)):
+        return None
+    return parts[0], parts[1], out
+
+
+def _einsum_rule(graph: fx.Graph, node: fx.Node) -> bool:
+    # einsum(a, b) = permute_out(matmul(permute(a) to [batch, m, c], permute(b) to [batch, c, n]))
+    eq = node.args[0]
+    ops = node.args[1:] if len(node.args) > 2 else tuple(node.args[1])
+    roles = _einsum_as_matmul(eq) if isinstance(eq, str) and len(ops) == 2 else None
+    if roles is None:
+        return False
+    sa, sb, so = roles
+    contracted = [c for c in sa if c in sb and c not in so]
+    batch = [c for c in so if c in sa and c in sb]
+    m = [c for c in so if c in sa and c not in sb]
+    n = [c for c in so if c in sb and c not in sa]
+    if len(contracted) != 1 or len(m) != 1 or len(n) != 1 or len(so) != len(batch) + 2:
+        return False
+    if set(sa) != set(batch + m + contracted) or set(sb) != set(batch + n + contracted):
+        return False
+    a_order = [sa.index(c) for c in batch + m + contracted]
+    b_order = [sb.index(c) for c in batch + contracted + n]
+    mm_out = batch + m + n
+    out_order = [mm_out.index(c) for c in so]
+    with graph.inserting_before(node):
+        a = ops[0] if a_order == sorted(a_order) else graph.call_function(torch.permute, (ops[0], a_order))
+        b = ops[1] if b_order == sorted(b_order) else graph.call_function(torch.permute, (ops[1], b_order))
+        out = graph.call_function(torch.matmul, (a, b))
+        if out_order != sorted(out_order):
+            out = graph.call_function(torch.permute, (out, out_order))
+    _copy_meta(node, a, b, out)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return True
+
+
+def _baddbmm_rule(graph: fx.Graph, node: fx.Node) -> bool:
+    # baddbmm(m, a, b, beta=β, alpha=α) = α·(a @ b) + β·m
+    inp, a, b = arg(node, 0, "input"), arg(node, 1, "batch1"), arg(node, 2, "batch2")
+    beta, alpha = arg(node, 3, "beta", 1), arg(node, 4, "alpha", 1)
+    if not all(isinstance(x, numbers.Number) for x in (beta, alpha)):
+        return False
+    with graph.inserting_before(node):
+        out = graph.call_function(torch.matmul, (a, b))
+        if alpha != 1:
+            out = graph.call_function(operator.mul, (out, alpha))
+        if beta != 0:
+            term = inp if beta == 1 else graph.call_function(operator.mul, (inp, beta))
+            out = graph.call_function(operator.add, (out, term))
+    _copy_meta(node, a, b, out)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return True
+
+
+def _copy_meta(node: fx.Node, a: Any, b: Any, out: fx.Node) -> None:
+    """Give new nodes example values by running them on the fake values of their inputs."""
+    for new in out.graph.nodes:
+        if new.meta or new.op != "call_function" or new is node:
+            continue
+        args = fx.node.map_arg(new.args, val)
+        try:
+            new.meta["example_value"] = new.target(*args, **fx.node.map_arg(new.kwargs, val))
+        except Exception:  # noqa: BLE001 - meta is best-effort; the matcher skips nodes without it
+            pass
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if key in node.meta:
+                new.meta[key] = node.meta[key]
+
+
+_MATMUL_RULES = {"einsum": _einsum_rule, "baddbmm": _baddbmm_rule}
+
+
+def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite matmul-hiding spellings next to a softmax into plain matmuls (in place)."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        rule = _MATMUL_RULES.get(name(node))
+        if rule and _near_softmax(node) and rule(gm.graph, node):
+            changed = True
+    if changed:
+        gm.recompile()
+    return gm

@@ -1,0 +1,451 @@
+"""Recognize attention regions in a canonicalized graph.
+
+Entry point: `match(gm) -> (list[AttentionMatch], list[Miss])`.
+
+One shape is recognized (DESIGN.md, "Match by normal form"), anchored at each
+softmax and read through `canonicalize.canon`:
+
+    scores = (q·c_q) @ (k·c_k)ᵀ        any transpose/permute spelling; scales anywhere before the mask
+    scores = cap·tanh(scores/cap)      optional softcap
+    scores = scores + bias | masked_fill(m, -big) | where(m, scores, -big)   any number of masks
+    p      = softmax(scores, -1)       casts around it are free
+    p      = dropout(p)                optional
+    out    = p @ v
+
+K/V repeated along heads (expand+reshape, repeat_interleave, repeat, or broadcast)
+are un-repeated into ``kv_groups``.  ``F.scaled_dot_product_attention`` and
+``F.multi_head_attention_forward`` nodes are sites too.  A region is fused
+only when none of its intermediates has a user outside it.  Every failed
+check returns a `Miss` with a one-sentence reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .canonicalize import arg, canon, scalar, val
+
+
+class Miss:
+    """A failed check: falsy, with a lazily formatted one-sentence reason."""
+
+    def __init__(self, anchor: fx.Node | None, fmt: str, *args: Any) -> None:
+        self.anchor, self._fmt, self._args = anchor, fmt, args
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return self._fmt.format(*self._args)
+
+    __repr__ = __str__
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+    """A tensor read as ``node.permute(perm)`` (perm None = as is)."""
+
+    node: fx.Node
+    perm: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskTerm:
+    """``add``: scores + node.  ``keep``: where(node (negated if ``negate``), scores, fill)."""
+
+    kind: str
+    node: fx.Node
+    negate: bool = False
+    fill: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMatch:
+    form: str  # "graph" (matmul-softmax-matmul) | "sdpa" | "mha"
+    anchor: fx.Node
+    output: fx.Node
+    q: Operand
+    k: Operand
+    v: Operand
+    scale: float | None  # constant part; None = default 1/sqrt(head_dim)
+    scale_nodes: tuple[tuple[fx.Node, bool], ...] = ()  # runtime factors (node, divide) applied to q
+    softcap: float = 0.0
+    masks: tuple[MaskTerm, ...] = ()
+    causal: bool = False
+    kv_groups: int = 1
+    kv_layout: str = "interleave"  # "interleave": head h reads kv h // g; "tile": kv h % n_kv
+    dropout_p: float = 0.0
+    pattern: str = ""
+    region: frozenset = frozenset()
+
+
+_LARGE_NEGATIVE = -1e4
+_CHAIN = ("cast", "identity", "scale", "add", "masked_fill", "where", "tanh")
+
+
+def _eq(a: Any, b: Any) -> bool:
+    return bool(statically_known_true(a == b)) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else a == b
+
+
+def _hint(x: Any) -> int:
+    return int(x.node.hint) if isinstance(x, torch.SymInt) else int(x)
+
+
+def _compose(outer: tuple[int, ...], inner: tuple[int, ...]) -> tuple[int, ...]:
+    # x.permute(inner).permute(outer) == x.permute(composed)
+    return tuple(inner[i] for i in outer)
+
+
+def _peel(node: fx.Node, scales: bool) -> tuple[fx.Node, tuple[int, ...], float, list]:
+    """Walk up through permutes (and scalar scales): node == base.permute(perm) * c * runtime."""
+    perm = tuple(range(val(node).dim()))
+    c, runtime = 1.0, []
+    while True:
+        op = canon(node)
+        if op.kind == "permute":
+            perm = _compose(perm, op.args[1])
+        elif op.kind == "identity":
+            pass
+        elif op.kind == "scale" and scales:
+            f, divide = op.args[1], op.args[2]
+            if isinstance(f, float):
+                c = c / f if divide else c * f
+            else:
+                runtime.append((f, divide))
+        else:
+            return node, perm, c, runtime
+        node = op.args[0]
+
+
+def _unrepeat(node: fx.Node) -> tuple[fx.Node, int, str] | None:
+    """If ``node`` repeats a 4-D K/V along heads, return (un-repeated, groups, layout)."""
+    op = canon(node)
+    if op.kind == "repeat_interleave" and isinstance(op.args[1], int) and op.args[2] in (1, -3):
+        return op.args[0], op.args[1], "interleave"
+    if op.kind == "repeat" and len(op.args[1]) == 4 and tuple(op.args[1][i] for i in (0, 2, 3)) == (1, 1, 1):
+        reps = op.args[1][1]
+        return (op.args[0], reps, "tile") if isinstance(reps, int) and reps > 1 else None
+    if op.kind != "reshape" or val(node).dim() != 4:
+        return None
+    expand = op.args[0]
+    if canon(expand).kind != "expand" or val(expand).dim() != 5:
+        return None
+    inner = canon(expand).args[0]
+    ev, iv = val(expand), val(inner)
+    if iv.dim() != 5 or not _eq(iv.shape[2], 1):
+        return None
+    src = canon(inner)
+    base = None
+    if src.kind == "unsqueeze" and src.args[1] in (2, -3):
+        base = src.args[0]
+    elif src.kind == "getitem" and isinstance(src.args[1], tuple) and len(src.args[1]) >= 3 and src.args[1][2] is None:
+        base = src.args[0]
+    if base is None or val(base).dim() != 4:
+        return None
+    groups = ev.shape[2]
+    return (base, _hint(groups), "interleave") if isinstance(groups, (int, torch.SymInt)) else None
+
+
+class _Graph:
+    """Ancestor queries over one graph (iterative: real graphs are thousands of nodes deep)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+
+    @staticmethod
+    def ancestors(node: fx.Node) -> set:
+        out, stack = set(), list(node.all_input_nodes)
+        while stack:
+            n = stack.pop()
+            if n not in out:
+                out.add(n)
+                stack.extend(n.all_input_nodes)
+        return out
+
+    def learned_only(self, node: fx.Node) -> bool:
+        """True if ``node`` depends on no model input (only parameters, buffers, constants)."""
+        leaves = [n for n in self.ancestors(node) | {node} if n.op in ("placeholder", "get_attr")]
+        return all(n.op == "get_attr" or _is_state(n) for n in leaves
+                   if isinstance(val(n), torch.Tensor))
+
+
+def _is_state(node: fx.Node) -> bool:
+    return bool(re.search(r"_(parameters|buffers)_", node.name)) or node.meta.get("is_state", False)
+
+
+def _other_users(region: set, nodes) -> fx.Node | None:
+    for n in nodes:
+        for u in n.users:
+            if u not in region:
+                return u
+    return None
+
+
+def _walk_down(sm: fx.Node, region: set) -> tuple[fx.Node, float] | Miss:
+    p, dropout_p = sm, 0.0
+    while True:
+        users = list(p.users)
+        if len(users) != 1:
+            others = ", ".join(u.name for u in users)
+            return Miss(sm, "the attention probabilities are also used by {} (e.g. output_attentions=True), "
+                            "so they must be materialized", others)
+        u = users[0]
+        op = canon(u)
+        if op.kind in ("cast", "identity", "dropout") and op.args[0] is p:
+            dropout_p = op.args[1] if op.kind == "dropout" else dropout_p
+        elif op.kind == "matmul" and op.args[0] is p:
+            return u, dropout_p
+        else:
+            return Miss(sm, "the softmax output feeds {} ({}), not a probabilities @ values matmul", u.name, u.target)
+        region.add(u)
+        p = u
+
+
+def _walk_up(sm: fx.Node, x: fx.Node, region: set, g: _Graph) -> dict | Miss:
+    st = {"masks": [], "softcap": 0.0, "scale": 1.0, "runtime": [], "parts": []}
+    phase = 0  # 0: masks allowed; 1: after the softcap; 2: in the scales before it
+    while True:
+        op = canon(x)
+        region.add(x)
+        if op.kind in ("cast", "identity"):
+            x = op.args[0]
+            continue
+        if op.kind == "matmul":
+            st["qk"] = x
+            return st
+        if op.kind == "scale":
+            inner, f, divide = op.args
+            if phase == 0 and canon(inner).kind == "tanh":
+                cap = _softcap(inner, f, divide)
+                if not cap:
+                    return Miss(sm, "{} * tanh(...) is not a softcap c * tanh(s / c) with the same c", f)
+                st["softcap"], phase = cap[0], 1
+                region.update(cap[1])
+                x = cap[2]
+                st["parts"].append("softcap")
+                continue
+            if isinstance(f, float):
+                st["scale"] = st["scale"] / f if divide else st["scale"] * f
+            else:
+                st["runtime"].append((f, divide))
+            phase, x = 2, inner
+            continue
+        if op.kind in ("add", "masked_fill", "where") and phase:
+            return Miss(sm, "a mask is applied before the {}; attnfuse expects scale, softcap, then masks",
+                        "softcap" if phase == 1 else "scale")
+        if op.kind in ("add", "masked_fill", "where"):
+            term = _mask_term(sm, op, g)
+            if not term:
+                return term
+            st["masks"].append(term[0])
+            st["parts"].append(term[0].kind == "add" and "bias" or "mask")
+            x = term[1]
+            continue
+        return Miss(sm, "{} ({}) between the scores and the softmax is not part of the attention pattern",
+                    x.name, x.target)
+
+
+def _reaches_matmul(node: Any, depth: int = 12) -> bool:
+    while isinstance(node, fx.Node) and depth > 0:
+        op = canon(node)
+        if op.kind == "matmul":
+            return True
+        if op.kind not in _CHAIN:
+            return False
+        if op.kind == "add":
+            return any(_reaches_matmul(a, depth - 1) for a in op.args)
+        if op.kind == "where":
+            return any(_reaches_matmul(a, depth - 1) for a in op.args[1:])
+        node, depth = op.args[0], depth - 1
+    return False
+
+
+def _fill(x: Any) -> float | None:
+    f = scalar(x)
+    return f if isinstance(f, float) else None
+
+
+def _mask_term(sm: fx.Node, op, g: _Graph) -> tuple[MaskTerm, fx.Node] | Miss:
+    if op.kind == "add":
+        a, b = op.args
+        if isinstance(b, (int, float)) or scalar(b) is not None:
+            return Miss(sm, "a scalar is added to the scores; attnfuse does not fold constant shifts")
+        chain, mask = (a, b) if _reaches_matmul(a) else (b, a)
+        return MaskTerm("add", mask), chain
+    if op.kind == "masked_fill":
+        chain, mask, value = op.args
+        fill = _fill(value)
+        if fill is None or fill > _LARGE_NEGATIVE:
+            return Miss(sm, "masked_fill with {} is not a mask (needs -inf, finfo.min or a value <= -1e4)", value)
+        return MaskTerm("keep", mask, negate=True, fill=fill), chain
+    cond, a, b = op.args
+    for chain, other, negate in ((a, b, False), (b, a, True)):
+        if _reaches_matmul(chain):
+            fill = _fill(other)
+            if fill is None or fill > _LARGE_NEGATIVE:
+                return Miss(sm, "where(..., {}) is not a mask (needs -inf, finfo.min or a value <= -1e4)", other)
+            return MaskTerm("keep", cond, negate=negate, fill=fill), chain
+    return Miss(sm, "where() between the scores and the softmax does not select the scores")
+
+
+def _softcap(tanh_node: fx.Node, c: Any, divide: bool):
+    # cap · tanh(s / cap) == cap · tanh(s · (1/cap))
+    if divide or not isinstance(c, float):
+        return None
+    inner = canon(canon(tanh_node).args[0])
+    if inner.kind != "scale" or not isinstance(inner.args[1], float):
+        return None
+    d = inner.args[1] if inner.args[2] else 1.0 / inner.args[1]
+    if not math.isclose(d, c, rel_tol=1e-6):
+        return None
+    return c, {tanh_node, canon(tanh_node).args[0]}, inner.args[0]
+
+
+def _shape(op: Operand) -> list:
+    shape = list(val(op.node).shape)
+    return shape if op.perm is None else [shape[p] for p in op.perm]
+
+
+def _identity(perm: tuple[int, ...]) -> tuple[int, ...] | None:
+    return None if perm == tuple(range(len(perm))) else perm
+
+
+def _is_default_scale(c: float, runtime: list, head_dim: Any) -> bool:
+    """Whether c * prod(runtime factors) == head_dim ** -0.5 for every value of the shape symbols."""
+    import sympy
+
+    total = sympy.Float(c)
+    for node, divide in runtime:
+        v = val(node)
+        if not isinstance(v, (torch.SymInt, torch.SymFloat)):
+            return False
+        total = total / v.node.expr if divide else total * v.node.expr
+    d = head_dim.node.expr if isinstance(head_dim, torch.SymInt) else sympy.Integer(head_dim)
+    diff = total - d ** sympy.Rational(-1, 2)
+    symbols = sorted(diff.free_symbols, key=str)
+    for trial in range(3):
+        point = {s: 3 + 17 * trial + 5 * i for i, s in enumerate(symbols)}
+        if abs(float(diff.subs(point))) > 1e-9:
+            return False
+    return True
+
+
+def _match_softmax(sm: fx.Node, g: _Graph) -> AttentionMatch | Miss:
+    x, dim = canon(sm).args
+    sv = val(x)
+    if not isinstance(sv, torch.Tensor) or not isinstance(dim, int):
+        return Miss(sm, "the softmax input has no static rank or axis")
+    if sv.dim() < 2 or dim % sv.dim() != sv.dim() - 1:
+        return Miss(sm, "softmax over axis {} of a {}-D tensor is not over the key (last) axis", dim, sv.dim())
+    region: set = {sm}
+    down = _walk_down(sm, region)
+    if not down:
+        return down
+    pv, dropout_p = down
+    region.add(pv)
+    up = _walk_up(sm, x, region, g)
+    if not up:
+        return up
+    qk = up["qk"]
+    a, b = canon(qk).args
+    if val(a).dim() < 2 or val(b).dim() < 2 or val(a).dim() != val(b).dim():
+        return Miss(sm, "the scores matmul has operands of rank {} and {}", val(a).dim(), val(b).dim())
+    qbase, qperm, qc, qrt = _peel(a, scales=True)
+    kbase, kperm, kc, krt = _peel(b, scales=True)
+    swap = list(range(len(kperm)))
+    swap[-1], swap[-2] = swap[-2], swap[-1]
+    kperm = _compose(tuple(swap), kperm)
+    vbase, vperm, _, _ = _peel(canon(pv).args[1], scales=False)
+    if g.learned_only(kbase) or g.learned_only(vbase):
+        return Miss(sm, "the keys/values are learned weights, not computed from the inputs: "
+                        "this is a classifier or router, not attention")
+    for term in up["masks"]:
+        if term.node is qk or qk in g.ancestors(term.node):
+            return Miss(sm, "the mask depends on the scores, so it cannot be applied inside a fused kernel")
+    other = _other_users(region, region - {pv})
+    if other is not None:
+        return Miss(sm, "an intermediate of the attention region is also used by {} ({})", other.name, other.target)
+    q, k, v = Operand(qbase, _identity(qperm)), Operand(kbase, _identity(kperm)), Operand(vbase, _identity(vperm))
+    groups, layout = 1, "interleave"
+    if val(kbase).dim() == 4 and k.perm is None and v.perm is None:
+        rk, rv = _unrepeat(kbase), _unrepeat(vbase)
+        if rk and rv and rk[1:] == rv[1:]:
+            k, v, groups, layout = Operand(rk[0]), Operand(rv[0]), rk[1], rk[2]
+    qs, ks, vs = _shape(q), _shape(k), _shape(v)
+    if not (_eq(ks[-1], qs[-1]) and _eq(vs[-2], ks[-2])):
+        return Miss(sm, "q/k/v shapes {} / {} / {} do not line up as attention", qs, ks, vs)
+    if len(qs) == 4 and groups == 1 and _eq(ks[1], 1) and not _eq(qs[1], 1):
+        groups = _hint(qs[1])
+    if not (val(q.node).dtype == val(k.node).dtype == val(v.node).dtype):
+        return Miss(sm, "q, k, v have different dtypes ({}, {}, {})", val(q.node).dtype, val(k.node).dtype,
+                    val(v.node).dtype)
+    c, runtime = up["scale"] * qc * kc, up["runtime"] + qrt + krt
+    scale: float | None = c
+    if runtime and _is_default_scale(c, runtime, qs[-1]):
+        scale, runtime = None, []
+    parts = ["matmul", *(["scale"] if (c != 1.0 or runtime or scale is None) else []), *reversed(up["parts"]),
+             "softmax", *(["dropout"] if dropout_p else []), "matmul"]
+    return AttentionMatch(
+        form="graph", anchor=sm, output=pv, q=q, k=k, v=v, scale=scale, scale_nodes=tuple(runtime),
+        softcap=up["softcap"], masks=tuple(reversed(up["masks"])), kv_groups=groups, kv_layout=layout,
+        dropout_p=dropout_p, pattern="·".join(parts), region=frozenset(region))
+
+
+def _match_sdpa(node: fx.Node) -> AttentionMatch | Miss:
+    q, k, v = (arg(node, i, key) for i, key in enumerate(("query", "key", "value")))
+    mask = arg(node, 3, "attn_mask")
+    dropout_p, causal = arg(node, 4, "dropout_p", 0.0), arg(node, 5, "is_causal", False)
+    scale, gqa = node.kwargs.get("scale"), node.kwargs.get("enable_gqa", False)
+    if not all(isinstance(x, fx.Node) for x in (q, k, v)) or not isinstance(dropout_p, (int, float)):
+        return Miss(node, "scaled_dot_product_attention with non-tensor inputs or a dynamic dropout_p")
+    if scale is not None and not isinstance(scale, (int, float)):
+        return Miss(node, "scaled_dot_product_attention with a run-time scale")
+    masks = ()
+    if isinstance(mask, fx.Node):
+        is_bool = val(mask).dtype == torch.bool
+        masks = (MaskTerm("keep", mask, fill=float("-inf")) if is_bool else MaskTerm("add", mask),)
+    groups = 1
+    qs, ks = list(val(q).shape), list(val(k).shape)
+    if gqa and len(qs) == 4 and not _eq(qs[1], ks[1]):
+        groups = _hint(qs[1]) // _hint(ks[1])
+    return AttentionMatch(
+        form="sdpa", anchor=node, output=node, q=Operand(q), k=Operand(k), v=Operand(v),
+        scale=None if scale is None else float(scale), masks=masks, causal=bool(causal), kv_groups=groups,
+        dropout_p=float(dropout_p), pattern="scaled_dot_product_attention", region=frozenset({node}))
+
+
+_MHA_UNSUPPORTED = {7: "bias_k", 8: "bias_v", 9: "add_zero_attn", 21: "static_k", 22: "static_v"}
+
+
+def _match_mha(node: fx.Node) -> AttentionMatch | Miss:
+    for i, key in _MHA_UNSUPPORTED.items():
+        if arg(node, i, key) not in (None, False):
+            return Miss(node, "multi_head_attention_forward with {} is not supported", key)
+    for user in node.users:
+        if canon(user).kind != "getitem" or user.args[1] != 0:
+            return Miss(node, "the attention weights of multi_head_attention_forward are used (need_weights)")
+    q, k, v = (Operand(arg(node, i, key)) for i, key in enumerate(("query", "key", "value")))
+    return AttentionMatch(form="mha", anchor=node, output=node, q=q, k=k, v=v, scale=None,
+                          pattern="multi_head_attention_forward", region=frozenset({node}))
+
+
+def match(gm: fx.GraphModule) -> tuple[list[AttentionMatch], list[Miss]]:
+    """Every attention region of ``gm``, and a reasoned `Miss` for every near miss."""
+    g = _Graph(gm)
+    found: list[AttentionMatch] = []
+    misses: list[Miss] = []
+    readers = {"softmax": lambda n: _match_softmax(n, g), "sdpa": _match_sdpa, "mha": _match_mha}
+    for node in list(gm.graph.nodes):
+        reader = readers.get(canon(node).kind)
+        if reader is None:
+            continue
+        result = reader(node)
+        (found if result else misses).append(result)
+    return found, misses

@@ -1,0 +1,135 @@
+"""Replace matched regions with ``torch.ops.attnfuse.attention`` calls.
+
+Entry point: `rewrite(gm, matches) -> GraphModule` (in place).  For each
+`AttentionMatch` it emits, right before the region's output node:
+
+* q, k, v as views of their un-permuted, un-scaled, un-repeated sources,
+  folded to ``(batch, heads, seqlen, head_dim)`` (rank 2/3 gain leading unit
+  dims; rank > 4 flattens the batch dims);
+* one mask operand built from the match's mask terms (bools AND-ed, biases
+  summed, a mix becomes ``where(keep, bias, fill)``);
+* a dropout seed (``torch.randint``) when ``dropout_p > 0``;
+* the op call, and the views that give the output the original layout.
+
+``multi_head_attention_forward`` nodes are re-pointed at `attnfuse._mha.forward`,
+which has the same signature and calls the op.  Dead nodes are removed.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from .canonicalize import val
+from .match import AttentionMatch, Operand, _shape
+
+
+def _op(graph: fx.Graph, fn, *args, **kwargs) -> fx.Node:
+    return graph.call_function(fn, args, kwargs)
+
+
+def _operand(graph: fx.Graph, op: Operand) -> fx.Node:
+    return op.node if op.perm is None else _op(graph, torch.permute, op.node, list(op.perm))
+
+
+def _to_4d(graph: fx.Graph, x: fx.Node, rank: int) -> fx.Node:
+    if rank == 4:
+        return x
+    if rank > 4:
+        return _op(graph, torch.unsqueeze, _op(graph, torch.flatten, x, 0, rank - 3), 0)
+    for _ in range(4 - rank):
+        x = _op(graph, torch.unsqueeze, x, 0)
+    return x
+
+
+def _from_4d(graph: fx.Graph, x: fx.Node, batch_shape: list) -> fx.Node:
+    rank = len(batch_shape) + 2
+    if rank == 4:
+        return x
+    x = _op(graph, torch.squeeze, x, 0)
+    if rank > 4:
+        return _op(graph, torch.unflatten, x, 0, list(batch_shape))
+    for _ in range(3 - rank):
+        x = _op(graph, torch.squeeze, x, 0)
+    return x
+
+
+def _heads_tile_to_group(graph: fx.Graph, x: fx.Node, groups: int) -> fx.Node:
+    # head h = g*n_kv + kv  ->  head j = kv*groups + g (so head j reads kv head j // groups)
+    x = _op(graph, torch.unflatten, x, 1, [groups, -1])
+    return _op(graph, torch.flatten, _op(graph, torch.transpose, x, 1, 2), 1, 2)
+
+
+def _heads_group_to_tile(graph: fx.Graph, x: fx.Node, groups: int) -> fx.Node:
+    x = _op(graph, torch.unflatten, x, 1, [-1, groups])
+    return _op(graph, torch.flatten, _op(graph, torch.transpose, x, 1, 2), 1, 2)
+
+
+def _mask(graph: fx.Graph, m: AttentionMatch) -> tuple[fx.Node | None, float | None]:
+    keeps, adds, fill = [], [], None
+    for term in m.masks:
+        if term.kind == "add":
+            adds.append(term.node)
+            continue
+        node = term.node
+        if val(node).dtype != torch.bool:
+            node = _op(graph, torch.ne, node, 0)
+        keeps.append(_op(graph, torch.logical_not, node) if term.negate else node)
+        fill = term.fill if fill is None else min(fill, term.fill)
+    keep = None
+    for k in keeps:
+        keep = k if keep is None else _op(graph, torch.logical_and, keep, k)
+    bias = None
+    for a in adds:
+        bias = a if bias is None else _op(graph, operator.add, bias, a)
+    if bias is None:
+        return keep, fill
+    if keep is None:
+        return bias, None
+    return _op(graph, torch.where, keep, bias, fill), None
+
+
+def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
+    if m.form == "mha":
+        from .. import _mha
+
+        m.anchor.target = _mha.forward
+        return
+    qs = _shape(m.q)
+    rank = len(qs)
+    with graph.inserting_before(m.output):
+        q, k, v = (_to_4d(graph, _operand(graph, o), rank) for o in (m.q, m.k, m.v))
+        for node, divide in m.scale_nodes:
+            q = _op(graph, operator.truediv if divide else operator.mul, q, node)
+        ks = _shape(m.k)
+        if rank == 4 and len(ks) == 4 and val(m.k.node) is not None and ks[0] == 1 and qs[0] != 1:
+            k = graph.call_method("expand", (k, qs[0], -1, -1, -1))
+            v = graph.call_method("expand", (v, qs[0], -1, -1, -1))
+        mask, fill = _mask(graph, m)
+        tile = m.kv_layout == "tile" and m.kv_groups > 1
+        if tile:
+            q = _heads_tile_to_group(graph, q, m.kv_groups)
+            if mask is not None and val(mask) is not None and val(mask).dim() == 4 and val(mask).shape[1] != 1:
+                mask = _heads_tile_to_group(graph, mask, m.kv_groups)
+        seed = _op(graph, torch.randint, 0, 2**62, (), dtype=torch.int64) if m.dropout_p > 0 else None
+        out = _op(graph, torch.ops.attnfuse.attention.default, q, k, v, mask, seed, scale=m.scale,
+                  causal=m.causal, softcap=m.softcap, kv_groups=m.kv_groups, dropout_p=m.dropout_p,
+                  mask_fill=fill)
+        if tile:
+            out = _heads_group_to_tile(graph, out, m.kv_groups)
+        out = _from_4d(graph, out, qs[:-2])
+    m.output.replace_all_uses_with(out)
+
+
+def rewrite(gm: fx.GraphModule, matches: list[AttentionMatch]) -> fx.GraphModule:
+    """Rewrite every match in ``gm`` (in place) and drop the dead region nodes."""
+    from .. import ops  # noqa: F401 - registers torch.ops.attnfuse
+
+    for m in matches:
+        _rewrite_one(gm.graph, m)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm

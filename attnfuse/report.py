@@ -1,0 +1,110 @@
+"""The audit report: one `Site` per attention region found, fused or not.
+
+`Report.to_json()` / `Report.load()` round-trip exactly; `str(report)` is a
+table.  The backend also emits the report as a ``trace_structured`` artifact
+named ``attnfuse_report`` so it shows in tlparse output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+_last: Report | None = None
+
+
+@dataclasses.dataclass
+class Site:
+    """One attention region and what attnfuse did with it."""
+
+    id: int
+    module: str
+    source: str
+    status: str  # "fused" | "skipped"
+    reason: str | None = None
+    pattern: str = ""
+    shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    dtype: str = ""
+    mask: dict[str, Any] = dataclasses.field(default_factory=lambda: {"kind": "none"})
+    kv_groups: int = 1
+    scale: float | str | None = None
+    kernel: str | None = None
+    config: dict[str, int] = dataclasses.field(default_factory=dict)
+    candidates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    error: float | None = None
+
+
+@dataclasses.dataclass
+class Report:
+    """Everything attnfuse decided for one compiled graph (or one audit)."""
+
+    sites: list[Site] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    device: str = ""
+    graphs: int = 0
+
+    @property
+    def fused(self) -> list[Site]:
+        return [s for s in self.sites if s.status == "fused"]
+
+    @property
+    def skipped(self) -> list[Site]:
+        return [s for s in self.sites if s.status == "skipped"]
+
+    def add(self, site: Site) -> Site:
+        site.id = len(self.sites)
+        self.sites.append(site)
+        return site
+
+    def merge(self, other: Report) -> None:
+        for site in other.sites:
+            self.add(dataclasses.replace(site))
+        self.notes.extend(other.notes)
+        self.device = other.device or self.device
+        self.graphs += other.graphs
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, default=str)
+
+    def save(self, path: str | pathlib.Path) -> pathlib.Path:
+        path = pathlib.Path(path)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        data = json.loads(text)
+        sites = [Site(**s) for s in data.pop("sites")]
+        return cls(sites=sites, **data)
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path) -> Report:
+        return cls.from_json(pathlib.Path(path).read_text())
+
+    def __str__(self) -> str:
+        head = ("id", "module", "source", "status", "kernel", "mask", "kv", "scale", "shapes q/k/v", "reason")
+        rows = [head]
+        for s in self.sites:
+            shapes = " ".join("x".join(map(str, s.shapes.get(t, []))) for t in ("q", "k", "v"))
+            scale = f"{s.scale:.4g}" if isinstance(s.scale, float) else str(s.scale)
+            rows.append((str(s.id), s.module or "-", s.source or "-", s.status, s.kernel or "-",
+                         s.mask.get("kind", "none"), str(s.kv_groups), scale, shapes, s.reason or ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        summary = f"attnfuse: {len(self.fused)} of {len(self.sites)} attention sites fused"
+        if self.device:
+            summary += f" (device: {self.device})"
+        return "\n".join([summary, *lines, *(f"note: {n}" for n in self.notes)])
+
+
+def last_report() -> Report | None:
+    """The report of the most recent attnfuse compile in this process."""
+    return _last
+
+
+def _set_last(report: Report) -> None:
+    global _last
+    _last = report
