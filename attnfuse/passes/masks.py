@@ -42,7 +42,11 @@ def _static_value(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[An
         return None
     for i, n in enumerate(placeholders):
         if n in anc:
-            args.append(example_inputs[i])
+            x = example_inputs[i]
+            if isinstance(x, torch._subclasses.FakeTensor):
+                return None
+            # Evaluate at the example sizes: a SymInt would put guards on the user's shapes.
+            args.append(_hint(x) if isinstance(x, torch.SymInt) else x)
     for n in gm.graph.nodes:
         if n in anc:
             env[n] = sub.node_copy(n, lambda x: env[x])

@@ -355,6 +355,9 @@ def _match_softmax(sm: fx.Node, g: _Graph) -> AttentionMatch | Miss:
         return up
     qk = up["qk"]
     a, b = canon(qk).args
+    if g.learned_only(b) or g.learned_only(canon(pv).args[1]):
+        return Miss(sm, "the keys/values are learned weights, not computed from the inputs: "
+                        "this is a classifier or router, not attention")
     if val(a).dim() < 2 or val(b).dim() < 2 or val(a).dim() != val(b).dim():
         return Miss(sm, "the scores matmul has operands of rank {} and {}", val(a).dim(), val(b).dim())
     qbase, qperm, qc, qrt = _peel(a, scales=True)
@@ -363,9 +366,6 @@ def _match_softmax(sm: fx.Node, g: _Graph) -> AttentionMatch | Miss:
     swap[-1], swap[-2] = swap[-2], swap[-1]
     kperm = _compose(tuple(swap), kperm)
     vbase, vperm, _, _ = _peel(canon(pv).args[1], scales=False)
-    if g.learned_only(kbase) or g.learned_only(vbase):
-        return Miss(sm, "the keys/values are learned weights, not computed from the inputs: "
-                        "this is a classifier or router, not attention")
     for term in up["masks"]:
         if term.node is qk or qk in g.ancestors(term.node):
             return Miss(sm, "the mask depends on the scores, so it cannot be applied inside a fused kernel")

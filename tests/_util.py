@@ -1,0 +1,30 @@
+"""Shared test helpers: the 2x accuracy rule against a float64 reference."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isnan(x), torch.isnan(ref)), "NaN pattern differs from the reference"
+    return (x[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
+
+
+def assert_2x(ours: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, what: str = "output") -> None:
+    """DESIGN.md's rule: |ours - ref| <= 2 * |eager - ref| (max-abs over finite entries).
+
+    ``ref`` is the same computation in float64.  A floor of a few ulps of the
+    result's magnitude keeps the rule meaningful when eager happens to be
+    (nearly) exact.
+    """
+    assert ours.shape == eager.shape == ref.shape, (ours.shape, eager.shape, ref.shape)
+    e_ours, e_eager = _err(ours, ref), _err(eager, ref)
+    scale = ref[torch.isfinite(ref)].abs().max().item() if torch.isfinite(ref).any() else 1.0
+    floor = 4 * torch.finfo(eager.dtype).eps * max(scale, 1e-3)
+    assert e_ours <= 2 * e_eager + floor, f"{what}: error {e_ours:.3g} > 2 x eager error {e_eager:.3g} (+{floor:.2g})"
+
+
+def site_count(report) -> tuple[int, int]:
+    return len(report.fused), len(report.sites)
