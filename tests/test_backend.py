@@ -12,7 +12,7 @@ from nanogpt import GPT, GPTConfig
 from torch._dynamo.utils import counters
 
 import attnfuse
-from attnfuse import backend, costmodel
+from attnfuse import costmodel
 from attnfuse.config import Config
 from attnfuse.passes import canonicalize, masks, match, rewrite
 

@@ -6,6 +6,7 @@ matmul inside another op, and only where they touch a softmax, into plain
 
 * ``einsum("...qd,...kd->...qk", a, b)``  = ``matmul(permute(a), permute(b))``
 * ``baddbmm(m, a, b, beta, alpha)``          = ``alpha * matmul(a, b) + beta * m``
+* ``exp(x - logsumexp(x, d, keepdim=True))``  = ``softmax(x, d)`` (when it weights a matmul)
 
 Everything else is read in place through `canon(node)`, which maps Torch-IR
 (dynamo) and ATen spellings to one `COp` vocabulary: ``matmul, permute, scale,
@@ -67,10 +68,19 @@ def _constant_tensor(node: fx.Node) -> float | None:
         if n == "full" and tuple(arg(node, 0, "size", (1,))) != ():
             return None
         if isinstance(value, numbers.Number) and not isinstance(value, bool):
-            return float(value)
+            return _as_stored(float(value), node)
     if n in ("lift_fresh_copy", "detach", "clone", "to", "_to_copy") and isinstance(node.args[0], fx.Node):
-        return _constant_tensor(node.args[0])
+        inner = _constant_tensor(node.args[0])
+        return None if inner is None else _as_stored(inner, node)
     return None
+
+
+def _as_stored(value: float, node: fx.Node) -> float:
+    # the value the tensor holds: torch.tensor(0.3) is float32(0.3), which is what eager multiplies by
+    v = val(node)
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return float(torch.tensor(value, dtype=v.dtype))
+    return value
 
 
 def scalar(x: Any) -> float | fx.Node | None:
@@ -294,12 +304,51 @@ def _copy_meta(node: fx.Node, a: Any, b: Any, out: fx.Node) -> None:
                 new.meta[key] = node.meta[key]
 
 
+def _feeds_left_matmul(node: fx.Node) -> bool:
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        op = canon(user)
+        if op.kind == "matmul":
+            return op.args[0] is node
+        if op.kind not in ("cast", "identity", "dropout"):
+            return False
+        node = user
+    return False
+
+
+def _exp_rule(graph: fx.Graph, node: fx.Node) -> bool:
+    # exp(x - logsumexp(x, d, keepdim=True)) = softmax(x, d), when it weights a matmul
+    sub = node.args[0] if node.args else None
+    if not isinstance(sub, fx.Node) or name(sub) != "sub" or len(sub.args) != 2:
+        return False
+    x, lse = sub.args
+    if not isinstance(lse, fx.Node) or name(lse) != "logsumexp" or lse.args[0] is not x:
+        return False
+    dim, keepdim = arg(lse, 1, "dim"), arg(lse, 2, "keepdim", False)
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    if not keepdim or not isinstance(dim, int) or not _feeds_left_matmul(node):
+        return False
+    with graph.inserting_before(node):
+        out = graph.call_function(torch.softmax, (x, dim))
+    _copy_meta(node, x, None, out)
+    node.replace_all_uses_with(out)
+    for dead in (node, sub, lse):
+        if not dead.users:
+            graph.erase_node(dead)
+    return True
+
+
 _MATMUL_RULES = {"einsum": _einsum_rule, "baddbmm": _baddbmm_rule}
+_SOFTMAX_RULES = {"exp": _exp_rule}
 
 
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite matmul-hiding spellings next to a softmax into plain matmuls (in place)."""
     changed = False
+    for node in list(gm.graph.nodes):
+        rule = _SOFTMAX_RULES.get(name(node))
+        if rule and rule(gm.graph, node):
+            changed = True
     for node in list(gm.graph.nodes):
         rule = _MATMUL_RULES.get(name(node))
         if rule and _near_softmax(node) and rule(gm.graph, node):
