@@ -1,11 +1,16 @@
+import os
 import pathlib
 import sys
+import tempfile
 
 import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+# A private Inductor cache per test session: a shared cache can serve code compiled against an
+# older fake implementation of our op.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="attnfuse-inductor-"))
 
 
 @pytest.fixture(autouse=True)
