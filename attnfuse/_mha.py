@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import ops
+
 
 def _as_additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     # PyTorch's MHA convention: bool True means "do not attend".
@@ -47,7 +49,7 @@ def forward(query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in
         mask = kpm if mask is None else mask + kpm
     p = dropout_p if training else 0.0
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if p > 0 else None
-    out = torch.ops.attnfuse.attention(q, k, v, mask, seed, dropout_p=p)
+    out = ops.attention_sdpa(q, k, v, mask, seed, dropout_p=p)  # fully masked rows are 0, as in eager MHA
     out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)
     out = F.linear(out, out_proj_weight, out_proj_bias)
     return (out.squeeze(1) if unbatched else out), None

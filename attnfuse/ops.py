@@ -70,12 +70,31 @@ def _fast_ok(q, k, v, mask, softcap, dropout_p) -> bool:
 
 def _sdpa_mask(mask, causal, lq, lk):
     """(mask, is_causal) for PyTorch's SDPA, which takes a mask or is_causal but not both."""
+    if mask is not None and mask.dim() < 2:
+        mask = mask.expand(lq, lk)  # its fused CPU kernel rejects a 1-D (kv_len,) mask
     if mask is None or not causal:
         return mask, causal
     tril = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril()
     if mask.dtype == torch.bool:
         return mask & tril, False
     return mask.masked_fill(~tril, _NEG_INF), False
+
+
+def output_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The op's output buffer: shape (B, H, Lq, Dv), laid out in memory as (B, Lq, H, Dv).
+
+    That is the layout the next op of nearly every model wants (``out.transpose(1, 2)``
+    then a reshape to (B, Lq, H*Dv) is free), and the one PyTorch's fused CPU kernel writes.
+    """
+    b, h, lq, dv = q.shape[0], q.shape[1], q.shape[2], v.shape[-1]
+    return q.new_empty(b, lq, h, dv).transpose(1, 2)
+
+
+def _in_output_layout(out: torch.Tensor) -> torch.Tensor:
+    if out.transpose(1, 2).is_contiguous():
+        return out
+    b, h, lq, dv = out.shape
+    return out.new_empty(b, lq, h, dv).transpose(1, 2).copy_(out)
 
 
 @torch.library.custom_op("attnfuse::attention", mutates_args=())
@@ -92,8 +111,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         sdpa_mask, sdpa_causal = _sdpa_mask(mask, causal, q.shape[-2], k.shape[-2])
         out = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=sdpa_mask, is_causal=sdpa_causal, scale=sc, enable_gqa=kv_groups > 1)
-        out = out.contiguous()  # the fake impl promises a contiguous result
-        return out if dead is None else out.masked_fill(dead, float("nan"))
+        out = _in_output_layout(out)
+        return out if dead is None else out.masked_fill_(dead, float("nan"))
     return reference.forward(q, k, v, mask, 0 if seed is None else int(seed.item()), scale=sc, causal=causal,
                              softcap=softcap, kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=mask_fill)
 
@@ -101,7 +120,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 @attention.register_fake
 def _(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0, kv_groups=1, dropout_p=0.0,
       mask_fill=None):
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
+    return output_like(q, v)
 
 
 @torch.library.custom_op("attnfuse::attention_backward", mutates_args=())
@@ -139,3 +158,21 @@ def _backward(ctx, grad):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                   seed: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """`attention` with ``F.scaled_dot_product_attention``'s convention for fully masked rows.
+
+    Eager SDPA (and ``nn.MultiheadAttention`` without weights) returns 0 for a query row whose
+    keys are all masked, with no gradient, where eager softmax gives NaN.  Such rows attend to
+    every key inside the op and are zeroed after it; no data-dependent branch, so it traces.
+    """
+    if mask is None:
+        return attention(q, k, v, mask, seed, **kwargs)
+    keep = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
+    if kwargs.get("causal", False):
+        keep = keep & torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=mask.device).tril()
+    dead = ~keep.any(-1, keepdim=True)
+    safe = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
+    return attention(q, k, v, safe, seed, **kwargs).masked_fill(dead, 0.0)

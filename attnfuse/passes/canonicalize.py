@@ -310,6 +310,9 @@ def _feeds_left_matmul(node: fx.Node) -> bool:
         op = canon(user)
         if op.kind == "matmul":
             return op.args[0] is node
+        if name(user) == "einsum":  # p @ v still spelled as einsum: the matmul rules run after this one
+            operands = user.args[1:] if len(user.args) > 2 else tuple(user.args[1])
+            return len(operands) == 2 and operands[0] is node
         if op.kind not in ("cast", "identity", "dropout"):
             return False
         node = user

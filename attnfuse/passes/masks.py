@@ -33,7 +33,8 @@ def _static_value(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[An
     anc = _Graph.ancestors(node) | {node}
     for n in anc:
         if n.op == "placeholder" and isinstance(val(n), torch.Tensor) and not _is_state(n):
-            if any(u in anc and name(u) not in _SHAPE_READS for u in n.users):
+            # the mask is an input itself, or is computed from an input's values: run-time data
+            if n is node or any(u in anc and name(u) not in _SHAPE_READS for u in n.users):
                 return None
     sub, env = fx.Graph(), {}
     args = []

@@ -124,32 +124,41 @@ def _peel(node: fx.Node, scales: bool) -> tuple[fx.Node, tuple[int, ...], float,
         node = op.args[0]
 
 
-def _unrepeat(node: fx.Node) -> tuple[fx.Node, int, str] | None:
-    """If ``node`` repeats a 4-D K/V along heads, return (un-repeated, groups, layout)."""
+def _unrepeat(node: fx.Node, axis: int = 1) -> tuple[fx.Node, int, str] | None:
+    """If ``node`` repeats a 4-D K/V along its head ``axis``, return (un-repeated, groups, layout).
+
+    ``axis`` is 1 for (B, H, T, D) and 2 for (B, T, H, D) K/V (Meta-Llama repeats before transposing).
+    """
     op = canon(node)
-    if op.kind == "repeat_interleave" and isinstance(op.args[1], int) and op.args[2] in (1, -3):
+    if op.kind == "repeat_interleave" and isinstance(op.args[1], int) and op.args[2] in (axis, axis - 4):
         return op.args[0], op.args[1], "interleave"
-    if op.kind == "repeat" and len(op.args[1]) == 4 and tuple(op.args[1][i] for i in (0, 2, 3)) == (1, 1, 1):
-        reps = op.args[1][1]
+    if op.kind == "repeat" and len(op.args[1]) == 4 and all(r == 1 for i, r in enumerate(op.args[1]) if i != axis):
+        reps = op.args[1][axis]
         return (op.args[0], reps, "tile") if isinstance(reps, int) and reps > 1 else None
     if op.kind != "reshape" or val(node).dim() != 4:
         return None
+    # reshape(expand(base.unsqueeze(axis + 1))) that merges the new axis into ``axis``
     expand = op.args[0]
     if canon(expand).kind != "expand" or val(expand).dim() != 5:
         return None
     inner = canon(expand).args[0]
     ev, iv = val(expand), val(inner)
-    if iv.dim() != 5 or not _eq(iv.shape[2], 1):
+    if iv.dim() != 5 or not _eq(iv.shape[axis + 1], 1):
+        return None
+    merged = [*ev.shape[:axis], ev.shape[axis] * ev.shape[axis + 1], *ev.shape[axis + 2:]]
+    if not all(_eq(a, b) for a, b in zip(val(node).shape, merged)):
         return None
     src = canon(inner)
     base = None
-    if src.kind == "unsqueeze" and src.args[1] in (2, -3):
+    if src.kind == "unsqueeze" and src.args[1] in (axis + 1, axis - 4):
         base = src.args[0]
-    elif src.kind == "getitem" and isinstance(src.args[1], tuple) and len(src.args[1]) >= 3 and src.args[1][2] is None:
-        base = src.args[0]
+    elif src.kind == "getitem" and isinstance(src.args[1], tuple) and len(src.args[1]) > axis + 1:
+        index = src.args[1]
+        if index[axis + 1] is None and all(i == slice(None) for j, i in enumerate(index) if j != axis + 1):
+            base = src.args[0]
     if base is None or val(base).dim() != 4:
         return None
-    groups = ev.shape[2]
+    groups = ev.shape[axis + 1]
     return (base, _hint(groups), "interleave") if isinstance(groups, (int, torch.SymInt)) else None
 
 
@@ -374,10 +383,11 @@ def _match_softmax(sm: fx.Node, g: _Graph) -> AttentionMatch | Miss:
         return Miss(sm, "an intermediate of the attention region is also used by {} ({})", other.name, other.target)
     q, k, v = Operand(qbase, _identity(qperm)), Operand(kbase, _identity(kperm)), Operand(vbase, _identity(vperm))
     groups, layout = 1, "interleave"
-    if val(kbase).dim() == 4 and k.perm is None and v.perm is None:
-        rk, rv = _unrepeat(kbase), _unrepeat(vbase)
+    if val(kbase).dim() == 4 and val(vbase).dim() == 4:
+        # K/V are read as base.permute(perm) = (B, H, T, D): their head axis is perm[1]
+        rk, rv = _unrepeat(kbase, (k.perm or (0, 1))[1]), _unrepeat(vbase, (v.perm or (0, 1))[1])
         if rk and rv and rk[1:] == rv[1:]:
-            k, v, groups, layout = Operand(rk[0]), Operand(rv[0]), rk[1], rk[2]
+            k, v, groups, layout = Operand(rk[0], k.perm), Operand(rv[0], v.perm), rk[1], rk[2]
     qs, ks, vs = _shape(q), _shape(k), _shape(v)
     if not (_eq(ks[-1], qs[-1]) and _eq(vs[-2], ks[-2])):
         return Miss(sm, "q/k/v shapes {} / {} / {} do not line up as attention", qs, ks, vs)

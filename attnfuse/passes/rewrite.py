@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from .canonicalize import val
-from .match import AttentionMatch, Operand, _shape
+from .match import AttentionMatch, Operand, _eq, _shape
 
 
 def _op(graph: fx.Graph, fn, *args, **kwargs) -> fx.Node:
@@ -67,6 +67,17 @@ def _heads_group_to_tile(graph: fx.Graph, x: fx.Node, groups: int) -> fx.Node:
     return _op(graph, torch.flatten, _op(graph, torch.transpose, x, 1, 2), 1, 2)
 
 
+def _per_head_mask_rank(m: AttentionMatch) -> int:
+    """The rank of the combined mask if it varies along the heads axis (dim -3), else 0.
+
+    Read from the terms: the combined mask is built from new nodes without example values.
+    """
+    shapes = [val(t.node).shape for t in m.masks]
+    if any(len(s) >= 3 and not _eq(s[-3], 1) for s in shapes):
+        return max(len(s) for s in shapes)
+    return 0
+
+
 def _mask(graph: fx.Graph, m: AttentionMatch) -> tuple[fx.Node | None, float | None]:
     keeps, adds, fill = [], [], None
     for term in m.masks:
@@ -97,6 +108,8 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
 
         m.anchor.target = _mha.forward
         return
+    from .. import ops
+
     qs = _shape(m.q)
     rank = len(qs)
     with graph.inserting_before(m.output):
@@ -111,10 +124,15 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
         tile = m.kv_layout == "tile" and m.kv_groups > 1
         if tile:
             q = _heads_tile_to_group(graph, q, m.kv_groups)
-            if mask is not None and val(mask) is not None and val(mask).dim() == 4 and val(mask).shape[1] != 1:
+            rank_m = _per_head_mask_rank(m)
+            if mask is not None and rank_m:
+                for _ in range(4 - rank_m):  # (H, Lq, Lk) -> (1, H, Lq, Lk): the heads are dim 1
+                    mask = _op(graph, torch.unsqueeze, mask, 0)
                 mask = _heads_tile_to_group(graph, mask, m.kv_groups)
         seed = _op(graph, torch.randint, 0, 2**62, (), dtype=torch.int64) if m.dropout_p > 0 else None
-        out = _op(graph, torch.ops.attnfuse.attention.default, q, k, v, mask, seed, scale=m.scale,
+        # SDPA zeroes fully masked rows where a softmax makes them NaN
+        fn = ops.attention_sdpa if m.form == "sdpa" and mask is not None else torch.ops.attnfuse.attention.default
+        out = _op(graph, fn, q, k, v, mask, seed, scale=m.scale,
                   causal=m.causal, softcap=m.softcap, kv_groups=m.kv_groups, dropout_p=m.dropout_p,
                   mask_fill=fill)
         if tile:
