@@ -87,7 +87,8 @@ def analyze(gm: fx.GraphModule, m: AttentionMatch, example_inputs: Sequence[Any]
     remaining: list[MaskTerm] = []
     causal = m.causal
     for term in m.masks:
-        if example_inputs is not None and _eq(qs[-2], ks[-2]):
+        # (MHA's inputs are (L, N, E): its masks are only described, `_mha.forward` applies them.)
+        if example_inputs is not None and m.form != "mha" and _eq(qs[-2], ks[-2]):
             value = _static_value(gm, term.node, example_inputs)
             if value is not None and _is_causal(term, value, _hint(qs[-2]), _hint(ks[-2])):
                 causal = True

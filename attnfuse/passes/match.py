@@ -442,7 +442,12 @@ def _match_mha(node: fx.Node) -> AttentionMatch | Miss:
         if canon(user).kind != "getitem" or user.args[1] != 0:
             return Miss(node, "the attention weights of multi_head_attention_forward are used (need_weights)")
     q, k, v = (Operand(arg(node, i, key)) for i, key in enumerate(("query", "key", "value")))
-    return AttentionMatch(form="mha", anchor=node, output=node, q=q, k=k, v=v, scale=None,
+    # Recorded for the report; `_mha.forward` applies them itself (bool True = do not attend).
+    masks = tuple(MaskTerm("keep", m, negate=True, fill=float("-inf")) if val(m).dtype == torch.bool
+                  else MaskTerm("add", m)
+                  for m in (arg(node, 16, "attn_mask"), arg(node, 14, "key_padding_mask"))
+                  if isinstance(m, fx.Node))
+    return AttentionMatch(form="mha", anchor=node, output=node, q=q, k=k, v=v, scale=None, masks=masks,
                           pattern="multi_head_attention_forward", region=frozenset({node}))
 
 
