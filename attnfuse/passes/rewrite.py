@@ -117,7 +117,7 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
         for node, divide in m.scale_nodes:
             q = _op(graph, operator.truediv if divide else operator.mul, q, node)
         ks = _shape(m.k)
-        if rank == 4 and len(ks) == 4 and val(m.k.node) is not None and ks[0] == 1 and qs[0] != 1:
+        if rank == 4 and len(ks) == 4 and _eq(ks[0], 1) and not _eq(qs[0], 1):  # K/V broadcast over batch
             k = graph.call_method("expand", (k, qs[0], -1, -1, -1))
             v = graph.call_method("expand", (v, qs[0], -1, -1, -1))
         mask, fill = _mask(graph, m)
