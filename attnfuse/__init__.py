@@ -24,22 +24,14 @@ def audit(model: Any, *args: Any, options: Any = None, **kwargs: Any) -> Report:
     Runs the canonicalize / match / mask / plan passes on every graph dynamo
     captures; compiles no kernel (the captured graphs run eagerly).
     """
-    from .backend import analyze
+    from .backend import transform
 
     config = Config.from_options(options)
     combined = Report(device=config.device_spec().name)
 
     def _audit_backend(gm, example_inputs):
         report = Report(device=combined.device, graphs=1)
-        import copy
-
-        work = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        try:
-            analyze(work, example_inputs, config, report)
-        except Exception as exc:
-            if config.strict:
-                raise
-            report.notes.append(f"a pass raised {type(exc).__name__}: {exc}")
+        transform(gm, example_inputs, config, report, rewrite_graph=False)
         combined.merge(report)
         return gm.forward
 

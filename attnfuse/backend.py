@@ -111,13 +111,16 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Co
 
 
 def transform(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Config,
-              report: Report) -> fx.GraphModule:
-    """The rewritten copy of ``gm``, or ``gm`` itself if any pass fails (unless strict)."""
+              report: Report, rewrite_graph: bool = True) -> fx.GraphModule:
+    """The rewritten copy of ``gm``, or ``gm`` itself if any pass fails (unless strict).
+
+    With ``rewrite_graph=False`` (audit) only the analysis runs and the report is filled.
+    """
     work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     work.meta = dict(getattr(gm, "meta", {}))
     try:
         chosen = analyze(work, example_inputs, config, report)
-        if chosen:
+        if chosen and rewrite_graph:
             rewrite.rewrite(work, chosen)
         return work
     except Exception as exc:

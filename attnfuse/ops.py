@@ -136,9 +136,11 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        scale: float | None, causal: bool, softcap: float, kv_groups: int, dropout_p: float,
                        mask_fill: float | None, mask_grad: bool) -> list[torch.Tensor]:
     # PyTorch's CPU flash backward misses the 2x accuracy rule with masks (measured up to
-    # ~5x eager's error in fp32), so the backward always runs the blocked reference.
+    # ~5x eager's error in fp32), so the backward always runs the blocked reference, which
+    # recomputes softmax per block and does not need ``out`` (flash-style kernels use it for
+    # rowsum(dO * O)).
     dq, dk, dv, dm = reference.backward(
-        grad_out, q, k, v, out, mask, 0 if seed is None else int(seed.item()), scale=_scale(q, scale),
+        grad_out, q, k, v, mask, 0 if seed is None else int(seed.item()), scale=_scale(q, scale),
         causal=causal, softcap=softcap, kv_groups=kv_groups, dropout_p=dropout_p,
         mask_fill=_NEG_INF if mask_fill is None else mask_fill, mask_grad=mask_grad)
     # contiguous, as the fake impl promises (the K/V head reduction of GQA makes new tensors anyway)

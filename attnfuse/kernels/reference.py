@@ -96,7 +96,7 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum(dim=dims, keepdim=True) if dims else grad
 
 
-def backward(grad_out, q, k, v, out, mask=None, seed=0, *, scale, causal=False, softcap=0.0, kv_groups=1,
+def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softcap=0.0, kv_groups=1,
              dropout_p=0.0, mask_fill=float("-inf"), mask_grad=False):
     """Gradients (dq, dk, dv, dmask or None) of `forward`, recomputing scores per block."""
     ct = _compute_dtype(q.dtype)
