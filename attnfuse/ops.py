@@ -1,19 +1,27 @@
 """``torch.ops.attnfuse.*``: the fused attention op the rewriter emits.
 
 ``attnfuse::attention(q, k, v, mask=None, seed=None, *, scale=None, causal=False,
-softcap=0.0, kv_groups=1, dropout_p=0.0, mask_fill=None) -> Tensor``
+softcap=0.0, kv_groups=1, dropout_p=0.0, mask_fill=None) -> (out, lse)``
 
 Tensors are ``(batch, heads, seqlen, head_dim)``; K/V have ``heads / kv_groups``
 heads.  ``mask`` broadcasts to ``(batch, heads, q_len, kv_len)``: bool means
 "True = attend" (masked scores become ``mask_fill``), float is an additive
 bias and gets a gradient when it requires one.  ``mask_fill=None`` means -inf.  ``seed`` (int64 tensor) seeds
 the dropout mask.  The exact semantics are in `attnfuse.kernels.reference`.
+``out`` is ``(B, H, Lq, Dv)``; ``lse`` is the row log-sum-exp (base 2, fp32,
+``(B, H, Lq)``) that the flash backward needs, or an empty tensor on the paths
+whose backward recomputes it.  `attend` returns ``out`` alone.
 
-Device dispatch: on CPU the forward runs PyTorch's fused flash-attention CPU
-kernel where it can express the site (no softcap, no dropout, equal q/v head
-dims) and the blocked reference otherwise; it never holds more than one block
-of query rows of scores.  CUDA uses the same path until the Triton kernels land.
-The backward is the blocked reference (recomputing each block's scores).
+Device dispatch:
+
+* CUDA (and CPU under ``TRITON_INTERPRET=1``): the Triton FlashAttention kernels
+  of `attnfuse.kernels.flash`, forward and backward.  Under ``torch.compile`` the
+  op decomposes into its Triton launches (as ``torch.library.triton_op`` does),
+  so Inductor sees the kernels; ``torch.export`` keeps the op whole.
+* CPU: PyTorch's fused flash-attention CPU kernel where it can express the site
+  (no softcap, no dropout, equal q/v head dims, finite inputs) and the blocked
+  reference otherwise; the backward is the blocked reference.
+* float64 and head dims above 256 take the reference on every device.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import math
 
 import torch
 
-from .kernels import reference
+from .kernels import flash, reference
 
 _NEG_INF = float("-inf")
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -108,8 +116,15 @@ def _in_output_layout(out: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               seed: torch.Tensor | None = None, *, scale: float | None = None, causal: bool = False,
               softcap: float = 0.0, kv_groups: int = 1, dropout_p: float = 0.0,
-              mask_fill: float | None = None) -> torch.Tensor:
+              mask_fill: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     _check(q, k, v, mask, kv_groups)
+    if _use_flash(q, k, v):
+        return flash.forward(q, k, v, mask, _seed_on(seed, q), scale=scale, causal=causal, softcap=softcap,
+                             dropout_p=dropout_p, mask_fill=mask_fill)
+    return _cpu_forward(q, k, v, mask, seed, scale, causal, softcap, kv_groups, dropout_p, mask_fill), _no_lse(q)
+
+
+def _cpu_forward(q, k, v, mask, seed, scale, causal, softcap, kv_groups, dropout_p, mask_fill):
     mask_fill = _NEG_INF if mask_fill is None else mask_fill
     sc = _scale(q, scale)
     dead = _dead_rows(mask, causal, q.shape[-2], k.shape[-2])
@@ -127,14 +142,35 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 @attention.register_fake
 def _(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0, kv_groups=1, dropout_p=0.0,
       mask_fill=None):
-    return output_like(q, v)
+    if _use_flash(q, k, v):
+        return output_like(q, v), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return output_like(q, v), _no_lse(q)
+
+
+def _use_flash(q, k, v) -> bool:
+    """Whether the Triton kernels run these tensors (CUDA, or CPU under the Triton interpreter)."""
+    return q.dtype != torch.float64 and flash.supported(q, k, v) is None and k.shape[-1] == q.shape[-1]
+
+
+def _no_lse(q):
+    return q.new_empty(0, dtype=torch.float32)
+
+
+def _seed_on(seed, q):
+    return None if seed is None else seed.to(device=q.device, dtype=torch.int64).reshape(())
 
 
 @torch.library.custom_op("attnfuse::attention_backward", mutates_args=())
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       out: torch.Tensor, mask: torch.Tensor | None, seed: torch.Tensor | None, *,
-                       scale: float | None, causal: bool, softcap: float, kv_groups: int, dropout_p: float,
+                       out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, seed: torch.Tensor | None,
+                       *, scale: float | None, causal: bool, softcap: float, kv_groups: int, dropout_p: float,
                        mask_fill: float | None, mask_grad: bool) -> list[torch.Tensor]:
+    if lse.numel():  # the forward ran the flash kernel
+        dq, dk, dv, dm = flash.backward(
+            grad_out, q, k, v, out, lse, mask, _seed_on(seed, q), scale=scale, causal=causal, softcap=softcap,
+            dropout_p=dropout_p, mask_fill=mask_fill, mask_grad=mask_grad,
+            deterministic=torch.are_deterministic_algorithms_enabled())
+        return [dq, dk, dv, dm if dm is not None else q.new_empty(0)]
     # PyTorch's CPU flash backward misses the 2x accuracy rule with masks (measured up to
     # ~5x eager's error in fp32), so the backward always runs the blocked reference, which
     # recomputes softmax per block and does not need ``out`` (flash-style kernels use it for
@@ -148,25 +184,32 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, out, mask, seed, *, scale, causal, softcap, kv_groups, dropout_p, mask_fill, mask_grad):
+def _(grad_out, q, k, v, out, lse, mask, seed, *, scale, causal, softcap, kv_groups, dropout_p, mask_fill,
+      mask_grad):
     dm = mask.new_empty(mask.shape) if mask_grad else q.new_empty(0)
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dm]
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
     q, k, v, mask, seed = inputs
-    ctx.save_for_backward(q, k, v, mask, seed, output)
+    ctx.save_for_backward(q, k, v, mask, seed, *output)
     ctx.kwargs = keyword_only_inputs
 
 
-def _backward(ctx, grad):
-    q, k, v, mask, seed, out = ctx.saved_tensors
+def _backward(ctx, grad, _grad_lse):
+    q, k, v, mask, seed, out, lse = ctx.saved_tensors
     mask_grad = mask is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dm = attention_backward(grad, q, k, v, out, mask, seed, mask_grad=mask_grad, **ctx.kwargs)
+    dq, dk, dv, dm = attention_backward(grad, q, k, v, out, lse, mask, seed, mask_grad=mask_grad, **ctx.kwargs)
     return dq, dk, dv, (dm if mask_grad else None), None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           seed: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """``attnfuse::attention``'s output without the log-sum-exp."""
+    return attention(q, k, v, mask, seed, **kwargs)[0]
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -178,10 +221,10 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     every key inside the op and are zeroed after it; no data-dependent branch, so it traces.
     """
     if mask is None:
-        return attention(q, k, v, mask, seed, **kwargs)
+        return attend(q, k, v, mask, seed, **kwargs)
     keep = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
     if kwargs.get("causal", False):
         keep = keep & torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=mask.device).tril()
     dead = ~keep.any(-1, keepdim=True)
     safe = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
-    return attention(q, k, v, safe, seed, **kwargs).masked_fill(dead, 0.0)
+    return attend(q, k, v, safe, seed, **kwargs).masked_fill(dead, 0.0)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import attnfuse  # noqa: F401 - registers the op
+from attnfuse import ops
 from attnfuse.kernels import reference
 from tests._util import assert_2x
 
-op = torch.ops.attnfuse.attention
+op = ops.attend  # torch.ops.attnfuse.attention(...)[0]
 
 
 def ref_attention(q, k, v, mask=None, *, scale=None, causal=False, softcap=0.0, kv_groups=1, mask_fill=None):
@@ -145,9 +146,9 @@ def test_opcheck(kw):
     hk = 4 // kw.get("kv_groups", 1)
     q = torch.randn(2, 4, 7, 8, requires_grad=True)
     k, v = (torch.randn(2, hk, 7, 8, requires_grad=True) for _ in range(2))
-    torch.library.opcheck(op.default, (q, k, v), kw)
-    torch.library.opcheck(op.default, (q, k, v, torch.randn(7, 7, requires_grad=True)), kw)
-    torch.library.opcheck(op.default, (q, k, v, torch.rand(2, 1, 7, 7) > 0.2), kw)
+    torch.library.opcheck(torch.ops.attnfuse.attention.default, (q, k, v), kw)
+    torch.library.opcheck(torch.ops.attnfuse.attention.default, (q, k, v, torch.randn(7, 7, requires_grad=True)), kw)
+    torch.library.opcheck(torch.ops.attnfuse.attention.default, (q, k, v, torch.rand(2, 1, 7, 7) > 0.2), kw)
 
 
 def test_bad_inputs_raise_with_fix():

@@ -87,7 +87,7 @@ def forward(q, k, v, mask=None, seed=0, *, scale, causal=False, softcap=0.0, kv_
     return out
 
 
-def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Sum a broadcast gradient back to ``shape`` (right-aligned broadcasting)."""
     lead = grad.dim() - len(shape)
     if lead:
@@ -126,7 +126,7 @@ def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softc
             # fully masked row is uniform and p is not 0 at the masked keys)
             ds = ds.masked_fill(~mask_blk, 0.0)
         if dmask is not None:
-            reduced = _sum_to(ds, mask_blk.shape)
+            reduced = sum_to(ds, mask_blk.shape)
             if mask.dim() >= 2 and mask.shape[-2] != 1:
                 dmask[..., i0:i1, :] += reduced
             else:

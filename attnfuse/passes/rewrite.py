@@ -131,10 +131,13 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
                 mask = _heads_tile_to_group(graph, mask, m.kv_groups)
         seed = _op(graph, torch.randint, 0, 2**62, (), dtype=torch.int64) if m.dropout_p > 0 else None
         # SDPA zeroes fully masked rows where a softmax makes them NaN
-        fn = ops.attention_sdpa if m.form == "sdpa" and mask is not None else torch.ops.attnfuse.attention.default
+        sdpa = m.form == "sdpa" and mask is not None
+        fn = ops.attention_sdpa if sdpa else torch.ops.attnfuse.attention.default
         out = _op(graph, fn, q, k, v, mask, seed, scale=m.scale,
                   causal=m.causal, softcap=m.softcap, kv_groups=m.kv_groups, dropout_p=m.dropout_p,
                   mask_fill=fill)
+        if not sdpa:  # the op returns (out, lse)
+            out = _op(graph, operator.getitem, out, 0)
         if tile:
             out = _heads_group_to_tile(graph, out, m.kv_groups)
         out = _from_4d(graph, out, qs[:-2])

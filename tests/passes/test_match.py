@@ -18,6 +18,7 @@ from _harness import check, fused, skipped
 from _util import assert_2x
 
 import attnfuse
+from attnfuse import ops
 
 B, H, L, LK, D = 2, 4, 13, 17, 40
 S = 0.3  # a scale that is not the default
@@ -691,14 +692,14 @@ def test_dropout_training_gradients_follow_its_mask():
 def test_dropout_op_fixed_seed_is_deterministic_and_differentiable():
     q, k, v = (x.double().requires_grad_() for x in qkv(lq=5, lk=7, d=4, h=2, b=1))
     seed = torch.tensor(1234)
-    a = torch.ops.attnfuse.attention(q, k, v, None, seed, dropout_p=0.3)
-    b = torch.ops.attnfuse.attention(q, k, v, None, seed, dropout_p=0.3)
+    a = ops.attend(q, k, v, None, seed, dropout_p=0.3)
+    b = ops.attend(q, k, v, None, seed, dropout_p=0.3)
     assert torch.equal(a, b)
-    assert not torch.equal(a, torch.ops.attnfuse.attention(q, k, v, None, torch.tensor(99), dropout_p=0.3))
-    op = lambda q, k, v: torch.ops.attnfuse.attention(q, k, v, None, seed, dropout_p=0.3, scale=S)
+    assert not torch.equal(a, ops.attend(q, k, v, None, torch.tensor(99), dropout_p=0.3))
+    op = lambda q, k, v: ops.attend(q, k, v, None, seed, dropout_p=0.3, scale=S)
     assert torch.autograd.gradcheck(op, (q, k, v))
     bias = torch.randn(1, 1, 5, 7, dtype=torch.float64, requires_grad=True)
-    op = lambda q, k, v, m: torch.ops.attnfuse.attention(q, k, v, m, seed, dropout_p=0.3, softcap=2.0)
+    op = lambda q, k, v, m: ops.attend(q, k, v, m, seed, dropout_p=0.3, softcap=2.0)
     assert torch.autograd.gradcheck(op, (q, k, v, bias))
 
 

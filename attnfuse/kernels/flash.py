@@ -1,0 +1,777 @@
+"""Exact FlashAttention in Triton: forward, split-K decode forward, backward.
+
+Implements FlashAttention-2 (Dao, 2023): the forward streams key tiles through
+an online softmax in the base-2 domain (``exp2`` with ``scale * log2(e)``
+folded into the scores) and saves the row log-sum-exp; the backward recomputes
+the probabilities from it after a preprocessing pass ``delta = rowsum(O * dO)``.
+Semantics are exactly `attnfuse.kernels.reference` (softcap, bool mask with a
+fill value, additive bias, top-left causal, GQA, NaN rows for fully masked
+rows), with one difference: dropout draws its keep mask from Philox keyed by
+``(seed, batch*heads + head, row*kv_len + col)``, so it is reproducible on
+every device and across the split-K path, but not the CPU reference's stream.
+
+Layout choices:
+
+* GQA is packed: one program owns a block of (query row, head-in-group) pairs
+  of one K/V head, so every K/V tile is read once per group; with
+  ``kv_groups == 1`` this is the usual one-head-per-program kernel.
+* Causal programs run an unmasked loop over the key tiles left of the diagonal
+  and a masked loop over the diagonal tiles; tiles right of it are skipped.
+* Bounds checks are compiled out when lengths divide the tiles
+  (``EVEN_M``/``EVEN_N``/``EVEN_D``).
+* The mask is read through its own (possibly zero) strides: a broadcast bias is
+  never expanded in memory.
+* Decode (few query rows, long K/V) splits the keys over extra programs
+  (flash-decoding) and merges the partial results by log-sum-exp.
+
+Limitations: head dims up to 256; float16/bfloat16/float32 (float32 uses IEEE
+fp32 dots, not TF32, to keep the accuracy contract); NaN/Inf in V at key tiles
+a causal program skips do not reach the output (eager's ``0 * inf``), and the
+dropout offsets wrap when ``q_len * kv_len >= 2**32``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.random import philox, uint_to_uniform_float
+
+from ..costmodel import PRESETS, DeviceSpec
+from .reference import sum_to
+
+_LOG2E = 1.4426950408889634
+_FLT_MAX = 3.4028234663852886e38
+MASK_NONE, MASK_BIAS, MASK_BOOL = 0, 1, 2
+
+
+# --------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _scores(q, kt, rows, heads, cols, b, M, stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk,
+            qk_scale, cap_scale, softcap2, fill2,
+            MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr,
+            CHECK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of one tile in the log2 domain, and tanh(s / softcap) for the softcap backward.
+
+    ``qk_scale = scale * log2(e)``; with softcap, ``cap_scale = 2 * scale / softcap * log2(e)`` and
+    ``softcap2 = softcap * log2(e)``; ``fill2`` is the bool-mask fill in the log2 domain.
+    """
+    qk = tl.dot(q, kt, input_precision=PRECISION)
+    if HAS_SOFTCAP:
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no libdevice needed
+        t = 1.0 - 2.0 / (tl.exp2(qk * cap_scale) + 1.0)
+        s = t * softcap2
+    else:
+        t = qk
+        s = qk * qk_scale
+    if MASK_KIND != 0:
+        m_ptrs = M + b * stride_mb + heads[:, None] * stride_mh + rows[:, None] * stride_mm + cols[None, :] * stride_mn
+        if CHECK_M or CHECK_N:
+            inb = (rows[:, None] < Lq) & (cols[None, :] < Lk)
+            mv = tl.load(m_ptrs, mask=inb, other=0)
+        else:
+            mv = tl.load(m_ptrs)
+        if MASK_KIND == 1:
+            s += mv.to(tl.float32) * 1.4426950408889634
+        else:
+            s = tl.where(mv != 0, s, fill2)
+    if CAUSAL:
+        s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+    if CHECK_N:
+        s = tl.where(cols[None, :] < Lk, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _keep(seed, bh, rows, cols, Lk, dropout_p):
+    """Dropout keep mask of one tile: Philox keyed by (seed, batch*head, row*kv_len + col)."""
+    c0 = rows[:, None] * Lk + cols[None, :]
+    r, _, _, _ = philox(seed, c0, bh[:, None] + c0 * 0, 0, 0)
+    return uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, K, V, M, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
+              stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
+              Lq, Lk, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr,
+              CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    cols = start_n + tl.arange(0, BLOCK_N)
+    kt_ptrs = K + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn
+    v_ptrs = V + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    if CHECK_N or not EVEN_D:
+        kt = tl.load(kt_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & (cols[None, :] < Lk), other=0.0)
+        v = tl.load(v_ptrs, mask=(cols[:, None] < Lk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    else:
+        kt = tl.load(kt_ptrs)
+        v = tl.load(v_ptrs)
+    s, _ = _scores(q, kt, rows, heads, cols, b, M, stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk,
+                   qk_scale, cap_scale, softcap2, fill2, MASK_KIND, HAS_SOFTCAP, CAUSAL, CHECK_M, CHECK_N, PRECISION)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row with no finite score so far keeps p = 0 instead of exp2(-inf + inf) = NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_DROPOUT:
+        p = tl.where(_keep(seed, bh, rows, cols, Lk, dropout_p), p * inv_keep, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_kernel(
+    # pointers
+    Q, K, V, M, Seed, Out, Lse,
+    # strides
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_os, stride_ob, stride_oh, stride_om, stride_od, stride_ls,
+    # sizes and scalars
+    H, Lq, Lk, split_len, qk_scale, cap_scale, softcap2, fill2, dropout_p,
+    # meta
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M packed (row, head-in-group) pairs of one K/V head, keys of one split.
+
+    With a split grid it writes fp32 partial outputs (normalized) and partial LSEs at
+    ``split * stride_os`` / ``split * stride_ls``; `_combine_kernel` merges them.
+    """
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy causal tiles first
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    hkv = pid_bh % (H // GROUPS)
+    b = pid_bh // (H // GROUPS)
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = r // GROUPS
+    heads = hkv * GROUPS + r % GROUPS
+    bh = b * H + heads
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    if EVEN_M and EVEN_D:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=(rows[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    K += b * stride_kb + hkv * stride_kh
+    V += b * stride_vb + hkv * stride_vh
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    inv_keep = 1.0 / (1.0 - dropout_p)
+
+    # key range of this program: [lo, hi); full unmasked tiles in [lo, mid), masked ones in [mid, hi)
+    lo = split * split_len
+    hi = tl.minimum(Lk, lo + split_len)
+    full_end = Lk // BLOCK_N * BLOCK_N
+    if IS_CAUSAL:
+        row_lo = (pid_m * BLOCK_M) // GROUPS
+        row_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUPS, Lq - 1)
+        hi = tl.minimum(hi, row_hi + 1)
+        full_end = tl.minimum(full_end, (row_lo + 1) // BLOCK_N * BLOCK_N)
+    mid = tl.maximum(lo, tl.minimum(hi, full_end))
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start_n in range(lo, mid, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, M, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm,
+                                  stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
+                                  HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT,
+                                  False, not EVEN_M, False, EVEN_D, PRECISION)
+    for start_n in range(mid, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, M, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm,
+                                  stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
+                                  HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT,
+                                  IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+
+    # 0 / 0 = NaN for rows whose scores are all -inf, as eager softmax
+    out = acc / l_i[:, None]
+    lse = m_i + tl.log2(l_i)
+    o_ptrs = (Out + split * stride_os + b * stride_ob + heads[:, None] * stride_oh + rows[:, None] * stride_om
+              + offs_dv[None, :] * stride_od)
+    lse_ptrs = Lse + split * stride_ls + bh * Lq + rows
+    if EVEN_M and EVEN_D:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V))
+    if EVEN_M:
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(lse_ptrs, lse, mask=rows < Lq)
+
+
+@triton.jit
+def _combine_kernel(
+    # pointers
+    Part, PartLse, Out, Lse,
+    # strides
+    stride_ob, stride_oh, stride_om, stride_od,
+    # sizes
+    H, Lq, n_rows, splits,
+    # meta
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Merge split-K partials of one (batch*head, row): weights exp2(lse_s - lse)."""
+    pid = tl.program_id(0)  # over batch*heads*rows
+    row = pid % Lq
+    bh = pid // Lq
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    lse_s = tl.load(PartLse + offs_s * n_rows + pid, mask=offs_s < splits, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    w = tl.exp2(lse_s - m)  # all -inf (fully masked row): NaN, as eager
+    part = tl.load(Part + (offs_s[:, None] * n_rows + pid) * HEAD_DIM_V + offs_dv[None, :],
+                   mask=(offs_s[:, None] < splits) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    part = tl.where(lse_s[:, None] == float("-inf"), 0.0, part)  # empty splits hold 0/0
+    total = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / total
+    b = bh // H
+    h = bh % H
+    tl.store(Out + b * stride_ob + h * stride_oh + row * stride_om + offs_dv * stride_od,
+             out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
+    tl.store(Lse + pid, m + tl.log2(total))
+
+
+@triton.jit
+def _bwd_preprocess(
+    Out, DO, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    H, Lq,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(O * dO) in fp32, one (BLOCK_M rows, head) tile per program."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    d = tl.arange(0, BLOCK_DV)
+    inb = (rows[:, None] < Lq) & (d[None, :] < HEAD_DIM_V)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + d[None, :] * stride_od,
+                mask=inb, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + d[None, :] * stride_dd,
+                 mask=inb, other=0.0).to(tl.float32)
+    tl.store(Delta + bh * Lq + rows, tl.sum(o * do, 1), mask=rows < Lq)
+
+
+@triton.jit
+def _bwd_tile_grads(q, do, kt, vt, lse, delta, rows, heads, bh, cols, b, M, seed,
+                    stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk,
+                    qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
+                    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                    CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Recompute one tile: (p after dropout, dS w.r.t. the final scores, dS w.r.t. q·k) in fp32."""
+    s, t = _scores(q, kt, rows, heads, cols, b, M, stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk,
+                   qk_scale, cap_scale, softcap2, fill2, MASK_KIND, HAS_SOFTCAP, CAUSAL, CHECK_M, CHECK_N, PRECISION)
+    p = tl.exp2(s - lse[:, None])
+    dp = tl.dot(do, vt, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        keep = _keep(seed, bh, rows, cols, Lk, dropout_p)
+        pd = tl.where(keep, p * inv_keep, 0.0)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    else:
+        pd = p
+    ds = p * (dp - delta[:, None])
+    if MASK_KIND == 2:
+        # masked scores are the constant fill: no gradient (p is not 0 there for a finite fill)
+        m_ptrs = M + b * stride_mb + heads[:, None] * stride_mh + rows[:, None] * stride_mm + cols[None, :] * stride_mn
+        mv = tl.load(m_ptrs, mask=(rows[:, None] < Lq) & (cols[None, :] < Lk), other=0)
+        ds = tl.where(mv != 0, ds, 0.0)
+    dqk = ds
+    if HAS_SOFTCAP:
+        dqk = ds * (1.0 - t * t)
+    return pd, ds, dqk
+
+
+@triton.jit
+def _dkdv_step(dk, dv, kt, vt, Q, DO, Lse, Delta, DQ, M, seed, b, hkv, cols, offs_d, offs_dv, start_m,
+               stride_qb, stride_qh, stride_qm, stride_qd, stride_mb, stride_mh, stride_mm, stride_mn,
+               stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+               H, Lq, Lk, sm_scale, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
+               GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+               MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
+               CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr):
+    r = start_m + tl.arange(0, BLOCK_M)
+    rows = r // GROUPS
+    heads = hkv * GROUPS + r % GROUPS
+    bh = b * H + heads
+    in_m = rows < Lq
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + rows[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=in_m[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(DO + b * stride_dob + heads[:, None] * stride_doh + rows[:, None] * stride_dom
+                 + offs_dv[None, :] * stride_dod, mask=in_m[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    # rows past the end get lse = +inf, so p = 0 there
+    lse = tl.load(Lse + bh * Lq + rows, mask=in_m, other=float("inf"))
+    delta = tl.load(Delta + bh * Lq + rows, mask=in_m, other=0.0)
+    pd, ds, dqk = _bwd_tile_grads(q, do, kt, vt, lse, delta, rows, heads, bh, cols, b, M, seed,
+                                  stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale,
+                                  softcap2, fill2, dropout_p, inv_keep, MASK_KIND, HAS_SOFTCAP,
+                                  HAS_DROPOUT, CAUSAL, CHECK_M, CHECK_N, PRECISION)
+    dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
+    dk += tl.dot(tl.trans(dqk.to(q.dtype)), q, input_precision=PRECISION)
+    if ATOMIC_DQ:
+        dq = tl.dot(dqk.to(q.dtype), tl.trans(kt), input_precision=PRECISION) * sm_scale
+        tl.atomic_add(DQ + b * stride_dqb + heads[:, None] * stride_dqh + rows[:, None] * stride_dqm
+                      + offs_d[None, :] * stride_dqd, dq, mask=in_m[:, None] & (offs_d[None, :] < HEAD_DIM))
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    # pointers
+    Q, K, V, M, Seed, DO, Lse, Delta, DQ, DK, DV,
+    # strides
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    # sizes and scalars
+    H, Lq, Lk, sm_scale, qk_scale, cap_scale, softcap2, fill2, dropout_p,
+    # meta
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV of one key tile of one K/V head, summed over every query head of its group.
+
+    With ``ATOMIC_DQ`` it also adds this tile's dQ share into the fp32 buffer ``DQ`` with atomics
+    (fast, not bitwise reproducible); otherwise `_bwd_dq_kernel` computes dQ.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    hkv = pid_bh % (H // GROUPS)
+    b = pid_bh // (H // GROUPS)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kt_ptrs = K + b * stride_kb + hkv * stride_kh + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn
+    vt_ptrs = V + b * stride_vb + hkv * stride_vh + offs_dv[:, None] * stride_vd + cols[None, :] * stride_vn
+    kt = tl.load(kt_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & (cols[None, :] < Lk), other=0.0)
+    vt = tl.load(vt_ptrs, mask=(offs_dv[:, None] < HEAD_DIM_V) & (cols[None, :] < Lk), other=0.0)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+
+    # packed query rows r = row * GROUPS + g; causal: rows < the tile's first key see none of it
+    n_packed = Lq * GROUPS
+    lo = 0
+    mid = 0
+    if IS_CAUSAL:
+        lo = (pid_n * BLOCK_N * GROUPS) // BLOCK_M * BLOCK_M
+        # from here on, every row sees every key of the tile
+        mid = tl.minimum(tl.cdiv((pid_n * BLOCK_N + BLOCK_N - 1) * GROUPS + GROUPS, BLOCK_M) * BLOCK_M, n_packed)
+        mid = tl.maximum(mid, lo)
+    for start_m in range(lo, mid, BLOCK_M):
+        dk, dv = _dkdv_step(dk, dv, kt, vt, Q, DO, Lse, Delta, DQ, M, seed, b, hkv, cols, offs_d, offs_dv, start_m,
+                            stride_qb, stride_qh, stride_qm, stride_qd, stride_mb, stride_mh, stride_mm, stride_mn,
+                            stride_dob, stride_doh, stride_dom, stride_dod,
+                            stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                            H, Lq, Lk, sm_scale, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
+                            GROUPS, HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT,
+                            True, not EVEN_M, not EVEN_N, ATOMIC_DQ, PRECISION)
+    for start_m in range(mid, n_packed, BLOCK_M):
+        dk, dv = _dkdv_step(dk, dv, kt, vt, Q, DO, Lse, Delta, DQ, M, seed, b, hkv, cols, offs_d, offs_dv, start_m,
+                            stride_qb, stride_qh, stride_qm, stride_qd, stride_mb, stride_mh, stride_mm, stride_mn,
+                            stride_dob, stride_doh, stride_dom, stride_dod,
+                            stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                            H, Lq, Lk, sm_scale, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
+                            GROUPS, HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT,
+                            False, not EVEN_M, not EVEN_N, ATOMIC_DQ, PRECISION)
+    dk *= sm_scale
+    tl.store(DK + b * stride_dkb + hkv * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=(cols[:, None] < Lk) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DV + b * stride_dvb + hkv * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=(cols[:, None] < Lk) & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, delta, K, V, M, DM, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
+             stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
+             Lq, Lk, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
+             HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+             HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr,
+             CHECK_N: tl.constexpr, MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr):
+    cols = start_n + tl.arange(0, BLOCK_N)
+    kt = tl.load(K + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn,
+                 mask=(offs_d[:, None] < HEAD_DIM) & (cols[None, :] < Lk), other=0.0)
+    vt = tl.load(V + offs_dv[:, None] * stride_vd + cols[None, :] * stride_vn,
+                 mask=(offs_dv[:, None] < HEAD_DIM_V) & (cols[None, :] < Lk), other=0.0)
+    _, ds, dqk = _bwd_tile_grads(q, do, kt, vt, lse, delta, rows, heads, bh, cols, b, M, seed,
+                                 stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale,
+                                 softcap2, fill2, dropout_p, inv_keep, MASK_KIND, HAS_SOFTCAP,
+                                 HAS_DROPOUT, CAUSAL, CHECK_M, CHECK_N, PRECISION)
+    if MASK_GRAD:
+        tl.store(DM + (bh[:, None] * Lq + rows[:, None]) * Lk + cols[None, :], ds,
+                 mask=(rows[:, None] < Lq) & (cols[None, :] < Lk))
+    return dq + tl.dot(dqk.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    # pointers
+    Q, K, V, M, Seed, DO, Lse, Delta, DQ, DM,
+    # strides
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    # sizes and scalars
+    H, Lq, Lk, sm_scale, qk_scale, cap_scale, softcap2, fill2, dropout_p,
+    # meta
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr, MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ of BLOCK_M packed query rows (no atomics); with ``MASK_GRAD`` also dS into DM (B, H, Lq, Lk) fp32,
+    which the launcher zero-fills (causal programs skip the keys right of the diagonal)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    hkv = pid_bh % (H // GROUPS)
+    b = pid_bh // (H // GROUPS)
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = r // GROUPS
+    heads = hkv * GROUPS + r % GROUPS
+    bh = b * H + heads
+    in_m = rows < Lq
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + rows[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=in_m[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(DO + b * stride_dob + heads[:, None] * stride_doh + rows[:, None] * stride_dom
+                 + offs_dv[None, :] * stride_dod, mask=in_m[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    lse = tl.load(Lse + bh * Lq + rows, mask=in_m, other=float("inf"))
+    delta = tl.load(Delta + bh * Lq + rows, mask=in_m, other=0.0)
+    K += b * stride_kb + hkv * stride_kh
+    V += b * stride_vb + hkv * stride_vh
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    inv_keep = 1.0 / (1.0 - dropout_p)
+
+    hi = Lk
+    mid = Lk // BLOCK_N * BLOCK_N
+    if IS_CAUSAL:
+        row_lo = (pid_m * BLOCK_M) // GROUPS
+        row_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUPS, Lq - 1)
+        hi = tl.minimum(hi, row_hi + 1)
+        mid = tl.minimum(mid, (row_lo + 1) // BLOCK_N * BLOCK_N)
+    mid = tl.minimum(mid, hi)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, mid, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse, delta, K, V, M, DM, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
+                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
+                      Lq, Lk, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
+                      HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT, False, not EVEN_M,
+                      False, MASK_GRAD, PRECISION)
+    for start_n in range(mid, hi, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse, delta, K, V, M, DM, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
+                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
+                      Lq, Lk, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
+                      HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT, IS_CAUSAL, not EVEN_M,
+                      not EVEN_N, MASK_GRAD, PRECISION)
+    dq *= sm_scale
+    tl.store(DQ + b * stride_dqb + heads[:, None] * stride_dqh + rows[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=in_m[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# --------------------------------------------------------------------------------------------- launcher
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """One launch configuration; ``block_m`` counts packed (row, head-in-group) pairs."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Candidates are data: every (tile, warps, stages) combination, filtered per device and head dim by `keep`.
+CONFIGS = [TileConfig(m, n, 8 if m == 128 else 4, s) for m in (128, 64, 16) for n in (128, 64, 32) for s in (2, 3)
+           if not (m == 16 and n == 32)]
+_REGS_PER_THREAD = 160  # fp32 accumulator + score tile values per thread a config may hold (of 255)
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def smem_bytes(cfg: TileConfig, kind: str, head_dim: int, head_dim_v: int, elem: int) -> int:
+    """Shared memory a config needs (an upper estimate; the AOT-compile tests check it against Triton's)."""
+    d, dv = _pow2(head_dim), _pow2(head_dim_v)
+    if kind == "fwd":  # Q resident, K/V tiles multi-buffered, P staged for the second dot
+        return (cfg.block_m * d + cfg.num_stages * cfg.block_n * (d + dv) + cfg.block_m * cfg.block_n) * elem
+    # backward: K/V (or Q/dO) resident, the other pair multi-buffered, dS/P staged for the transposed dots
+    return ((cfg.block_n * (d + dv) + cfg.num_stages * cfg.block_m * (d + dv)) * elem
+            + 2 * cfg.block_m * cfg.block_n * 4)
+
+
+def keep(cfg: TileConfig, kind: str, head_dim: int, head_dim_v: int, elem: int, spec: DeviceSpec) -> bool:
+    """Whether ``cfg`` fits the device's shared memory and a sane register budget."""
+    d, dv = _pow2(head_dim), _pow2(head_dim_v)
+    acc = cfg.block_m * dv if kind == "fwd" else cfg.block_n * (d + dv)
+    regs = (acc + 2 * cfg.block_m * cfg.block_n) / (32 * cfg.num_warps)
+    return smem_bytes(cfg, kind, head_dim, head_dim_v, elem) <= spec.sram_per_sm and regs <= _REGS_PER_THREAD
+
+
+def estimate_s(cfg: TileConfig, kind: str, rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_v: int,
+               elem: int, spec: DeviceSpec, splits: int = 1) -> float:
+    """Roofline time of one launch: padded tile FLOPs vs HBM bytes (K/V re-read per query tile, or Q/dO per
+    key tile), stretched by wave quantization over the SMs at the occupancy shared memory allows."""
+    d, dv = _pow2(head_dim), _pow2(head_dim_v)
+    m_tiles, n_tiles = triton.cdiv(rows, cfg.block_m), triton.cdiv(kv_len, cfg.block_n)
+    flops = 2.0 * bh_kv * m_tiles * cfg.block_m * n_tiles * cfg.block_n * (d + dv) * (2.5 if kind == "bwd" else 1)
+    reread = m_tiles if kind == "fwd" else n_tiles
+    other = kv_len if kind == "fwd" else rows
+    nbytes = bh_kv * (reread * other * (d + dv) + rows * (d + dv)) * elem
+    # small tiles under-use the tensor cores
+    eff = min(1.0, cfg.block_m / 128) ** 0.5 * min(1.0, cfg.block_n / 64) ** 0.5
+    programs = (m_tiles * splits if kind == "fwd" else n_tiles) * bh_kv
+    per_sm = max(1, min(spec.sram_per_sm // smem_bytes(cfg, kind, head_dim, head_dim_v, elem), 16 // cfg.num_warps))
+    slots = spec.sms * per_sm
+    waves = math.ceil(programs / slots) * slots / programs
+    return max(flops / (spec.flops * eff), nbytes / spec.hbm_bytes_per_s) * waves
+
+
+def pick(kind: str, rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_v: int, elem: int,
+         spec: DeviceSpec) -> TileConfig:
+    """The kept config with the lowest `estimate_s` (ties: earlier in `CONFIGS`)."""
+    kept = [c for c in CONFIGS if keep(c, kind, head_dim, head_dim_v, elem, spec)]
+    if not kept:
+        raise ValueError(f"attnfuse flash: no tile config fits head_dim={head_dim} in {spec.name}'s "
+                         f"{spec.sram_per_sm} bytes of shared memory")
+    return min(kept, key=lambda c: estimate_s(c, kind, rows, kv_len, bh_kv, head_dim, head_dim_v, elem, spec))
+
+
+def num_splits(cfg: TileConfig, rows: int, kv_len: int, bh_kv: int, spec: DeviceSpec) -> int:
+    """Key splits for the forward (flash-decoding): enough programs to fill the SMs when the query side
+    alone cannot, each split keeping at least two key tiles."""
+    programs = triton.cdiv(rows, cfg.block_m) * bh_kv
+    if programs >= spec.sms:
+        return 1
+    return max(1, min(triton.cdiv(spec.sms, programs), kv_len // (2 * cfg.block_n), 64))
+
+
+def _spec_for(t: torch.Tensor) -> DeviceSpec:
+    if t.is_cuda:
+        return DeviceSpec.detect()
+    return PRESETS["cpu"]  # the interpreter: any tile fits, few programs are fastest
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels on the CPU (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None when these tensors can run the Triton kernel here, else why not (one sentence)."""
+    if not (q.is_cuda or (q.device.type == "cpu" and interpreting())):
+        return f"the Triton kernel runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), not {q.device.type}"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton kernel takes float16, bfloat16 or float32, not {q.dtype}"
+    if max(q.shape[-1], v.shape[-1]) > 256:
+        return f"the Triton kernel takes head dims up to 256, not {max(q.shape[-1], v.shape[-1])}"
+    return None
+
+
+def _launch(kernel):
+    # wrap_triton makes the launch traceable by torch.compile; interpreted kernels launch directly
+    if isinstance(kernel, triton.runtime.jit.JITFunction):
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def _mask_args(mask, q, b, h, lq, lk):
+    """(mask tensor or q as a dummy pointer, its 4 broadcast strides, MASK_KIND)."""
+    if mask is None:
+        return q, (0, 0, 0, 0), MASK_NONE
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    m = m.expand(b, h, lq, lk)  # a view: broadcast dims get stride 0, nothing is copied
+    return m, tuple(m.stride()), MASK_BOOL if mask.dtype == torch.bool else MASK_BIAS
+
+
+def _scalars(q, scale, softcap, mask_fill):
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    cap_scale = 2.0 * sm_scale / softcap * _LOG2E if softcap else 0.0
+    fill2 = _LOG2E * (float("-inf") if mask_fill is None else float(mask_fill))
+    fill2 = max(fill2, -_FLT_MAX) if fill2 != float("-inf") else fill2  # finfo.min * log2(e) must stay finite
+    return sm_scale, sm_scale * _LOG2E, cap_scale, softcap * _LOG2E, fill2
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0, dropout_p=0.0,
+            mask_fill=None, config: TileConfig | None = None, splits: int | None = None):
+    """(out, lse): out is (B, H, Lq, Dv) laid out as (B, Lq, H, Dv); lse is (B, H, Lq) fp32 in log2 units."""
+    b, h, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    groups = h // hkv
+    elem = q.element_size()
+    rows = lq * groups
+    spec = _spec_for(q)
+    cfg = config or pick("fwd", rows, lk, b * hkv, d, dv, elem, spec)
+    n_split = splits or num_splits(cfg, rows, lk, b * hkv, spec)
+    split_len = triton.cdiv(triton.cdiv(lk, n_split), cfg.block_n) * cfg.block_n
+    n_split = max(1, triton.cdiv(lk, split_len))
+    m, m_strides, mask_kind = _mask_args(mask, q, b, h, lq, lk)
+    _, qk_scale, cap_scale, softcap2, fill2 = _scalars(q, scale, softcap, mask_fill)
+    out = q.new_empty(b, lq, h, dv).transpose(1, 2)
+    lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+    if n_split > 1:
+        part = torch.empty(n_split, b, h, lq, dv, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(n_split, b, h, lq, dtype=torch.float32, device=q.device)
+        dst, dst_lse, o_strides, ls = part, part_lse, part.stride(), part_lse.stride(0)
+    else:
+        dst, dst_lse, o_strides, ls = out, lse, (0, *out.stride()), 0
+    bd, bdv = _pow2(d), _pow2(dv)
+    grid = (triton.cdiv(rows, cfg.block_m), b * hkv, n_split)
+    _launch(_fwd_kernel)[grid](
+        q, k, v, m, q if seed is None else seed, dst, dst_lse,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *o_strides, ls,
+        h, lq, lk, split_len, qk_scale, cap_scale, softcap2, fill2, float(dropout_p),
+        GROUPS=groups, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, IS_CAUSAL=causal, MASK_KIND=mask_kind, HAS_SOFTCAP=bool(softcap),
+        HAS_DROPOUT=dropout_p > 0, EVEN_M=rows % cfg.block_m == 0, EVEN_N=lk % cfg.block_n == 0,
+        EVEN_D=(d == bd and dv == bdv), PRECISION=_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if n_split > 1:
+        _launch(_combine_kernel)[(b * h * lq,)](
+            part, part_lse, out, lse, *out.stride(), h, lq, b * h * lq, n_split,
+            HEAD_DIM_V=dv, BLOCK_DV=bdv, BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=4)
+    return out, lse
+
+
+def backward(grad_out, q, k, v, out, lse, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0,
+             dropout_p=0.0, mask_fill=None, mask_grad=False, deterministic=False,
+             config: TileConfig | None = None):
+    """(dq, dk, dv, dmask or None).  ``deterministic`` computes dQ in its own pass instead of fp32 atomics."""
+    b, h, lq, d = q.shape
+    hkv, lk, dv_ = k.shape[1], k.shape[2], v.shape[-1]
+    groups = h // hkv
+    elem = q.element_size()
+    rows = lq * groups
+    spec = _spec_for(q)
+    cfg = config or pick("bwd", rows, lk, b * hkv, d, dv_, elem, spec)
+    m, m_strides, mask_kind = _mask_args(mask, q, b, h, lq, lk)
+    sm_scale, qk_scale, cap_scale, softcap2, fill2 = _scalars(q, scale, softcap, mask_fill)
+    bd, bdv = _pow2(d), _pow2(dv_)
+    delta = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+    _launch(_bwd_preprocess)[(triton.cdiv(lq, 64), b * h)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), h, lq,
+        HEAD_DIM_V=dv_, BLOCK_DV=bdv, BLOCK_M=64, num_warps=4)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    separate_dq = deterministic or mask_grad
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if separate_dq else torch.zeros(
+        q.shape, dtype=torch.float32, device=q.device)
+    common = dict(GROUPS=groups, HEAD_DIM=d, HEAD_DIM_V=dv_, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=cfg.block_m,
+                  BLOCK_N=cfg.block_n, IS_CAUSAL=causal, MASK_KIND=mask_kind, HAS_SOFTCAP=bool(softcap),
+                  HAS_DROPOUT=dropout_p > 0, EVEN_M=rows % cfg.block_m == 0, EVEN_N=lk % cfg.block_n == 0,
+                  PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    sd = q if seed is None else seed
+    scalars = (h, lq, lk, sm_scale, qk_scale, cap_scale, softcap2, fill2, float(dropout_p))
+    _launch(_bwd_dkdv_kernel)[(triton.cdiv(lk, cfg.block_n), b * hkv)](
+        q, k, v, m, sd, grad_out, lse, delta, dq, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *grad_out.stride(), *dq.stride(), *dk.stride(),
+        *dv.stride(), *scalars, ATOMIC_DQ=not separate_dq, **common)
+    dm = None
+    if separate_dq:
+        dm = torch.zeros(b, h, lq, lk, dtype=torch.float32, device=q.device) if mask_grad else q
+        _launch(_bwd_dq_kernel)[(triton.cdiv(rows, cfg.block_m), b * hkv)](
+            q, k, v, m, sd, grad_out, lse, delta, dq, dm,
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *grad_out.stride(), *dq.stride(),
+            *scalars, MASK_GRAD=mask_grad, **common)
+        dm = sum_to(dm, mask.shape).to(mask.dtype) if mask_grad else None
+    else:
+        dq = dq.to(q.dtype)
+    return dq, dk, dv, dm
+
+
+class _Flash(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, seed, kwargs, deterministic, config):
+        out, lse = forward(q, k, v, mask, seed, config=config, **kwargs)
+        ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+        ctx.kwargs, ctx.deterministic, ctx.config = kwargs, deterministic, config
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, mask, seed = ctx.saved_tensors
+        mask_grad = mask is not None and ctx.needs_input_grad[3]
+        kwargs = {key: val for key, val in ctx.kwargs.items() if key != "splits"}
+        dq, dk, dv, dm = backward(grad, q, k, v, out, lse, mask, seed, mask_grad=mask_grad,
+                                  deterministic=ctx.deterministic, config=ctx.config, **kwargs)
+        return dq, dk, dv, dm, None, None, None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
+              scale: float | None = None, causal: bool = False, softcap: float = 0.0, dropout_p: float = 0.0,
+              seed: int | torch.Tensor | None = None, mask_fill: float | None = None,
+              deterministic: bool | None = None, config: TileConfig | None = None,
+              splits: int | None = None) -> torch.Tensor:
+    """FlashAttention on ``(batch, heads, seqlen, head_dim)`` tensors, with autograd.
+
+    K/V may have fewer heads (GQA/MQA: ``kv_groups = heads // kv_heads``).  ``mask`` broadcasts to
+    ``(batch, heads, q_len, kv_len)``: bool keeps True (others become ``mask_fill``, default -inf),
+    float is added to the scores (and gets a gradient if it requires one).  ``seed`` seeds dropout
+    (default: drawn from torch's generator).  ``deterministic`` (default: torch's
+    ``are_deterministic_algorithms_enabled()``) avoids atomics in the backward.  ``config``/``splits``
+    override the tile choice and the number of key splits.  Runs on CUDA tensors, or on CPU ones under
+    ``TRITON_INTERPRET=1``.
+    """
+    why = supported(q, k, v)
+    if why:
+        raise ValueError(f"attnfuse.kernels.flash.attention: {why}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("attnfuse.kernels.flash.attention: q, k, v must be 4-D (batch, heads, seqlen, head_dim)")
+    if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"attnfuse.kernels.flash.attention: need q heads divisible by k heads, equal k/v heads "
+                         f"and equal q/k head dims; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attnfuse.kernels.flash.attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attnfuse.kernels.flash.attention: dropout_p must be in [0, 1); got {dropout_p}")
+    if dropout_p > 0 and not isinstance(seed, torch.Tensor):
+        seed = torch.tensor(int(torch.randint(0, 2**62, ())) if seed is None else seed, dtype=torch.int64)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(device=q.device, dtype=torch.int64).reshape(())
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    kwargs = dict(scale=scale, causal=causal, softcap=softcap, dropout_p=dropout_p, mask_fill=mask_fill,
+                  splits=splits)
+    return _Flash.apply(q, k, v, mask, seed, kwargs, deterministic, config)
