@@ -18,7 +18,9 @@ demo: $(BIN)/.ready
 
 test: $(BIN)/.ready
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests --ignore=tests/interpret
+	# the Triton kernels on the CPU: their own tests, the model tests and the matcher tests through them
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests/interpret tests/passes/test_match.py
 
 bench: $(BIN)/.ready
 	$(BIN)/python benchmarks/bench_models.py

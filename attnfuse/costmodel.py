@@ -2,10 +2,10 @@
 
 This is the first cut of the cost model: a roofline estimate (max of compute
 time and HBM time) for the exact fused kernel and for the unfused eager graph
-it replaces, plus the tile choice for the fused kernel from the device's
-shared memory per SM.  Approximate families and their calibration come with
-the cost-model issue; until then they are listed as candidates with the
-reason they were not chosen.
+it replaces, plus the flash kernel's tile choice, which `attnfuse.kernels.flash`
+makes from the device's shared memory and SM count (its `keep` and `pick`).
+Approximate families and their calibration come with the cost-model issue;
+until then they are listed as candidates with the reason they were not chosen.
 """
 
 from __future__ import annotations
@@ -47,23 +47,6 @@ PRESETS: dict[str, DeviceSpec] = {
     "a100": DeviceSpec("a100", 163 * 1024, 108, 40 * 2**20, 2.0e12, 312e12),
     "cpu": DeviceSpec("cpu", 1 * 2**20, 1, 32 * 2**20, 20e9, 100e9),
 }
-
-# Tile candidates for the flash kernel, filtered by the SRAM they need.
-_TILES = [(m, n) for m in (128, 64, 32) for n in (128, 64, 32) if n <= m]
-
-
-def _tile_smem(block_m: int, block_n: int, head_dim: int, elem: int, stages: int = 2) -> int:
-    # Q tile stays resident; K and V tiles are multi-buffered.
-    return (block_m * head_dim + stages * 2 * block_n * head_dim) * elem
-
-
-def choose_tiles(head_dim: int, elem: int, device: DeviceSpec) -> dict[str, int]:
-    """The largest (BLOCK_M, BLOCK_N) whose shared memory fits the device."""
-    for block_m, block_n in _TILES:
-        if _tile_smem(block_m, block_n, head_dim, elem) <= device.sram_per_sm:
-            return {"BLOCK_M": block_m, "BLOCK_N": block_n}
-    return {"BLOCK_M": 16, "BLOCK_N": 16}
-
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -115,4 +98,14 @@ def plan(shape: dict[str, Any], device: DeviceSpec, kernels: tuple[str, ...], ex
     if "flash" not in kernels:
         fused["rejected"] = "'flash' is not in options['kernels']"
         return Plan("eager", {}, candidates)
-    return Plan("flash", choose_tiles(max(d, dv), elem, device), candidates)
+    return Plan("flash", flash_config(shape, device), candidates)
+
+
+def flash_config(shape: dict[str, Any], device: DeviceSpec) -> dict[str, int]:
+    """The forward tile config the flash launcher picks for this shape on ``device`` (its `pick`)."""
+    from .kernels import flash  # imports Triton; the launcher imports this module
+
+    groups = shape["heads"] // shape["kv_heads"]
+    cfg = flash.pick("fwd", shape["q_len"] * groups, shape["kv_len"], shape["batch"] * shape["kv_heads"],
+                     shape["head_dim"], shape["v_head_dim"], shape["elem"], device)
+    return {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}

@@ -8,9 +8,9 @@ heads.  ``mask`` broadcasts to ``(batch, heads, q_len, kv_len)``: bool means
 "True = attend" (masked scores become ``mask_fill``), float is an additive
 bias and gets a gradient when it requires one.  ``mask_fill=None`` means -inf.  ``seed`` (int64 tensor) seeds
 the dropout mask.  The exact semantics are in `attnfuse.kernels.reference`.
-``out`` is ``(B, H, Lq, Dv)``; ``lse`` is the row log-sum-exp (base 2, fp32,
-``(B, H, Lq)``) that the flash backward needs, or an empty tensor on the paths
-whose backward recomputes it.  `attend` returns ``out`` alone.
+``out`` is ``(B, H, Lq, Dv)``; ``lse`` holds the softmax row statistics the flash
+backward needs (fp32 ``(B, H, Lq, 2)``: row max and log2 of the row sum, base 2),
+or is empty on the paths whose backward recomputes them.  `attend` returns ``out`` alone.
 
 Device dispatch:
 
@@ -112,8 +112,7 @@ def _in_output_layout(out: torch.Tensor) -> torch.Tensor:
     return out.new_empty(b, lq, h, dv).transpose(1, 2).copy_(out)
 
 
-@torch.library.custom_op("attnfuse::attention", mutates_args=())
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               seed: torch.Tensor | None = None, *, scale: float | None = None, causal: bool = False,
               softcap: float = 0.0, kv_groups: int = 1, dropout_p: float = 0.0,
               mask_fill: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +121,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return flash.forward(q, k, v, mask, _seed_on(seed, q), scale=scale, causal=causal, softcap=softcap,
                              dropout_p=dropout_p, mask_fill=mask_fill)
     return _cpu_forward(q, k, v, mask, seed, scale, causal, softcap, kv_groups, dropout_p, mask_fill), _no_lse(q)
+
+
+attention = torch.library.custom_op("attnfuse::attention", mutates_args=())(_attention)
 
 
 def _cpu_forward(q, k, v, mask, seed, scale, causal, softcap, kv_groups, dropout_p, mask_fill):
@@ -143,8 +145,23 @@ def _cpu_forward(q, k, v, mask, seed, scale, causal, softcap, kv_groups, dropout
 def _(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0, kv_groups=1, dropout_p=0.0,
       mask_fill=None):
     if _use_flash(q, k, v):
-        return output_like(q, v), q.new_empty(q.shape[:3], dtype=torch.float32)
+        return output_like(q, v), q.new_empty(*q.shape[:3], 2, dtype=torch.float32)
     return output_like(q, v), _no_lse(q)
+
+
+def _traceable_cuda(mode, op, types, args, kwargs):
+    """Under ``FunctionalTensorMode`` (AOTAutograd), run the CUDA implementation itself so that its
+    Triton launches are traced (``wrap_triton``) and Inductor sees the kernels; elsewhere (CPU,
+    ``torch.export``) the op stays one opaque node.  This is what ``torch.library.triton_op`` does,
+    for the CUDA path only."""
+    from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+    plain = (torch.Tensor, torch._subclasses.FakeTensor, torch._subclasses.functional_tensor.FunctionalTensor)
+    if (custom_triton_ops_decomposition_disabled() or any(not issubclass(t, plain) for t in types)
+            or not args[0].is_cuda or not (args[5].numel() if op is _BWD else _use_flash(*args[:3]))):
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+    with mode:
+        return _IMPLS[op](*args, **kwargs)
 
 
 def _use_flash(q, k, v) -> bool:
@@ -160,8 +177,7 @@ def _seed_on(seed, q):
     return None if seed is None else seed.to(device=q.device, dtype=torch.int64).reshape(())
 
 
-@torch.library.custom_op("attnfuse::attention_backward", mutates_args=())
-def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, seed: torch.Tensor | None,
                        *, scale: float | None, causal: bool, softcap: float, kv_groups: int, dropout_p: float,
                        mask_fill: float | None, mask_grad: bool) -> list[torch.Tensor]:
@@ -181,6 +197,9 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         mask_fill=_NEG_INF if mask_fill is None else mask_fill, mask_grad=mask_grad)
     # contiguous, as the fake impl promises (the K/V head reduction of GQA makes new tensors anyway)
     return [dq.contiguous(), dk.contiguous(), dv.contiguous(), dm.contiguous() if dm is not None else q.new_empty(0)]
+
+
+attention_backward = torch.library.custom_op("attnfuse::attention_backward", mutates_args=())(_attention_backward)
 
 
 @attention_backward.register_fake
@@ -204,6 +223,10 @@ def _backward(ctx, grad, _grad_lse):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+_BWD = torch.ops.attnfuse.attention_backward.default
+_IMPLS = {torch.ops.attnfuse.attention.default: _attention, _BWD: _attention_backward}
+for _op in (attention, attention_backward):
+    _op.register_torch_dispatch(torch._subclasses.functional_tensor.FunctionalTensorMode, _traceable_cuda)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,

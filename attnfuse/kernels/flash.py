@@ -46,10 +46,26 @@ from .reference import sum_to
 
 _LOG2E = 1.4426950408889634
 _FLT_MAX = 3.4028234663852886e38
-MASK_NONE, MASK_BIAS, MASK_BOOL = 0, 1, 2
+# MASK_KIND: no mask, additive bias, bool mask filled with -inf, bool mask with a finite fill.  The fill
+# is a constexpr choice rather than a -inf scalar argument so that a traced launch never carries an inf.
+MASK_NONE, MASK_BIAS, MASK_BOOL, MASK_BOOL_FILL = 0, 1, 2, 3
 
 
 # --------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tanh(y):
+    """tanh(y * log2(e) / 2), to about an ulp, from plain Triton ops (same code compiled and interpreted).
+
+    A Taylor polynomial near 0, where 1 - 2 / (e^2x + 1) cancels; that formula elsewhere, with exact
+    limits at +-inf.
+    """
+    x = y * 0.34657359027997264  # ln(2) / 2
+    x2 = x * x
+    poly = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.05396825396825397 + x2 * (
+        0.021869488536155203 + x2 * (-0.008863235529902197 + x2 * 0.003592128036572481))))))
+    return tl.where(tl.abs(x) < 0.4, poly, 1.0 - 2.0 / (tl.exp2(y) + 1.0))
 
 
 @triton.jit
@@ -60,12 +76,11 @@ def _scores(q, kt, rows, heads, cols, b, M, stride_mb, stride_mh, stride_mm, str
     """Scores of one tile in the log2 domain, and tanh(s / softcap) for the softcap backward.
 
     ``qk_scale = scale * log2(e)``; with softcap, ``cap_scale = 2 * scale / softcap * log2(e)`` and
-    ``softcap2 = softcap * log2(e)``; ``fill2`` is the bool-mask fill in the log2 domain.
+    ``softcap2 = softcap * log2(e)``; ``fill2`` is the finite bool-mask fill (MASK_KIND 3) in the log2 domain.
     """
     qk = tl.dot(q, kt, input_precision=PRECISION)
     if HAS_SOFTCAP:
-        # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no libdevice needed
-        t = 1.0 - 2.0 / (tl.exp2(qk * cap_scale) + 1.0)
+        t = _tanh(qk * cap_scale)
         s = t * softcap2
     else:
         t = qk
@@ -78,7 +93,11 @@ def _scores(q, kt, rows, heads, cols, b, M, stride_mb, stride_mh, stride_mm, str
         else:
             mv = tl.load(m_ptrs)
         if MASK_KIND == 1:
-            s += mv.to(tl.float32) * 1.4426950408889634
+            # finfo.min * log2(e) would overflow to -inf and turn eager's uniform rows into NaN rows
+            bias = mv.to(tl.float32)
+            s += tl.where(bias == float("-inf"), bias, tl.maximum(bias * 1.4426950408889634, -3.4028234663852886e38))
+        elif MASK_KIND == 2:
+            s = tl.where(mv != 0, s, float("-inf"))
         else:
             s = tl.where(mv != 0, s, fill2)
     if CAUSAL:
@@ -129,7 +148,7 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, M, seed, b, rows, heads, bh, offs_d, offs_
 @triton.jit
 def _fwd_kernel(
     # pointers
-    Q, K, V, M, Seed, Out, Lse,
+    Q, K, V, M, Seed, VBad, Out, Lse,
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -180,7 +199,9 @@ def _fwd_kernel(
     if IS_CAUSAL:
         row_lo = (pid_m * BLOCK_M) // GROUPS
         row_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUPS, Lq - 1)
-        hi = tl.minimum(hi, row_hi + 1)
+        # eager multiplies V by 0 right of the diagonal: a NaN/Inf there (VBad) must reach the output,
+        # so such a V keeps those tiles (masked) instead of skipping them
+        hi = tl.where(tl.load(VBad) != 0, hi, tl.minimum(hi, row_hi + 1))
         full_end = tl.minimum(full_end, (row_lo + 1) // BLOCK_N * BLOCK_N)
     mid = tl.maximum(lo, tl.minimum(hi, full_end))
 
@@ -200,20 +221,26 @@ def _fwd_kernel(
                                   HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT,
                                   IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
 
-    # 0 / 0 = NaN for rows whose scores are all -inf, as eager softmax
+    # 0 / 0 = NaN for rows whose scores are all -inf, as eager softmax; a split partial with no live key
+    # stays acc (0, or NaN from 0 * NaN in V) so that the combine can weight it 0 and still see V's NaN
     out = acc / l_i[:, None]
-    lse = m_i + tl.log2(l_i)
+    if stride_ls != 0:
+        out = tl.where(l_i[:, None] == 0, acc, out)
     o_ptrs = (Out + split * stride_os + b * stride_ob + heads[:, None] * stride_oh + rows[:, None] * stride_om
               + offs_dv[None, :] * stride_od)
-    lse_ptrs = Lse + split * stride_ls + bh * Lq + rows
+    # row statistics (max, log2 of the sum), not their sum: for rows whose scores are all a huge finite
+    # fill (finfo.min), m + log2(l) would round to m and the backward's probabilities would be wrong
+    lse_ptrs = Lse + split * stride_ls + (bh * Lq + rows) * 2
     if EVEN_M and EVEN_D:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty))
     else:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V))
     if EVEN_M:
-        tl.store(lse_ptrs, lse)
+        tl.store(lse_ptrs, m_i)
+        tl.store(lse_ptrs + 1, tl.log2(l_i))
     else:
-        tl.store(lse_ptrs, lse, mask=rows < Lq)
+        tl.store(lse_ptrs, m_i, mask=rows < Lq)
+        tl.store(lse_ptrs + 1, tl.log2(l_i), mask=rows < Lq)
 
 
 @triton.jit
@@ -227,25 +254,26 @@ def _combine_kernel(
     # meta
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Merge split-K partials of one (batch*head, row): weights exp2(lse_s - lse)."""
+    """Merge split-K partials of one (batch*head, row), each weighted by its share of the row's sum."""
     pid = tl.program_id(0)  # over batch*heads*rows
     row = pid % Lq
     bh = pid // Lq
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
-    lse_s = tl.load(PartLse + offs_s * n_rows + pid, mask=offs_s < splits, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    w = tl.exp2(lse_s - m)  # all -inf (fully masked row): NaN, as eager
+    m_s = tl.load(PartLse + (offs_s * n_rows + pid) * 2, mask=offs_s < splits, other=float("-inf"))
+    ll_s = tl.load(PartLse + (offs_s * n_rows + pid) * 2 + 1, mask=offs_s < splits, other=float("-inf"))
+    m = tl.max(m_s, 0)
+    w = tl.exp2((m_s - m) + ll_s)  # all -inf (fully masked row): NaN, as eager
     part = tl.load(Part + (offs_s[:, None] * n_rows + pid) * HEAD_DIM_V + offs_dv[None, :],
                    mask=(offs_s[:, None] < splits) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    part = tl.where(lse_s[:, None] == float("-inf"), 0.0, part)  # empty splits hold 0/0
     total = tl.sum(w, 0)
     out = tl.sum(part * w[:, None], 0) / total
     b = bh // H
     h = bh % H
     tl.store(Out + b * stride_ob + h * stride_oh + row * stride_om + offs_dv * stride_od,
              out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
-    tl.store(Lse + pid, m + tl.log2(total))
+    tl.store(Lse + pid * 2, m)
+    tl.store(Lse + pid * 2 + 1, tl.log2(total))
 
 
 @triton.jit
@@ -271,7 +299,7 @@ def _bwd_preprocess(
 
 
 @triton.jit
-def _bwd_tile_grads(q, do, kt, vt, lse, delta, rows, heads, bh, cols, b, M, seed,
+def _bwd_tile_grads(q, do, kt, vt, m_row, ll_row, delta, rows, heads, bh, cols, b, M, seed,
                     stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk,
                     qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
                     MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -279,7 +307,7 @@ def _bwd_tile_grads(q, do, kt, vt, lse, delta, rows, heads, bh, cols, b, M, seed
     """Recompute one tile: (p after dropout, dS w.r.t. the final scores, dS w.r.t. q·k) in fp32."""
     s, t = _scores(q, kt, rows, heads, cols, b, M, stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk,
                    qk_scale, cap_scale, softcap2, fill2, MASK_KIND, HAS_SOFTCAP, CAUSAL, CHECK_M, CHECK_N, PRECISION)
-    p = tl.exp2(s - lse[:, None])
+    p = tl.exp2((s - m_row[:, None]) - ll_row[:, None])
     dp = tl.dot(do, vt, input_precision=PRECISION)
     if HAS_DROPOUT:
         keep = _keep(seed, bh, rows, cols, Lk, dropout_p)
@@ -288,7 +316,7 @@ def _bwd_tile_grads(q, do, kt, vt, lse, delta, rows, heads, bh, cols, b, M, seed
     else:
         pd = p
     ds = p * (dp - delta[:, None])
-    if MASK_KIND == 2:
+    if MASK_KIND >= 2:
         # masked scores are the constant fill: no gradient (p is not 0 there for a finite fill)
         m_ptrs = M + b * stride_mb + heads[:, None] * stride_mh + rows[:, None] * stride_mm + cols[None, :] * stride_mn
         mv = tl.load(m_ptrs, mask=(rows[:, None] < Lq) & (cols[None, :] < Lk), other=0)
@@ -316,10 +344,11 @@ def _dkdv_step(dk, dv, kt, vt, Q, DO, Lse, Delta, DQ, M, seed, b, hkv, cols, off
                 + offs_d[None, :] * stride_qd, mask=in_m[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     do = tl.load(DO + b * stride_dob + heads[:, None] * stride_doh + rows[:, None] * stride_dom
                  + offs_dv[None, :] * stride_dod, mask=in_m[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    # rows past the end get lse = +inf, so p = 0 there
-    lse = tl.load(Lse + bh * Lq + rows, mask=in_m, other=float("inf"))
+    # rows past the end get m = +inf, so p = 0 there
+    m_row = tl.load(Lse + (bh * Lq + rows) * 2, mask=in_m, other=float("inf"))
+    ll_row = tl.load(Lse + (bh * Lq + rows) * 2 + 1, mask=in_m, other=0.0)
     delta = tl.load(Delta + bh * Lq + rows, mask=in_m, other=0.0)
-    pd, ds, dqk = _bwd_tile_grads(q, do, kt, vt, lse, delta, rows, heads, bh, cols, b, M, seed,
+    pd, ds, dqk = _bwd_tile_grads(q, do, kt, vt, m_row, ll_row, delta, rows, heads, bh, cols, b, M, seed,
                                   stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale,
                                   softcap2, fill2, dropout_p, inv_keep, MASK_KIND, HAS_SOFTCAP,
                                   HAS_DROPOUT, CAUSAL, CHECK_M, CHECK_N, PRECISION)
@@ -409,7 +438,7 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, K, V, M, DM, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
+def _dq_step(dq, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
              stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
              Lq, Lk, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -420,7 +449,7 @@ def _dq_step(dq, q, do, lse, delta, K, V, M, DM, seed, b, rows, heads, bh, offs_
                  mask=(offs_d[:, None] < HEAD_DIM) & (cols[None, :] < Lk), other=0.0)
     vt = tl.load(V + offs_dv[:, None] * stride_vd + cols[None, :] * stride_vn,
                  mask=(offs_dv[:, None] < HEAD_DIM_V) & (cols[None, :] < Lk), other=0.0)
-    _, ds, dqk = _bwd_tile_grads(q, do, kt, vt, lse, delta, rows, heads, bh, cols, b, M, seed,
+    _, ds, dqk = _bwd_tile_grads(q, do, kt, vt, m_row, ll_row, delta, rows, heads, bh, cols, b, M, seed,
                                  stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale,
                                  softcap2, fill2, dropout_p, inv_keep, MASK_KIND, HAS_SOFTCAP,
                                  HAS_DROPOUT, CAUSAL, CHECK_M, CHECK_N, PRECISION)
@@ -466,7 +495,8 @@ def _bwd_dq_kernel(
                 + offs_d[None, :] * stride_qd, mask=in_m[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     do = tl.load(DO + b * stride_dob + heads[:, None] * stride_doh + rows[:, None] * stride_dom
                  + offs_dv[None, :] * stride_dod, mask=in_m[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    lse = tl.load(Lse + bh * Lq + rows, mask=in_m, other=float("inf"))
+    m_row = tl.load(Lse + (bh * Lq + rows) * 2, mask=in_m, other=float("inf"))
+    ll_row = tl.load(Lse + (bh * Lq + rows) * 2 + 1, mask=in_m, other=0.0)
     delta = tl.load(Delta + bh * Lq + rows, mask=in_m, other=0.0)
     K += b * stride_kb + hkv * stride_kh
     V += b * stride_vb + hkv * stride_vh
@@ -485,13 +515,13 @@ def _bwd_dq_kernel(
     mid = tl.minimum(mid, hi)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, mid, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K, V, M, DM, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
+        dq = _dq_step(dq, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
                       Lq, Lk, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
                       HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT, False, not EVEN_M,
                       False, MASK_GRAD, PRECISION)
     for start_n in range(mid, hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K, V, M, DM, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
+        dq = _dq_step(dq, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
                       Lq, Lk, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
                       HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT, IS_CAUSAL, not EVEN_M,
@@ -515,9 +545,10 @@ class TileConfig:
     num_stages: int
 
 
-# Candidates are data: every (tile, warps, stages) combination, filtered per device and head dim by `keep`.
+# Candidates are data: every (tile, warps, stages) combination, filtered per device and head dim by `keep`; 32x32
+# is the one backward tile that fits head dim 256 in an A100's shared memory.
 CONFIGS = [TileConfig(m, n, 8 if m == 128 else 4, s) for m in (128, 64, 16) for n in (128, 64, 32) for s in (2, 3)
-           if not (m == 16 and n == 32)]
+           if not (m == 16 and n == 32)] + [TileConfig(32, 32, 4, 2)]
 _REGS_PER_THREAD = 160  # fp32 accumulator + score tile values per thread a config may hold (of 255)
 
 
@@ -525,26 +556,36 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def smem_bytes(cfg: TileConfig, kind: str, head_dim: int, head_dim_v: int, elem: int) -> int:
-    """Shared memory a config needs (an upper estimate; the AOT-compile tests check it against Triton's)."""
+def smem_bytes(cfg: TileConfig, kind: str, head_dim: int, head_dim_v: int, elem: int, mask_elem: int = 0) -> int:
+    """Shared memory a config needs: an upper bound, for sm_80 and sm_90 and every feature combination, that
+    tests/kernels/test_flash_aot.py checks against what Triton allocates.  ``mask_elem``: the mask's element
+    size (0: no mask); its tiles are pipelined like the loads that feed the dots."""
     d, dv = _pow2(head_dim), _pow2(head_dim_v)
+    bm, bn, stages = cfg.block_m, cfg.block_n, max(2, cfg.num_stages)
+    mask = (stages - 1) * bm * bn * mask_elem
     if kind == "fwd":  # Q resident, K/V tiles multi-buffered, P staged for the second dot
-        return (cfg.block_m * d + cfg.num_stages * cfg.block_n * (d + dv) + cfg.block_m * cfg.block_n) * elem
-    # backward: K/V (or Q/dO) resident, the other pair multi-buffered, dS/P staged for the transposed dots
-    return ((cfg.block_n * (d + dv) + cfg.num_stages * cfg.block_m * (d + dv)) * elem
-            + 2 * cfg.block_m * cfg.block_n * 4)
+        return (bm * d + stages * bn * (d + dv) + bm * bn) * elem + mask
+    # dK/dV: K/V resident, Q/dO and their row statistics multi-buffered, P^T and dS^T staged for the transposed
+    # dots, and a transposed copy of K (mma v2) or an fp32 layout-conversion scratch (wgmma)
+    dkdv = ((bn * (d + dv) + stages * bm * (d + dv) + 2 * bm * bn) * elem + 16 * stages * bm
+            + max(bn * d * elem, 4 * bm * bn))
+    # dQ: Q/dO resident, K/V multi-buffered, dS staged; a bias's gradient adds an fp32 dS conversion scratch
+    dq = (bm * (d + dv) + stages * bn * (d + dv) + bm * bn) * elem + (4 * bm * bn if mask_elem >= 2 else 0)
+    return max(dkdv, dq) + mask
 
 
-def keep(cfg: TileConfig, kind: str, head_dim: int, head_dim_v: int, elem: int, spec: DeviceSpec) -> bool:
+def keep(cfg: TileConfig, kind: str, head_dim: int, head_dim_v: int, elem: int, spec: DeviceSpec,
+         mask_elem: int = 0) -> bool:
     """Whether ``cfg`` fits the device's shared memory and a sane register budget."""
     d, dv = _pow2(head_dim), _pow2(head_dim_v)
     acc = cfg.block_m * dv if kind == "fwd" else cfg.block_n * (d + dv)
     regs = (acc + 2 * cfg.block_m * cfg.block_n) / (32 * cfg.num_warps)
-    return smem_bytes(cfg, kind, head_dim, head_dim_v, elem) <= spec.sram_per_sm and regs <= _REGS_PER_THREAD
+    return (smem_bytes(cfg, kind, head_dim, head_dim_v, elem, mask_elem) <= spec.sram_per_sm
+            and regs <= _REGS_PER_THREAD)
 
 
 def estimate_s(cfg: TileConfig, kind: str, rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_v: int,
-               elem: int, spec: DeviceSpec, splits: int = 1) -> float:
+               elem: int, spec: DeviceSpec, splits: int = 1, mask_elem: int = 0) -> float:
     """Roofline time of one launch: padded tile FLOPs vs HBM bytes (K/V re-read per query tile, or Q/dO per
     key tile), stretched by wave quantization over the SMs at the occupancy shared memory allows."""
     d, dv = _pow2(head_dim), _pow2(head_dim_v)
@@ -556,20 +597,43 @@ def estimate_s(cfg: TileConfig, kind: str, rows: int, kv_len: int, bh_kv: int, h
     # small tiles under-use the tensor cores
     eff = min(1.0, cfg.block_m / 128) ** 0.5 * min(1.0, cfg.block_n / 64) ** 0.5
     programs = (m_tiles * splits if kind == "fwd" else n_tiles) * bh_kv
-    per_sm = max(1, min(spec.sram_per_sm // smem_bytes(cfg, kind, head_dim, head_dim_v, elem), 16 // cfg.num_warps))
+    smem = smem_bytes(cfg, kind, head_dim, head_dim_v, elem, mask_elem)
+    per_sm = max(1, min(spec.sram_per_sm // smem, 16 // cfg.num_warps))
     slots = spec.sms * per_sm
     waves = math.ceil(programs / slots) * slots / programs
     return max(flops / (spec.flops * eff), nbytes / spec.hbm_bytes_per_s) * waves
 
 
+def kept_configs(kind: str, head_dim: int, head_dim_v: int, elem: int, spec: DeviceSpec,
+                 mask_elem: int = 0) -> list[TileConfig]:
+    """The `CONFIGS` that `keep` accepts: every config `pick` can return for these sizes on ``spec``."""
+    return [c for c in CONFIGS if keep(c, kind, head_dim, head_dim_v, elem, spec, mask_elem)]
+
+
 def pick(kind: str, rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_v: int, elem: int,
-         spec: DeviceSpec) -> TileConfig:
-    """The kept config with the lowest `estimate_s` (ties: earlier in `CONFIGS`)."""
-    kept = [c for c in CONFIGS if keep(c, kind, head_dim, head_dim_v, elem, spec)]
+         spec: DeviceSpec, mask_elem: int = 0) -> TileConfig:
+    """The kept config with the lowest `estimate_s` (ties: earlier in `CONFIGS`); ``mask_elem`` is the mask's
+    element size (0: no mask)."""
+    kept = kept_configs(kind, head_dim, head_dim_v, elem, spec, mask_elem)
     if not kept:
         raise ValueError(f"attnfuse flash: no tile config fits head_dim={head_dim} in {spec.name}'s "
                          f"{spec.sram_per_sm} bytes of shared memory")
-    return min(kept, key=lambda c: estimate_s(c, kind, rows, kv_len, bh_kv, head_dim, head_dim_v, elem, spec))
+    return min(kept, key=lambda c: estimate_s(c, kind, rows, kv_len, bh_kv, head_dim, head_dim_v, elem, spec,
+                                              mask_elem=mask_elem))
+
+
+# Shapes `reachable_configs` tries: packed query rows (decode included), key lengths, batch * kv heads.
+_GRID_ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 100, 128, 256, 384, 512, 1000, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+_GRID_KV = (1, 16, 100, 128, 256, 512, 1000, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+_GRID_BH = (1, 2, 4, 8, 12, 16, 32, 40, 64, 96, 128, 132, 256, 512, 1024)
+
+
+def reachable_configs(kind: str, head_dim: int, head_dim_v: int, elem: int, spec: DeviceSpec,
+                      mask_elem: int = 0) -> set[TileConfig]:
+    """The configs `pick` returns over a grid of realistic shapes (rows 1..64k, keys 1..128k, batch * kv heads
+    1..1024): what a device usually runs.  Other shapes can pick any of `kept_configs` (a superset)."""
+    return {pick(kind, r, n, bh, head_dim, head_dim_v, elem, spec, mask_elem)
+            for r in _GRID_ROWS for n in _GRID_KV for bh in _GRID_BH}
 
 
 def num_splits(cfg: TileConfig, rows: int, kv_len: int, bh_kv: int, spec: DeviceSpec) -> int:
@@ -603,6 +667,13 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     return None
 
 
+def _hint(n) -> int:
+    """An int for a size that may be symbolic (its example value; adds no guard)."""
+    if isinstance(n, torch.SymInt):
+        return n.node.hint if n.node.has_hint() else 4096
+    return int(n)
+
+
 def _launch(kernel):
     # wrap_triton makes the launch traceable by torch.compile; interpreted kernels launch directly
     if isinstance(kernel, triton.runtime.jit.JITFunction):
@@ -610,23 +681,36 @@ def _launch(kernel):
     return kernel
 
 
-def _mask_args(mask, q, b, h, lq, lk):
-    """(mask tensor or q as a dummy pointer, its 4 broadcast strides, MASK_KIND)."""
+def _mask_elem(mask) -> int:
+    """The mask's element size for `pick` (its tiles take shared memory), 0 without one."""
+    return 0 if mask is None else mask.element_size()
+
+
+def _nonfinite(v: torch.Tensor) -> torch.Tensor:
+    """Device flag: does V hold a NaN/Inf (no host sync; the causal forward then visits every tile)."""
+    return (v - v).ne(0).any()  # v - v is NaN exactly where v is NaN or +-inf
+
+
+def _mask_args(mask, mask_fill, q, b, h, lq, lk):
+    """(mask tensor or q as a dummy pointer, its 4 broadcast strides, MASK_KIND, fill in log2 units)."""
     if mask is None:
-        return q, (0, 0, 0, 0), MASK_NONE
+        return q, (0, 0, 0, 0), MASK_NONE, 0.0
     m = mask
     while m.dim() < 4:
         m = m.unsqueeze(0)
     m = m.expand(b, h, lq, lk)  # a view: broadcast dims get stride 0, nothing is copied
-    return m, tuple(m.stride()), MASK_BOOL if mask.dtype == torch.bool else MASK_BIAS
+    if mask.dtype != torch.bool:
+        return m, tuple(m.stride()), MASK_BIAS, 0.0
+    if mask_fill is None or mask_fill == float("-inf"):
+        return m, tuple(m.stride()), MASK_BOOL, 0.0
+    # finfo.min * log2(e) must stay finite: a fully masked row is uniform, as in eager
+    return m, tuple(m.stride()), MASK_BOOL_FILL, max(float(mask_fill) * _LOG2E, -_FLT_MAX)
 
 
-def _scalars(q, scale, softcap, mask_fill):
+def _scalars(q, scale, softcap):
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     cap_scale = 2.0 * sm_scale / softcap * _LOG2E if softcap else 0.0
-    fill2 = _LOG2E * (float("-inf") if mask_fill is None else float(mask_fill))
-    fill2 = max(fill2, -_FLT_MAX) if fill2 != float("-inf") else fill2  # finfo.min * log2(e) must stay finite
-    return sm_scale, sm_scale * _LOG2E, cap_scale, softcap * _LOG2E, fill2
+    return sm_scale, sm_scale * _LOG2E, cap_scale, softcap * _LOG2E
 
 
 def _precision(dtype):
@@ -635,31 +719,34 @@ def _precision(dtype):
 
 def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0, dropout_p=0.0,
             mask_fill=None, config: TileConfig | None = None, splits: int | None = None):
-    """(out, lse): out is (B, H, Lq, Dv) laid out as (B, Lq, H, Dv); lse is (B, H, Lq) fp32 in log2 units."""
+    """(out, stats): out is (B, H, Lq, Dv) laid out as (B, Lq, H, Dv); stats is (B, H, Lq, 2) fp32, each row's
+    score max and the log2 of its sum of exp2(score - max), in log2 units (what the backward needs)."""
     b, h, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     groups = h // hkv
     elem = q.element_size()
     rows = lq * groups
     spec = _spec_for(q)
-    cfg = config or pick("fwd", rows, lk, b * hkv, d, dv, elem, spec)
-    n_split = splits or num_splits(cfg, rows, lk, b * hkv, spec)
+    # the tile and split choice only affects speed: under dynamic shapes it uses the size hints (no guards)
+    hrows, hlk, hbh = _hint(rows), _hint(lk), _hint(b * hkv)
+    cfg = config or pick("fwd", hrows, hlk, hbh, d, dv, elem, spec, _mask_elem(mask))
+    n_split = min(splits or num_splits(cfg, hrows, hlk, hbh, spec), max(1, triton.cdiv(hlk, cfg.block_n)))
+    # splits past the end of a shorter K/V get no keys; the combine gives them weight 0
     split_len = triton.cdiv(triton.cdiv(lk, n_split), cfg.block_n) * cfg.block_n
-    n_split = max(1, triton.cdiv(lk, split_len))
-    m, m_strides, mask_kind = _mask_args(mask, q, b, h, lq, lk)
-    _, qk_scale, cap_scale, softcap2, fill2 = _scalars(q, scale, softcap, mask_fill)
+    m, m_strides, mask_kind, fill2 = _mask_args(mask, mask_fill, q, b, h, lq, lk)
+    _, qk_scale, cap_scale, softcap2 = _scalars(q, scale, softcap)
     out = q.new_empty(b, lq, h, dv).transpose(1, 2)
-    lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, h, lq, 2, dtype=torch.float32, device=q.device)
     if n_split > 1:
         part = torch.empty(n_split, b, h, lq, dv, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(n_split, b, h, lq, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(n_split, b, h, lq, 2, dtype=torch.float32, device=q.device)
         dst, dst_lse, o_strides, ls = part, part_lse, part.stride(), part_lse.stride(0)
     else:
         dst, dst_lse, o_strides, ls = out, lse, (0, *out.stride()), 0
     bd, bdv = _pow2(d), _pow2(dv)
     grid = (triton.cdiv(rows, cfg.block_m), b * hkv, n_split)
     _launch(_fwd_kernel)[grid](
-        q, k, v, m, q if seed is None else seed, dst, dst_lse,
+        q, k, v, m, q if seed is None else seed, _nonfinite(v) if causal else q, dst, dst_lse,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *o_strides, ls,
         h, lq, lk, split_len, qk_scale, cap_scale, softcap2, fill2, float(dropout_p),
         GROUPS=groups, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=cfg.block_m,
@@ -684,9 +771,9 @@ def backward(grad_out, q, k, v, out, lse, mask=None, seed=None, *, scale=None, c
     elem = q.element_size()
     rows = lq * groups
     spec = _spec_for(q)
-    cfg = config or pick("bwd", rows, lk, b * hkv, d, dv_, elem, spec)
-    m, m_strides, mask_kind = _mask_args(mask, q, b, h, lq, lk)
-    sm_scale, qk_scale, cap_scale, softcap2, fill2 = _scalars(q, scale, softcap, mask_fill)
+    cfg = config or pick("bwd", _hint(rows), _hint(lk), _hint(b * hkv), d, dv_, elem, spec, _mask_elem(mask))
+    m, m_strides, mask_kind, fill2 = _mask_args(mask, mask_fill, q, b, h, lq, lk)
+    sm_scale, qk_scale, cap_scale, softcap2 = _scalars(q, scale, softcap)
     bd, bdv = _pow2(d), _pow2(dv_)
     delta = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     _launch(_bwd_preprocess)[(triton.cdiv(lq, 64), b * h)](
@@ -766,7 +853,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.
                          f"{v.dtype}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attnfuse.kernels.flash.attention: dropout_p must be in [0, 1); got {dropout_p}")
-    if dropout_p > 0 and not isinstance(seed, torch.Tensor):
+    if dropout_p == 0:
+        seed = None  # unused; an int seed would also reach save_for_backward, which takes tensors only
+    elif not isinstance(seed, torch.Tensor):
         seed = torch.tensor(int(torch.randint(0, 2**62, ())) if seed is None else seed, dtype=torch.int64)
     if isinstance(seed, torch.Tensor):
         seed = seed.to(device=q.device, dtype=torch.int64).reshape(())
