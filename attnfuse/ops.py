@@ -1,14 +1,14 @@
 """``torch.ops.attnfuse.*``: the fused attention op the rewriter emits.
 
 ``attnfuse::attention(q, k, v, mask=None, seed=None, *, scale=None, causal=False,
-softcap=0.0, kv_groups=1, dropout_p=0.0, mask_fill=None) -> (out, lse)``
+softcap=0.0, kv_groups=1, dropout_p=0.0, mask_fill=None) -> (out, stats)``
 
 Tensors are ``(batch, heads, seqlen, head_dim)``; K/V have ``heads / kv_groups``
 heads.  ``mask`` broadcasts to ``(batch, heads, q_len, kv_len)``: bool means
 "True = attend" (masked scores become ``mask_fill``), float is an additive
 bias and gets a gradient when it requires one.  ``mask_fill=None`` means -inf.  ``seed`` (int64 tensor) seeds
 the dropout mask.  The exact semantics are in `attnfuse.kernels.reference`.
-``out`` is ``(B, H, Lq, Dv)``; ``lse`` holds the softmax row statistics the flash
+``out`` is ``(B, H, Lq, Dv)``; ``stats`` holds the softmax row statistics the flash
 backward needs (fp32 ``(B, H, Lq, 2)``: row max and log2 of the row sum, base 2),
 or is empty on the paths whose backward recomputes them.  `attend` returns ``out`` alone.
 
@@ -120,7 +120,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     if _use_flash(q, k, v):
         return flash.forward(q, k, v, mask, _seed_on(seed, q), scale=scale, causal=causal, softcap=softcap,
                              dropout_p=dropout_p, mask_fill=mask_fill)
-    return _cpu_forward(q, k, v, mask, seed, scale, causal, softcap, kv_groups, dropout_p, mask_fill), _no_lse(q)
+    return _cpu_forward(q, k, v, mask, seed, scale, causal, softcap, kv_groups, dropout_p, mask_fill), _no_stats(q)
 
 
 attention = torch.library.custom_op("attnfuse::attention", mutates_args=())(_attention)
@@ -146,7 +146,7 @@ def _(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0, k
       mask_fill=None):
     if _use_flash(q, k, v):
         return output_like(q, v), q.new_empty(*q.shape[:3], 2, dtype=torch.float32)
-    return output_like(q, v), _no_lse(q)
+    return output_like(q, v), _no_stats(q)
 
 
 def _traceable_cuda(mode, op, types, args, kwargs):
@@ -154,7 +154,10 @@ def _traceable_cuda(mode, op, types, args, kwargs):
     Triton launches are traced (``wrap_triton``) and Inductor sees the kernels; elsewhere (CPU,
     ``torch.export``) the op stays one opaque node.  This is what ``torch.library.triton_op`` does,
     for the CUDA path only."""
-    from torch.export._trace import custom_triton_ops_decomposition_disabled
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:  # older torch: export has no such switch
+        custom_triton_ops_decomposition_disabled = lambda: False
 
     plain = (torch.Tensor, torch._subclasses.FakeTensor, torch._subclasses.functional_tensor.FunctionalTensor)
     if (custom_triton_ops_decomposition_disabled() or any(not issubclass(t, plain) for t in types)
@@ -169,7 +172,7 @@ def _use_flash(q, k, v) -> bool:
     return q.dtype != torch.float64 and flash.supported(q, k, v) is None and k.shape[-1] == q.shape[-1]
 
 
-def _no_lse(q):
+def _no_stats(q):
     return q.new_empty(0, dtype=torch.float32)
 
 
@@ -178,12 +181,12 @@ def _seed_on(seed, q):
 
 
 def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, seed: torch.Tensor | None,
+                       out: torch.Tensor, stats: torch.Tensor, mask: torch.Tensor | None, seed: torch.Tensor | None,
                        *, scale: float | None, causal: bool, softcap: float, kv_groups: int, dropout_p: float,
                        mask_fill: float | None, mask_grad: bool) -> list[torch.Tensor]:
-    if lse.numel():  # the forward ran the flash kernel
+    if stats.numel():  # the forward ran the flash kernel
         dq, dk, dv, dm = flash.backward(
-            grad_out, q, k, v, out, lse, mask, _seed_on(seed, q), scale=scale, causal=causal, softcap=softcap,
+            grad_out, q, k, v, out, stats, mask, _seed_on(seed, q), scale=scale, causal=causal, softcap=softcap,
             dropout_p=dropout_p, mask_fill=mask_fill, mask_grad=mask_grad,
             deterministic=torch.are_deterministic_algorithms_enabled())
         return [dq, dk, dv, dm if dm is not None else q.new_empty(0)]
@@ -203,7 +206,7 @@ attention_backward = torch.library.custom_op("attnfuse::attention_backward", mut
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, mask, seed, *, scale, causal, softcap, kv_groups, dropout_p, mask_fill,
+def _(grad_out, q, k, v, out, stats, mask, seed, *, scale, causal, softcap, kv_groups, dropout_p, mask_fill,
       mask_grad):
     dm = mask.new_empty(mask.shape) if mask_grad else q.new_empty(0)
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dm]
@@ -215,10 +218,10 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
     ctx.kwargs = keyword_only_inputs
 
 
-def _backward(ctx, grad, _grad_lse):
-    q, k, v, mask, seed, out, lse = ctx.saved_tensors
+def _backward(ctx, grad, _grad_stats):
+    q, k, v, mask, seed, out, stats = ctx.saved_tensors
     mask_grad = mask is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dm = attention_backward(grad, q, k, v, out, lse, mask, seed, mask_grad=mask_grad, **ctx.kwargs)
+    dq, dk, dv, dm = attention_backward(grad, q, k, v, out, stats, mask, seed, mask_grad=mask_grad, **ctx.kwargs)
     return dq, dk, dv, (dm if mask_grad else None), None
 
 
@@ -231,7 +234,7 @@ for _op in (attention, attention_backward):
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
            seed: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """``attnfuse::attention``'s output without the log-sum-exp."""
+    """``attnfuse::attention``'s output without the row statistics."""
     return attention(q, k, v, mask, seed, **kwargs)[0]
 
 
