@@ -549,6 +549,7 @@ class TileConfig:
 # is the one backward tile that fits head dim 256 in an A100's shared memory.
 CONFIGS = [TileConfig(m, n, 8 if m == 128 else 4, s) for m in (128, 64, 16) for n in (128, 64, 32) for s in (2, 3)
            if not (m == 16 and n == 32)] + [TileConfig(32, 32, 4, 2)]
+_L2_SPEEDUP = 3.0  # L2 bandwidth over HBM bandwidth (about 3x on A100/H100)
 _REGS_PER_THREAD = 160  # fp32 accumulator + score tile values per thread a config may hold (of 255)
 
 
@@ -586,22 +587,33 @@ def keep(cfg: TileConfig, kind: str, head_dim: int, head_dim_v: int, elem: int, 
 
 def estimate_s(cfg: TileConfig, kind: str, rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_v: int,
                elem: int, spec: DeviceSpec, splits: int = 1, mask_elem: int = 0) -> float:
-    """Roofline time of one launch: padded tile FLOPs vs HBM bytes (K/V re-read per query tile, or Q/dO per
-    key tile), stretched by wave quantization over the SMs at the occupancy shared memory allows."""
+    """Roofline time of one launch: padded tile FLOPs vs memory traffic, stretched by wave quantization over
+    the SMs at the occupancy shared memory allows.
+
+    Traffic: every input once from HBM, plus the streamed operand (K/V per query tile in the forward, Q/dO
+    per key tile in the backward) once per tile of the other side.  Those re-reads come from L2 when the
+    streamed operand of the heads in flight fits in it; L2 is taken as `_L2_SPEEDUP` times HBM bandwidth.
+    """
     d, dv = _pow2(head_dim), _pow2(head_dim_v)
     m_tiles, n_tiles = triton.cdiv(rows, cfg.block_m), triton.cdiv(kv_len, cfg.block_n)
     flops = 2.0 * bh_kv * m_tiles * cfg.block_m * n_tiles * cfg.block_n * (d + dv) * (2.5 if kind == "bwd" else 1)
-    reread = m_tiles if kind == "fwd" else n_tiles
-    other = kv_len if kind == "fwd" else rows
-    nbytes = bh_kv * (reread * other * (d + dv) + rows * (d + dv)) * elem
+    tiles, other = (m_tiles, kv_len) if kind == "fwd" else (n_tiles, rows)
+    once = bh_kv * (rows + kv_len) * (d + dv) * elem
+    rereads = bh_kv * max(0, tiles - 1) * other * (d + dv) * elem
     # small tiles under-use the tensor cores
     eff = min(1.0, cfg.block_m / 128) ** 0.5 * min(1.0, cfg.block_n / 64) ** 0.5
-    programs = (m_tiles * splits if kind == "fwd" else n_tiles) * bh_kv
+    programs = tiles * splits * bh_kv if kind == "fwd" else tiles * bh_kv
     smem = smem_bytes(cfg, kind, head_dim, head_dim_v, elem, mask_elem)
     per_sm = max(1, min(spec.sram_per_sm // smem, 16 // cfg.num_warps))
     slots = spec.sms * per_sm
+    heads_in_flight = min(bh_kv, max(1, slots // max(1, tiles)))
+    in_l2 = heads_in_flight * other * (d + dv) * elem <= spec.l2_bytes
+    memory = once / spec.hbm_bytes_per_s + rereads / (spec.hbm_bytes_per_s * (_L2_SPEEDUP if in_l2 else 1))
     waves = math.ceil(programs / slots) * slots / programs
-    return max(flops / (spec.flops * eff), nbytes / spec.hbm_bytes_per_s) * waves
+    compute = flops / (spec.flops * eff)
+    # overlap of compute and memory is not perfect: the smaller term still costs a little (and breaks ties
+    # toward less padding, e.g. 16-row tiles for decode)
+    return (max(compute, memory) + 0.1 * min(compute, memory)) * waves
 
 
 def kept_configs(kind: str, head_dim: int, head_dim_v: int, elem: int, spec: DeviceSpec,
