@@ -2,8 +2,10 @@
 
 Implements FlashAttention-2 (Dao, 2023): the forward streams key tiles through
 an online softmax in the base-2 domain (``exp2`` with ``scale * log2(e)``
-folded into the scores) and saves the row log-sum-exp; the backward recomputes
-the probabilities from it after a preprocessing pass ``delta = rowsum(O * dO)``.
+folded into the scores) and saves each row's statistics (max and log2 of the
+sum, kept apart so that a ``finfo.min`` max cannot round the sum away); the
+backward recomputes the probabilities from them after a preprocessing pass
+``delta = rowsum(O * dO)``.
 Semantics are exactly `attnfuse.kernels.reference` (softcap, bool mask with a
 fill value, additive bias, top-left causal, GQA, NaN rows for fully masked
 rows), with one difference: dropout draws its keep mask from Philox keyed by
@@ -22,12 +24,14 @@ Layout choices:
 * The mask is read through its own (possibly zero) strides: a broadcast bias is
   never expanded in memory.
 * Decode (few query rows, long K/V) splits the keys over extra programs
-  (flash-decoding) and merges the partial results by log-sum-exp.
+  (flash-decoding) and merges the partial results by their row statistics.
 
 Limitations: head dims up to 256; float16/bfloat16/float32 (float32 uses IEEE
-fp32 dots, not TF32, to keep the accuracy contract); NaN/Inf in V at key tiles
-a causal program skips do not reach the output (eager's ``0 * inf``), and the
-dropout offsets wrap when ``q_len * kv_len >= 2**32``.
+fp32 dots, not TF32, to keep the accuracy contract); a causal forward whose V
+holds NaN/Inf visits every tile (eager's ``0 * nan`` must reach the output) but
+the backward does not replay that NaN pattern; for a row with exactly one
+visible key, dQ/dK carry fp32 rounding of ``delta`` where eager is exactly 0;
+the dropout offsets wrap when ``q_len * kv_len >= 2**32``.
 """
 
 from __future__ import annotations
@@ -165,7 +169,7 @@ def _fwd_kernel(
 ):
     """One program: BLOCK_M packed (row, head-in-group) pairs of one K/V head, keys of one split.
 
-    With a split grid it writes fp32 partial outputs (normalized) and partial LSEs at
+    With a split grid it writes fp32 partial outputs (normalized) and partial row statistics at
     ``split * stride_os`` / ``split * stride_ls``; `_combine_kernel` merges them.
     """
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy causal tiles first

@@ -136,7 +136,7 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
         out = _op(graph, fn, q, k, v, mask, seed, scale=m.scale,
                   causal=m.causal, softcap=m.softcap, kv_groups=m.kv_groups, dropout_p=m.dropout_p,
                   mask_fill=fill)
-        if not sdpa:  # the op returns (out, lse)
+        if not sdpa:  # the op returns (out, stats)
             out = _op(graph, operator.getitem, out, 0)
         if tile:
             out = _heads_group_to_tile(graph, out, m.kv_groups)

@@ -608,3 +608,18 @@ def test_nonfinite_v_right_of_the_diagonal_reaches_the_output(bad, lq, splits):
     assert torch.equal(torch.isnan(ours), torch.isnan(eager)) and torch.equal(torch.isinf(ours), torch.isinf(eager))
     finite = torch.isfinite(eager)
     torch.testing.assert_close(ours[finite], eager[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{}, {"causal": True, "kv_groups": 2}, {"softcap": 2.0, "dropout_p": 0.2}],
+                         ids=["plain", "causal-gqa", "softcap-dropout"])
+def test_opcheck_on_the_flash_path(kw):
+    """The op's fake impl (stats shape), autograd registration and schema agree with the Triton path."""
+    _seed("opcheck", str(kw))
+    hk = 4 // kw.get("kv_groups", 1)
+    q = torch.randn(2, 4, 19, 16, requires_grad=True)
+    k, v = (torch.randn(2, hk, 19, 16, requires_grad=True) for _ in range(2))
+    seed = torch.tensor(5) if kw.get("dropout_p") else None
+    assert torch.ops.attnfuse.attention(q, k, v, None, seed, **kw)[1].shape == (2, 4, 19, 2)
+    torch.library.opcheck(torch.ops.attnfuse.attention.default, (q, k, v, None, seed), kw)
+    bias = torch.randn(19, 19, requires_grad=True)
+    torch.library.opcheck(torch.ops.attnfuse.attention.default, (q, k, v, bias, seed), kw)
