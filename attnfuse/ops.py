@@ -169,7 +169,7 @@ def _traceable_cuda(mode, op, types, args, kwargs):
 
 def _use_flash(q, k, v) -> bool:
     """Whether the Triton kernels run these tensors (CUDA, or CPU under the Triton interpreter)."""
-    return q.dtype != torch.float64 and flash.supported(q, k, v) is None and k.shape[-1] == q.shape[-1]
+    return q.dtype != torch.float64 and flash.supported(q, k, v) is None
 
 
 def _no_stats(q):

@@ -91,12 +91,10 @@ def _parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = _parser()
     args = p.parse_args(argv)
-    for m in args.modes:
-        if m not in MODES:
-            p.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
-    for peer in args.peers:
-        if peer not in PEERS:
-            p.error(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+    for what, values, allowed in (("mode", args.modes, MODES), ("peer", args.peers, PEERS)):
+        for x in values:
+            if x not in allowed:
+                p.error(f"unknown {what} {x!r}; choose from {', '.join(allowed)}")
     if args.dtype.lower() not in DTYPES:
         p.error(f"unknown dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
     args.dtype = DTYPES[args.dtype.lower()]

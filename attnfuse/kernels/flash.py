@@ -37,6 +37,7 @@ the dropout offsets wrap when ``q_len * kv_len >= 2**32``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -120,6 +121,40 @@ def _keep(seed, bh, rows, cols, Lk, dropout_p):
 
 
 @triton.jit
+def _packed(start, b, hkv, H, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(query row, head, batch*heads + head) of the BLOCK_M packed pairs r = row * GROUPS + g from ``start``."""
+    r = start + tl.arange(0, BLOCK_M)
+    heads = hkv * GROUPS + r % GROUPS
+    return r // GROUPS, heads, b * H + heads
+
+
+@triton.jit
+def _diagonal(start, Lq, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Causal key bounds of the packed rows from ``start``: keys below the first bound are visible to
+    every row (whole tiles), keys from the second on to none."""
+    row_lo = start // GROUPS
+    row_hi = tl.minimum((start + BLOCK_M - 1) // GROUPS, Lq - 1)
+    return (row_lo + 1) // BLOCK_N * BLOCK_N, row_hi + 1
+
+
+@triton.jit
+def _bwd_rows(Q, DO, Lse, Delta, b, rows, heads, bh, offs_d, offs_dv,
+              stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
+              Lq, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr):
+    """What the backward needs of a block of query rows: q, dO, the row statistics and delta."""
+    in_m = rows < Lq
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + rows[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=in_m[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(DO + b * stride_dob + heads[:, None] * stride_doh + rows[:, None] * stride_dom
+                 + offs_dv[None, :] * stride_dod, mask=in_m[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    # rows past the end get m = +inf, so p = 0 there
+    m_row = tl.load(Lse + (bh * Lq + rows) * 2, mask=in_m, other=float("inf"))
+    ll_row = tl.load(Lse + (bh * Lq + rows) * 2 + 1, mask=in_m, other=0.0)
+    delta = tl.load(Delta + bh * Lq + rows, mask=in_m, other=0.0)
+    return q, do, m_row, ll_row, delta
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, K, V, M, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
               Lq, Lk, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
@@ -177,10 +212,7 @@ def _fwd_kernel(
     split = tl.program_id(2)
     hkv = pid_bh % (H // GROUPS)
     b = pid_bh // (H // GROUPS)
-    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = r // GROUPS
-    heads = hkv * GROUPS + r % GROUPS
-    bh = b * H + heads
+    rows, heads, bh = _packed(pid_m * BLOCK_M, b, hkv, H, GROUPS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
@@ -201,12 +233,11 @@ def _fwd_kernel(
     hi = tl.minimum(Lk, lo + split_len)
     full_end = Lk // BLOCK_N * BLOCK_N
     if IS_CAUSAL:
-        row_lo = (pid_m * BLOCK_M) // GROUPS
-        row_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUPS, Lq - 1)
+        seen_by_all, seen_by_none = _diagonal(pid_m * BLOCK_M, Lq, GROUPS, BLOCK_M, BLOCK_N)
         # eager multiplies V by 0 right of the diagonal: a NaN/Inf there (VBad) must reach the output,
         # so such a V keeps those tiles (masked) instead of skipping them
-        hi = tl.where(tl.load(VBad) != 0, hi, tl.minimum(hi, row_hi + 1))
-        full_end = tl.minimum(full_end, (row_lo + 1) // BLOCK_N * BLOCK_N)
+        hi = tl.where(tl.load(VBad) != 0, hi, tl.minimum(hi, seen_by_none))
+        full_end = tl.minimum(full_end, seen_by_all)
     mid = tl.maximum(lo, tl.minimum(hi, full_end))
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -339,19 +370,10 @@ def _dkdv_step(dk, dv, kt, vt, Q, DO, Lse, Delta, DQ, M, seed, b, hkv, cols, off
                GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
                MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
                CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr):
-    r = start_m + tl.arange(0, BLOCK_M)
-    rows = r // GROUPS
-    heads = hkv * GROUPS + r % GROUPS
-    bh = b * H + heads
-    in_m = rows < Lq
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + rows[:, None] * stride_qm
-                + offs_d[None, :] * stride_qd, mask=in_m[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    do = tl.load(DO + b * stride_dob + heads[:, None] * stride_doh + rows[:, None] * stride_dom
-                 + offs_dv[None, :] * stride_dod, mask=in_m[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    # rows past the end get m = +inf, so p = 0 there
-    m_row = tl.load(Lse + (bh * Lq + rows) * 2, mask=in_m, other=float("inf"))
-    ll_row = tl.load(Lse + (bh * Lq + rows) * 2 + 1, mask=in_m, other=0.0)
-    delta = tl.load(Delta + bh * Lq + rows, mask=in_m, other=0.0)
+    rows, heads, bh = _packed(start_m, b, hkv, H, GROUPS, BLOCK_M)
+    q, do, m_row, ll_row, delta = _bwd_rows(Q, DO, Lse, Delta, b, rows, heads, bh, offs_d, offs_dv,
+                                            stride_qb, stride_qh, stride_qm, stride_qd,
+                                            stride_dob, stride_doh, stride_dom, stride_dod, Lq, HEAD_DIM, HEAD_DIM_V)
     pd, ds, dqk = _bwd_tile_grads(q, do, kt, vt, m_row, ll_row, delta, rows, heads, bh, cols, b, M, seed,
                                   stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale,
                                   softcap2, fill2, dropout_p, inv_keep, MASK_KIND, HAS_SOFTCAP,
@@ -361,7 +383,7 @@ def _dkdv_step(dk, dv, kt, vt, Q, DO, Lse, Delta, DQ, M, seed, b, hkv, cols, off
     if ATOMIC_DQ:
         dq = tl.dot(dqk.to(q.dtype), tl.trans(kt), input_precision=PRECISION) * sm_scale
         tl.atomic_add(DQ + b * stride_dqb + heads[:, None] * stride_dqh + rows[:, None] * stride_dqm
-                      + offs_d[None, :] * stride_dqd, dq, mask=in_m[:, None] & (offs_d[None, :] < HEAD_DIM))
+                      + offs_d[None, :] * stride_dqd, dq, mask=(rows[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM))
     return dk, dv
 
 
@@ -488,20 +510,12 @@ def _bwd_dq_kernel(
     pid_bh = tl.program_id(1)
     hkv = pid_bh % (H // GROUPS)
     b = pid_bh // (H // GROUPS)
-    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = r // GROUPS
-    heads = hkv * GROUPS + r % GROUPS
-    bh = b * H + heads
-    in_m = rows < Lq
+    rows, heads, bh = _packed(pid_m * BLOCK_M, b, hkv, H, GROUPS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + rows[:, None] * stride_qm
-                + offs_d[None, :] * stride_qd, mask=in_m[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    do = tl.load(DO + b * stride_dob + heads[:, None] * stride_doh + rows[:, None] * stride_dom
-                 + offs_dv[None, :] * stride_dod, mask=in_m[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    m_row = tl.load(Lse + (bh * Lq + rows) * 2, mask=in_m, other=float("inf"))
-    ll_row = tl.load(Lse + (bh * Lq + rows) * 2 + 1, mask=in_m, other=0.0)
-    delta = tl.load(Delta + bh * Lq + rows, mask=in_m, other=0.0)
+    q, do, m_row, ll_row, delta = _bwd_rows(Q, DO, Lse, Delta, b, rows, heads, bh, offs_d, offs_dv,
+                                            stride_qb, stride_qh, stride_qm, stride_qd,
+                                            stride_dob, stride_doh, stride_dom, stride_dod, Lq, HEAD_DIM, HEAD_DIM_V)
     K += b * stride_kb + hkv * stride_kh
     V += b * stride_vb + hkv * stride_vh
     seed = 0
@@ -512,10 +526,9 @@ def _bwd_dq_kernel(
     hi = Lk
     mid = Lk // BLOCK_N * BLOCK_N
     if IS_CAUSAL:
-        row_lo = (pid_m * BLOCK_M) // GROUPS
-        row_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUPS, Lq - 1)
-        hi = tl.minimum(hi, row_hi + 1)
-        mid = tl.minimum(mid, (row_lo + 1) // BLOCK_N * BLOCK_N)
+        seen_by_all, seen_by_none = _diagonal(pid_m * BLOCK_M, Lq, GROUPS, BLOCK_M, BLOCK_N)
+        hi = tl.minimum(hi, seen_by_none)
+        mid = tl.minimum(mid, seen_by_all)
     mid = tl.minimum(mid, hi)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, mid, BLOCK_N):
@@ -533,7 +546,7 @@ def _bwd_dq_kernel(
     dq *= sm_scale
     tl.store(DQ + b * stride_dqb + heads[:, None] * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
-             mask=in_m[:, None] & (offs_d[None, :] < HEAD_DIM))
+             mask=(rows[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM))
 
 
 # --------------------------------------------------------------------------------------------- launcher
@@ -626,6 +639,7 @@ def kept_configs(kind: str, head_dim: int, head_dim_v: int, elem: int, spec: Dev
     return [c for c in CONFIGS if keep(c, kind, head_dim, head_dim_v, elem, spec, mask_elem)]
 
 
+@functools.lru_cache(maxsize=4096)  # every launch asks: keep the Python cost model off the hot path
 def pick(kind: str, rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_v: int, elem: int,
          spec: DeviceSpec, mask_elem: int = 0) -> TileConfig:
     """The kept config with the lowest `estimate_s` (ties: earlier in `CONFIGS`); ``mask_elem`` is the mask's
@@ -662,9 +676,15 @@ def num_splits(cfg: TileConfig, rows: int, kv_len: int, bh_kv: int, spec: Device
 
 
 def _spec_for(t: torch.Tensor) -> DeviceSpec:
-    if t.is_cuda:
+    if t.is_cuda and torch.cuda.is_available():
+        return _cuda_spec(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return PRESETS["cpu"]  # the interpreter (or fake CUDA tensors in tests): any tile fits
+
+
+@functools.cache
+def _cuda_spec(index: int) -> DeviceSpec:
+    with torch.cuda.device(index):
         return DeviceSpec.detect()
-    return PRESETS["cpu"]  # the interpreter: any tile fits, few programs are fastest
 
 
 def interpreting() -> bool:
@@ -703,8 +723,13 @@ def _mask_elem(mask) -> int:
 
 
 def _nonfinite(v: torch.Tensor) -> torch.Tensor:
-    """Device flag: does V hold a NaN/Inf (no host sync; the causal forward then visits every tile)."""
-    return (v - v).ne(0).any()  # v - v is NaN exactly where v is NaN or +-inf
+    """Device flag: does V hold a NaN/Inf (no host sync; the causal forward then visits every tile).
+
+    One reduction and no V-sized temporary: min + max is NaN/Inf iff V holds a NaN, an inf or a -inf.
+    """
+    lo, hi = torch.aminmax(v)
+    total = lo.float() + hi.float()
+    return (total - total) != 0  # NaN exactly when total is NaN or +-inf
 
 
 def _mask_args(mask, mask_fill, q, b, h, lq, lk):
