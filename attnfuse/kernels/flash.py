@@ -138,7 +138,7 @@ def _diagonal(start, Lq, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
-def _bwd_rows(Q, DO, Lse, Delta, b, rows, heads, bh, offs_d, offs_dv,
+def _bwd_rows(Q, DO, Stats, Delta, b, rows, heads, bh, offs_d, offs_dv,
               stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
               Lq, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr):
     """What the backward needs of a block of query rows: q, dO, the row statistics and delta."""
@@ -148,8 +148,8 @@ def _bwd_rows(Q, DO, Lse, Delta, b, rows, heads, bh, offs_d, offs_dv,
     do = tl.load(DO + b * stride_dob + heads[:, None] * stride_doh + rows[:, None] * stride_dom
                  + offs_dv[None, :] * stride_dod, mask=in_m[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     # rows past the end get m = +inf, so p = 0 there
-    m_row = tl.load(Lse + (bh * Lq + rows) * 2, mask=in_m, other=float("inf"))
-    ll_row = tl.load(Lse + (bh * Lq + rows) * 2 + 1, mask=in_m, other=0.0)
+    m_row = tl.load(Stats + (bh * Lq + rows) * 2, mask=in_m, other=float("inf"))
+    ll_row = tl.load(Stats + (bh * Lq + rows) * 2 + 1, mask=in_m, other=0.0)
     delta = tl.load(Delta + bh * Lq + rows, mask=in_m, other=0.0)
     return q, do, m_row, ll_row, delta
 
@@ -187,7 +187,7 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, M, seed, b, rows, heads, bh, offs_d, offs_
 @triton.jit
 def _fwd_kernel(
     # pointers
-    Q, K, V, M, Seed, VBad, Out, Lse,
+    Q, K, V, M, Seed, VBad, Out, Stats,
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -265,23 +265,23 @@ def _fwd_kernel(
               + offs_dv[None, :] * stride_od)
     # row statistics (max, log2 of the sum), not their sum: for rows whose scores are all a huge finite
     # fill (finfo.min), m + log2(l) would round to m and the backward's probabilities would be wrong
-    lse_ptrs = Lse + split * stride_ls + (bh * Lq + rows) * 2
+    stats_ptrs = Stats + split * stride_ls + (bh * Lq + rows) * 2
     if EVEN_M and EVEN_D:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty))
     else:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V))
     if EVEN_M:
-        tl.store(lse_ptrs, m_i)
-        tl.store(lse_ptrs + 1, tl.log2(l_i))
+        tl.store(stats_ptrs, m_i)
+        tl.store(stats_ptrs + 1, tl.log2(l_i))
     else:
-        tl.store(lse_ptrs, m_i, mask=rows < Lq)
-        tl.store(lse_ptrs + 1, tl.log2(l_i), mask=rows < Lq)
+        tl.store(stats_ptrs, m_i, mask=rows < Lq)
+        tl.store(stats_ptrs + 1, tl.log2(l_i), mask=rows < Lq)
 
 
 @triton.jit
 def _combine_kernel(
     # pointers
-    Part, PartLse, Out, Lse,
+    Part, PartStats, Out, Stats,
     # strides
     stride_ob, stride_oh, stride_om, stride_od,
     # sizes
@@ -295,8 +295,8 @@ def _combine_kernel(
     bh = pid // Lq
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
-    m_s = tl.load(PartLse + (offs_s * n_rows + pid) * 2, mask=offs_s < splits, other=float("-inf"))
-    ll_s = tl.load(PartLse + (offs_s * n_rows + pid) * 2 + 1, mask=offs_s < splits, other=float("-inf"))
+    m_s = tl.load(PartStats + (offs_s * n_rows + pid) * 2, mask=offs_s < splits, other=float("-inf"))
+    ll_s = tl.load(PartStats + (offs_s * n_rows + pid) * 2 + 1, mask=offs_s < splits, other=float("-inf"))
     m = tl.max(m_s, 0)
     w = tl.exp2((m_s - m) + ll_s)  # all -inf (fully masked row): NaN, as eager
     part = tl.load(Part + (offs_s[:, None] * n_rows + pid) * HEAD_DIM_V + offs_dv[None, :],
@@ -307,8 +307,8 @@ def _combine_kernel(
     h = bh % H
     tl.store(Out + b * stride_ob + h * stride_oh + row * stride_om + offs_dv * stride_od,
              out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
-    tl.store(Lse + pid * 2, m)
-    tl.store(Lse + pid * 2 + 1, tl.log2(total))
+    tl.store(Stats + pid * 2, m)
+    tl.store(Stats + pid * 2 + 1, tl.log2(total))
 
 
 @triton.jit
@@ -363,7 +363,7 @@ def _bwd_tile_grads(q, do, kt, vt, m_row, ll_row, delta, rows, heads, bh, cols, 
 
 
 @triton.jit
-def _dkdv_step(dk, dv, kt, vt, Q, DO, Lse, Delta, DQ, M, seed, b, hkv, cols, offs_d, offs_dv, start_m,
+def _dkdv_step(dk, dv, kt, vt, Q, DO, Stats, Delta, DQ, M, seed, b, hkv, cols, offs_d, offs_dv, start_m,
                stride_qb, stride_qh, stride_qm, stride_qd, stride_mb, stride_mh, stride_mm, stride_mn,
                stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                H, Lq, Lk, sm_scale, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
@@ -371,7 +371,7 @@ def _dkdv_step(dk, dv, kt, vt, Q, DO, Lse, Delta, DQ, M, seed, b, hkv, cols, off
                MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
                CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr):
     rows, heads, bh = _packed(start_m, b, hkv, H, GROUPS, BLOCK_M)
-    q, do, m_row, ll_row, delta = _bwd_rows(Q, DO, Lse, Delta, b, rows, heads, bh, offs_d, offs_dv,
+    q, do, m_row, ll_row, delta = _bwd_rows(Q, DO, Stats, Delta, b, rows, heads, bh, offs_d, offs_dv,
                                             stride_qb, stride_qh, stride_qm, stride_qd,
                                             stride_dob, stride_doh, stride_dom, stride_dod, Lq, HEAD_DIM, HEAD_DIM_V)
     pd, ds, dqk = _bwd_tile_grads(q, do, kt, vt, m_row, ll_row, delta, rows, heads, bh, cols, b, M, seed,
@@ -390,7 +390,7 @@ def _dkdv_step(dk, dv, kt, vt, Q, DO, Lse, Delta, DQ, M, seed, b, hkv, cols, off
 @triton.jit
 def _bwd_dkdv_kernel(
     # pointers
-    Q, K, V, M, Seed, DO, Lse, Delta, DQ, DK, DV,
+    Q, K, V, M, Seed, DO, Stats, Delta, DQ, DK, DV,
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -441,7 +441,7 @@ def _bwd_dkdv_kernel(
         mid = tl.minimum(tl.cdiv((pid_n * BLOCK_N + BLOCK_N - 1) * GROUPS + GROUPS, BLOCK_M) * BLOCK_M, n_packed)
         mid = tl.maximum(mid, lo)
     for start_m in range(lo, mid, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, kt, vt, Q, DO, Lse, Delta, DQ, M, seed, b, hkv, cols, offs_d, offs_dv, start_m,
+        dk, dv = _dkdv_step(dk, dv, kt, vt, Q, DO, Stats, Delta, DQ, M, seed, b, hkv, cols, offs_d, offs_dv, start_m,
                             stride_qb, stride_qh, stride_qm, stride_qd, stride_mb, stride_mh, stride_mm, stride_mn,
                             stride_dob, stride_doh, stride_dom, stride_dod,
                             stride_dqb, stride_dqh, stride_dqm, stride_dqd,
@@ -449,7 +449,7 @@ def _bwd_dkdv_kernel(
                             GROUPS, HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT,
                             True, not EVEN_M, not EVEN_N, ATOMIC_DQ, PRECISION)
     for start_m in range(mid, n_packed, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, kt, vt, Q, DO, Lse, Delta, DQ, M, seed, b, hkv, cols, offs_d, offs_dv, start_m,
+        dk, dv = _dkdv_step(dk, dv, kt, vt, Q, DO, Stats, Delta, DQ, M, seed, b, hkv, cols, offs_d, offs_dv, start_m,
                             stride_qb, stride_qh, stride_qm, stride_qd, stride_mb, stride_mh, stride_mm, stride_mn,
                             stride_dob, stride_doh, stride_dom, stride_dod,
                             stride_dqb, stride_dqh, stride_dqm, stride_dqd,
@@ -488,7 +488,7 @@ def _dq_step(dq, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads,
 @triton.jit
 def _bwd_dq_kernel(
     # pointers
-    Q, K, V, M, Seed, DO, Lse, Delta, DQ, DM,
+    Q, K, V, M, Seed, DO, Stats, Delta, DQ, DM,
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -513,7 +513,7 @@ def _bwd_dq_kernel(
     rows, heads, bh = _packed(pid_m * BLOCK_M, b, hkv, H, GROUPS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q, do, m_row, ll_row, delta = _bwd_rows(Q, DO, Lse, Delta, b, rows, heads, bh, offs_d, offs_dv,
+    q, do, m_row, ll_row, delta = _bwd_rows(Q, DO, Stats, Delta, b, rows, heads, bh, offs_d, offs_dv,
                                             stride_qb, stride_qh, stride_qm, stride_qd,
                                             stride_dob, stride_doh, stride_dom, stride_dod, Lq, HEAD_DIM, HEAD_DIM_V)
     K += b * stride_kb + hkv * stride_kh
@@ -777,17 +777,17 @@ def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=
     m, m_strides, mask_kind, fill2 = _mask_args(mask, mask_fill, q, b, h, lq, lk)
     _, qk_scale, cap_scale, softcap2 = _scalars(q, scale, softcap)
     out = q.new_empty(b, lq, h, dv).transpose(1, 2)
-    lse = torch.empty(b, h, lq, 2, dtype=torch.float32, device=q.device)
+    stats = torch.empty(b, h, lq, 2, dtype=torch.float32, device=q.device)
     if n_split > 1:
         part = torch.empty(n_split, b, h, lq, dv, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(n_split, b, h, lq, 2, dtype=torch.float32, device=q.device)
-        dst, dst_lse, o_strides, ls = part, part_lse, part.stride(), part_lse.stride(0)
+        part_stats = torch.empty(n_split, b, h, lq, 2, dtype=torch.float32, device=q.device)
+        dst, dst_stats, o_strides, ls = part, part_stats, part.stride(), part_stats.stride(0)
     else:
-        dst, dst_lse, o_strides, ls = out, lse, (0, *out.stride()), 0
+        dst, dst_stats, o_strides, ls = out, stats, (0, *out.stride()), 0
     bd, bdv = _pow2(d), _pow2(dv)
     grid = (triton.cdiv(rows, cfg.block_m), b * hkv, n_split)
     _launch(_fwd_kernel)[grid](
-        q, k, v, m, q if seed is None else seed, _nonfinite(v) if causal else q, dst, dst_lse,
+        q, k, v, m, q if seed is None else seed, _nonfinite(v) if causal else q, dst, dst_stats,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *o_strides, ls,
         h, lq, lk, split_len, qk_scale, cap_scale, softcap2, fill2, float(dropout_p),
         GROUPS=groups, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=cfg.block_m,
@@ -797,12 +797,12 @@ def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if n_split > 1:
         _launch(_combine_kernel)[(b * h * lq,)](
-            part, part_lse, out, lse, *out.stride(), h, lq, b * h * lq, n_split,
+            part, part_stats, out, stats, *out.stride(), h, lq, b * h * lq, n_split,
             HEAD_DIM_V=dv, BLOCK_DV=bdv, BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=4)
-    return out, lse
+    return out, stats
 
 
-def backward(grad_out, q, k, v, out, lse, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0,
+def backward(grad_out, q, k, v, out, stats, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0,
              dropout_p=0.0, mask_fill=None, mask_grad=False, deterministic=False,
              config: TileConfig | None = None):
     """(dq, dk, dv, dmask or None).  ``deterministic`` computes dQ in its own pass instead of fp32 atomics."""
@@ -832,14 +832,14 @@ def backward(grad_out, q, k, v, out, lse, mask=None, seed=None, *, scale=None, c
     sd = q if seed is None else seed
     scalars = (h, lq, lk, sm_scale, qk_scale, cap_scale, softcap2, fill2, float(dropout_p))
     _launch(_bwd_dkdv_kernel)[(triton.cdiv(lk, cfg.block_n), b * hkv)](
-        q, k, v, m, sd, grad_out, lse, delta, dq, dk, dv,
+        q, k, v, m, sd, grad_out, stats, delta, dq, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *grad_out.stride(), *dq.stride(), *dk.stride(),
         *dv.stride(), *scalars, ATOMIC_DQ=not separate_dq, **common)
     dm = None
     if separate_dq:
         dm = torch.zeros(b, h, lq, lk, dtype=torch.float32, device=q.device) if mask_grad else q
         _launch(_bwd_dq_kernel)[(triton.cdiv(rows, cfg.block_m), b * hkv)](
-            q, k, v, m, sd, grad_out, lse, delta, dq, dm,
+            q, k, v, m, sd, grad_out, stats, delta, dq, dm,
             *q.stride(), *k.stride(), *v.stride(), *m_strides, *grad_out.stride(), *dq.stride(),
             *scalars, MASK_GRAD=mask_grad, **common)
         dm = sum_to(dm, mask.shape).to(mask.dtype) if mask_grad else None
@@ -851,17 +851,17 @@ def backward(grad_out, q, k, v, out, lse, mask=None, seed=None, *, scale=None, c
 class _Flash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, seed, kwargs, deterministic, config):
-        out, lse = forward(q, k, v, mask, seed, config=config, **kwargs)
-        ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+        out, stats = forward(q, k, v, mask, seed, config=config, **kwargs)
+        ctx.save_for_backward(q, k, v, out, stats, mask, seed)
         ctx.kwargs, ctx.deterministic, ctx.config = kwargs, deterministic, config
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse, mask, seed = ctx.saved_tensors
+        q, k, v, out, stats, mask, seed = ctx.saved_tensors
         mask_grad = mask is not None and ctx.needs_input_grad[3]
         kwargs = {key: val for key, val in ctx.kwargs.items() if key != "splits"}
-        dq, dk, dv, dm = backward(grad, q, k, v, out, lse, mask, seed, mask_grad=mask_grad,
+        dq, dk, dv, dm = backward(grad, q, k, v, out, stats, mask, seed, mask_grad=mask_grad,
                                   deterministic=ctx.deterministic, config=ctx.config, **kwargs)
         return dq, dk, dv, dm, None, None, None, None
 

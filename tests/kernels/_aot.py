@@ -87,13 +87,13 @@ def _inputs(dt: str, mask: str | None, **ptrs) -> dict:
 
 
 def compile_fwd(cfg: TileConfig, cc: int, dt: str, hd: int, mask: str | None = None):
-    ptrs = _inputs(dt, mask, VBad="*i1" if mask else f"*{dt}", Out=f"*{dt}", Lse="*fp32")
+    ptrs = _inputs(dt, mask, VBad="*i1" if mask else f"*{dt}", Out=f"*{dt}", Stats="*fp32")
     return _compile(flash._fwd_kernel, cc, ptrs, dict(_meta(cfg, hd, mask), EVEN_D=True), cfg.num_warps,
                     cfg.num_stages, _UNIT | _MASK_UNIT if mask else _UNIT)
 
 
 def compile_combine(cc: int, dt: str, hd: int, block_s: int):
-    ptrs = dict(Part="*fp32", PartLse="*fp32", Out=f"*{dt}", Lse="*fp32")
+    ptrs = dict(Part="*fp32", PartStats="*fp32", Out=f"*{dt}", Stats="*fp32")
     return _compile(flash._combine_kernel, cc, ptrs, dict(HEAD_DIM_V=hd, BLOCK_DV=hd, BLOCK_S=block_s), 4, 3)
 
 
@@ -103,14 +103,14 @@ def compile_preprocess(cc: int, dt: str, hd: int):
 
 
 def compile_dkdv(cfg: TileConfig, cc: int, dt: str, hd: int, mask: str | None = None):
-    ptrs = _inputs(dt, mask, DO=f"*{dt}", Lse="*fp32", Delta="*fp32", DQ="*fp32", DK=f"*{dt}", DV=f"*{dt}")
+    ptrs = _inputs(dt, mask, DO=f"*{dt}", Stats="*fp32", Delta="*fp32", DQ="*fp32", DK=f"*{dt}", DV=f"*{dt}")
     return _compile(flash._bwd_dkdv_kernel, cc, ptrs, dict(_meta(cfg, hd, mask), ATOMIC_DQ=True),
                     cfg.num_warps, cfg.num_stages, _UNIT | _MASK_UNIT if mask else _UNIT)
 
 
 def compile_dq(cfg: TileConfig, cc: int, dt: str, hd: int, mask: str | None = None):
     grad = mask is not None and mask != "i1"  # a bias that wants its gradient: dS stored into DM
-    ptrs = _inputs(dt, mask, DO=f"*{dt}", Lse="*fp32", Delta="*fp32", DQ=f"*{dt}", DM="*fp32" if grad else f"*{dt}")
+    ptrs = _inputs(dt, mask, DO=f"*{dt}", Stats="*fp32", Delta="*fp32", DQ=f"*{dt}", DM="*fp32" if grad else f"*{dt}")
     return _compile(flash._bwd_dq_kernel, cc, ptrs, dict(_meta(cfg, hd, mask), MASK_GRAD=grad),
                     cfg.num_warps, cfg.num_stages, _UNIT | _MASK_UNIT if mask else _UNIT)
 
