@@ -19,3 +19,17 @@ def _fresh_dynamo():
     torch.manual_seed(0)
     yield
     torch._dynamo.reset()
+
+
+def _ensure_backend() -> None:
+    """``backend="attnfuse"`` comes from the package's entry point; a checkout used without ``pip install``
+    (e.g. only on ``PYTHONPATH``) registers it here so the tests still name it as users do."""
+    from torch._dynamo.backends.registry import list_backends, register_backend
+
+    if "attnfuse" not in list_backends(exclude_tags=()):
+        from attnfuse.backend import attnfuse_backend
+
+        register_backend(attnfuse_backend, "attnfuse")
+
+
+_ensure_backend()

@@ -764,7 +764,8 @@ def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=
     score max and the log2 of its sum of exp2(score - max), in log2 units (what the backward needs)."""
     b, h, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
-    groups = h // hkv
+    # head dims and the group size are compile-time constants of the kernel: specialize on them (a guard)
+    d, dv, groups = int(d), int(dv), int(h // hkv)
     elem = q.element_size()
     rows = lq * groups
     spec = _spec_for(q)
@@ -808,7 +809,7 @@ def backward(grad_out, q, k, v, out, stats, mask=None, seed=None, *, scale=None,
     """(dq, dk, dv, dmask or None).  ``deterministic`` computes dQ in its own pass instead of fp32 atomics."""
     b, h, lq, d = q.shape
     hkv, lk, dv_ = k.shape[1], k.shape[2], v.shape[-1]
-    groups = h // hkv
+    d, dv_, groups = int(d), int(dv_), int(h // hkv)
     elem = q.element_size()
     rows = lq * groups
     spec = _spec_for(q)
