@@ -12,6 +12,7 @@ as is (``inner="eager"``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 from collections.abc import Sequence
@@ -87,6 +88,33 @@ def _unsupported(m: match.AttentionMatch) -> str | None:
     return None
 
 
+_DEAD_ROWS = ("key padding can leave a query row with no visible key, which eager makes uniform over all keys "
+              "(finite fill) or zero (SDPA); the band stays in the dense mask so those rows stay exact")
+
+
+def _with_structure(before: match.AttentionMatch, m: match.AttentionMatch,
+                    info: masks.MaskInfo) -> tuple[match.AttentionMatch, dict[str, Any], dict[str, Any]]:
+    """The match the rewriter emits, the report's mask entry and the cost model's ``structure``.
+
+    A band (window or a folded causal mask) skips tiles, so it must not meet key padding: a padded
+    row can then see no key at all, and what eager gives such a row depends on the fill of the keys
+    the band removed.  Such a site keeps its dense mask (the analysis is still reported).
+    """
+    mask_report = info.report()
+    band = info.window_left >= 0 or info.window_right >= 0
+    if (band or (info.causal and not before.causal)) and "padding" in info.kinds:
+        mask_report["kept_dense"] = _DEAD_ROWS
+        return before, mask_report, {}
+    m = dataclasses.replace(m, window_left=info.window_left, window_right=info.window_right, alibi=info.alibi,
+                            block_sparse=info.block_sparse)
+    structure: dict[str, Any] = {}
+    if band:
+        structure.update(window=(info.window_left, info.window_right), causal=m.causal)
+    if info.block_sparse:
+        structure.update(block_sparse=True, density=info.params.get("density", 1.0))
+    return m, mask_report, structure
+
+
 def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Config,
             report: Report) -> list[match.AttentionMatch]:
     """Canonicalize + match + mask analysis + plan on ``gm`` (in place); fills ``report``."""
@@ -94,10 +122,10 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Co
     canonicalize.canonicalize(gm)
     found, misses = match.match(gm)
     chosen = []
-    for m in found:
-        m, mask_info = masks.analyze(gm, m, example_inputs)
+    for found_m in found:
+        m, mask_info, structure = _with_structure(found_m, *masks.analyze(gm, found_m, example_inputs))
         shape = _mha_shape(m) if m.form == "mha" else _plan_shape(m)
-        plan = costmodel.plan(shape, spec, config.kernels, exact_only=config.approximate is None)
+        plan = costmodel.plan(shape, spec, config.kernels, exact_only=config.approximate is None, structure=structure)
         site = report.add(_fused_site(m, mask_info, plan))
         why = _unsupported(m)
         if why:

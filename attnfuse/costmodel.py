@@ -59,12 +59,26 @@ def _estimate(flops: float, nbytes: float, device: DeviceSpec) -> float:
     return max(flops / device.flops, nbytes / device.hbm_bytes_per_s)
 
 
-def plan(shape: dict[str, Any], device: DeviceSpec, kernels: tuple[str, ...], exact_only: bool = True) -> Plan:
+def visible_keys(q_len: int, kv_len: int, left: int, right: int, causal: bool) -> float:
+    """The mean number of keys a query row sees under a band (``-1`` = unbounded side), top-left aligned."""
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    i = torch.arange(q_len, dtype=torch.float64)
+    lo = torch.zeros_like(i) if left < 0 else (i - left).clamp(min=0)
+    hi = torch.full_like(i, kv_len - 1) if right < 0 else (i + right).clamp(max=kv_len - 1)
+    return float((hi - lo + 1).clamp(min=0).mean()) if q_len else 0.0
+
+
+def plan(shape: dict[str, Any], device: DeviceSpec, kernels: tuple[str, ...], exact_only: bool = True,
+         structure: dict[str, Any] | None = None) -> Plan:
     """Pick the kernel for one site.
 
     ``shape`` has ``batch, heads, kv_heads, q_len, kv_len, head_dim, v_head_dim, elem``
-    (sizes as ints, their example values when the graph is dynamic).
+    (sizes as ints, their example values when the graph is dynamic).  ``structure`` is what the
+    mask analysis proved and the op will be told: ``window`` ``(left, right)``, ``causal``,
+    ``block_sparse`` with ``density`` (the fraction of tiles that are not empty).
     """
+    structure = structure or {}
     b, h, hk = shape["batch"], shape["heads"], shape["kv_heads"]
     lq, lk, d, dv, elem = shape["q_len"], shape["kv_len"], shape["head_dim"], shape["v_head_dim"], shape["elem"]
     flops = 2.0 * b * h * lq * lk * (d + dv)
@@ -88,17 +102,39 @@ def plan(shape: dict[str, Any], device: DeviceSpec, kernels: tuple[str, ...], ex
         "rejected": f"materializes {scores / 2**20:.1f} MiB of scores",
     }
     candidates = [fused, eager]
-    for family in ("window", "blocksparse"):
-        candidates.append({"kernel": family, "exact": True, "est_time_s": None, "hbm_bytes": None,
-                           "rejected": "needs a structured mask (none detected)"})
+    chosen = "flash"
+    window = structure.get("window")
+    if window is not None:
+        seen = visible_keys(lq, lk, window[0], window[1], structure.get("causal", False))
+        est = _estimate(flops * seen / max(1, lk), io, device)
+        candidates.append({"kernel": "window", "exact": True, "est_time_s": est, "hbm_bytes": io,
+                           "visible_keys": round(seen, 1), "rejected": None})
+        fused["rejected"] = "the window kernel skips the tiles outside the band"
+        chosen = "window"
+    else:
+        candidates.append({"kernel": "window", "exact": True, "est_time_s": None, "hbm_bytes": None,
+                           "rejected": "needs a proven band (window/causal) and no key padding"})
+    if structure.get("block_sparse"):
+        density = structure.get("density", 1.0)
+        candidates.append({"kernel": "blocksparse", "exact": True, "est_time_s": _estimate(flops * density, io, device),
+                           "hbm_bytes": io, "density": density, "rejected": None})
+        fused["rejected"] = "the block-sparse kernel skips the constant mask's empty tiles"
+        chosen = "blocksparse"
+    else:
+        candidates.append({"kernel": "blocksparse", "exact": True, "est_time_s": None, "hbm_bytes": None,
+                           "rejected": "needs a constant mask with empty tiles"})
     for family in ("topk", "lsh"):
         why = "approximate kernels need approximate=... (opt-in)" if exact_only else "not calibrated yet"
         candidates.append({"kernel": family, "exact": False, "est_time_s": None, "hbm_bytes": None,
                            "rejected": why})
-    if "flash" not in kernels:
-        fused["rejected"] = "'flash' is not in options['kernels']"
+    if chosen not in kernels:
+        reason = f"'{chosen}' is not in options['kernels']"
+        fused["rejected"] = fused["rejected"] or reason
+        for c in candidates:
+            if c["kernel"] == chosen:
+                c["rejected"] = reason
         return Plan("eager", {}, candidates)
-    return Plan("flash", flash_config(shape, device), candidates)
+    return Plan(chosen, flash_config(shape, device), candidates)
 
 
 def flash_config(shape: dict[str, Any], device: DeviceSpec) -> dict[str, int]:

@@ -1,13 +1,19 @@
 """``torch.ops.attnfuse.*``: the fused attention op the rewriter emits.
 
-``attnfuse::attention(q, k, v, mask=None, seed=None, *, scale=None, causal=False,
-softcap=0.0, kv_groups=1, dropout_p=0.0, mask_fill=None) -> (out, stats)``
+``attnfuse::attention(q, k, v, mask=None, seed=None, alibi=None, *, scale=None, causal=False,
+softcap=0.0, kv_groups=1, dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1,
+block_sparse=False) -> (out, stats)``
 
 Tensors are ``(batch, heads, seqlen, head_dim)``; K/V have ``heads / kv_groups``
 heads.  ``mask`` broadcasts to ``(batch, heads, q_len, kv_len)``: bool means
 "True = attend" (masked scores become ``mask_fill``), float is an additive
 bias and gets a gradient when it requires one.  ``mask_fill=None`` means -inf.  ``seed`` (int64 tensor) seeds
 the dropout mask.  The exact semantics are in `attnfuse.kernels.reference`.
+Structured masks, proven by `attnfuse.passes.masks`, skip work instead of reading a tensor:
+``window_left``/``window_right`` (-1 = unbounded) keep key ``j`` for query ``i`` iff
+``i - left <= j <= i + right`` (out-of-band scores are -inf); ``alibi`` (fp32, one slope per
+query head) adds ``slope[h] * (j - i)``; ``block_sparse`` says ``mask`` is a constant whose
+empty tiles the kernels skip.
 ``out`` is ``(B, H, Lq, Dv)``; ``stats`` holds the softmax row statistics the flash
 backward needs (fp32 ``(B, H, Lq, 2)``: row max and log2 of the row sum, base 2),
 or is empty on the paths whose backward recomputes them.  `attend` returns ``out`` alone.
@@ -20,7 +26,9 @@ Device dispatch:
   so Inductor sees the kernels; ``torch.export`` keeps the op whole.
 * CPU: PyTorch's fused flash-attention CPU kernel where it can express the site
   (no softcap, no dropout, equal q/v head dims, finite inputs) and the blocked
-  reference otherwise; the backward is the blocked reference.
+  reference otherwise; the backward is the blocked reference.  Structured masks
+  run `attnfuse.kernels.tiled` (band tiles only: O(N*w) time and memory), forward
+  and backward.
 * float64 and head dims above 256 take the reference on every device.
 """
 
@@ -30,7 +38,7 @@ import math
 
 import torch
 
-from .kernels import flash, reference
+from .kernels import flash, reference, tiled
 
 _NEG_INF = float("-inf")
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -112,15 +120,46 @@ def _in_output_layout(out: torch.Tensor) -> torch.Tensor:
     return out.new_empty(b, lq, h, dv).transpose(1, 2).copy_(out)
 
 
+def _structured(alibi, window_left, window_right, block_sparse) -> bool:
+    return alibi is not None or window_left >= 0 or window_right >= 0 or block_sparse
+
+
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              seed: torch.Tensor | None = None, *, scale: float | None = None, causal: bool = False,
-              softcap: float = 0.0, kv_groups: int = 1, dropout_p: float = 0.0,
-              mask_fill: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              seed: torch.Tensor | None = None, alibi: torch.Tensor | None = None, *, scale: float | None = None,
+              causal: bool = False, softcap: float = 0.0, kv_groups: int = 1, dropout_p: float = 0.0,
+              mask_fill: float | None = None, window_left: int = -1, window_right: int = -1,
+              block_sparse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     _check(q, k, v, mask, kv_groups)
+    _check_structure(q, alibi, window_left, window_right, block_sparse, mask)
     if _use_flash(q, k, v):
         return flash.forward(q, k, v, mask, _seed_on(seed, q), scale=scale, causal=causal, softcap=softcap,
-                             dropout_p=dropout_p, mask_fill=mask_fill)
+                             dropout_p=dropout_p, mask_fill=mask_fill, alibi=alibi,
+                             window=(window_left, window_right), block_sparse=block_sparse)
+    if _structured(alibi, window_left, window_right, block_sparse):
+        out = tiled.forward(q, k, v, mask, _seed_int(seed), scale=_scale(q, scale), causal=causal, softcap=softcap,
+                            kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=_fill(mask_fill), alibi=alibi,
+                            window_left=window_left, window_right=window_right, block_sparse=block_sparse)
+        return out, _no_stats(q)
     return _cpu_forward(q, k, v, mask, seed, scale, causal, softcap, kv_groups, dropout_p, mask_fill), _no_stats(q)
+
+
+def _check_structure(q, alibi, window_left, window_right, block_sparse, mask):
+    if window_left < -1 or window_right < -1:
+        raise ValueError(f"attnfuse.attention: window_left/window_right must be -1 (unbounded) or >= 0; "
+                         f"got {window_left}, {window_right}")
+    if alibi is not None and (alibi.dim() != 1 or alibi.shape[0] != q.shape[1]):
+        raise ValueError(f"attnfuse.attention: alibi must hold one slope per query head, shape ({q.shape[1]},); "
+                         f"got {tuple(alibi.shape)}")
+    if block_sparse and mask is None:
+        raise ValueError("attnfuse.attention: block_sparse=True needs the constant mask whose tiles it skips")
+
+
+def _fill(mask_fill: float | None) -> float:
+    return _NEG_INF if mask_fill is None else mask_fill
+
+
+def _seed_int(seed: torch.Tensor | None) -> int:
+    return 0 if seed is None else int(seed.item())
 
 
 attention = torch.library.custom_op("attnfuse::attention", mutates_args=())(_attention)
@@ -142,8 +181,8 @@ def _cpu_forward(q, k, v, mask, seed, scale, causal, softcap, kv_groups, dropout
 
 
 @attention.register_fake
-def _(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0, kv_groups=1, dropout_p=0.0,
-      mask_fill=None):
+def _(q, k, v, mask=None, seed=None, alibi=None, *, scale=None, causal=False, softcap=0.0, kv_groups=1,
+      dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1, block_sparse=False):
     if _use_flash(q, k, v):
         return output_like(q, v), q.new_empty(*q.shape[:3], 2, dtype=torch.float32)
     return output_like(q, v), _no_stats(q)
@@ -182,22 +221,31 @@ def _seed_on(seed, q):
 
 def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, stats: torch.Tensor, mask: torch.Tensor | None, seed: torch.Tensor | None,
-                       *, scale: float | None, causal: bool, softcap: float, kv_groups: int, dropout_p: float,
-                       mask_fill: float | None, mask_grad: bool) -> list[torch.Tensor]:
+                       alibi: torch.Tensor | None, *, scale: float | None, causal: bool, softcap: float,
+                       kv_groups: int, dropout_p: float, mask_fill: float | None, window_left: int, window_right: int,
+                       block_sparse: bool, mask_grad: bool) -> list[torch.Tensor]:
     if stats.numel():  # the forward ran the flash kernel
+        # dQ in its own pass, not fp32 atomics: on an H100 the atomic variant was 5-9x slower
+        # (benchmarks/results/bwd-sweep-h100-2026-11-23.json), and this one is also reproducible
         dq, dk, dv, dm = flash.backward(
             grad_out, q, k, v, out, stats, mask, _seed_on(seed, q), scale=scale, causal=causal, softcap=softcap,
-            dropout_p=dropout_p, mask_fill=mask_fill, mask_grad=mask_grad,
-            deterministic=torch.are_deterministic_algorithms_enabled())
+            dropout_p=dropout_p, mask_fill=mask_fill, mask_grad=mask_grad, deterministic=True, alibi=alibi,
+            window=(window_left, window_right), block_sparse=block_sparse)
         return [dq, dk, dv, dm if dm is not None else q.new_empty(0)]
+    if _structured(alibi, window_left, window_right, block_sparse):
+        dq, dk, dv, dm = tiled.backward(
+            grad_out, q, k, v, mask, _seed_int(seed), scale=_scale(q, scale), causal=causal, softcap=softcap,
+            kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=_fill(mask_fill), alibi=alibi,
+            window_left=window_left, window_right=window_right, block_sparse=block_sparse, mask_grad=mask_grad)
+        return [dq.contiguous(), dk.contiguous(), dv.contiguous(),
+                dm.contiguous() if dm is not None else q.new_empty(0)]
     # PyTorch's CPU flash backward misses the 2x accuracy rule with masks (measured up to
     # ~5x eager's error in fp32), so the backward always runs the blocked reference, which
     # recomputes softmax per block and does not need ``out`` (flash-style kernels use it for
     # rowsum(dO * O)).
     dq, dk, dv, dm = reference.backward(
-        grad_out, q, k, v, mask, 0 if seed is None else int(seed.item()), scale=_scale(q, scale),
-        causal=causal, softcap=softcap, kv_groups=kv_groups, dropout_p=dropout_p,
-        mask_fill=_NEG_INF if mask_fill is None else mask_fill, mask_grad=mask_grad)
+        grad_out, q, k, v, mask, _seed_int(seed), scale=_scale(q, scale), causal=causal, softcap=softcap,
+        kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=_fill(mask_fill), mask_grad=mask_grad)
     # contiguous, as the fake impl promises (the K/V head reduction of GQA makes new tensors anyway)
     return [dq.contiguous(), dk.contiguous(), dv.contiguous(), dm.contiguous() if dm is not None else q.new_empty(0)]
 
@@ -206,23 +254,24 @@ attention_backward = torch.library.custom_op("attnfuse::attention_backward", mut
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, out, stats, mask, seed, *, scale, causal, softcap, kv_groups, dropout_p, mask_fill,
-      mask_grad):
+def _(grad_out, q, k, v, out, stats, mask, seed, alibi, *, scale, causal, softcap, kv_groups, dropout_p, mask_fill,
+      window_left, window_right, block_sparse, mask_grad):
     dm = mask.new_empty(mask.shape) if mask_grad else q.new_empty(0)
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dm]
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    q, k, v, mask, seed = inputs
-    ctx.save_for_backward(q, k, v, mask, seed, *output)
+    q, k, v, mask, seed, alibi = inputs
+    ctx.save_for_backward(q, k, v, mask, seed, alibi, *output)
     ctx.kwargs = keyword_only_inputs
 
 
 def _backward(ctx, grad, _grad_stats):
-    q, k, v, mask, seed, out, stats = ctx.saved_tensors
+    q, k, v, mask, seed, alibi, out, stats = ctx.saved_tensors
     mask_grad = mask is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dm = attention_backward(grad, q, k, v, out, stats, mask, seed, mask_grad=mask_grad, **ctx.kwargs)
-    return dq, dk, dv, (dm if mask_grad else None), None
+    dq, dk, dv, dm = attention_backward(grad, q, k, v, out, stats, mask, seed, alibi, mask_grad=mask_grad,
+                                        **ctx.kwargs)
+    return dq, dk, dv, (dm if mask_grad else None), None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -233,13 +282,13 @@ for _op in (attention, attention_backward):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-           seed: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+           seed: torch.Tensor | None = None, alibi: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """``attnfuse::attention``'s output without the row statistics."""
-    return attention(q, k, v, mask, seed, **kwargs)[0]
+    return attention(q, k, v, mask, seed, alibi, **kwargs)[0]
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                   seed: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+                   seed: torch.Tensor | None = None, alibi: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """`attention` with ``F.scaled_dot_product_attention``'s convention for fully masked rows.
 
     Eager SDPA (and ``nn.MultiheadAttention`` without weights) returns 0 for a query row whose
@@ -247,10 +296,15 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     every key inside the op and are zeroed after it; no data-dependent branch, so it traces.
     """
     if mask is None:
-        return attend(q, k, v, mask, seed, **kwargs)
+        return attend(q, k, v, mask, seed, alibi, **kwargs)
     keep = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
+    left, right = kwargs.get("window_left", -1), kwargs.get("window_right", -1)
     if kwargs.get("causal", False):
-        keep = keep & torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=mask.device).tril()
+        right = 0 if right < 0 else min(right, 0)
+    if left >= 0 or right >= 0:  # (the rewriter sends no band with a mask here: this dense test is the fallback)
+        i = torch.arange(q.shape[-2], device=mask.device)[:, None]
+        j = torch.arange(k.shape[-2], device=mask.device)[None, :]
+        keep = keep & ((j >= i - left) | (left < 0)) & ((j <= i + right) | (right < 0))
     dead = ~keep.any(-1, keepdim=True)
     safe = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
-    return attend(q, k, v, safe, seed, **kwargs).masked_fill(dead, 0.0)
+    return attend(q, k, v, safe, seed, alibi, **kwargs).masked_fill(dead, 0.0)

@@ -11,6 +11,10 @@ fill value, additive bias, top-left causal, GQA, NaN rows for fully masked
 rows), with one difference: dropout draws its keep mask from Philox keyed by
 ``(seed, batch*heads + head, row*kv_len + col)``, so it is reproducible on
 every device and across the split-K path, but not the CPU reference's stream.
+The same kernels also run ALiBi (``s += slope[h] * (j - i)`` after softcap),
+a sliding-window band (`attnfuse.kernels.window`) and constant block-sparse
+masks from a tile map (`attnfuse.kernels.blocksparse`): compile-time modes
+that change which tiles a program visits, not how a tile is computed.
 
 Layout choices:
 
@@ -19,6 +23,10 @@ Layout choices:
   ``kv_groups == 1`` this is the usual one-head-per-program kernel.
 * Causal programs run an unmasked loop over the key tiles left of the diagonal
   and a masked loop over the diagonal tiles; tiles right of it are skipped.
+  Band programs run a masked stage on each edge of the band around an unmasked
+  middle and skip the rest; block-sparse programs walk their map row (full
+  tiles unmasked with no mask read, then partial tiles masked).  The backward's
+  key-tile programs visit the query tiles the same way, transposed.
 * Bounds checks are compiled out when lengths divide the tiles
   (``EVEN_M``/``EVEN_N``/``EVEN_D``).
 * The mask is read through its own (possibly zero) strides: a broadcast bias is
@@ -29,9 +37,12 @@ Layout choices:
 Limitations: head dims up to 256; float16/bfloat16/float32 (float32 uses IEEE
 fp32 dots, not TF32, to keep the accuracy contract); a causal forward whose V
 holds NaN/Inf visits every tile (eager's ``0 * nan`` must reach the output) but
-the backward does not replay that NaN pattern; for a row with exactly one
-visible key, dQ/dK carry fp32 rounding of ``delta`` where eager is exactly 0;
-the dropout offsets wrap when ``q_len * kv_len >= 2**32``.
+the backward does not replay that NaN pattern, and a band or block map reaches
+NaN/Inf in V outside it only in the tiles it visits; under a band or map, a row
+with no visible key gets eager's masked_fill gradients (dQ 0, NaN in all of dV
+of its K/V head); for a row with exactly one visible key, dQ/dK carry fp32
+rounding of ``delta`` where eager is exactly 0; the dropout offsets wrap when
+``q_len * kv_len >= 2**32``; block-sparse launches are never split over keys.
 """
 
 from __future__ import annotations
@@ -47,13 +58,17 @@ import triton.language as tl
 from triton.language.random import philox, uint_to_uniform_float
 
 from ..costmodel import PRESETS, DeviceSpec
+from . import blocksparse
 from .reference import sum_to
 
 _LOG2E = 1.4426950408889634
 _FLT_MAX = 3.4028234663852886e38
-# MASK_KIND: no mask, additive bias, bool mask filled with -inf, bool mask with a finite fill.  The fill
-# is a constexpr choice rather than a -inf scalar argument so that a traced launch never carries an inf.
-MASK_NONE, MASK_BIAS, MASK_BOOL, MASK_BOOL_FILL = 0, 1, 2, 3
+# MASK_KIND: no mask, additive bias, bool mask filled with -inf, bool mask with a finite fill, block-sparse
+# additive mask (entries <= finfo.min are -inf).  The fill is a constexpr choice rather than a -inf scalar
+# argument so that a traced launch never carries an inf.
+MASK_NONE, MASK_BIAS, MASK_BOOL, MASK_BOOL_FILL, MASK_BIAS_FLOOR = 0, 1, 2, 3, 4
+# The kernels' band half-width for "unbounded": wider than any sequence, and no int32 overflow in their bounds.
+_UNBOUNDED = 2**30
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -75,13 +90,16 @@ def _tanh(y):
 
 @triton.jit
 def _scores(q, kt, rows, heads, cols, b, M, stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk,
-            qk_scale, cap_scale, softcap2, fill2,
-            MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr,
-            CHECK_N: tl.constexpr, PRECISION: tl.constexpr):
+            qk_scale, cap_scale, softcap2, fill2, slope2, win_left, win_right,
+            MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, CAUSAL: tl.constexpr,
+            WINDOW: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Scores of one tile in the log2 domain, and tanh(s / softcap) for the softcap backward.
 
     ``qk_scale = scale * log2(e)``; with softcap, ``cap_scale = 2 * scale / softcap * log2(e)`` and
-    ``softcap2 = softcap * log2(e)``; ``fill2`` is the finite bool-mask fill (MASK_KIND 3) in the log2 domain.
+    ``softcap2 = softcap * log2(e)``; ``fill2`` is the finite bool-mask fill (MASK_KIND 3) in the log2 domain,
+    or, for a block-sparse additive mask (MASK_KIND 4), finfo(mask dtype).min: entries at or below it are
+    masked, -inf like the tiles the map skips.  ``slope2``: the rows' ALiBi slopes times log2(e).  ``WINDOW``
+    keeps the keys j of row i with ``-win_left <= j - i <= win_right``.
     """
     qk = tl.dot(q, kt, input_precision=PRECISION)
     if HAS_SOFTCAP:
@@ -90,6 +108,8 @@ def _scores(q, kt, rows, heads, cols, b, M, stride_mb, stride_mh, stride_mm, str
     else:
         t = qk
         s = qk * qk_scale
+    if HAS_ALIBI:
+        s += slope2[:, None] * (cols[None, :] - rows[:, None]).to(tl.float32)
     if MASK_KIND != 0:
         m_ptrs = M + b * stride_mb + heads[:, None] * stride_mh + rows[:, None] * stride_mm + cols[None, :] * stride_mn
         if CHECK_M or CHECK_N:
@@ -103,10 +123,17 @@ def _scores(q, kt, rows, heads, cols, b, M, stride_mb, stride_mh, stride_mm, str
             s += tl.where(bias == float("-inf"), bias, tl.maximum(bias * 1.4426950408889634, -3.4028234663852886e38))
         elif MASK_KIND == 2:
             s = tl.where(mv != 0, s, float("-inf"))
-        else:
+        elif MASK_KIND == 3:
             s = tl.where(mv != 0, s, fill2)
+        else:
+            bias = mv.to(tl.float32)
+            s = tl.where(bias <= fill2, float("-inf"),
+                         s + tl.maximum(bias * 1.4426950408889634, -3.4028234663852886e38))
     if CAUSAL:
         s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+    if WINDOW:
+        dist = cols[None, :] - rows[:, None]
+        s = tl.where((dist >= -win_left) & (dist <= win_right), s, float("-inf"))
     if CHECK_N:
         s = tl.where(cols[None, :] < Lk, s, float("-inf"))
     return s, t
@@ -129,12 +156,58 @@ def _packed(start, b, hkv, H, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _slopes(Alibi, heads, HAS_ALIBI: tl.constexpr):
+    """The ALiBi slopes of the rows' heads in log2 units (unused without ALiBi)."""
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Alibi + heads) * 1.4426950408889634
+    return slope2
+
+
+@triton.jit
 def _diagonal(start, Lq, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Causal key bounds of the packed rows from ``start``: keys below the first bound are visible to
     every row (whole tiles), keys from the second on to none."""
     row_lo = start // GROUPS
     row_hi = tl.minimum((start + BLOCK_M - 1) // GROUPS, Lq - 1)
     return (row_lo + 1) // BLOCK_N * BLOCK_N, row_hi + 1
+
+
+@triton.jit
+def _band_keys(start, Lq, Lk, win_left, win_right, split, split_len, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Key bounds of the packed rows from ``start`` under the band, within key split ``split`` (its keys from
+    the band's first tile + split * split_len on): lo <= whole_lo <= whole_hi <= hi (or an empty [lo, hi)).
+
+    [lo, hi) holds every key some row sees; the tiles in [whole_lo, whole_hi) are seen whole by every row and
+    end before a ragged last tile (the unmasked loop does not check lengths); the edges are masked.
+    """
+    row_lo = start // GROUPS
+    row_hi = tl.minimum((start + BLOCK_M - 1) // GROUPS, Lq - 1)
+    lo = tl.maximum(row_lo - win_left, 0) // BLOCK_N * BLOCK_N + split * split_len
+    hi = tl.minimum(tl.minimum(row_hi + win_right + 1, Lk), lo + split_len)
+    whole_lo = tl.cdiv(tl.maximum(row_hi - win_left, 0), BLOCK_N) * BLOCK_N
+    whole_hi = tl.minimum(row_lo + win_right + 1, Lk) // BLOCK_N * BLOCK_N
+    whole_lo = tl.minimum(tl.maximum(whole_lo, lo), hi)
+    whole_hi = tl.minimum(tl.maximum(whole_hi, whole_lo), hi)
+    return lo, whole_lo, whole_hi, hi
+
+
+@triton.jit
+def _band_rows(start_n, Lq, Lk, win_left, win_right, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Packed query-row bounds of the key tile at ``start_n`` under the band: lo <= whole_lo <= whole_hi <= hi
+    (or an empty [lo, hi)).  [lo, hi) holds every row that sees a key of the tile; the row tiles in
+    [whole_lo, whole_hi) see all of its keys (a ragged last row tile included: rows past Lq have p = 0)."""
+    last = tl.minimum(start_n + BLOCK_N, Lk) - 1
+    lo = tl.maximum(start_n - win_right, 0) * GROUPS // BLOCK_M * BLOCK_M
+    hi = tl.minimum(last + win_left + 1, Lq) * GROUPS
+    whole_lo = tl.cdiv(tl.maximum(last - win_right, 0) * GROUPS, BLOCK_M) * BLOCK_M
+    whole_end = tl.minimum(start_n + win_left + 1, Lq)
+    whole_hi = tl.where(whole_end == Lq, hi, whole_end * GROUPS // BLOCK_M * BLOCK_M)
+    whole_lo = tl.minimum(tl.maximum(whole_lo, lo), hi)
+    whole_hi = tl.minimum(tl.maximum(whole_hi, whole_lo), hi)
+    return lo, whole_lo, whole_hi, hi
 
 
 @triton.jit
@@ -155,12 +228,13 @@ def _bwd_rows(Q, DO, Stats, Delta, b, rows, heads, bh, offs_d, offs_dv,
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, K, V, M, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
+def _fwd_tile(acc, l_i, m_i, q, K, V, M, seed, b, rows, heads, bh, offs_d, offs_dv, slope2, start_n,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
-              Lq, Lk, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
+              Lq, Lk, qk_scale, cap_scale, softcap2, fill2, win_left, win_right, dropout_p, inv_keep,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-              HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr,
-              CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+              HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
+              WINDOW: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr,
+              PRECISION: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     kt_ptrs = K + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn
     v_ptrs = V + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
@@ -171,7 +245,8 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, M, seed, b, rows, heads, bh, offs_d, offs_
         kt = tl.load(kt_ptrs)
         v = tl.load(v_ptrs)
     s, _ = _scores(q, kt, rows, heads, cols, b, M, stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk,
-                   qk_scale, cap_scale, softcap2, fill2, MASK_KIND, HAS_SOFTCAP, CAUSAL, CHECK_M, CHECK_N, PRECISION)
+                   qk_scale, cap_scale, softcap2, fill2, slope2, win_left, win_right,
+                   MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, CAUSAL, WINDOW, CHECK_M, CHECK_N, PRECISION)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # a row with no finite score so far keeps p = 0 instead of exp2(-inf + inf) = NaN
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -185,25 +260,52 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, M, seed, b, rows, heads, bh, offs_d, offs_
 
 
 @triton.jit
+def _fwd_range(acc, l_i, m_i, lo, hi, Tiles, q, K, V, M, seed, b, rows, heads, bh, offs_d, offs_dv, slope2,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
+               Lq, Lk, qk_scale, cap_scale, softcap2, fill2, win_left, win_right, dropout_p, inv_keep,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
+               WINDOW: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr,
+               LISTED: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold key tiles into the running softmax: the keys [lo, hi), or (``LISTED``) the key tiles whose indices
+    a block-sparse map holds at entries [lo, hi) of ``Tiles``."""
+    for i in range(lo, hi, 1 if LISTED else BLOCK_N):
+        start_n = tl.load(Tiles + i) * BLOCK_N if LISTED else i
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, M, seed, b, rows, heads, bh, offs_d, offs_dv, slope2,
+                                  start_n, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh,
+                                  stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2, win_left,
+                                  win_right, dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND,
+                                  HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, CAUSAL, WINDOW, CHECK_M, CHECK_N, EVEN_D,
+                                  PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_kernel(
     # pointers
-    Q, K, V, M, Seed, VBad, Out, Stats,
+    Q, K, V, M, Seed, VBad, Alibi, TileMap, Out, Stats,
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_tb, stride_th, stride_tm,
     stride_os, stride_ob, stride_oh, stride_om, stride_od, stride_ls,
     # sizes and scalars
-    H, Lq, Lk, split_len, qk_scale, cap_scale, softcap2, fill2, dropout_p,
+    H, Lq, Lk, split_len, win_left, win_right, qk_scale, cap_scale, softcap2, fill2, dropout_p,
     # meta
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, BLOCK_SPARSE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program: BLOCK_M packed (row, head-in-group) pairs of one K/V head, keys of one split.
 
+    The key tiles it visits: every one; causal, those left of the diagonal (unmasked) and on it (masked);
+    with a window, the band's (masked edges around an unmasked middle); block-sparse, the map's full tiles
+    (no mask read, no masking) then its partial ones (masked), at ``TileMap`` row ``(b, hkv, pid_m)``:
+    ``[n_full, n_partial, full tile indices..., partial tile indices...]``.
     With a split grid it writes fp32 partial outputs (normalized) and partial row statistics at
     ``split * stride_os`` / ``split * stride_ls``; `_combine_kernel` merges them.
     """
@@ -227,34 +329,72 @@ def _fwd_kernel(
     if HAS_DROPOUT:
         seed = tl.load(Seed)
     inv_keep = 1.0 / (1.0 - dropout_p)
-
-    # key range of this program: [lo, hi); full unmasked tiles in [lo, mid), masked ones in [mid, hi)
-    lo = split * split_len
-    hi = tl.minimum(Lk, lo + split_len)
-    full_end = Lk // BLOCK_N * BLOCK_N
-    if IS_CAUSAL:
-        seen_by_all, seen_by_none = _diagonal(pid_m * BLOCK_M, Lq, GROUPS, BLOCK_M, BLOCK_N)
-        # eager multiplies V by 0 right of the diagonal: a NaN/Inf there (VBad) must reach the output,
-        # so such a V keeps those tiles (masked) instead of skipping them
-        hi = tl.where(tl.load(VBad) != 0, hi, tl.minimum(hi, seen_by_none))
-        full_end = tl.minimum(full_end, seen_by_all)
-    mid = tl.maximum(lo, tl.minimum(hi, full_end))
-
+    slope2 = _slopes(Alibi, heads, HAS_ALIBI)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for start_n in range(lo, mid, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, M, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm,
-                                  stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
-                                  HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT,
-                                  False, not EVEN_M, False, EVEN_D, PRECISION)
-    for start_n in range(mid, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, M, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm,
-                                  stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
-                                  HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT,
-                                  IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+
+    if BLOCK_SPARSE:
+        tiles = TileMap + b * stride_tb + hkv * stride_th + pid_m * stride_tm
+        n_full = tl.load(tiles)
+        n_listed = n_full + tl.load(tiles + 1)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, 0, n_full, tiles + 2, q, K, V, M, seed, b, rows, heads, bh,
+                                   offs_d, offs_dv, slope2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb,
+                                   stride_mh, stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2,
+                                   win_left, win_right, dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, 0,
+                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, False, not EVEN_M, False, EVEN_D,
+                                   True, PRECISION)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, n_full, n_listed, tiles + 2, q, K, V, M, seed, b, rows, heads,
+                                   bh, offs_d, offs_dv, slope2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb,
+                                   stride_mh, stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2,
+                                   win_left, win_right, dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND,
+                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, HAS_WINDOW, not EVEN_M, not EVEN_N,
+                                   EVEN_D, True, PRECISION)
+    elif HAS_WINDOW:
+        lo, whole_lo, whole_hi, hi = _band_keys(pid_m * BLOCK_M, Lq, Lk, win_left, win_right, split, split_len,
+                                                GROUPS, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, lo, whole_lo, TileMap, q, K, V, M, seed, b, rows, heads, bh,
+                                   offs_d, offs_dv, slope2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb,
+                                   stride_mh, stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2,
+                                   win_left, win_right, dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND,
+                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, True, not EVEN_M, not EVEN_N, EVEN_D,
+                                   False, PRECISION)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, whole_lo, whole_hi, TileMap, q, K, V, M, seed, b, rows, heads, bh,
+                                   offs_d, offs_dv, slope2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb,
+                                   stride_mh, stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2,
+                                   win_left, win_right, dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND,
+                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, False, not EVEN_M, False, EVEN_D,
+                                   False, PRECISION)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, whole_hi, hi, TileMap, q, K, V, M, seed, b, rows, heads, bh,
+                                   offs_d, offs_dv, slope2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb,
+                                   stride_mh, stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2,
+                                   win_left, win_right, dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND,
+                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, True, not EVEN_M, not EVEN_N, EVEN_D,
+                                   False, PRECISION)
+    else:
+        # key range of this program: [lo, hi); full unmasked tiles in [lo, mid), masked ones in [mid, hi)
+        lo = split * split_len
+        hi = tl.minimum(Lk, lo + split_len)
+        full_end = Lk // BLOCK_N * BLOCK_N
+        if IS_CAUSAL:
+            seen_by_all, seen_by_none = _diagonal(pid_m * BLOCK_M, Lq, GROUPS, BLOCK_M, BLOCK_N)
+            # eager multiplies V by 0 right of the diagonal: a NaN/Inf there (VBad) must reach the output,
+            # so such a V keeps those tiles (masked) instead of skipping them
+            hi = tl.where(tl.load(VBad) != 0, hi, tl.minimum(hi, seen_by_none))
+            full_end = tl.minimum(full_end, seen_by_all)
+        mid = tl.maximum(lo, tl.minimum(hi, full_end))
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, lo, mid, TileMap, q, K, V, M, seed, b, rows, heads, bh,
+                                   offs_d, offs_dv, slope2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb,
+                                   stride_mh, stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2,
+                                   win_left, win_right, dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND,
+                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, False, not EVEN_M, False, EVEN_D,
+                                   False, PRECISION)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, mid, hi, TileMap, q, K, V, M, seed, b, rows, heads, bh,
+                                   offs_d, offs_dv, slope2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb,
+                                   stride_mh, stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2,
+                                   win_left, win_right, dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND,
+                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, IS_CAUSAL, False, not EVEN_M, not EVEN_N,
+                                   EVEN_D, False, PRECISION)
 
     # 0 / 0 = NaN for rows whose scores are all -inf, as eager softmax; a split partial with no live key
     # stays acc (0, or NaN from 0 * NaN in V) so that the combine can weight it 0 and still see V's NaN
@@ -332,16 +472,17 @@ def _bwd_preprocess(
                  mask=inb, other=0.0).to(tl.float32)
     tl.store(Delta + bh * Lq + rows, tl.sum(o * do, 1), mask=rows < Lq)
 
-
 @triton.jit
 def _bwd_tile_grads(q, do, kt, vt, m_row, ll_row, delta, rows, heads, bh, cols, b, M, seed,
                     stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk,
-                    qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
-                    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                    CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr):
+                    qk_scale, cap_scale, softcap2, fill2, slope2, win_left, win_right, dropout_p, inv_keep,
+                    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHECK_M: tl.constexpr,
+                    CHECK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Recompute one tile: (p after dropout, dS w.r.t. the final scores, dS w.r.t. q·k) in fp32."""
     s, t = _scores(q, kt, rows, heads, cols, b, M, stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk,
-                   qk_scale, cap_scale, softcap2, fill2, MASK_KIND, HAS_SOFTCAP, CAUSAL, CHECK_M, CHECK_N, PRECISION)
+                   qk_scale, cap_scale, softcap2, fill2, slope2, win_left, win_right,
+                   MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, CAUSAL, WINDOW, CHECK_M, CHECK_N, PRECISION)
     p = tl.exp2((s - m_row[:, None]) - ll_row[:, None])
     dp = tl.dot(do, vt, input_precision=PRECISION)
     if HAS_DROPOUT:
@@ -351,11 +492,18 @@ def _bwd_tile_grads(q, do, kt, vt, m_row, ll_row, delta, rows, heads, bh, cols, 
     else:
         pd = p
     ds = p * (dp - delta[:, None])
+    # masked scores are the constant fill: no gradient (p is not 0 there for a finite fill, and it is NaN in a
+    # row with no visible key, where eager's masked_fill stops the NaN too)
     if MASK_KIND >= 2:
-        # masked scores are the constant fill: no gradient (p is not 0 there for a finite fill)
         m_ptrs = M + b * stride_mb + heads[:, None] * stride_mh + rows[:, None] * stride_mm + cols[None, :] * stride_mn
         mv = tl.load(m_ptrs, mask=(rows[:, None] < Lq) & (cols[None, :] < Lk), other=0)
-        ds = tl.where(mv != 0, ds, 0.0)
+        if MASK_KIND == 4:
+            ds = tl.where(mv.to(tl.float32) > fill2, ds, 0.0)
+        else:
+            ds = tl.where(mv != 0, ds, 0.0)
+    if WINDOW:
+        dist = cols[None, :] - rows[:, None]
+        ds = tl.where((dist >= -win_left) & (dist <= win_right), ds, 0.0)
     dqk = ds
     if HAS_SOFTCAP:
         dqk = ds * (1.0 - t * t)
@@ -363,21 +511,23 @@ def _bwd_tile_grads(q, do, kt, vt, m_row, ll_row, delta, rows, heads, bh, cols, 
 
 
 @triton.jit
-def _dkdv_step(dk, dv, kt, vt, Q, DO, Stats, Delta, DQ, M, seed, b, hkv, cols, offs_d, offs_dv, start_m,
+def _dkdv_step(dk, dv, kt, vt, Q, DO, Stats, Delta, DQ, M, Alibi, seed, b, hkv, cols, offs_d, offs_dv, start_m,
                stride_qb, stride_qh, stride_qm, stride_qd, stride_mb, stride_mh, stride_mm, stride_mn,
                stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-               H, Lq, Lk, sm_scale, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
+               H, Lq, Lk, sm_scale, qk_scale, cap_scale, softcap2, fill2, win_left, win_right, dropout_p, inv_keep,
                GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
-               MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
-               CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr):
+               MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHECK_M: tl.constexpr,
+               CHECK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr):
     rows, heads, bh = _packed(start_m, b, hkv, H, GROUPS, BLOCK_M)
     q, do, m_row, ll_row, delta = _bwd_rows(Q, DO, Stats, Delta, b, rows, heads, bh, offs_d, offs_dv,
                                             stride_qb, stride_qh, stride_qm, stride_qd,
                                             stride_dob, stride_doh, stride_dom, stride_dod, Lq, HEAD_DIM, HEAD_DIM_V)
+    slope2 = _slopes(Alibi, heads, HAS_ALIBI)
     pd, ds, dqk = _bwd_tile_grads(q, do, kt, vt, m_row, ll_row, delta, rows, heads, bh, cols, b, M, seed,
                                   stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale,
-                                  softcap2, fill2, dropout_p, inv_keep, MASK_KIND, HAS_SOFTCAP,
-                                  HAS_DROPOUT, CAUSAL, CHECK_M, CHECK_N, PRECISION)
+                                  softcap2, fill2, slope2, win_left, win_right, dropout_p, inv_keep, MASK_KIND,
+                                  HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, CAUSAL, WINDOW, CHECK_M, CHECK_N, PRECISION)
     dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
     dk += tl.dot(tl.trans(dqk.to(q.dtype)), q, input_precision=PRECISION)
     if ATOMIC_DQ:
@@ -388,28 +538,56 @@ def _dkdv_step(dk, dv, kt, vt, Q, DO, Stats, Delta, DQ, M, seed, b, hkv, cols, o
 
 
 @triton.jit
+def _dkdv_range(dk, dv, lo, hi, Tiles, kt, vt, Q, DO, Stats, Delta, DQ, M, Alibi, seed, b, hkv, cols, offs_d,
+                offs_dv, stride_qb, stride_qh, stride_qm, stride_qd, stride_mb, stride_mh, stride_mm, stride_mn,
+                stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                H, Lq, Lk, sm_scale, qk_scale, cap_scale, softcap2, fill2, win_left, win_right, dropout_p, inv_keep,
+                GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHECK_M: tl.constexpr,
+                CHECK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, LISTED: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK/dV over packed query rows: the rows [lo, hi), or (``LISTED``) the row tiles whose indices
+    a transposed block-sparse map holds at entries [lo, hi) of ``Tiles``."""
+    for i in range(lo, hi, 1 if LISTED else BLOCK_M):
+        start_m = tl.load(Tiles + i) * BLOCK_M if LISTED else i
+        dk, dv = _dkdv_step(dk, dv, kt, vt, Q, DO, Stats, Delta, DQ, M, Alibi, seed, b, hkv, cols, offs_d, offs_dv,
+                            start_m, stride_qb, stride_qh, stride_qm, stride_qd, stride_mb, stride_mh, stride_mm,
+                            stride_mn, stride_dob, stride_doh, stride_dom, stride_dod,
+                            stride_dqb, stride_dqh, stride_dqm, stride_dqd, H, Lq, Lk, sm_scale, qk_scale, cap_scale,
+                            softcap2, fill2, win_left, win_right, dropout_p, inv_keep, GROUPS, HEAD_DIM, HEAD_DIM_V,
+                            BLOCK_M, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, CAUSAL, WINDOW, CHECK_M, CHECK_N,
+                            ATOMIC_DQ, PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     # pointers
-    Q, K, V, M, Seed, DO, Stats, Delta, DQ, DK, DV,
+    Q, K, V, M, Seed, Alibi, TileMap, DO, Stats, Delta, DQ, DK, DV,
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_tb, stride_th, stride_tm,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     # sizes and scalars
-    H, Lq, Lk, sm_scale, qk_scale, cap_scale, softcap2, fill2, dropout_p,
+    H, Lq, Lk, win_left, win_right, sm_scale, qk_scale, cap_scale, softcap2, fill2, dropout_p,
     # meta
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, BLOCK_SPARSE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK, dV of one key tile of one K/V head, summed over every query head of its group.
 
+    The query tiles it visits mirror the forward's key tiles: causal, the diagonal's (masked) and those below
+    (unmasked); with a window, the band's (masked edges around an unmasked middle); block-sparse, those the
+    transposed map ``TileMap`` lists for the key tile (full ones unmasked, then partial ones masked).
     With ``ATOMIC_DQ`` it also adds this tile's dQ share into the fp32 buffer ``DQ`` with atomics
     (fast, not bitwise reproducible); otherwise `_bwd_dq_kernel` computes dQ.
     """
@@ -431,31 +609,72 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
-    # packed query rows r = row * GROUPS + g; causal: rows < the tile's first key see none of it
-    n_packed = Lq * GROUPS
-    lo = 0
-    mid = 0
-    if IS_CAUSAL:
-        lo = (pid_n * BLOCK_N * GROUPS) // BLOCK_M * BLOCK_M
-        # from here on, every row sees every key of the tile
-        mid = tl.minimum(tl.cdiv((pid_n * BLOCK_N + BLOCK_N - 1) * GROUPS + GROUPS, BLOCK_M) * BLOCK_M, n_packed)
-        mid = tl.maximum(mid, lo)
-    for start_m in range(lo, mid, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, kt, vt, Q, DO, Stats, Delta, DQ, M, seed, b, hkv, cols, offs_d, offs_dv, start_m,
-                            stride_qb, stride_qh, stride_qm, stride_qd, stride_mb, stride_mh, stride_mm, stride_mn,
-                            stride_dob, stride_doh, stride_dom, stride_dod,
-                            stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                            H, Lq, Lk, sm_scale, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
-                            GROUPS, HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT,
-                            True, not EVEN_M, not EVEN_N, ATOMIC_DQ, PRECISION)
-    for start_m in range(mid, n_packed, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, kt, vt, Q, DO, Stats, Delta, DQ, M, seed, b, hkv, cols, offs_d, offs_dv, start_m,
-                            stride_qb, stride_qh, stride_qm, stride_qd, stride_mb, stride_mh, stride_mm, stride_mn,
-                            stride_dob, stride_doh, stride_dom, stride_dod,
-                            stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                            H, Lq, Lk, sm_scale, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
-                            GROUPS, HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT,
-                            False, not EVEN_M, not EVEN_N, ATOMIC_DQ, PRECISION)
+    if BLOCK_SPARSE:
+        tiles = TileMap + b * stride_tb + hkv * stride_th + pid_n * stride_tm
+        n_full = tl.load(tiles)
+        n_listed = n_full + tl.load(tiles + 1)
+        dk, dv = _dkdv_range(dk, dv, 0, n_full, tiles + 2, kt, vt, Q, DO, Stats, Delta, DQ, M, Alibi, seed, b, hkv,
+                             cols, offs_d, offs_dv, stride_qb, stride_qh, stride_qm, stride_qd, stride_mb, stride_mh,
+                             stride_mm, stride_mn, stride_dob, stride_doh, stride_dom, stride_dod,
+                             stride_dqb, stride_dqh, stride_dqm, stride_dqd, H, Lq, Lk, sm_scale, qk_scale, cap_scale,
+                             softcap2, fill2, win_left, win_right, dropout_p, inv_keep, GROUPS, HEAD_DIM, HEAD_DIM_V,
+                             BLOCK_M, 0, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, False, not EVEN_M, not EVEN_N,
+                             ATOMIC_DQ, True, PRECISION)
+        dk, dv = _dkdv_range(dk, dv, n_full, n_listed, tiles + 2, kt, vt, Q, DO, Stats, Delta, DQ, M, Alibi, seed, b,
+                             hkv, cols, offs_d, offs_dv, stride_qb, stride_qh, stride_qm, stride_qd, stride_mb,
+                             stride_mh, stride_mm, stride_mn, stride_dob, stride_doh, stride_dom, stride_dod,
+                             stride_dqb, stride_dqh, stride_dqm, stride_dqd, H, Lq, Lk, sm_scale, qk_scale, cap_scale,
+                             softcap2, fill2, win_left, win_right, dropout_p, inv_keep, GROUPS, HEAD_DIM, HEAD_DIM_V,
+                             BLOCK_M, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, HAS_WINDOW, not EVEN_M,
+                             not EVEN_N, ATOMIC_DQ, True, PRECISION)
+    elif HAS_WINDOW:
+        lo, whole_lo, whole_hi, hi = _band_rows(pid_n * BLOCK_N, Lq, Lk, win_left, win_right, GROUPS, BLOCK_M,
+                                                BLOCK_N)
+        dk, dv = _dkdv_range(dk, dv, lo, whole_lo, TileMap, kt, vt, Q, DO, Stats, Delta, DQ, M, Alibi, seed, b, hkv,
+                             cols, offs_d, offs_dv, stride_qb, stride_qh, stride_qm, stride_qd, stride_mb, stride_mh,
+                             stride_mm, stride_mn, stride_dob, stride_doh, stride_dom, stride_dod,
+                             stride_dqb, stride_dqh, stride_dqm, stride_dqd, H, Lq, Lk, sm_scale, qk_scale, cap_scale,
+                             softcap2, fill2, win_left, win_right, dropout_p, inv_keep, GROUPS, HEAD_DIM, HEAD_DIM_V,
+                             BLOCK_M, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, True, not EVEN_M,
+                             not EVEN_N, ATOMIC_DQ, False, PRECISION)
+        dk, dv = _dkdv_range(dk, dv, whole_lo, whole_hi, TileMap, kt, vt, Q, DO, Stats, Delta, DQ, M, Alibi, seed, b,
+                             hkv, cols, offs_d, offs_dv, stride_qb, stride_qh, stride_qm, stride_qd, stride_mb,
+                             stride_mh, stride_mm, stride_mn, stride_dob, stride_doh, stride_dom, stride_dod,
+                             stride_dqb, stride_dqh, stride_dqm, stride_dqd, H, Lq, Lk, sm_scale, qk_scale, cap_scale,
+                             softcap2, fill2, win_left, win_right, dropout_p, inv_keep, GROUPS, HEAD_DIM, HEAD_DIM_V,
+                             BLOCK_M, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, False, not EVEN_M,
+                             not EVEN_N, ATOMIC_DQ, False, PRECISION)
+        dk, dv = _dkdv_range(dk, dv, whole_hi, hi, TileMap, kt, vt, Q, DO, Stats, Delta, DQ, M, Alibi, seed, b, hkv,
+                             cols, offs_d, offs_dv, stride_qb, stride_qh, stride_qm, stride_qd, stride_mb, stride_mh,
+                             stride_mm, stride_mn, stride_dob, stride_doh, stride_dom, stride_dod,
+                             stride_dqb, stride_dqh, stride_dqm, stride_dqd, H, Lq, Lk, sm_scale, qk_scale, cap_scale,
+                             softcap2, fill2, win_left, win_right, dropout_p, inv_keep, GROUPS, HEAD_DIM, HEAD_DIM_V,
+                             BLOCK_M, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, True, not EVEN_M,
+                             not EVEN_N, ATOMIC_DQ, False, PRECISION)
+    else:
+        # packed query rows r = row * GROUPS + g; causal: rows < the tile's first key see none of it
+        n_packed = Lq * GROUPS
+        lo = 0
+        mid = 0
+        if IS_CAUSAL:
+            lo = (pid_n * BLOCK_N * GROUPS) // BLOCK_M * BLOCK_M
+            # from here on, every row sees every key of the tile
+            mid = tl.minimum(tl.cdiv((pid_n * BLOCK_N + BLOCK_N - 1) * GROUPS + GROUPS, BLOCK_M) * BLOCK_M, n_packed)
+            mid = tl.maximum(mid, lo)
+        dk, dv = _dkdv_range(dk, dv, lo, mid, TileMap, kt, vt, Q, DO, Stats, Delta, DQ, M, Alibi, seed, b, hkv,
+                             cols, offs_d, offs_dv, stride_qb, stride_qh, stride_qm, stride_qd, stride_mb, stride_mh,
+                             stride_mm, stride_mn, stride_dob, stride_doh, stride_dom, stride_dod,
+                             stride_dqb, stride_dqh, stride_dqm, stride_dqd, H, Lq, Lk, sm_scale, qk_scale, cap_scale,
+                             softcap2, fill2, win_left, win_right, dropout_p, inv_keep, GROUPS, HEAD_DIM, HEAD_DIM_V,
+                             BLOCK_M, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, False, not EVEN_M,
+                             not EVEN_N, ATOMIC_DQ, False, PRECISION)
+        dk, dv = _dkdv_range(dk, dv, mid, n_packed, TileMap, kt, vt, Q, DO, Stats, Delta, DQ, M, Alibi, seed, b, hkv,
+                             cols, offs_d, offs_dv, stride_qb, stride_qh, stride_qm, stride_qd, stride_mb, stride_mh,
+                             stride_mm, stride_mn, stride_dob, stride_doh, stride_dom, stride_dod,
+                             stride_dqb, stride_dqh, stride_dqm, stride_dqd, H, Lq, Lk, sm_scale, qk_scale, cap_scale,
+                             softcap2, fill2, win_left, win_right, dropout_p, inv_keep, GROUPS, HEAD_DIM, HEAD_DIM_V,
+                             BLOCK_M, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, False, not EVEN_M,
+                             not EVEN_N, ATOMIC_DQ, False, PRECISION)
     dk *= sm_scale
     tl.store(DK + b * stride_dkb + hkv * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=(cols[:, None] < Lk) & (offs_d[None, :] < HEAD_DIM))
@@ -464,12 +683,13 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
+def _dq_step(dq, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads, bh, offs_d, offs_dv, slope2, start_n,
              stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
-             Lq, Lk, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
+             Lq, Lk, qk_scale, cap_scale, softcap2, fill2, win_left, win_right, dropout_p, inv_keep,
              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-             HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr,
-             CHECK_N: tl.constexpr, MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr):
+             HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
+             WINDOW: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, MASK_GRAD: tl.constexpr,
+             PRECISION: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     kt = tl.load(K + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn,
                  mask=(offs_d[:, None] < HEAD_DIM) & (cols[None, :] < Lk), other=0.0)
@@ -477,8 +697,8 @@ def _dq_step(dq, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads,
                  mask=(offs_dv[:, None] < HEAD_DIM_V) & (cols[None, :] < Lk), other=0.0)
     _, ds, dqk = _bwd_tile_grads(q, do, kt, vt, m_row, ll_row, delta, rows, heads, bh, cols, b, M, seed,
                                  stride_mb, stride_mh, stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale,
-                                 softcap2, fill2, dropout_p, inv_keep, MASK_KIND, HAS_SOFTCAP,
-                                 HAS_DROPOUT, CAUSAL, CHECK_M, CHECK_N, PRECISION)
+                                 softcap2, fill2, slope2, win_left, win_right, dropout_p, inv_keep, MASK_KIND,
+                                 HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, CAUSAL, WINDOW, CHECK_M, CHECK_N, PRECISION)
     if MASK_GRAD:
         tl.store(DM + (bh[:, None] * Lq + rows[:, None]) * Lk + cols[None, :], ds,
                  mask=(rows[:, None] < Lq) & (cols[None, :] < Lk))
@@ -486,26 +706,47 @@ def _dq_step(dq, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads,
 
 
 @triton.jit
+def _dq_range(dq, lo, hi, Tiles, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads, bh, offs_d, offs_dv,
+              slope2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
+              Lq, Lk, qk_scale, cap_scale, softcap2, fill2, win_left, win_right, dropout_p, inv_keep,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
+              WINDOW: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, MASK_GRAD: tl.constexpr,
+              LISTED: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ over the keys [lo, hi), or (``LISTED``) the key tiles at entries [lo, hi) of ``Tiles``."""
+    for i in range(lo, hi, 1 if LISTED else BLOCK_N):
+        start_n = tl.load(Tiles + i) * BLOCK_N if LISTED else i
+        dq = _dq_step(dq, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads, bh, offs_d, offs_dv, slope2,
+                      start_n, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
+                      Lq, Lk, qk_scale, cap_scale, softcap2, fill2, win_left, win_right, dropout_p, inv_keep,
+                      HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, CAUSAL, WINDOW,
+                      CHECK_M, CHECK_N, MASK_GRAD, PRECISION)
+    return dq
+
+
+@triton.jit
 def _bwd_dq_kernel(
     # pointers
-    Q, K, V, M, Seed, DO, Stats, Delta, DQ, DM,
+    Q, K, V, M, Seed, Alibi, TileMap, DO, Stats, Delta, DQ, DM,
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_tb, stride_th, stride_tm,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     # sizes and scalars
-    H, Lq, Lk, sm_scale, qk_scale, cap_scale, softcap2, fill2, dropout_p,
+    H, Lq, Lk, win_left, win_right, sm_scale, qk_scale, cap_scale, softcap2, fill2, dropout_p,
     # meta
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr, MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, BLOCK_SPARSE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dQ of BLOCK_M packed query rows (no atomics); with ``MASK_GRAD`` also dS into DM (B, H, Lq, Lk) fp32,
-    which the launcher zero-fills (causal programs skip the keys right of the diagonal)."""
+    """dQ of BLOCK_M packed query rows (no atomics), visiting the forward's key tiles; with ``MASK_GRAD`` also dS
+    into DM (B, H, Lq, Lk) fp32, which the launcher zero-fills (the tiles a program skips keep their zeros)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     hkv = pid_bh % (H // GROUPS)
@@ -522,27 +763,59 @@ def _bwd_dq_kernel(
     if HAS_DROPOUT:
         seed = tl.load(Seed)
     inv_keep = 1.0 / (1.0 - dropout_p)
-
-    hi = Lk
-    mid = Lk // BLOCK_N * BLOCK_N
-    if IS_CAUSAL:
-        seen_by_all, seen_by_none = _diagonal(pid_m * BLOCK_M, Lq, GROUPS, BLOCK_M, BLOCK_N)
-        hi = tl.minimum(hi, seen_by_none)
-        mid = tl.minimum(mid, seen_by_all)
-    mid = tl.minimum(mid, hi)
+    slope2 = _slopes(Alibi, heads, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, mid, BLOCK_N):
-        dq = _dq_step(dq, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
-                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
-                      Lq, Lk, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
-                      HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT, False, not EVEN_M,
-                      False, MASK_GRAD, PRECISION)
-    for start_n in range(mid, hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads, bh, offs_d, offs_dv, start_n,
-                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
-                      Lq, Lk, qk_scale, cap_scale, softcap2, fill2, dropout_p, inv_keep,
-                      HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT, IS_CAUSAL, not EVEN_M,
-                      not EVEN_N, MASK_GRAD, PRECISION)
+
+    if BLOCK_SPARSE:
+        tiles = TileMap + b * stride_tb + hkv * stride_th + pid_m * stride_tm
+        n_full = tl.load(tiles)
+        n_listed = n_full + tl.load(tiles + 1)
+        dq = _dq_range(dq, 0, n_full, tiles + 2, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads, bh,
+                       offs_d, offs_dv, slope2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh,
+                       stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2, win_left, win_right,
+                       dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, 0, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                       False, False, not EVEN_M, False, MASK_GRAD, True, PRECISION)
+        dq = _dq_range(dq, n_full, n_listed, tiles + 2, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads,
+                       bh, offs_d, offs_dv, slope2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh,
+                       stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2, win_left, win_right,
+                       dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI,
+                       HAS_DROPOUT, False, HAS_WINDOW, not EVEN_M, not EVEN_N, MASK_GRAD, True, PRECISION)
+    elif HAS_WINDOW:
+        lo, whole_lo, whole_hi, hi = _band_keys(pid_m * BLOCK_M, Lq, Lk, win_left, win_right, 0, Lk, GROUPS, BLOCK_M,
+                                                BLOCK_N)
+        dq = _dq_range(dq, lo, whole_lo, TileMap, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads, bh,
+                       offs_d, offs_dv, slope2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh,
+                       stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2, win_left, win_right,
+                       dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI,
+                       HAS_DROPOUT, False, True, not EVEN_M, not EVEN_N, MASK_GRAD, False, PRECISION)
+        dq = _dq_range(dq, whole_lo, whole_hi, TileMap, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads,
+                       bh, offs_d, offs_dv, slope2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh,
+                       stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2, win_left, win_right,
+                       dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI,
+                       HAS_DROPOUT, False, False, not EVEN_M, False, MASK_GRAD, False, PRECISION)
+        dq = _dq_range(dq, whole_hi, hi, TileMap, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads, bh,
+                       offs_d, offs_dv, slope2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh,
+                       stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2, win_left, win_right,
+                       dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI,
+                       HAS_DROPOUT, False, True, not EVEN_M, not EVEN_N, MASK_GRAD, False, PRECISION)
+    else:
+        hi = Lk
+        mid = Lk // BLOCK_N * BLOCK_N
+        if IS_CAUSAL:
+            seen_by_all, seen_by_none = _diagonal(pid_m * BLOCK_M, Lq, GROUPS, BLOCK_M, BLOCK_N)
+            hi = tl.minimum(hi, seen_by_none)
+            mid = tl.minimum(mid, seen_by_all)
+        mid = tl.minimum(mid, hi)
+        dq = _dq_range(dq, 0, mid, TileMap, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads, bh,
+                       offs_d, offs_dv, slope2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh,
+                       stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2, win_left, win_right,
+                       dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI,
+                       HAS_DROPOUT, False, False, not EVEN_M, False, MASK_GRAD, False, PRECISION)
+        dq = _dq_range(dq, mid, hi, TileMap, q, do, m_row, ll_row, delta, K, V, M, DM, seed, b, rows, heads, bh,
+                       offs_d, offs_dv, slope2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, stride_mh,
+                       stride_mm, stride_mn, Lq, Lk, qk_scale, cap_scale, softcap2, fill2, win_left, win_right,
+                       dropout_p, inv_keep, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI,
+                       HAS_DROPOUT, IS_CAUSAL, False, not EVEN_M, not EVEN_N, MASK_GRAD, False, PRECISION)
     dq *= sm_scale
     tl.store(DQ + b * stride_dqb + heads[:, None] * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
@@ -567,7 +840,9 @@ class TileConfig:
 CONFIGS = [TileConfig(m, n, 8 if m == 128 else 4, s) for m in (128, 64, 16) for n in (128, 64, 32) for s in (2, 3)
            if not (m == 16 and n == 32)] + [TileConfig(32, 32, 4, 2)]
 _L2_SPEEDUP = 3.0  # L2 bandwidth over HBM bandwidth (about 3x on A100/H100)
-_REGS_PER_THREAD = 160  # fp32 accumulator + score tile values per thread a config may hold (of 255)
+# fp32 accumulator + score tile values per thread a config may hold (of 255).  The backward's budget is the
+# measured one: its best H100 tile at d128, 64x64 with 4 warps, holds 192 (bwd-sweep-h100-2026-11-23.json)
+_REGS_PER_THREAD = {"fwd": 160, "bwd": 192}
 
 
 def _pow2(n: int) -> int:
@@ -599,32 +874,54 @@ def keep(cfg: TileConfig, kind: str, head_dim: int, head_dim_v: int, elem: int, 
     acc = cfg.block_m * dv if kind == "fwd" else cfg.block_n * (d + dv)
     regs = (acc + 2 * cfg.block_m * cfg.block_n) / (32 * cfg.num_warps)
     return (smem_bytes(cfg, kind, head_dim, head_dim_v, elem, mask_elem) <= spec.sram_per_sm
-            and regs <= _REGS_PER_THREAD)
+            and regs <= _REGS_PER_THREAD[kind])
 
 
 def estimate_s(cfg: TileConfig, kind: str, rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_v: int,
-               elem: int, spec: DeviceSpec, splits: int = 1, mask_elem: int = 0) -> float:
+               elem: int, spec: DeviceSpec, splits: int = 1, mask_elem: int = 0, groups: int = 1,
+               window: tuple[int, int] = (-1, -1)) -> float:
     """Roofline time of one launch: padded tile FLOPs vs memory traffic, stretched by wave quantization over
     the SMs at the occupancy shared memory allows.
 
     Traffic: every input once from HBM, plus the streamed operand (K/V per query tile in the forward, Q/dO
     per key tile in the backward) once per tile of the other side.  Those re-reads come from L2 when the
     streamed operand of the heads in flight fits in it; L2 is taken as `_L2_SPEEDUP` times HBM bandwidth.
+    A sliding ``window`` (left, right) scales the tile FLOPs, the re-reads and the streamed working set by
+    the fraction of tiles the band visits (`tiles_visited`: it depends on the tile shape, so it can change
+    the pick); the grid, and so the wave quantization, is the dense one.  A block-sparse launch is estimated
+    dense (an upper bound): its map depends on the tile shape, so its density is known only once chosen.
     """
     d, dv = _pow2(head_dim), _pow2(head_dim_v)
     m_tiles, n_tiles = triton.cdiv(rows, cfg.block_m), triton.cdiv(kv_len, cfg.block_n)
-    flops = 2.0 * bh_kv * m_tiles * cfg.block_m * n_tiles * cfg.block_n * (d + dv) * (2.5 if kind == "bwd" else 1)
-    tiles, other = (m_tiles, kv_len) if kind == "fwd" else (n_tiles, rows)
+    visited = 1.0
+    if window != (-1, -1):
+        pairs = tiles_visited(rows // groups, kv_len, *window, cfg.block_m, cfg.block_n, groups)
+        visited = pairs / (m_tiles * n_tiles)
+    if kind == "bwd":  # the dK/dV pass (4 tile products) then the dQ pass (3), each a launch of its own
+        return sum(_launch_s(cfg, part, rows, kv_len, bh_kv, d, dv, elem, spec, 1, visited, m_tiles, n_tiles,
+                             smem_bytes(cfg, kind, head_dim, head_dim_v, elem, mask_elem)) for part in ("dkdv", "dq"))
+    return _launch_s(cfg, kind, rows, kv_len, bh_kv, d, dv, elem, spec, splits, visited, m_tiles, n_tiles,
+                     smem_bytes(cfg, kind, head_dim, head_dim_v, elem, mask_elem))
+
+
+_PRODUCTS = {"fwd": 1.0, "dkdv": 2.0, "dq": 1.5}  # tile matmuls per pass, in units of the forward's two
+
+
+def _launch_s(cfg: TileConfig, kind: str, rows: int, kv_len: int, bh_kv: int, d: int, dv: int, elem: int,
+              spec: DeviceSpec, splits: int, visited: float, m_tiles: int, n_tiles: int, smem: int) -> float:
+    """`estimate_s` for one launch: ``kind`` "fwd" and "dq" stream K/V past query tiles, "dkdv" Q/dO past key
+    tiles."""
+    flops = 2.0 * bh_kv * m_tiles * cfg.block_m * n_tiles * cfg.block_n * (d + dv) * _PRODUCTS[kind] * visited
+    tiles, other = (n_tiles, rows) if kind == "dkdv" else (m_tiles, kv_len)
     once = bh_kv * (rows + kv_len) * (d + dv) * elem
-    rereads = bh_kv * max(0, tiles - 1) * other * (d + dv) * elem
+    rereads = bh_kv * max(0, tiles - 1) * other * (d + dv) * elem * visited
     # small tiles under-use the tensor cores
     eff = min(1.0, cfg.block_m / 128) ** 0.5 * min(1.0, cfg.block_n / 64) ** 0.5
-    programs = tiles * splits * bh_kv if kind == "fwd" else tiles * bh_kv
-    smem = smem_bytes(cfg, kind, head_dim, head_dim_v, elem, mask_elem)
+    programs = tiles * splits * bh_kv
     per_sm = max(1, min(spec.sram_per_sm // smem, 16 // cfg.num_warps))
     slots = spec.sms * per_sm
     heads_in_flight = min(bh_kv, max(1, slots // max(1, tiles)))
-    in_l2 = heads_in_flight * other * (d + dv) * elem <= spec.l2_bytes
+    in_l2 = heads_in_flight * other * visited * (d + dv) * elem <= spec.l2_bytes
     memory = once / spec.hbm_bytes_per_s + rereads / (spec.hbm_bytes_per_s * (_L2_SPEEDUP if in_l2 else 1))
     waves = math.ceil(programs / slots) * slots / programs
     compute = flops / (spec.flops * eff)
@@ -641,15 +938,15 @@ def kept_configs(kind: str, head_dim: int, head_dim_v: int, elem: int, spec: Dev
 
 @functools.lru_cache(maxsize=4096)  # every launch asks: keep the Python cost model off the hot path
 def pick(kind: str, rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_v: int, elem: int,
-         spec: DeviceSpec, mask_elem: int = 0) -> TileConfig:
+         spec: DeviceSpec, mask_elem: int = 0, groups: int = 1, window: tuple[int, int] = (-1, -1)) -> TileConfig:
     """The kept config with the lowest `estimate_s` (ties: earlier in `CONFIGS`); ``mask_elem`` is the mask's
-    element size (0: no mask)."""
+    element size (0: no mask); ``groups`` (rows = q_len * groups) and ``window`` matter for sliding windows."""
     kept = kept_configs(kind, head_dim, head_dim_v, elem, spec, mask_elem)
     if not kept:
         raise ValueError(f"attnfuse flash: no tile config fits head_dim={head_dim} in {spec.name}'s "
                          f"{spec.sram_per_sm} bytes of shared memory")
     return min(kept, key=lambda c: estimate_s(c, kind, rows, kv_len, bh_kv, head_dim, head_dim_v, elem, spec,
-                                              mask_elem=mask_elem))
+                                              mask_elem=mask_elem, groups=groups, window=window))
 
 
 # Shapes `reachable_configs` tries: packed query rows (decode included), key lengths, batch * kv heads.
@@ -664,6 +961,41 @@ def reachable_configs(kind: str, head_dim: int, head_dim_v: int, elem: int, spec
     1..1024): what a device usually runs.  Other shapes can pick any of `kept_configs` (a superset)."""
     return {pick(kind, r, n, bh, head_dim, head_dim_v, elem, spec, mask_elem)
             for r in _GRID_ROWS for n in _GRID_KV for bh in _GRID_BH}
+
+
+def band(window: tuple[int, int], causal: bool) -> tuple[int, int]:
+    """The (left, right) band with ``causal`` folded in (right = 0) and every negative width as -1 (unbounded)."""
+    left, right = (w if w >= 0 else -1 for w in window)
+    return left, 0 if causal else right
+
+
+def _widths(left: int, right: int) -> tuple[int, int]:
+    """The band as the kernels take it: half-widths >= 0, `_UNBOUNDED` for -1."""
+    return tuple(_UNBOUNDED if w < 0 else min(w, _UNBOUNDED) for w in (left, right))
+
+
+def tiles_visited(lq: int, lk: int, left: int, right: int, block_m: int, block_n: int, groups: int = 1) -> int:
+    """Key tiles the forward and dQ programs of one (batch, kv head) visit under the band ``(left, right)``
+    (-1: unbounded), summed over their packed query tiles: each program's tiles from its first row's band start
+    to its last row's band end, so the work is O(q_len * (left + right + tiles)).  The dK/dV programs visit
+    the same (query tile, key tile) pairs up to the ragged edges.  Both unbounded: every tile."""
+    if left < 0 and right < 0:
+        return triton.cdiv(lq * groups, block_m) * triton.cdiv(lk, block_n)
+    wl, wr = _widths(left, right)
+    total = 0
+    for start in range(0, lq * groups, block_m):  # plain ints: `pick` also runs while torch.compile traces
+        first = max(start // groups - wl, 0) // block_n
+        end = min(min((start + block_m - 1) // groups, lq - 1) + wr + 1, lk)
+        total += max(0, triton.cdiv(end, block_n) - first)
+    return total
+
+
+def _band_mode(window: tuple[int, int], causal: bool, block_sparse: bool) -> tuple[bool, bool, int, int]:
+    """(IS_CAUSAL, HAS_WINDOW, left, right): a plain causal band runs the causal path (the one that keeps
+    eager's NaN from V right of the diagonal), any other band, or any band under block-sparse, the window path."""
+    left, right = band(window, causal)
+    is_causal = (left, right) == (-1, 0) and not block_sparse
+    return is_causal, (left, right) != (-1, -1) and not is_causal, left, right
 
 
 def num_splits(cfg: TileConfig, rows: int, kv_len: int, bh_kv: int, spec: DeviceSpec) -> int:
@@ -732,8 +1064,12 @@ def _nonfinite(v: torch.Tensor) -> torch.Tensor:
     return (total - total) != 0  # NaN exactly when total is NaN or +-inf
 
 
-def _mask_args(mask, mask_fill, q, b, h, lq, lk):
-    """(mask tensor or q as a dummy pointer, its 4 broadcast strides, MASK_KIND, fill in log2 units)."""
+def _mask_args(mask, mask_fill, q, b, h, lq, lk, block_sparse=False):
+    """(mask tensor or q as a dummy pointer, its 4 broadcast strides, MASK_KIND, fill in log2 units).
+
+    Block-sparse masked entries are -inf whatever the fill, like the empty tiles the map skips: a bool mask
+    ignores ``mask_fill``; an additive one treats entries <= finfo(dtype).min as -inf (``fill2`` carries
+    that threshold)."""
     if mask is None:
         return q, (0, 0, 0, 0), MASK_NONE, 0.0
     m = mask
@@ -741,8 +1077,10 @@ def _mask_args(mask, mask_fill, q, b, h, lq, lk):
         m = m.unsqueeze(0)
     m = m.expand(b, h, lq, lk)  # a view: broadcast dims get stride 0, nothing is copied
     if mask.dtype != torch.bool:
+        if block_sparse:
+            return m, tuple(m.stride()), MASK_BIAS_FLOOR, float(torch.finfo(mask.dtype).min)
         return m, tuple(m.stride()), MASK_BIAS, 0.0
-    if mask_fill is None or mask_fill == float("-inf"):
+    if block_sparse or mask_fill is None or mask_fill == float("-inf"):
         return m, tuple(m.stride()), MASK_BOOL, 0.0
     # finfo.min * log2(e) must stay finite: a fully masked row is uniform, as in eager
     return m, tuple(m.stride()), MASK_BOOL_FILL, max(float(mask_fill) * _LOG2E, -_FLT_MAX)
@@ -758,10 +1096,44 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _alibi_arg(alibi, q):
+    """The ALiBi slopes as the kernels read them (fp32, contiguous, on q's device), or q as a dummy pointer."""
+    if alibi is None:
+        return q
+    if tuple(alibi.shape) != (q.shape[1],):
+        raise ValueError(f"attnfuse flash: alibi holds one slope per query head, shape ({q.shape[1]},); "
+                         f"got {tuple(alibi.shape)}")
+    return alibi.detach().to(device=q.device, dtype=torch.float32).contiguous()
+
+
+def _map_args(tile_map: torch.Tensor | None, q):
+    """A block-sparse map (or q as a dummy pointer) and its (batch, head, tile) strides, 0 where broadcast."""
+    if tile_map is None:
+        return q, (0, 0, 0)
+    return tile_map, tuple(0 if n == 1 else st for n, st in zip(tile_map.shape[:2], tile_map.stride()[:2])) + (
+        tile_map.stride(2),)
+
+
+def _tile_maps(block_sparse, mask, b, h, hkv, lq, lk, cfg, left, right):
+    if not block_sparse:
+        return None
+    if mask is None:
+        raise ValueError("attnfuse flash: block_sparse=True needs the constant mask its tile map is built from")
+    return blocksparse.tile_map(mask, batch=b, heads=h, kv_heads=hkv, q_len=lq, kv_len=lk, block_m=cfg.block_m,
+                                block_n=cfg.block_n, window=(left, right))
+
+
 def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0, dropout_p=0.0,
-            mask_fill=None, config: TileConfig | None = None, splits: int | None = None):
+            mask_fill=None, config: TileConfig | None = None, splits: int | None = None,
+            alibi: torch.Tensor | None = None, window: tuple[int, int] = (-1, -1), block_sparse: bool = False):
     """(out, stats): out is (B, H, Lq, Dv) laid out as (B, Lq, H, Dv); stats is (B, H, Lq, 2) fp32, each row's
-    score max and the log2 of its sum of exp2(score - max), in log2 units (what the backward needs)."""
+    score max and the log2 of its sum of exp2(score - max), in log2 units (what the backward needs).
+
+    ``alibi``: (H,) slopes, ``s += alibi[h] * (j - i)`` (a constant: no gradient).  ``window``: the band
+    (left, right), -1 unbounded; ``causal`` folds in as right = 0.  ``block_sparse``: ``mask`` is a constant
+    whose tile map (`blocksparse.tile_map`, cached per mask) lists each query tile's non-empty key tiles;
+    its masked entries are -inf (see `_mask_args`) and the launch is never split.
+    """
     b, h, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     # head dims and the group size are compile-time constants of the kernel: specialize on them (a guard)
@@ -769,13 +1141,24 @@ def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=
     elem = q.element_size()
     rows = lq * groups
     spec = _spec_for(q)
+    is_causal, has_window, left, right = _band_mode(window, causal, block_sparse)
+    wl, wr = _widths(left, right)
     # the tile and split choice only affects speed: under dynamic shapes it uses the size hints (no guards)
     hrows, hlk, hbh = _hint(rows), _hint(lk), _hint(b * hkv)
-    cfg = config or pick("fwd", hrows, hlk, hbh, d, dv, elem, spec, _mask_elem(mask))
-    n_split = min(splits or num_splits(cfg, hrows, hlk, hbh, spec), max(1, triton.cdiv(hlk, cfg.block_n)))
-    # splits past the end of a shorter K/V get no keys; the combine gives them weight 0
-    split_len = triton.cdiv(triton.cdiv(lk, n_split), cfg.block_n) * cfg.block_n
-    m, m_strides, mask_kind, fill2 = _mask_args(mask, mask_fill, q, b, h, lq, lk)
+    cfg = config or pick("fwd", hrows, hlk, hbh, d, dv, elem, spec, _mask_elem(mask), groups,
+                         (left, right) if has_window else (-1, -1))
+    # the keys one program visits, which splits share: a two-sided band bounds them whatever the shapes
+    keys = lk
+    if has_window and left >= 0 and right >= 0:
+        keys = (cfg.block_m - 1) // groups + 1 + wl + wr + cfg.block_n
+    hkeys = min(hlk, _hint(keys))
+    n_split = 1 if block_sparse else min(splits or num_splits(cfg, hrows, hkeys, hbh, spec),
+                                         max(1, triton.cdiv(hkeys, cfg.block_n)))
+    # splits past the end of a shorter K/V (or band) get no keys; the combine gives them weight 0
+    split_len = triton.cdiv(triton.cdiv(keys, n_split), cfg.block_n) * cfg.block_n
+    m, m_strides, mask_kind, fill2 = _mask_args(mask, mask_fill, q, b, h, lq, lk, block_sparse)
+    maps = _tile_maps(block_sparse, mask, b, h, hkv, lq, lk, cfg, left, right)
+    tmap, t_strides = _map_args(maps.rows if maps else None, q)
     _, qk_scale, cap_scale, softcap2 = _scalars(q, scale, softcap)
     out = q.new_empty(b, lq, h, dv).transpose(1, 2)
     stats = torch.empty(b, h, lq, 2, dtype=torch.float32, device=q.device)
@@ -788,14 +1171,14 @@ def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=
     bd, bdv = _pow2(d), _pow2(dv)
     grid = (triton.cdiv(rows, cfg.block_m), b * hkv, n_split)
     _launch(_fwd_kernel)[grid](
-        q, k, v, m, q if seed is None else seed, _nonfinite(v) if causal else q, dst, dst_stats,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *o_strides, ls,
-        h, lq, lk, split_len, qk_scale, cap_scale, softcap2, fill2, float(dropout_p),
+        q, k, v, m, q if seed is None else seed, _nonfinite(v) if is_causal else q, _alibi_arg(alibi, q), tmap,
+        dst, dst_stats, *q.stride(), *k.stride(), *v.stride(), *m_strides, *t_strides, *o_strides, ls,
+        h, lq, lk, split_len, wl, wr, qk_scale, cap_scale, softcap2, fill2, float(dropout_p),
         GROUPS=groups, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, IS_CAUSAL=causal, MASK_KIND=mask_kind, HAS_SOFTCAP=bool(softcap),
-        HAS_DROPOUT=dropout_p > 0, EVEN_M=rows % cfg.block_m == 0, EVEN_N=lk % cfg.block_n == 0,
-        EVEN_D=(d == bd and dv == bdv), PRECISION=_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_N=cfg.block_n, IS_CAUSAL=is_causal, HAS_WINDOW=has_window, BLOCK_SPARSE=block_sparse,
+        MASK_KIND=mask_kind, HAS_SOFTCAP=bool(softcap), HAS_ALIBI=alibi is not None, HAS_DROPOUT=dropout_p > 0,
+        EVEN_M=rows % cfg.block_m == 0, EVEN_N=lk % cfg.block_n == 0, EVEN_D=(d == bd and dv == bdv),
+        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if n_split > 1:
         _launch(_combine_kernel)[(b * h * lq,)](
             part, part_stats, out, stats, *out.stride(), h, lq, b * h * lq, n_split,
@@ -803,18 +1186,34 @@ def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=
     return out, stats
 
 
+def _dead_rows_nan(stats, dv):
+    """A row with no visible key is NaN in the forward, and eager's dV = P^T dO sums its NaN probabilities into
+    every key of its K/V head; the band and block-sparse kernels skip most of those keys' tiles, so the NaN
+    is written here.  (Its masked scores get no gradient, as under eager's masked_fill: dQ/dK stay finite.)"""
+    b, hkv = dv.shape[:2]
+    dead = torch.isneginf(stats.select(-1, 0)).reshape(b, hkv, -1).any(-1)
+    dv.masked_fill_(dead.reshape(b, hkv, 1, 1), float("nan"))
+
+
 def backward(grad_out, q, k, v, out, stats, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0,
-             dropout_p=0.0, mask_fill=None, mask_grad=False, deterministic=False,
-             config: TileConfig | None = None):
-    """(dq, dk, dv, dmask or None).  ``deterministic`` computes dQ in its own pass instead of fp32 atomics."""
+             dropout_p=0.0, mask_fill=None, mask_grad=False, deterministic=True,
+             config: TileConfig | None = None, alibi: torch.Tensor | None = None, window: tuple[int, int] = (-1, -1),
+             block_sparse: bool = False):
+    """(dq, dk, dv, dmask or None).  ``deterministic`` computes dQ in its own pass instead of fp32 atomics.
+    ``alibi``/``window``/``block_sparse`` as in `forward` (a block-sparse mask is a constant: no ``mask_grad``)."""
+    if block_sparse and mask_grad:
+        raise ValueError("attnfuse flash: a block-sparse mask is a constant and gets no gradient (mask_grad=True)")
     b, h, lq, d = q.shape
     hkv, lk, dv_ = k.shape[1], k.shape[2], v.shape[-1]
     d, dv_, groups = int(d), int(dv_), int(h // hkv)
     elem = q.element_size()
     rows = lq * groups
     spec = _spec_for(q)
-    cfg = config or pick("bwd", _hint(rows), _hint(lk), _hint(b * hkv), d, dv_, elem, spec, _mask_elem(mask))
-    m, m_strides, mask_kind, fill2 = _mask_args(mask, mask_fill, q, b, h, lq, lk)
+    is_causal, has_window, left, right = _band_mode(window, causal, block_sparse)
+    cfg = config or pick("bwd", _hint(rows), _hint(lk), _hint(b * hkv), d, dv_, elem, spec, _mask_elem(mask),
+                         groups, (left, right) if has_window else (-1, -1))
+    m, m_strides, mask_kind, fill2 = _mask_args(mask, mask_fill, q, b, h, lq, lk, block_sparse)
+    maps = _tile_maps(block_sparse, mask, b, h, hkv, lq, lk, cfg, left, right)
     sm_scale, qk_scale, cap_scale, softcap2 = _scalars(q, scale, softcap)
     bd, bdv = _pow2(d), _pow2(dv_)
     delta = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
@@ -827,25 +1226,32 @@ def backward(grad_out, q, k, v, out, stats, mask=None, seed=None, *, scale=None,
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if separate_dq else torch.zeros(
         q.shape, dtype=torch.float32, device=q.device)
     common = dict(GROUPS=groups, HEAD_DIM=d, HEAD_DIM_V=dv_, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=cfg.block_m,
-                  BLOCK_N=cfg.block_n, IS_CAUSAL=causal, MASK_KIND=mask_kind, HAS_SOFTCAP=bool(softcap),
+                  BLOCK_N=cfg.block_n, IS_CAUSAL=is_causal, HAS_WINDOW=has_window, BLOCK_SPARSE=block_sparse,
+                  MASK_KIND=mask_kind, HAS_SOFTCAP=bool(softcap), HAS_ALIBI=alibi is not None,
                   HAS_DROPOUT=dropout_p > 0, EVEN_M=rows % cfg.block_m == 0, EVEN_N=lk % cfg.block_n == 0,
                   PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     sd = q if seed is None else seed
-    scalars = (h, lq, lk, sm_scale, qk_scale, cap_scale, softcap2, fill2, float(dropout_p))
+    al = _alibi_arg(alibi, q)
+    scalars = (h, lq, lk, *_widths(left, right), sm_scale, qk_scale, cap_scale, softcap2, fill2, float(dropout_p))
+    cmap, c_strides = _map_args(maps.cols if maps else None, q)
     _launch(_bwd_dkdv_kernel)[(triton.cdiv(lk, cfg.block_n), b * hkv)](
-        q, k, v, m, sd, grad_out, stats, delta, dq, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *grad_out.stride(), *dq.stride(), *dk.stride(),
-        *dv.stride(), *scalars, ATOMIC_DQ=not separate_dq, **common)
+        q, k, v, m, sd, al, cmap, grad_out, stats, delta, dq, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *c_strides, *grad_out.stride(), *dq.stride(),
+        *dk.stride(), *dv.stride(), *scalars, ATOMIC_DQ=not separate_dq, **common)
     dm = None
     if separate_dq:
-        dm = torch.zeros(b, h, lq, lk, dtype=torch.float32, device=q.device) if mask_grad else q
+        dm = torch.zeros(b, h, lq, lk, dtype=torch.float32, device=q.device) if mask_grad else None
+        rmap, r_strides = _map_args(maps.rows if maps else None, q)
         _launch(_bwd_dq_kernel)[(triton.cdiv(rows, cfg.block_m), b * hkv)](
-            q, k, v, m, sd, grad_out, stats, delta, dq, dm,
-            *q.stride(), *k.stride(), *v.stride(), *m_strides, *grad_out.stride(), *dq.stride(),
+            q, k, v, m, sd, al, rmap, grad_out, stats, delta, dq, q if dm is None else dm,
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *r_strides, *grad_out.stride(), *dq.stride(),
             *scalars, MASK_GRAD=mask_grad, **common)
-        dm = sum_to(dm, mask.shape).to(mask.dtype) if mask_grad else None
     else:
         dq = dq.to(q.dtype)
+    if has_window or block_sparse:
+        _dead_rows_nan(stats, dv)
+    if dm is not None:
+        dm = sum_to(dm, mask.shape).to(mask.dtype)
     return dq, dk, dv, dm
 
 
@@ -867,6 +1273,37 @@ class _Flash(torch.autograd.Function):
         return dq, dk, dv, dm, None, None, None, None
 
 
+def autograd_attention(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          seed: int | torch.Tensor | None, deterministic: bool | None, config: TileConfig | None,
+          **kwargs) -> torch.Tensor:
+    """Validate, settle the dropout seed and run `forward`/`backward` under autograd with ``kwargs``: the body of
+    every kernel family's ``attention`` (``family`` names it in error messages)."""
+    who = f"attnfuse.kernels.{family}.attention"
+    why = supported(q, k, v)
+    if why:
+        raise ValueError(f"{who}: {why}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{who}: q, k, v must be 4-D (batch, heads, seqlen, head_dim)")
+    if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{who}: need q heads divisible by k heads, equal k/v heads and equal q/k head dims; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{who}: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    dropout_p = kwargs.get("dropout_p", 0.0)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{who}: dropout_p must be in [0, 1); got {dropout_p}")
+    alibi = kwargs.get("alibi")
+    if alibi is not None and alibi.requires_grad:
+        raise ValueError(f"{who}: ALiBi slopes are constants and get no gradient; pass alibi.detach()")
+    if dropout_p == 0:
+        seed = None  # unused; an int seed would also reach save_for_backward, which takes tensors only
+    elif not isinstance(seed, torch.Tensor):
+        seed = torch.tensor(int(torch.randint(0, 2**62, ())) if seed is None else seed, dtype=torch.int64)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(device=q.device, dtype=torch.int64).reshape(())
+    return _Flash.apply(q, k, v, mask, seed, kwargs, deterministic is not False, config)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
               scale: float | None = None, causal: bool = False, softcap: float = 0.0, dropout_p: float = 0.0,
               seed: int | torch.Tensor | None = None, mask_fill: float | None = None,
@@ -877,32 +1314,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.
     K/V may have fewer heads (GQA/MQA: ``kv_groups = heads // kv_heads``).  ``mask`` broadcasts to
     ``(batch, heads, q_len, kv_len)``: bool keeps True (others become ``mask_fill``, default -inf),
     float is added to the scores (and gets a gradient if it requires one).  ``seed`` seeds dropout
-    (default: drawn from torch's generator).  ``deterministic`` (default: torch's
-    ``are_deterministic_algorithms_enabled()``) avoids atomics in the backward.  ``config``/``splits``
+    (default: drawn from torch's generator).  ``deterministic`` (default True) computes dQ in its own pass,
+    bitwise reproducible and, on an H100, 5-9x faster than ``False``, which adds dQ with fp32 atomics inside
+    the dK/dV pass (benchmarks/results/bwd-sweep-h100-2026-11-23.json).  ``config``/``splits``
     override the tile choice and the number of key splits.  Runs on CUDA tensors, or on CPU ones under
-    ``TRITON_INTERPRET=1``.
+    ``TRITON_INTERPRET=1``.  Sliding windows and ALiBi: `attnfuse.kernels.window`; constant block-sparse
+    masks: `attnfuse.kernels.blocksparse`.
     """
-    why = supported(q, k, v)
-    if why:
-        raise ValueError(f"attnfuse.kernels.flash.attention: {why}")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("attnfuse.kernels.flash.attention: q, k, v must be 4-D (batch, heads, seqlen, head_dim)")
-    if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1] or k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"attnfuse.kernels.flash.attention: need q heads divisible by k heads, equal k/v heads "
-                         f"and equal q/k head dims; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"attnfuse.kernels.flash.attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attnfuse.kernels.flash.attention: dropout_p must be in [0, 1); got {dropout_p}")
-    if dropout_p == 0:
-        seed = None  # unused; an int seed would also reach save_for_backward, which takes tensors only
-    elif not isinstance(seed, torch.Tensor):
-        seed = torch.tensor(int(torch.randint(0, 2**62, ())) if seed is None else seed, dtype=torch.int64)
-    if isinstance(seed, torch.Tensor):
-        seed = seed.to(device=q.device, dtype=torch.int64).reshape(())
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    kwargs = dict(scale=scale, causal=causal, softcap=softcap, dropout_p=dropout_p, mask_fill=mask_fill,
-                  splits=splits)
-    return _Flash.apply(q, k, v, mask, seed, kwargs, deterministic, config)
+    return autograd_attention("flash", q, k, v, mask, seed, deterministic, config, scale=scale, causal=causal,
+                              softcap=softcap, dropout_p=dropout_p, mask_fill=mask_fill, splits=splits)

@@ -1,16 +1,32 @@
-"""Mask analysis: which masks of a match are plain causal masks.
+"""Mask analysis: prove what each mask of a match is, from the graph that builds it.
 
-Entry point: `analyze(gm, match, example_inputs) -> (AttentionMatch, dict)`.
+Entry point: `analyze(gm, match, example_inputs) -> (AttentionMatch, MaskInfo)`.
 
-A mask term whose value does not depend on the model's inputs (it is built
-from buffers, constants and shapes only -- nanoGPT's ``tril`` buffer slice,
-a ``torch.ones(T, T).tril()``, HF's arange-based causal mask) is evaluated
-once on the example inputs.  If it equals the lower-triangular mask and
-``q_len == kv_len`` holds for every shape, the term becomes ``causal=True``.
-This assumes mask buffers are not mutated after compilation (they never are
-in nanoGPT / HF models).  Every other mask stays a tensor operand; finer
-structure (windows, block sparsity, padding lengths) is the mask issue's work.
-The returned dict is the report's ``Site.mask``.
+Each mask term is read symbolically (`_maskread`) as an expression over the score
+axes (b, h, q, kv) and split into parts, each classified only when proven:
+
+* keep conditions (bool terms, and additive ``where(P, x, fill)`` whose fill swallows
+  any score: -inf or <= finfo(dtype).min) are split into conjuncts.  Atoms
+  ``kv - q <= r`` / ``q - kv <= l`` are a band (causal when r = 0), folded into
+  ``causal`` / ``window_left`` / ``window_right`` only when q_len == kv_len is proven;
+  conjuncts that never depend on q are one key-padding vector, emitted as a new
+  (B, 1, 1, Lk) (or (B, H, 1, Lk)) term that the kernels read through broadcast
+  strides; conjuncts reading constant buffers by (q, kv) (nanoGPT's ``bias[:, :, :T, :T]``)
+  are evaluated on the whole buffer (`_maskvalue.buffer_band`): a band there holds for
+  every length;
+* additive parts: the constant 0 is dropped; ``g[h] * (a*kv + b*q + c)`` is ALiBi with
+  slopes ``a * g`` (the rest is constant along kv, and softmax ignores it); parts that
+  never depend on q are an additive key vector (padding if filled with <= -1e4, else a
+  bias); anything else is a bias kept as a tensor.
+
+A term with an unproven part stays exactly as it was ("dense", or "bias" when
+additive).  Its proven band atoms are still folded when its fill is -inf (they only
+repeat what the term masks, and let the kernels skip tiles), not with a finite fill:
+a row the term masks entirely is uniform in eager but would be NaN with the band.
+Such a constant term of static size is also read by value (`_maskvalue.whole`): a
+band, or a block-sparse mask with an empty 64x64 tile.  Band entries are -inf in the
+kernels; ``params["fill"]`` is the fill eager used outside the band (finite for HF
+masks: a row that padding leaves without a visible key is then uniform over all keys).
 """
 
 from __future__ import annotations
@@ -22,92 +38,337 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .canonicalize import name, val
-from .match import AttentionMatch, MaskTerm, _eq, _Graph, _hint, _is_state, _shape
+from . import _maskvalue
+from ._maskemit import Emitter
+from ._maskexpr import HEAD, KEY, QUERY, Aff, And, Atom, Const, Ite, Op, and_, free, ne0, not_, reads, show
+from ._maskread import Builder, size1
+from .canonicalize import arg, val
+from .match import AttentionMatch, MaskTerm, _eq, _hint, _shape
 
-_SHAPE_READS = ("size", "sym_size", "dim", "numel", "getattr", "sym_numel")
-
-
-def _static_value(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[Any]) -> torch.Tensor | None:
-    """Evaluate ``node`` on the example inputs if it depends on no input values (only shapes / state)."""
-    anc = _Graph.ancestors(node) | {node}
-    for n in anc:
-        if n.op == "placeholder" and isinstance(val(n), torch.Tensor) and not _is_state(n):
-            # the mask is an input itself, or is computed from an input's values: run-time data
-            if n is node or any(u in anc and name(u) not in _SHAPE_READS for u in n.users):
-                return None
-    sub, env = fx.Graph(), {}
-    args = []
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(example_inputs):
-        return None
-    for i, n in enumerate(placeholders):
-        if n in anc:
-            x = example_inputs[i]
-            if isinstance(x, torch._subclasses.FakeTensor):
-                return None
-            # Evaluate at the example sizes: a SymInt would put guards on the user's shapes.
-            args.append(_hint(x) if isinstance(x, torch.SymInt) else x)
-    for n in gm.graph.nodes:
-        if n in anc:
-            env[n] = sub.node_copy(n, lambda x: env[x])
-    sub.output(env[node])
-    try:
-        with torch.no_grad():
-            out = fx.GraphModule(gm, sub)(*args)
-    except Exception:  # noqa: BLE001 - a mask we cannot evaluate simply stays a tensor
-        return None
-    return out if isinstance(out, torch.Tensor) and not isinstance(out, torch._subclasses.FakeTensor) else None
+_LARGE_NEGATIVE = -1e4  # the matcher's bound for a mask fill
+_KINDS = ("causal", "window", "padding", "bias", "alibi", "blocksparse", "dense")
 
 
-def _keep_of(term: MaskTerm, value: torch.Tensor) -> torch.Tensor | None:
-    if term.kind == "keep":
-        keep = value.bool()
-        return ~keep if term.negate else keep
-    if not value.is_floating_point():
-        return None
-    keep = value == 0
-    if not bool((keep | (value <= -1e4)).all()):
-        return None
-    return keep
+@dataclasses.dataclass(frozen=True)
+class MaskInfo:
+    """What a match's masks were proven to be (see the module docstring)."""
+
+    kinds: tuple[str, ...]  # in _KINDS order; () = no mask
+    causal: bool = False
+    window_left: int = -1  # key j visible from query i iff j >= i - left (-1: unbounded)
+    window_right: int = -1  # ... and j <= i + right (-1: unbounded; causal caps it at 0)
+    alibi: fx.Node | None = None  # fp32 (H,) slopes: s[b, h, i, j] += alibi[h] * (j - i)
+    block_sparse: bool = False  # the single remaining term is a constant with empty 64x64 tiles
+    proof: tuple[str, ...] = ()
+    params: dict = dataclasses.field(default_factory=dict)
+
+    def report(self) -> dict:
+        return {"kind": "+".join(self.kinds) or "none", **self.params, "proof": list(self.proof)}
 
 
-def _is_causal(term: MaskTerm, value: torch.Tensor, lq: int, lk: int) -> bool:
-    keep = _keep_of(term, value)
-    if keep is None or keep.dim() < 2 or tuple(keep.shape[-2:]) != (lq, lk):
-        return False
-    flat = keep.reshape(-1, lq, lk)
-    causal = torch.ones(lq, lk, dtype=torch.bool, device=keep.device).tril()
-    return all(torch.equal(m, causal) for m in flat)
+@dataclasses.dataclass
+class _Result:
+    """One term's contribution to the site's MaskInfo."""
+
+    terms: list
+    left: int | None = None  # band bounds; None = unbounded
+    right: int | None = None
+    alibi: fx.Node | None = None
+    block_sparse: bool = False
+    kinds: set = dataclasses.field(default_factory=set)
+    proof: list = dataclasses.field(default_factory=list)
+    params: dict = dataclasses.field(default_factory=dict)
 
 
 def analyze(gm: fx.GraphModule, m: AttentionMatch, example_inputs: Sequence[Any] | None):
-    """Fold plain causal masks into ``causal=True``; describe the rest for the report."""
-    qs, ks = _shape(m.q), _shape(m.k)
-    remaining: list[MaskTerm] = []
-    causal = m.causal
+    """``m`` with ``causal`` set and its masks reduced to what must still be read, and its `MaskInfo`."""
+    if m.form == "mha":  # (L, N, E) inputs: `_mha.forward` applies these masks itself
+        return m, _mha_info(m)
+    site = _Site(gm, m, example_inputs)
+    left = right = alibi = None
+    terms, kinds, proof, params, sparse = [], set(), ["is_causal=True"] if m.causal else [], {}, False
     for term in m.masks:
-        # (MHA's inputs are (L, N, E): its masks are only described, `_mha.forward` applies them.)
-        if example_inputs is not None and m.form != "mha" and _eq(qs[-2], ks[-2]):
-            value = _static_value(gm, term.node, example_inputs)
-            if value is not None and _is_causal(term, value, _hint(qs[-2]), _hint(ks[-2])):
-                causal = True
+        r = _cached(site, term)
+        if r.alibi is not None and alibi is not None:
+            r = _Result([term], kinds={"bias"}, proof=["a second ALiBi term stays an additive tensor"])
+        terms += r.terms
+        kinds |= r.kinds
+        proof += r.proof
+        params.update(r.params)
+        left = r.left if left is None else left if r.left is None else min(left, r.left)
+        right = r.right if right is None else right if r.right is None else min(right, r.right)
+        alibi = alibi if r.alibi is None else r.alibi
+        sparse = sparse or r.block_sparse
+    if sparse and len(terms) != 1:  # the kernels classify the tiles of one constant mask
+        sparse, kinds = False, (kinds - {"blocksparse"}) | {"dense"}
+        proof.append("dense: block-sparse tiles need the constant mask to be the only mask tensor")
+    causal = m.causal or right == 0
+    wl, wr = -1 if left is None else left, -1 if right is None or causal else right
+    kinds |= ({"causal"} if causal else set()) | ({"window"} if wl >= 0 or wr >= 0 else set())
+    if "window" in kinds:
+        params["window"] = [wl, 0 if causal else wr]
+    if not {"causal", "window"} & kinds:
+        params.pop("fill", None)
+    if terms:
+        params["tensors"] = [_describe(t) for t in terms]
+    info = MaskInfo(tuple(k for k in _KINDS if k in kinds), causal=causal, window_left=wl, window_right=wr,
+                    alibi=alibi, block_sparse=sparse, proof=tuple(proof), params=params)
+    return dataclasses.replace(m, causal=causal, masks=tuple(terms)), info
+
+
+def _describe(term: MaskTerm) -> dict:
+    """A mask tensor that is still read, for the report."""
+    v = val(term.node)
+    return {"kind": "additive" if term.kind == "add" else "bool", "shape": [_hint(s) for s in v.shape],
+            "dtype": str(v.dtype).replace("torch.", ""), **({"fill": term.fill} if term.kind == "keep" else {}),
+            "requires_grad": bool(getattr(v, "requires_grad", False))}
+
+
+def _mha_info(m: AttentionMatch) -> MaskInfo:
+    kinds, proof = set(), []
+    for term in m.masks:
+        padding = arg(m.anchor, 14, "key_padding_mask") is term.node
+        kinds.add("padding" if padding else "dense")
+        proof.append(f"{'key_padding_mask' if padding else 'attn_mask'} of multi_head_attention_forward "
+                     "(applied as given)")
+    return MaskInfo(tuple(k for k in _KINDS if k in kinds), proof=tuple(proof))
+
+
+class _Site:
+    """The score axes of one match (extents, q_len == kv_len?) and what new nodes need."""
+
+    def __init__(self, gm: fx.GraphModule, m: AttentionMatch, example_inputs: Sequence[Any] | None) -> None:
+        self.gm = gm
+        qs, ks = _shape(m.q), _shape(m.k)
+        q4 = [1] * (4 - len(qs)) + qs
+        self.extents = (q4[0], q4[1], q4[2], ks[-2]) if len(qs) <= 4 else None
+        self.square = self.extents is not None and _eq(qs[-2], ks[-2])
+        self.fake = val(m.q.node)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        ok = example_inputs is not None and len(placeholders) == len(example_inputs)
+        self.inputs = dict(zip(placeholders, example_inputs)) if ok else {}
+        self.sizes = {val(p).node.expr: p for p in placeholders if isinstance(val(p), torch.SymInt)}
+
+    def key(self) -> tuple:
+        return self.square, self.fake.dtype, tuple(str(e) for e in self.extents or ())
+
+
+def _cached(site: _Site, term: MaskTerm) -> _Result:
+    """`_term`, once per (term node, site shape) of a graph: layers share a mask node, and then its new nodes."""
+    cache = site.gm.meta.setdefault("attnfuse_masks", {})
+    key = (term.node, term.kind, term.negate, term.fill, site.key())
+    if key not in cache:
+        cache[key] = _term(site, term)
+    return cache[key]
+
+
+def _term(site: _Site, term: MaskTerm) -> _Result:
+    e = Builder().final(term.node) if site.extents is not None else None
+    parts = _Parts(site, term, e) if e is not None else None
+    res = parts.emit() if parts is not None and not parts.residual else None
+    if res is not None:
+        return res
+    res = _Result([term], kinds={"bias" if term.kind == "add" and (parts is None or parts.bias) else "dense"})
+    if parts is not None:
+        res.proof = [f"dense: {why}" for why in parts.residual or ["a part has no tensor form"]]
+        if parts.band_proof and parts.fill == float("-inf"):
+            # the term stays whole; its band only repeats what the term masks, and lets the kernels skip tiles
+            res.left, res.right, res.params = parts.left, parts.right, {"fill": parts.fill}
+            res.proof = parts.band_proof + res.proof
+        elif parts.band_proof:  # a row the rest of the term masks would be uniform in eager, NaN with the band
+            res.proof = [f"{p} (not folded: the term stays, with a finite fill)" for p in parts.band_proof] + res.proof
+    else:
+        res.proof = ["dense: the mask has more than 4 dims, or is written in place, or is batched by vmap"]
+    ext = site.extents or (None,) * 4
+    got = _maskvalue.whole(site.gm, site.inputs, term.kind, term.negate, term.node, ext[2], ext[3], site.square)
+    if got is None:
+        return res
+    if got[0] == "band":
+        return _Result([], left=got[1], right=got[2], proof=[got[3]],
+                       params={"fill": term.fill} if term.kind == "keep" else {})
+    res.kinds = {"blocksparse"}
+    res.block_sparse, res.proof = True, [p for p in res.proof if not p.startswith("dense:")] + [got[2]]
+    blocks = got[1]
+    total = blocks["empty"] + blocks["full"] + blocks["partial"]
+    res.params = {**res.params, "blocks": blocks, "density": (total - blocks["empty"]) / total}
+    return res
+
+
+def _conjuncts(p) -> list:
+    return list(p.parts) if isinstance(p, And) else [p]
+
+
+def _summands(e) -> list:
+    if isinstance(e, Op) and e.fn == "add":
+        return [s for a in e.args for s in _summands(a)]
+    return [e]
+
+
+def _zero(e) -> bool:
+    return e == Aff() or (isinstance(e, Const) and not isinstance(e.value, bool) and e.value == 0)
+
+
+def _alibi(p) -> tuple[Any, float] | None:
+    """(g, a) if ``p == g[h] * (a*kv + b*q + c)`` (g a function of the head only)."""
+    if isinstance(p, Op) and p.fn == "neg":
+        r = _alibi(p.args[0])
+        return None if r is None else (r[0], -r[1])
+    if not (isinstance(p, Op) and p.fn == "mul"):
+        return None
+    for g, x in (p.args, p.args[::-1]):
+        if isinstance(x, Aff) and x.coef(KEY) and free(x) <= {QUERY, KEY} and free(g) <= {HEAD}:
+            return (g, x.coef(KEY)) if not isinstance(g, Aff) else None
+        if isinstance(x, Const) and not isinstance(x.value, bool):
+            r = _alibi(g)
+            if r is not None:
+                return r[0], r[1] * x.value
+    return None
+
+
+def _keyed(e) -> bool:
+    """Whether ``e`` is a key vector: it depends on the key index, never on the query's."""
+    fv = free(e)
+    return KEY in fv and QUERY not in fv
+
+
+def _negative(e, bound: float = _LARGE_NEGATIVE) -> bool:
+    return isinstance(e, Const) and not isinstance(e.value, bool) and e.value <= bound
+
+
+def _key_shaped(node: fx.Node) -> bool:
+    """A tensor that is already (.., 1, 1, Lk)-shaped: read per key, never per query."""
+    shape = [1] * 4 + list(val(node).shape)
+    return size1(shape[-3]) and size1(shape[-2])
+
+
+def _bound(a: Aff) -> tuple[str, int] | None:
+    """An atom over (q, kv) as ("left", l): kv >= q - l, or ("right", r): kv <= q + r."""
+    k, c = a.coef(KEY), a.const
+    if not k or a.coef(QUERY) != -k or len(a.terms) != 2:
+        return None
+    return ("right", -c // k) if k > 0 else ("left", -c // -k)  # k(kv - q) + c <= 0, floor division
+
+
+class _Parts:
+    """The parts of one mask term (module docstring), and a reason for each unproven one."""
+
+    def __init__(self, site: _Site, term: MaskTerm, e: Any) -> None:
+        self.site, self.term = site, term
+        self.left = self.right = self.fill = None
+        self.keys, self.adds, self.alibi, self.bias = [], [], [], []  # adds: additive key masks
+        self.band_proof, self.proof, self.residual = [], [], []
+        self.key_only = True  # every part is a key vector
+        dtype = val(term.node).dtype
+        if term.kind == "keep":
+            pred = e if dtype == torch.bool else ne0(e)
+            self._keep(not_(pred) if term.negate else pred, term.fill)
+        elif not dtype.is_floating_point:
+            self.residual.append(f"an additive mask of dtype {dtype}")
+        else:
+            for p in _summands(e):
+                self._add(p, torch.finfo(dtype).min)
+
+    def _add(self, p, floor: float) -> None:
+        if _zero(p):
+            self.proof.append("symbolic: an additive part is the constant 0 (dropped)")
+            return
+        fills = [f.value for f in (p.a, p.b) if _negative(f)] if isinstance(p, Ite) else []
+        if isinstance(p, Ite) and not _keyed(p):
+            for cond, x, f in ((p.cond, p.a, p.b), (not_(p.cond), p.b, p.a)):
+                if _negative(f, floor):
+                    self._keep(cond, f.value)  # s + fill == fill: the fill swallows the score
+                    if not _zero(x):
+                        self._add(x, floor)  # x only matters where cond keeps
+                    return
+        slope = None if fills else _alibi(p)
+        if slope is None and _keyed(p):  # exact as an additive (B, 1, 1, Lk) vector, whatever the fill
+            (self.adds if fills else self.bias).append(p)
+            self.proof.append(f"symbolic: additive {show(p, 80)} depends on (b, h, kv) only -> "
+                              f"{'key padding' if fills else 'key bias'} vector")
+            return
+        self.key_only = False
+        if fills:
+            self.residual.append(f"an additive mask filled with {fills[0]:g} > finfo.min: s + fill is not "
+                                 "the fill, so its structure is not separable")
+        elif slope is not None:
+            self.alibi.append(slope)
+            self.proof.append(f"symbolic: additive {show(p, 80)} = slopes[h] * {slope[1]:g} * kv + (terms constant "
+                              "along kv, which softmax ignores) -> alibi")
+        else:
+            self.bias.append(p)
+            self.proof.append(f"bias: additive {show(p, 80)} stays a tensor")
+
+    def _keep(self, pred, fill: float) -> None:
+        if self.fill is not None and fill != self.fill:
+            self.residual.append(f"keep conditions with different fills ({self.fill}, {fill})")
+        self.fill = fill
+        for c in _conjuncts(pred):
+            if _keyed(c):
+                self.keys.append(c)
+                self.proof.append(f"symbolic: {show(c, 80)} depends on (b, h, kv) only -> key padding vector")
                 continue
-        remaining.append(term)
-    m = dataclasses.replace(m, causal=causal, masks=tuple(remaining))
-    info: dict[str, Any] = {"kind": "none"}
-    kinds = []
-    if causal:
-        kinds.append("causal")
-    for term in remaining:
-        v = val(term.node)
-        kinds.append("bias" if term.kind == "add" else "bool")
-        info.setdefault("tensors", []).append({
-            "kind": "additive" if term.kind == "add" else "bool",
-            "shape": [_hint(s) for s in v.shape], "dtype": str(v.dtype).replace("torch.", ""),
-            **({"fill": term.fill} if term.kind == "keep" else {}),
-            "requires_grad": bool(getattr(v, "requires_grad", False)),
-        })
-    if kinds:
-        info["kind"] = "+".join(kinds)
-    return m, info
+            self.key_only = False
+            bound = _bound(c.aff) if isinstance(c, Atom) else None
+            buffer = None if bound or not reads(c) or not free(c) <= {QUERY, KEY} else \
+                _maskvalue.buffer_band(self.site.gm, self.site.inputs, c)
+            if (bound or buffer) and not self.site.square:
+                self.residual.append(f"{show(c, 80)} is a band, but q_len == kv_len is not proven")
+            elif bound and bound[1] < 0:
+                self.residual.append(f"{show(c, 80)} excludes the diagonal")
+            elif bound:
+                side, n = bound
+                self._band(n if side == "left" else None, n if side == "right" else None,
+                           f"symbolic: kv {'>=' if side == 'left' else '<='} q {'-' if side == 'left' else '+'} {n} "
+                           "(index comparison)")
+            elif buffer:
+                self._band(*buffer)
+            else:
+                self.residual.append(f"{show(c, 80)} is not a band, key vector or constant-buffer band")
+
+    def _band(self, left: int | None, right: int | None, proof: str) -> None:
+        if left is not None:
+            self.left = left if self.left is None else min(self.left, left)
+        if right is not None:
+            self.right = right if self.right is None else min(self.right, right)
+        self.band_proof.append(proof)
+
+    def emit(self) -> _Result | None:
+        """The proven parts as a `_Result` with new mask nodes, or None if some part has no tensor form.
+
+        Key parts of a keep term become a bool (B, 1, 1, Lk) keep vector; those of an additive
+        term stay additive (``where(keep, 0, fill)``): ``s + fill`` still has eager's gradient in a row
+        whose every key is masked, where a replaced score has none.
+        """
+        if len(self.alibi) > 1:
+            return None
+        res = _Result([], left=self.left, right=self.right, proof=self.band_proof + self.proof)
+        res.kinds = ({"padding"} if self.keys or self.adds else set()) | ({"bias"} if self.bias else set())
+        if self.keys or self.adds:
+            res.params["padding"] = f"{'key' if self.term.kind == 'keep' else 'additive key'} vector (B, 1, 1, Lk)"
+        if self.band_proof and self.fill is not None:
+            res.params["fill"] = self.fill
+        em = Emitter(self.site.gm, self.site.extents, self.site.sizes, self.site.fake)
+        if (self.key_only and _key_shaped(self.term.node)) or (self.bias and not (
+                self.keys or self.adds or self.alibi or self.band_proof)):
+            res.terms.append(self.term)  # already a key vector, or a plain bias: it stays as it is
+        elif self.term.kind == "keep" and self.keys:
+            node = em.node(and_(*self.keys))
+            if node is None:
+                return None
+            res.terms.append(MaskTerm("keep", node, fill=self.fill))
+        elif self.keys or self.adds or self.bias:
+            parts = ([Ite(and_(*self.keys), Const(0.0), Const(self.fill))] if self.keys else []) + self.adds + self.bias
+            total = parts[0]
+            for p in parts[1:]:
+                total = Op("add", (total, p))
+            node = em.node(total, val(self.term.node).dtype)
+            if node is None:
+                return None
+            res.terms.append(MaskTerm("add", node))
+        if self.alibi:
+            res.alibi = em.slopes(*self.alibi[0])
+            if res.alibi is None:
+                return None
+            res.kinds.add("alibi")
+            res.params["alibi_heads"] = self.site.extents[HEAD]
+        return res

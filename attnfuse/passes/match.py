@@ -84,6 +84,11 @@ class AttentionMatch:
     dropout_p: float = 0.0
     pattern: str = ""
     region: frozenset = frozenset()
+    # structure proven by `attnfuse.passes.masks` (see `attnfuse.ops` for the semantics)
+    window_left: int = -1
+    window_right: int = -1
+    alibi: fx.Node | None = None  # fp32 (heads,) slopes
+    block_sparse: bool = False
 
 
 _LARGE_NEGATIVE = -1e4

@@ -130,12 +130,22 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
                     mask = _op(graph, torch.unsqueeze, mask, 0)
                 mask = _heads_tile_to_group(graph, mask, m.kv_groups)
         seed = _op(graph, torch.randint, 0, 2**62, (), dtype=torch.int64) if m.dropout_p > 0 else None
+        alibi = None
+        if m.alibi is not None:
+            alibi = graph.call_method("float", (m.alibi,))
+            if tile:
+                alibi = _op(graph, torch.flatten, _op(graph, torch.transpose, _op(
+                    graph, torch.unflatten, alibi, 0, [m.kv_groups, -1]), 0, 1))
+        structure = {}
+        if m.window_left >= 0 or m.window_right >= 0 or m.block_sparse:
+            structure = {"window_left": m.window_left, "window_right": m.window_right,
+                         "block_sparse": m.block_sparse}
         # SDPA zeroes fully masked rows where a softmax makes them NaN
         sdpa = m.form == "sdpa" and mask is not None
         fn = ops.attention_sdpa if sdpa else torch.ops.attnfuse.attention.default
-        out = _op(graph, fn, q, k, v, mask, seed, scale=m.scale,
+        out = _op(graph, fn, q, k, v, mask, seed, alibi, scale=m.scale,
                   causal=m.causal, softcap=m.softcap, kv_groups=m.kv_groups, dropout_p=m.dropout_p,
-                  mask_fill=fill)
+                  mask_fill=fill, **structure)
         if not sdpa:  # the op returns (out, stats)
             out = _op(graph, operator.getitem, out, 0)
         if tile:
@@ -144,13 +154,22 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
     m.output.replace_all_uses_with(out)
 
 
+def _impure(node: fx.Node) -> bool:
+    """Dead-code removal must keep vmap's nesting brackets (HF builds masks with ``torch.vmap``): they have
+    no users, yet dropping them leaves the batch-dim nodes between them unbalanced."""
+    return node.is_impure() or getattr(node.target, "__name__", "") in _VMAP_NESTING
+
+
+_VMAP_NESTING = ("_vmap_increment_nesting", "_vmap_decrement_nesting")
+
+
 def rewrite(gm: fx.GraphModule, matches: list[AttentionMatch]) -> fx.GraphModule:
     """Rewrite every match in ``gm`` (in place) and drop the dead region nodes."""
     from .. import ops  # noqa: F401 - registers torch.ops.attnfuse
 
     for m in matches:
         _rewrite_one(gm.graph, m)
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=_impure)
     gm.graph.lint()
     gm.recompile()
     return gm

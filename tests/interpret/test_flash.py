@@ -37,14 +37,18 @@ def _seed(*key) -> None:
 
 
 def textbook(q, k, v, mask=None, *, scale=None, causal=False, softcap=0.0, mask_fill=None, keep=None,
-             dropout_p=0.0):
-    """Attention as written in a textbook, in the dtype of its inputs (materializes the scores)."""
+             dropout_p=0.0, bias=None, visible=None):
+    """Attention as written in a textbook, in the dtype of its inputs (materializes the scores).
+
+    ``bias`` (e.g. ALiBi's) is added before the mask, the (Lq, Lk) bool ``visible`` (a band) applied after it."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = (q @ k.transpose(-2, -1)) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias.to(s.dtype)
     if mask is not None:
         if mask.dtype == torch.bool:
             s = s.masked_fill(~mask, _INF if mask_fill is None else mask_fill)
@@ -52,6 +56,8 @@ def textbook(q, k, v, mask=None, *, scale=None, causal=False, softcap=0.0, mask_
             s = s + mask
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), _INF)
+    if visible is not None:
+        s = s.masked_fill(~visible, _INF)
     p = torch.softmax(s, dim=-1)
     if keep is not None:
         p = p * keep.to(p.dtype) / (1 - dropout_p)
@@ -85,12 +91,15 @@ def _single_key_noise(dtype, q, k, v, grad_out, scale=None):
             "dmask": ds * q.shape[0] * q.shape[1] * q.shape[2]}
 
 
-def _compare(dtype, q, k, v, grad_out, *, mask=None, mask_grad=False, what="", keep=None, one_key=False, **kw):
-    """Run ours (flash.attention with kw) vs eager (dtype) vs reference (float64), forward and backward.
+def _compare(dtype, q, k, v, grad_out, *, mask=None, mask_grad=False, what="", keep=None, one_key=False,
+             attend=None, bias=None, visible=None, **kw):
+    """Run ours (``attend``, default flash.attention, with kw) vs eager (dtype) vs reference (float64), forward
+    and backward.
 
     ``q``/``k``/``v``/``mask`` are already in ``dtype`` (any strides); ``keep`` is the dropout keep mask
-    the textbook functions apply.  ``one_key``: every query row sees exactly one key, so dQ, dK (and a bias
-    gradient) are 0 and are held to `_single_key_noise` instead of the 2x rule.  Returns our output.
+    the textbook functions apply, ``bias``/``visible`` the extra terms of `textbook` (``bias`` in float64:
+    each run rounds it to its dtype).  ``one_key``: every query row sees exactly one key, so dQ, dK (and a
+    bias gradient) are 0 and are held to `_single_key_noise` instead of the 2x rule.  Returns our output.
     """
     textbook_kw = {key: kw[key] for key in ("scale", "causal", "softcap", "mask_fill", "dropout_p") if key in kw}
     float_mask = mask is not None and mask.dtype != torch.bool
@@ -98,14 +107,15 @@ def _compare(dtype, q, k, v, grad_out, *, mask=None, mask_grad=False, what="", k
 
     ours_in = [_leaf(x) for x in (q, k, v)]
     ours_mask = _leaf(mask, grad=grad_mask) if float_mask else mask
-    out = flash.attention(*ours_in, mask=ours_mask, **kw)
+    out = (attend or flash.attention)(*ours_in, mask=ours_mask, **kw)
     out.backward(grad_out)
 
     results = {}
     for name, dt in (("eager", dtype), ("ref", torch.float64)):
         ins = [_leaf(x, dt) for x in (q, k, v)]
         m = _leaf(mask, dt, grad=grad_mask) if float_mask else mask
-        o = textbook(*ins, m, keep=keep, **textbook_kw)
+        o = textbook(*ins, m, keep=keep, bias=None if bias is None else bias.to(dt), visible=visible,
+                     **textbook_kw)
         o.backward(grad_out.to(dt))
         results[name] = (o, *(x.grad for x in ins), m.grad if grad_mask else None)
 
@@ -327,8 +337,8 @@ def test_deterministic(dtype, causal, h, hk, lq, lk):
         assert_2x(runs[0][i + 1], eager_in[i].grad, ref_in[i].grad, f"deterministic d{'qkv'[i]}")
 
 
-def test_deterministic_default_follows_torch():
-    """deterministic=None follows torch.are_deterministic_algorithms_enabled()."""
+def test_deterministic_is_the_default():
+    """deterministic=None (the default) is the separate dQ pass, whatever torch's determinism flag says."""
     _seed("det_default")
     q, k, v = _qkv(torch.float32, 1, 2, 2, 33, 33, 40, 40)
     g = torch.randn(1, 2, 33, 40)
@@ -338,12 +348,8 @@ def test_deterministic_default_follows_torch():
         flash.attention(x, k, v, causal=True, config=T16, **kw).backward(g)
         return x.grad
 
-    prev = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
-        assert torch.equal(dq(), dq(deterministic=True))
-    finally:
-        torch.use_deterministic_algorithms(prev)
+    assert torch.equal(dq(), dq(deterministic=True))
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_noncontiguous_inputs():

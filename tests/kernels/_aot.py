@@ -8,7 +8,7 @@ launcher's estimate `flash.smem_bytes` must not under-count what Triton allocate
 (spec, dtype, head dim) compiles every config without features, plus the config nearest the limit
 with every feature on (causal, softcap, dropout, ragged lengths and a mask: a bool mask for fp16, a
 float32 bias with its gradient for bf16; shared memory depends on the element size, not on which
-16-bit type).
+16-bit type).  test_window_aot.py adds the band and block-sparse ``variant``s of the same kernels.
 
 The signatures mirror a launch through `torch.library.wrap_triton`: pointers 16-byte aligned,
 last-dim strides 1 (Triton turns an int argument equal to 1 into a constant), other ints multiples
@@ -71,24 +71,31 @@ def _compile(kernel, cc: int, ptrs: dict[str, str], consts: dict, num_warps: int
                           target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _meta(cfg: TileConfig, hd: int, mask: str | None) -> dict:
+def _meta(cfg: TileConfig, hd: int, mask: str | None, variant: str | None = None) -> dict:
     """The constexprs `flash.forward`/`flash.backward` pass.  ``mask`` None: no features, lengths that divide
-    the tiles; else causal, softcap, dropout, ragged lengths and a mask of that dtype ("i1": bool with a fill)."""
+    the tiles; else softcap, dropout, ragged lengths, a mask of that dtype ("i1": bool with a fill) and a band:
+    causal, or with ``variant`` "window" a sliding window and ALiBi, with "sparse" a block-sparse map (its
+    mask bool, or additive with the finfo.min floor), a window and ALiBi."""
     heavy = mask is not None
-    kind = flash.MASK_NONE if not heavy else flash.MASK_BOOL_FILL if mask == "i1" else flash.MASK_BIAS
+    if variant == "sparse":
+        kind = flash.MASK_BOOL if mask == "i1" else flash.MASK_BIAS_FLOOR
+    else:
+        kind = flash.MASK_NONE if not heavy else flash.MASK_BOOL_FILL if mask == "i1" else flash.MASK_BIAS
     return dict(GROUPS=1, HEAD_DIM=hd, HEAD_DIM_V=hd, BLOCK_D=hd, BLOCK_DV=hd, BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n, IS_CAUSAL=heavy, MASK_KIND=kind, HAS_SOFTCAP=heavy, HAS_DROPOUT=heavy,
-                EVEN_M=not heavy, EVEN_N=not heavy, PRECISION="tf32")
+                BLOCK_N=cfg.block_n, IS_CAUSAL=heavy and variant is None, HAS_WINDOW=variant is not None,
+                BLOCK_SPARSE=variant == "sparse", MASK_KIND=kind, HAS_SOFTCAP=heavy, HAS_ALIBI=variant is not None,
+                HAS_DROPOUT=heavy, EVEN_M=not heavy, EVEN_N=not heavy, PRECISION="tf32")
 
 
-def _inputs(dt: str, mask: str | None, **ptrs) -> dict:
-    """Pointer types: q/k/v-like ones ``dt``; the mask and seed are q itself when unused."""
-    return dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", M=f"*{mask or dt}", Seed="*i64" if mask else f"*{dt}", **ptrs)
+def _inputs(dt: str, mask: str | None, variant: str | None = None, **ptrs) -> dict:
+    """Pointer types: q/k/v-like ones ``dt``; the mask, seed, slopes and tile map are q itself when unused."""
+    return dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", M=f"*{mask or dt}", Seed="*i64" if mask else f"*{dt}",
+                Alibi="*fp32" if variant else f"*{dt}", TileMap="*i32" if variant == "sparse" else f"*{dt}", **ptrs)
 
 
-def compile_fwd(cfg: TileConfig, cc: int, dt: str, hd: int, mask: str | None = None):
-    ptrs = _inputs(dt, mask, VBad="*i1" if mask else f"*{dt}", Out=f"*{dt}", Stats="*fp32")
-    return _compile(flash._fwd_kernel, cc, ptrs, dict(_meta(cfg, hd, mask), EVEN_D=True), cfg.num_warps,
+def compile_fwd(cfg: TileConfig, cc: int, dt: str, hd: int, mask: str | None = None, variant: str | None = None):
+    ptrs = _inputs(dt, mask, variant, VBad="*i1" if mask else f"*{dt}", Out=f"*{dt}", Stats="*fp32")
+    return _compile(flash._fwd_kernel, cc, ptrs, dict(_meta(cfg, hd, mask, variant), EVEN_D=True), cfg.num_warps,
                     cfg.num_stages, _UNIT | _MASK_UNIT if mask else _UNIT)
 
 
@@ -102,16 +109,19 @@ def compile_preprocess(cc: int, dt: str, hd: int):
     return _compile(flash._bwd_preprocess, cc, ptrs, dict(HEAD_DIM_V=hd, BLOCK_DV=hd, BLOCK_M=64), 4, 3)
 
 
-def compile_dkdv(cfg: TileConfig, cc: int, dt: str, hd: int, mask: str | None = None):
-    ptrs = _inputs(dt, mask, DO=f"*{dt}", Stats="*fp32", Delta="*fp32", DQ="*fp32", DK=f"*{dt}", DV=f"*{dt}")
-    return _compile(flash._bwd_dkdv_kernel, cc, ptrs, dict(_meta(cfg, hd, mask), ATOMIC_DQ=True),
+def compile_dkdv(cfg: TileConfig, cc: int, dt: str, hd: int, mask: str | None = None, variant: str | None = None):
+    ptrs = _inputs(dt, mask, variant, DO=f"*{dt}", Stats="*fp32", Delta="*fp32", DQ="*fp32", DK=f"*{dt}",
+                   DV=f"*{dt}")
+    return _compile(flash._bwd_dkdv_kernel, cc, ptrs, dict(_meta(cfg, hd, mask, variant), ATOMIC_DQ=True),
                     cfg.num_warps, cfg.num_stages, _UNIT | _MASK_UNIT if mask else _UNIT)
 
 
-def compile_dq(cfg: TileConfig, cc: int, dt: str, hd: int, mask: str | None = None):
-    grad = mask is not None and mask != "i1"  # a bias that wants its gradient: dS stored into DM
-    ptrs = _inputs(dt, mask, DO=f"*{dt}", Stats="*fp32", Delta="*fp32", DQ=f"*{dt}", DM="*fp32" if grad else f"*{dt}")
-    return _compile(flash._bwd_dq_kernel, cc, ptrs, dict(_meta(cfg, hd, mask), MASK_GRAD=grad),
+def compile_dq(cfg: TileConfig, cc: int, dt: str, hd: int, mask: str | None = None, variant: str | None = None):
+    # a bias that wants its gradient: dS stored into DM (a block-sparse mask is a constant)
+    grad = mask is not None and mask != "i1" and variant != "sparse"
+    ptrs = _inputs(dt, mask, variant, DO=f"*{dt}", Stats="*fp32", Delta="*fp32", DQ=f"*{dt}",
+                   DM="*fp32" if grad else f"*{dt}")
+    return _compile(flash._bwd_dq_kernel, cc, ptrs, dict(_meta(cfg, hd, mask, variant), MASK_GRAD=grad),
                     cfg.num_warps, cfg.num_stages, _UNIT | _MASK_UNIT if mask else _UNIT)
 
 

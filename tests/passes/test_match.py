@@ -341,7 +341,7 @@ def mask_fill(q, k, v, masked, value):
 def test_mask_masked_fill(value):
     masked = ~keep_mask(B, 1, L, LK)
     res = check(lambda q, k, v, m: mask_fill(q, k, v, m, value), (*qkv(lk=LK), masked))
-    fused(res, scale=S, mask="bool")
+    fused(res, scale=S, mask="dense")
     assert res.site.mask["tensors"][0]["fill"] == value
 
 
@@ -366,7 +366,7 @@ def mask_where_tensor_fill(q, k, v, keep):  # HF's torch.full([], finfo.min) mas
 @pytest.mark.parametrize("fn", [mask_where, mask_where_negated, mask_where_tensor_fill])
 def test_mask_where(fn):
     res = check(fn, (*qkv(lk=LK), keep_mask(L, LK)))
-    fused(res, scale=S, mask="bool")
+    fused(res, scale=S, mask="dense")
 
 
 def mask_where_small(q, k, v, keep):
@@ -419,7 +419,7 @@ def test_mask_static_causal(fn):
 
 def test_mask_twin_tril_on_cross_attention_is_not_causal():
     res = check(mask_tril_inline, qkv(lk=LK))  # q_len != kv_len: a tensor mask, not is_causal
-    fused(res, mask="bool")
+    fused(res, mask="dense")
     assert res.call["causal"] is False
 
 
@@ -427,14 +427,14 @@ def test_mask_twin_almost_causal():
     keep = torch.ones(L, L, dtype=torch.bool).tril()
     keep[5, 7] = True
     res = check(mask_where, (*qkv(), keep))
-    fused(res, mask="bool")
+    fused(res, mask="dense")
     assert res.call["causal"] is False
 
 
 def test_mask_twin_tril_passed_in_is_data():
     tril = torch.ones(L, L, dtype=torch.bool).tril()  # causal-looking, but an input: the next call may differ
     res = check(mask_where, (*qkv(), tril))
-    fused(res, mask="bool")
+    fused(res, mask="dense")
     assert res.call["causal"] is False
     q, k, v = qkv()
     other = keep_mask(L, L)
@@ -448,7 +448,7 @@ def mask_hf_padding(q, k, v, attend_key):  # HF: where(bool, 0, finfo.min) addit
 
 def test_mask_hf_padding():
     res = check(mask_hf_padding, (*qkv(lk=LK), keep_mask(B, LK, p=0.4)))
-    fused(res, scale=S, mask="bias")
+    fused(res, scale=S, mask="padding")  # a key vector: read per key, never as an Lq x Lk tensor
 
 
 def mask_bias_and_bool(q, k, v, bias, keep):
@@ -458,7 +458,7 @@ def mask_bias_and_bool(q, k, v, bias, keep):
 
 def test_mask_bias_and_bool():
     res = check(mask_bias_and_bool, (*qkv(lk=LK), rnd(1, H, 1, LK), keep_mask(B, 1, L, LK)))
-    fused(res, scale=S, mask="bias+bool")
+    fused(res, scale=S, mask="bias+dense")
 
 
 def mask_from_scores(q, k, v):
@@ -496,7 +496,7 @@ def dead_rows(*shape):
 
 def test_fully_masked_rows_neg_inf_are_nan():
     res = check(mask_fill, (*qkv(lk=LK), ~dead_rows(B, 1, L, LK), NEG), grad=[])
-    fused(res, mask="bool")
+    fused(res, mask="dense")
     assert res.out[0][:, :, 3].isnan().all() and not res.out[0][:, :, 2].isnan().any()
 
 
@@ -504,7 +504,7 @@ def test_fully_masked_rows_neg_inf_are_nan():
 def test_fully_masked_rows_finite_fill_are_uniform(value):
     q, k, v = qkv(lk=LK)
     res = check(mask_fill, (q, k, v, ~dead_rows(B, 1, L, LK), value))
-    fused(res, mask="bool")
+    fused(res, mask="dense")
     torch.testing.assert_close(res.out[0][:, :, 3], v.mean(-2))
 
 
@@ -521,7 +521,7 @@ def test_fully_masked_rows_additive():
 
 def test_fully_masked_rows_where():
     res = check(mask_where, (*qkv(lk=LK), dead_rows(L, LK)), grad=[])
-    fused(res, mask="bool")
+    fused(res, mask="dense")
     assert res.out[0][:, :, 3].isnan().all()
 
 
@@ -739,7 +739,7 @@ GQA_STYLES = {
 GQA_MASKS = {  # per-head masks: "repeat" (tiled heads) must reorder them with q
     "bias": (lambda h: rnd(1, h, L, LK), lambda s, m: s + m, "bias"),
     "bias_3d": (lambda h: rnd(h, L, LK), lambda s, m: s + m, "bias"),
-    "bool": (lambda h: ~keep_mask(B, h, L, LK), lambda s, m: s.masked_fill(m, NEG), "bool"),
+    "bool": (lambda h: ~keep_mask(B, h, L, LK), lambda s, m: s.masked_fill(m, NEG), "dense"),
 }
 
 
@@ -837,7 +837,7 @@ SDPA_CASES = {
                None, "causal", 1),
     "scale": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=S), lambda: qkv(), S, "none", 1),
     "bool_mask": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
-                  lambda: (*qkv(lk=LK), keep_mask(L, LK)), None, "bool", 1),
+                  lambda: (*qkv(lk=LK), keep_mask(L, LK)), None, "dense", 1),
     "float_mask": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
                    lambda: (*qkv(lk=LK), rnd(B, 1, L, LK)), None, "bias", 1),
     "gqa": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=0.2),
@@ -857,7 +857,7 @@ def test_sdpa_fully_masked_rows_are_zero(kind):  # SDPA's convention, unlike sof
     keep = dead_rows(B, 1, L, LK)
     mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, NEG)
     res = check(SDPA_CASES["bool_mask"][0], (*qkv(lk=LK), mask), grad=[0, 1, 2])
-    fused(res, mask="bool" if kind == "bool" else "bias")
+    fused(res, mask="dense" if kind == "bool" else "bias")
     assert (res.out[0][:, :, 3] == 0).all()
 
 

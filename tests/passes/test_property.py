@@ -307,11 +307,14 @@ def expected_groups(p: Program) -> int:
 
 
 def expected_mask(p: Program) -> str:
-    square = p.lq == p.lk
+    """The kind `attnfuse.passes.masks` proves: a mask that never varies along the queries is a key vector."""
+    square, single = p.lq == p.lk, p.lq == p.lk == 1
+    keyed = p.lk > 1 and (p.lq == 1 or p.mask_shape in (("b", 1, 1, "lk"), ("lk",)))
+    keep = "padding" if keyed else "dense"
+    causal = "none" if single else "causal" if square else "padding" if p.lq == 1 else "dense"
     return {
-        "none": "none", "add": "bias", "masked_fill": "bool", "where": "bool", "hf_padding": "bias",
-        "tril": "causal" if square else "bool", "hf_causal": "causal" if square else "bias",
-        "bias_and_bool": "bias+bool",
+        "none": "none", "add": "bias", "masked_fill": keep, "where": keep, "hf_padding": keep if single else "padding",
+        "tril": causal, "hf_causal": causal, "bias_and_bool": "padding+bias" if keyed else "bias+dense",
     }[p.mask]
 
 
