@@ -134,7 +134,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     if _use_flash(q, k, v):
         return flash.forward(q, k, v, mask, _seed_on(seed, q), scale=scale, causal=causal, softcap=softcap,
                              dropout_p=dropout_p, mask_fill=mask_fill, alibi=alibi,
-                             window=(window_left, window_right), block_sparse=block_sparse)
+                             window_size=(window_left, window_right), block_sparse=block_sparse)
     if _structured(alibi, window_left, window_right, block_sparse):
         out = tiled.forward(q, k, v, mask, _seed_int(seed), scale=_scale(q, scale), causal=causal, softcap=softcap,
                             kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=_fill(mask_fill), alibi=alibi,
@@ -230,7 +230,7 @@ def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         dq, dk, dv, dm = flash.backward(
             grad_out, q, k, v, out, stats, mask, _seed_on(seed, q), scale=scale, causal=causal, softcap=softcap,
             dropout_p=dropout_p, mask_fill=mask_fill, mask_grad=mask_grad, deterministic=True, alibi=alibi,
-            window=(window_left, window_right), block_sparse=block_sparse)
+            window_size=(window_left, window_right), block_sparse=block_sparse)
         return [dq, dk, dv, dm if dm is not None else q.new_empty(0)]
     if _structured(alibi, window_left, window_right, block_sparse):
         dq, dk, dv, dm = tiled.backward(

@@ -18,7 +18,7 @@ Two kinds of rows, run side by side in one process on the same inputs:
 * window rows (one per ``--windows`` width ``w``): Mistral-style causal sliding window, key ``j`` visible from
   query ``i`` iff ``i - w < j <= i``:
 
-  * ``attnfuse`` -- ``attnfuse.kernels.window.attention(q, k, v, left=w - 1, right=0, causal=True)``, which
+  * ``attnfuse`` -- ``attnfuse.kernels.window.attention(q, k, v, window_size=(w - 1, 0), causal=True)``, which
     visits only the tiles of the band;
   * ``sdpa``     -- "sdpa (dense band mask)": a dense ``(seq, seq)`` bool band mask through the efficient (or
     math) backend, since the flash backend takes no mask; it computes every tile, so it is the correctness
@@ -180,9 +180,9 @@ def window_mask_mod(window: int):
 
 
 def window_kwargs(window: int) -> dict[str, Any]:
-    """``attnfuse.kernels.window.attention`` arguments of the causal sliding window: ``left`` counts the keys
-    before the query's own, so width ``window`` is ``left = window - 1``."""
-    return {"left": window - 1, "right": 0, "causal": True}
+    """``attnfuse.kernels.window.attention`` arguments of the causal sliding window: ``window_size=(left, right)``,
+    where ``left`` counts the keys before the query's own, so width ``window`` is ``left = window - 1``."""
+    return {"window_size": (window - 1, 0), "causal": True}
 
 
 def flops(case: dict[str, Any], mode: str) -> float:
@@ -649,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
                      "flops": "dense forward 4*B*H*Lq*Lk*D (halved when causal); window forward 4*B*H*D*(visible "
                               "(i, j) pairs, exact); bwd 2.5x, fwd_bwd 3.5x forward",
                      "window": "causal sliding window w: key j visible from query i iff i - w < j <= i; batch "
-                               "max(1, tokens // seq); attnfuse.kernels.window.attention(left=w-1, right=0, "
+                               "max(1, tokens // seq); attnfuse.kernels.window.attention(window_size=(w-1, 0), "
                                "causal=True), flex with the sliding-window BlockMask, sdpa with a dense bool band "
                                "mask (efficient/math backend; the reference); ratio: attnfuse / flex",
                      "time": "ms: median of reps calls, each between two CUDA events, after one untimed call and "

@@ -172,8 +172,9 @@ def test_window_masks_agree_with_the_definition(bench, seq, window):
     assert int(band.sum()) == bench.window_pairs(seq, window)
     assert torch.equal(bench.window_mask_mod(window)(0, 0, i, j), want)
     kw = bench.window_kwargs(window)  # the spec's band rule: j >= i - left and j <= i + right, right = 0 if causal
-    right = 0 if kw["causal"] and kw["right"] < 0 else min(kw["right"], 0) if kw["causal"] else kw["right"]
-    assert torch.equal((j >= i - kw["left"]) & (j <= i + right), want)
+    left, right = kw["window_size"]
+    right = 0 if kw["causal"] and right < 0 else min(right, 0) if kw["causal"] else right
+    assert torch.equal((j >= i - left) & (j <= i + right), want)
 
 
 def test_device_tag(bench):

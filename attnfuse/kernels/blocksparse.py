@@ -122,14 +122,14 @@ def _listing(full: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, causal: bool = False,
-              left: int = -1, right: int = -1, alibi: torch.Tensor | None = None, scale: float | None = None,
+              window_size: tuple[int, int] = (-1, -1), alibi: torch.Tensor | None = None, scale: float | None = None,
               softcap: float = 0.0, dropout_p: float = 0.0, seed: int | torch.Tensor | None = None,
               deterministic: bool | None = None, config: flash.TileConfig | None = None) -> torch.Tensor:
     """Attention under a constant ``mask`` on ``(batch, heads, seqlen, head_dim)`` tensors, with autograd, skipping
     the mask's empty tiles and reading it only in partial ones.
 
     ``mask``: bool (True keeps) or additive (entries <= finfo(dtype).min, -inf included, are masked), any shape
-    broadcastable to (batch, heads, q_len, kv_len); a constant (no gradient).  ``causal``/``left``/``right``: a
+    broadcastable to (batch, heads, q_len, kv_len); a constant (no gradient).  ``causal``/``window_size``: a
     band on top (as `attnfuse.kernels.window`), ``alibi``: (heads,) slopes; the rest as `flash.attention`.
     """
     if mask.requires_grad:
@@ -137,4 +137,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                          "pass mask.detach() (or flash.attention for a learned bias)")
     return flash.autograd_attention("blocksparse", q, k, v, mask, seed, deterministic, config, scale=scale,
                                     causal=causal, softcap=softcap, dropout_p=dropout_p, alibi=alibi,
-                                    window=(left, right), block_sparse=True)
+                                    window_size=tuple(window_size), block_sparse=True)

@@ -1125,7 +1125,7 @@ def _tile_maps(block_sparse, mask, b, h, hkv, lq, lk, cfg, left, right):
 
 def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0, dropout_p=0.0,
             mask_fill=None, config: TileConfig | None = None, splits: int | None = None,
-            alibi: torch.Tensor | None = None, window: tuple[int, int] = (-1, -1), block_sparse: bool = False):
+            alibi: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1), block_sparse: bool = False):
     """(out, stats): out is (B, H, Lq, Dv) laid out as (B, Lq, H, Dv); stats is (B, H, Lq, 2) fp32, each row's
     score max and the log2 of its sum of exp2(score - max), in log2 units (what the backward needs).
 
@@ -1141,7 +1141,7 @@ def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=
     elem = q.element_size()
     rows = lq * groups
     spec = _spec_for(q)
-    is_causal, has_window, left, right = _band_mode(window, causal, block_sparse)
+    is_causal, has_window, left, right = _band_mode(window_size, causal, block_sparse)
     wl, wr = _widths(left, right)
     # the tile and split choice only affects speed: under dynamic shapes it uses the size hints (no guards)
     hrows, hlk, hbh = _hint(rows), _hint(lk), _hint(b * hkv)
@@ -1197,7 +1197,8 @@ def _dead_rows_nan(stats, dv):
 
 def backward(grad_out, q, k, v, out, stats, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0,
              dropout_p=0.0, mask_fill=None, mask_grad=False, deterministic=True,
-             config: TileConfig | None = None, alibi: torch.Tensor | None = None, window: tuple[int, int] = (-1, -1),
+             config: TileConfig | None = None, alibi: torch.Tensor | None = None,
+             window_size: tuple[int, int] = (-1, -1),
              block_sparse: bool = False):
     """(dq, dk, dv, dmask or None).  ``deterministic`` computes dQ in its own pass instead of fp32 atomics.
     ``alibi``/``window``/``block_sparse`` as in `forward` (a block-sparse mask is a constant: no ``mask_grad``)."""
@@ -1209,7 +1210,7 @@ def backward(grad_out, q, k, v, out, stats, mask=None, seed=None, *, scale=None,
     elem = q.element_size()
     rows = lq * groups
     spec = _spec_for(q)
-    is_causal, has_window, left, right = _band_mode(window, causal, block_sparse)
+    is_causal, has_window, left, right = _band_mode(window_size, causal, block_sparse)
     cfg = config or pick("bwd", _hint(rows), _hint(lk), _hint(b * hkv), d, dv_, elem, spec, _mask_elem(mask),
                          groups, (left, right) if has_window else (-1, -1))
     m, m_strides, mask_kind, fill2 = _mask_args(mask, mask_fill, q, b, h, lq, lk, block_sparse)

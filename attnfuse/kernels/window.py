@@ -24,20 +24,28 @@ from .flash import tiles_visited
 __all__ = ["attention", "tiles_visited"]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, left: int, right: int, causal: bool = False,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_size: tuple[int, int],
+              causal: bool = False,
               alibi: torch.Tensor | None = None, mask: torch.Tensor | None = None, scale: float | None = None,
               softcap: float = 0.0, dropout_p: float = 0.0, seed: int | torch.Tensor | None = None,
               mask_fill: float | None = None, deterministic: bool | None = None,
               config: flash.TileConfig | None = None) -> torch.Tensor:
     """Sliding-window attention on ``(batch, heads, seqlen, head_dim)`` tensors, with autograd.
 
-    ``left``/``right``: the band's half-widths (-1: unbounded), ``causal`` caps right at 0.  ``alibi``: (heads,)
-    slopes adding ``slope[h] * (j - i)`` to the scores (a constant: no gradient).  ``mask``, ``scale``,
-    ``softcap``, ``dropout_p``, ``seed``, ``mask_fill``, ``deterministic``, ``config`` as in `flash.attention`.
+    ``window_size=(left, right)``: the band's half-widths (-1: unbounded), ``causal`` caps right at 0.
+    ``alibi``: (heads,) slopes adding ``slope[h] * (j - i)`` to the scores (a constant: no gradient).
+    ``mask``, ``scale``, ``softcap``, ``dropout_p``, ``seed``, ``mask_fill``, ``deterministic``, ``config`` as in
+    `flash.attention`.
     """
-    if not (isinstance(left, int) and isinstance(right, int)):
-        raise ValueError(f"attnfuse.kernels.window.attention: left and right are ints (-1: unbounded); got "
-                         f"{left!r}, {right!r}")
+    left, right = _window_size(window_size)
     return flash.autograd_attention("window", q, k, v, mask, seed, deterministic, config, scale=scale,
                                     causal=causal, softcap=softcap, dropout_p=dropout_p, mask_fill=mask_fill,
-                                    alibi=alibi, window=(left, right))
+                                    alibi=alibi, window_size=(left, right))
+
+
+def _window_size(window_size) -> tuple[int, int]:
+    ok = isinstance(window_size, (tuple, list)) and len(window_size) == 2
+    if not ok or not all(isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in window_size):
+        raise ValueError(f"attnfuse.kernels.window.attention: window_size must be (left, right), two ints >= -1 "
+                         f"(-1: unbounded); got {window_size!r}")
+    return int(window_size[0]), int(window_size[1])

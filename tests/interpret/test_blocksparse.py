@@ -60,7 +60,7 @@ def _sparse_compare(dtype, q, k, v, g, mask, *, causal=False, left=-1, right=-1,
     def attend(q, k, v, mask, **kw):  # _compare's mask is None: the textbook gets ours as bias + visible
         return blocksparse.attention(q, k, v, sparse_mask, **kw)
 
-    return _compare(dtype, q, k, v, g, attend=attend, causal=causal, left=left, right=right, alibi=slopes,
+    return _compare(dtype, q, k, v, g, attend=attend, causal=causal, window_size=(left, right), alibi=slopes,
                     bias=bias, visible=visible, **kw)
 
 

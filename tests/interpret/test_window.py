@@ -55,7 +55,7 @@ def alibi_bias(slopes: torch.Tensor, lq: int, lk: int) -> torch.Tensor:
 def _window_compare(dtype, q, k, v, g, left, right, *, causal=False, slopes=None, **kw):
     lq, lk = q.shape[2], k.shape[2]
     bias = None if slopes is None else alibi_bias(slopes, lq, lk)
-    return _compare(dtype, q, k, v, g, attend=window.attention, left=left, right=right, causal=causal,
+    return _compare(dtype, q, k, v, g, attend=window.attention, window_size=(left, right), causal=causal,
                     alibi=slopes, bias=bias, visible=band(lq, lk, left, right, causal), **kw)
 
 
@@ -108,10 +108,11 @@ def test_full_band_is_flash():
     """An unbounded band runs flash's own paths bit for bit: none, and causal (with its NaN-in-V rule)."""
     _seed("full-band")
     q, k, v = _qkv(torch.float32, 1, 4, 2, 33, 41, 40, 40)
-    assert torch.equal(window.attention(q, k, v, left=-1, right=-1, config=T16), flash.attention(q, k, v, config=T16))
+    plain = flash.attention(q, k, v, config=T16)
+    assert torch.equal(window.attention(q, k, v, window_size=(-1, -1), config=T16), plain)
     causal = flash.attention(q, k, v, causal=True, config=T16)
-    assert torch.equal(window.attention(q, k, v, left=-1, right=0, config=T16), causal)
-    assert torch.equal(window.attention(q, k, v, left=-1, right=-1, causal=True, config=T16), causal)
+    assert torch.equal(window.attention(q, k, v, window_size=(-1, 0), config=T16), causal)
+    assert torch.equal(window.attention(q, k, v, window_size=(-1, -1), causal=True, config=T16), causal)
 
 
 # band edges at tile residues: widths one short of, at and past a tile, left/right asymmetric, and pairs wide on
@@ -133,7 +134,7 @@ def test_band_edges_equal_the_dense_masked_kernel(cfg, groups):
     g = torch.randn(1, groups, lq, 16)
     for left, right in EDGES:
         runs = []
-        for attend in (lambda *x: window.attention(*x, left=left, right=right, config=cfg, deterministic=True),
+        for attend in (lambda *x: window.attention(*x, window_size=(left, right), config=cfg, deterministic=True),
                        lambda *x: flash.attention(*x, mask=band(lq, lk, left, right), config=cfg, deterministic=True)):
             ins = [_leaf(x) for x in (q, k, v)]
             out = attend(*ins)
@@ -234,7 +235,7 @@ def test_tiles_outside_the_band_are_never_read(left, right):
     runs = []
     for kk, vv in ((k, v), (_poisoned(k, slice(66, 74), float("nan")), _poisoned(v, slice(66, 74), float("inf")))):
         ins = [_leaf(x) for x in (q, kk, vv)]
-        out = window.attention(*ins, left=left, right=right, config=T16, deterministic=True)
+        out = window.attention(*ins, window_size=(left, right), config=T16, deterministic=True)
         out.backward(g)
         runs.append((out, *(x.grad for x in ins)))
     # query tiles whose rows' bands end before key 64 (whole tiles: rows < 64 - right), key tiles whose rows
@@ -271,7 +272,7 @@ def test_split_k_window(dtype, lq, h, hk, left, right):
     """Decode-size query sides split the band's keys over programs and merge them: equal to the unsplit run."""
     _seed("split-window", dtype, lq, h, hk, left, right)
     q, k, v = _qkv(dtype, 2, h, hk, lq, 97, 64, 40)
-    kw = dict(window=(left, right), config=T16)
+    kw = dict(window_size=(left, right), config=T16)
     whole, stats = flash.forward(q, k, v, **kw, splits=1)
     split, stats_split = flash.forward(q, k, v, **kw, splits=3)
     eps = torch.finfo(dtype).eps
@@ -288,12 +289,12 @@ def test_split_k_window(dtype, lq, h, hk, left, right):
 
 def test_validation():
     q, k, v = _qkv(torch.float32, 1, 2, 2, 8, 8, 16, 16)
-    with pytest.raises(ValueError, match="left and right are ints"):
-        window.attention(q, k, v, left=2.5, right=0)
+    with pytest.raises(ValueError, match="window_size"):
+        window.attention(q, k, v, window_size=(2.5, 0))
     with pytest.raises(ValueError, match="one slope per query head"):
-        window.attention(q, k, v, left=2, right=0, alibi=torch.rand(3))
+        window.attention(q, k, v, window_size=(2, 0), alibi=torch.rand(3))
     with pytest.raises(ValueError, match="no gradient"):
-        window.attention(q, k, v, left=2, right=0, alibi=torch.rand(2, requires_grad=True))
+        window.attention(q, k, v, window_size=(2, 0), alibi=torch.rand(2, requires_grad=True))
 
 
 def test_slopes_scale_like_eager():
@@ -301,6 +302,6 @@ def test_slopes_scale_like_eager():
     q = torch.zeros(1, 1, 1, 16)
     k = torch.zeros(1, 1, 5, 16)
     v = torch.eye(5)[None, None]
-    out = window.attention(q, k, v, left=-1, right=-1, alibi=torch.tensor([math.log(2.0)]), config=T16)
+    out = window.attention(q, k, v, window_size=(-1, -1), alibi=torch.tensor([math.log(2.0)]), config=T16)
     weights = 2.0 ** torch.arange(5.0)
     torch.testing.assert_close(out[0, 0, 0], weights / weights.sum(), atol=1e-6, rtol=1e-6)

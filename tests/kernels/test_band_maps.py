@@ -162,7 +162,8 @@ def test_pick_is_window_aware():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
                     reason="interpreted kernels are not traceable")
-@pytest.mark.parametrize("structure", [dict(window=(16, 0), alibi=True), dict(block_sparse=True, window=(-1, 0))],
+@pytest.mark.parametrize("structure", [dict(window_size=(16, 0), alibi=True),
+                                       dict(block_sparse=True, window_size=(-1, 0))],
                          ids=["window-alibi", "block-sparse-causal"])
 def test_launches_trace_with_fake_cuda_tensors(structure, monkeypatch):
     """Under torch.compile the launcher runs on fake tensors: `pick` (the band's tile count), the tile-map build
