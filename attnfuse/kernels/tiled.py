@@ -186,15 +186,12 @@ def _chunk(rows, tiles, valid, left, right, lq, lk, mask_partial, nqt) -> _Chunk
     r0, r1 = rows[:, None] * BLOCK_M, torch.clamp((rows[:, None] + 1) * BLOCK_M, max=lq) - 1
     c0, c1 = tiles * BLOCK_N, (tiles + 1) * BLOCK_N - 1
     need = ((c1 - r0 > right) | (c0 - r1 < -left) | (c1 >= lk) | ~valid).any(0).tolist()
-    band, t = [], 0
-    while t < len(need):
-        if need[t]:
-            end = t
-            while end + 1 < len(need) and need[end + 1]:
-                end += 1
-            band.append(slice(t * BLOCK_N, (end + 1) * BLOCK_N))
-            t = end
-        t += 1
+    band: list[slice] = []  # runs of needy slots, as score columns
+    for t, needed in enumerate(need):
+        if needed and band and band[-1].stop == t * BLOCK_N:
+            band[-1] = slice(band[-1].start, (t + 1) * BLOCK_N)
+        elif needed:
+            band.append(slice(t * BLOCK_N, (t + 1) * BLOCK_N))
     partial = None
     if mask_partial is not None:
         partial = mask_partial[rows[:, None], tiles.clamp(max=mask_partial.shape[1] - 1)] & valid
@@ -211,7 +208,7 @@ class _Ctx:
         self.b, self.h, lq, self.d = q.shape
         self.hkv, lk, self.dv = k.shape[1], k.shape[2], v.shape[-1]
         self.g = kv_groups
-        self.scale, self.softcap, self.dropout_p, self.mask_fill = scale, softcap, dropout_p, mask_fill
+        self.softcap, self.dropout_p, self.mask_fill = softcap, dropout_p, mask_fill
         self.mask = None if mask is None else _as4d(mask)
         if self.mask is not None:
             mb, mh = self.mask.shape[:2]
@@ -221,15 +218,16 @@ class _Ctx:
         self.block_sparse = block_sparse and mask is not None
         self.plan = _plan(lq, lk, self.h * self.b * BLOCK_M, causal, window_left, window_right, mask, mask_fill,
                           self.block_sparse, q.dtype)
-        self.q = self._rows(q, self.plan.nqt).mul_(scale)
+        self.q = self.by_tile(q).mul_(scale)
         self.k, self.v = self._tiles(k), self._tiles(v)
         self.alibi = None
         if alibi is not None:
             self.alibi = alibi.to(ct).view(1, self.hkv, 1, self.g, 1, 1)
 
-    def _rows(self, x: torch.Tensor, nqt: int) -> torch.Tensor:
+    def by_tile(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, L, D) -> (B, H_kv, tiles, groups * BLOCK_M, D) in the compute dtype, zero-padded."""
         b, _, lq, d = x.shape
+        nqt = self.plan.nqt
         out = x.new_zeros(b, self.hkv, nqt, self.g, BLOCK_M, d, dtype=self.ct)
         dst, src = out.permute(0, 1, 3, 2, 4, 5), x.unflatten(1, (self.hkv, self.g))  # (B, H_kv, groups, ...)
         whole = lq // BLOCK_M
@@ -268,7 +266,7 @@ class _Ctx:
             return x.unsqueeze(3)
         return x.unflatten(1, (self.hkv, self.g)).transpose(2, 3)
 
-    def mask_index(self, c: _Chunk, qi: torch.Tensor, kj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mask_index(self, qi: torch.Tensor, kj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row and column indices into the mask (clamped; size-1 broadcast dims read index 0)."""
         mq, mk = self.mask.shape[-2:]
         ri = qi.clamp(max=mq - 1) if mq > 1 else qi.new_zeros(qi.shape[0], 1)
@@ -280,7 +278,7 @@ class _Ctx:
 
         Block-sparse chunks read only their partial tiles; full tiles get the neutral value.
         """
-        ri, ci = self.mask_index(c, qi, kj)
+        ri, ci = self.mask_index(qi, kj)
         if c.partial is None:
             return self.mask[:, :, ri[:, :, None], ci[:, None, :]]
         n, t = c.tiles.shape
@@ -378,7 +376,7 @@ def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softc
                dropout_p=dropout_p, mask_fill=mask_fill, window_left=window_left, window_right=window_right,
                block_sparse=block_sparse)
     plan = ctx.plan
-    do = ctx._rows(grad_out, plan.nqt)
+    do = ctx.by_tile(grad_out)
     dq = torch.zeros_like(ctx.q)
     dk, dv = torch.zeros_like(ctx.k), torch.zeros_like(ctx.v)
     dmask = None
@@ -407,7 +405,7 @@ def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softc
             ds[..., cols].masked_fill_(m, 0.0)
         if dmask is not None:
             qi, kj = ctx.positions(c)
-            ri, ci = ctx.mask_index(c, qi, kj)
+            ri, ci = ctx.mask_index(qi, kj)
             g = ds.sum((1, 3)).unsqueeze(1) if mh == 1 else ds.transpose(2, 3).flatten(1, 2)  # (B, mh, n, M, W)
             g = g.sum(0, keepdim=True) if mb == 1 else g
             g = g.sum(3, keepdim=True) if mq == 1 else g

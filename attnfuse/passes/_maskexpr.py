@@ -290,12 +290,16 @@ _EVAL = {"add": operator.add, "mul": operator.mul, "neg": operator.neg, "abs": t
          "ne0": lambda x: x != 0, "eq": operator.eq, "ne": operator.ne, "le": operator.le, "lt": operator.lt}
 
 
-def evaluate(e, extents: dict[int, int], values: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
-    """The value of ``e`` on the grid ``0 <= v < extents[v]`` of the score axes (a 4-D broadcastable tensor).
+def evaluate(e, extents: dict[int, int], values: dict[fx.Node, torch.Tensor],
+             starts: dict[int, int] | None = None) -> torch.Tensor:
+    """The value of ``e`` on the grid ``starts[v] <= v < starts[v] + extents[v]`` of the score axes (a 4-D
+    broadcastable tensor; ``starts`` default 0, so a caller can evaluate a large grid in slabs).
 
     ``values`` holds the concrete tensor of every `Read` node; an index outside it raises.
     """
-    grid = {v: torch.arange(n).view([-1 if k == v else 1 for k in range(4)]) for v, n in extents.items()}
+    starts = starts or {}
+    grid = {v: torch.arange(starts.get(v, 0), starts.get(v, 0) + n).view([-1 if k == v else 1 for k in range(4)])
+            for v, n in extents.items()}
 
     def go(x):
         if isinstance(x, Aff):

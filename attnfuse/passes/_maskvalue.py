@@ -26,6 +26,7 @@ from .match import _Graph, _hint, _is_state
 
 _SHAPE_READS = ("size", "sym_size", "dim", "numel", "getattr", "sym_numel")
 _MAX_CELLS = 2**26  # a larger constant is left unproven rather than evaluated
+_MAX_BUFFER_CELLS = 2**30  # a band over buffers is evaluated in slabs of _MAX_CELLS (32k x 32k at most)
 TILE = 64
 
 
@@ -83,6 +84,32 @@ def bounds(lo: int, hi: int, ni: int, nj: int) -> tuple[int | None, int | None]:
     return (None if lo <= -(ni - 1) else -lo), (None if hi >= nj - 1 else hi)
 
 
+def _slab_band(cond: Any, ni: int, nj: int, values: dict) -> tuple[int, int] | None:
+    """`band_of` of ``cond`` on the (ni, nj) grid, evaluated in slabs of query rows (memory O(_MAX_CELLS)):
+    a first pass finds the extreme diagonals that keep, a second checks that exactly that band keeps."""
+    rows = max(1, _MAX_CELLS // max(1, nj))
+    lo, hi = None, None
+    for check in (False, True):
+        for i0 in range(0, ni, rows):
+            n = min(rows, ni - i0)
+            keep = evaluate(cond, {QUERY: n, KEY: nj}, values, {QUERY: i0})
+            if keep.dtype != torch.bool:
+                return None
+            keep = keep.expand(*keep.shape[:2], n, nj).reshape(-1, n, nj)
+            if keep.shape[0] != 1:
+                return None
+            d = torch.arange(nj)[None, :] - torch.arange(i0, i0 + n)[:, None]
+            if check:
+                if not torch.equal(keep[0], (d >= lo) & (d <= hi)):
+                    return None
+            elif bool(keep.any()):
+                lo = min(lo, int(d[keep[0]].min())) if lo is not None else int(d[keep[0]].min())
+                hi = max(hi, int(d[keep[0]].max())) if hi is not None else int(d[keep[0]].max())
+        if lo is None or lo > 0 or hi < 0:
+            return None
+    return lo, hi
+
+
 def buffer_band(gm: fx.GraphModule, inputs: dict, cond: Any) -> tuple[int | None, int | None, str] | None:
     """(left, right, proof) if ``cond`` (over q, kv) reads only constant buffers and is a band on their extent."""
     extents: dict[int, int] = {}
@@ -102,16 +129,13 @@ def buffer_band(gm: fx.GraphModule, inputs: dict, cond: Any) -> tuple[int | None
             if idx.terms:
                 v = idx.terms[0][0]
                 extents[v] = min(extents.get(v, size), size - idx.const)
-    if set(extents) != {QUERY, KEY} or extents[QUERY] * extents[KEY] > _MAX_CELLS:
+    if set(extents) != {QUERY, KEY} or extents[QUERY] * extents[KEY] > _MAX_BUFFER_CELLS:
         return None
     ni, nj = extents[QUERY], extents[KEY]
     try:
-        keep = evaluate(cond, extents, values)
+        band = _slab_band(cond, ni, nj, values)
     except (IndexError, RuntimeError):
         return None
-    if keep.dtype != torch.bool:
-        return None
-    band = band_of(keep.reshape(ni, nj))
     if band is None:
         return None
     left, right = bounds(*band, ni, nj)
