@@ -28,3 +28,17 @@ def assert_2x(ours: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, what: 
 
 def site_count(report) -> tuple[int, int]:
     return len(report.fused), len(report.sites)
+
+
+def band(lq: int, lk: int, left: int = -1, right: int = -1, causal: bool = False) -> torch.Tensor:
+    """Dense (lq, lk) bool: key j visible from query i under the structured-mask band (top-left aligned, -1 =
+    unbounded, ``causal`` caps right at 0), built independently of every kernel."""
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
+    keep = torch.ones(lq, lk, dtype=torch.bool)
+    if left >= 0:
+        keep &= j >= i - left
+    if right >= 0:
+        keep &= j <= i + right
+    return keep

@@ -14,20 +14,8 @@ import torch
 
 import attnfuse  # noqa: F401 - registers the op
 from attnfuse import ops
-from tests._util import assert_2x
+from tests._util import assert_2x, band
 from tests.test_ops import ref_attention
-
-
-def band(lq: int, lk: int, left: int, right: int, causal: bool = False) -> torch.Tensor:
-    i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
-    keep = torch.ones(lq, lk, dtype=torch.bool)
-    if left >= 0:
-        keep &= j >= i - left
-    if right >= 0:
-        keep &= j <= i + right
-    if causal:
-        keep &= j <= i
-    return keep
 
 
 def _inputs(key, b=2, h=4, hk=2, lq=37, lk=37, d=16):

@@ -10,20 +10,7 @@ import pytest
 import torch
 
 from attnfuse.kernels import tiled
-from tests._util import assert_2x
-
-
-def band(lq, lk, left=-1, right=-1, causal=False):
-    """Dense (lq, lk) bool: key j visible from query i (the spec's band, built independently of the kernel)."""
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
-    i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
-    keep = torch.ones(lq, lk, dtype=torch.bool)
-    if left >= 0:
-        keep &= j >= i - left
-    if right >= 0:
-        keep &= j <= i + right
-    return keep
+from tests._util import assert_2x, band
 
 
 def textbook(q, k, v, mask=None, *, scale, causal=False, softcap=0.0, kv_groups=1, mask_fill=-math.inf,

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from attnfuse.kernels import flash, window
-from tests._util import assert_2x
+from tests._util import assert_2x, band
 from tests.interpret.test_flash import (
     DTYPES,
     T16,
@@ -32,18 +32,6 @@ from tests.interpret.test_flash import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on NaN rows: 0/0, log2(0)
 
-
-def band(lq: int, lk: int, left: int, right: int, causal: bool = False) -> torch.Tensor:
-    """(Lq, Lk) bool: key j visible from query i under the spec's band (top-left aligned, -1 unbounded)."""
-    i = torch.arange(lq)[:, None]
-    j = torch.arange(lk)[None, :]
-    right = 0 if causal else right
-    vis = torch.ones(lq, lk, dtype=torch.bool)
-    if left >= 0:
-        vis &= j >= i - left
-    if right >= 0:
-        vis &= j <= i + right
-    return vis
 
 
 def alibi_bias(slopes: torch.Tensor, lq: int, lk: int) -> torch.Tensor:

@@ -19,16 +19,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from attnfuse.costmodel import PRESETS
 from attnfuse.kernels import blocksparse, flash
-
-
-def _band(lq, lk, left, right):
-    i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
-    vis = torch.ones(lq, lk, dtype=torch.bool)
-    if left >= 0:
-        vis &= j >= i - left
-    if right >= 0:
-        vis &= j <= i + right
-    return vis
+from tests._util import band
 
 
 def _pairs(vis: torch.Tensor, block_m: int, block_n: int, groups: int) -> int:
@@ -52,7 +43,7 @@ def test_tiles_visited_is_the_band_tiles(seed):
         if left >= 0 and lq - 1 - left >= lk:
             lq = lk + left  # the kernels also visit one masked tile for rows that see no key
         got = flash.tiles_visited(lq, lk, left, right, bm, bn, groups)
-        assert got == _pairs(_band(lq, lk, left, right), bm, bn, groups), (lq, lk, left, right, bm, bn, groups)
+        assert got == _pairs(band(lq, lk, left, right), bm, bn, groups), (lq, lk, left, right, bm, bn, groups)
     assert flash.tiles_visited(100, 90, -1, -1, 32, 16, 2) == triton.cdiv(200, 32) * triton.cdiv(90, 16)
     assert flash.tiles_visited(16384, 16384, 512, 0, 64, 64, 1) <= 256 * (512 // 64 + 2)
 
@@ -69,8 +60,8 @@ def _classify(mask, b, h, hkv, lq, lk, bm, bn, window):
     m = m.expand(b, h, lq, lk)
     keep = m if mask.dtype == torch.bool else m > torch.finfo(mask.dtype).min
     zero = m if mask.dtype == torch.bool else m == 0
-    band = _band(lq, lk, *window)
-    keep, zero = keep & band, zero & band
+    vis = band(lq, lk, *window)
+    keep, zero = keep & vis, zero & vis
     out = torch.zeros(b, hkv, triton.cdiv(lq * groups, bm), triton.cdiv(lk, bn), dtype=torch.int64)
     for bi, kv, t, c in itertools.product(*(range(n) for n in out.shape)):
         rows = range(t * bm, min((t + 1) * bm, lq * groups))
