@@ -25,7 +25,7 @@ from . import costmodel, ops  # noqa: F401 - ops registers torch.ops.attnfuse
 from .config import Config
 from .passes import canonicalize, masks, match, rewrite
 from .passes.canonicalize import val
-from .passes.match import _hint, _shape
+from .passes.match import _eq, _hint, _shape
 from .report import Report, Site, _set_last
 
 
@@ -89,7 +89,16 @@ def _unsupported(m: match.AttentionMatch) -> str | None:
 
 
 _DEAD_ROWS = ("key padding can leave a query row with no visible key, which eager makes uniform over all keys "
-              "(finite fill) or zero (SDPA); the band stays in the dense mask so those rows stay exact")
+              "(finite fill); the band stays in the dense mask so those rows stay exact")
+
+
+def _sdpa_key_vector(m: match.AttentionMatch) -> bool:
+    """An SDPA site whose only mask is a key vector: `ops.attention_sdpa` finds the rows a band leaves
+    without a key from the vector itself and zeroes them, as SDPA does."""
+    if m.form != "sdpa" or len(m.masks) != 1:
+        return False
+    shape = val(m.masks[0].node).shape
+    return len(shape) >= 2 and _eq(shape[-2], 1)
 
 
 def _with_structure(before: match.AttentionMatch, m: match.AttentionMatch,
@@ -102,7 +111,7 @@ def _with_structure(before: match.AttentionMatch, m: match.AttentionMatch,
     """
     mask_report = info.report()
     band = info.window_left >= 0 or info.window_right >= 0
-    if (band or (info.causal and not before.causal)) and "padding" in info.kinds:
+    if (band or (info.causal and not before.causal)) and "padding" in info.kinds and not _sdpa_key_vector(m):
         mask_report["kept_dense"] = _DEAD_ROWS
         return before, mask_report, {}
     m = dataclasses.replace(m, window_left=info.window_left, window_right=info.window_right, alibi=info.alibi,

@@ -301,10 +301,36 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     left, right = kwargs.get("window_left", -1), kwargs.get("window_right", -1)
     if kwargs.get("causal", False):
         right = 0 if right < 0 else min(right, 0)
-    if left >= 0 or right >= 0:  # (the rewriter sends no band with a mask here: this dense test is the fallback)
+    band = left >= 0 or right >= 0
+    if band and mask.dim() >= 2 and mask.shape[-2] == 1 and q.shape[-2] == k.shape[-2]:
+        # key padding under a band: the dead rows come from a prefix sum over the key vector, O(B * L).  The
+        # kernel gets a finite fill, so a dead row still sees its own key there (finite scores, no NaN in the
+        # backward), and is zeroed after it; rows with a live key are unchanged (exp of the fill is 0).
+        dead = _band_dead_rows(keep, q.shape[-2], k.shape[-2], left, right)
+        if mask.dtype == torch.bool:
+            finite, kwargs = mask, {**kwargs, "mask_fill": _FINITE_FILL}
+        else:
+            finite = mask.masked_fill(torch.isneginf(mask), torch.finfo(mask.dtype).min)
+        return attend(q, k, v, finite, seed, alibi, **kwargs).masked_fill(dead, 0.0)
+    if band:  # a general mask under a band: the dense test (the rewriter does not emit this)
         i = torch.arange(q.shape[-2], device=mask.device)[:, None]
         j = torch.arange(k.shape[-2], device=mask.device)[None, :]
         keep = keep & ((j >= i - left) | (left < 0)) & ((j <= i + right) | (right < 0))
     dead = ~keep.any(-1, keepdim=True)
     safe = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
     return attend(q, k, v, safe, seed, alibi, **kwargs).masked_fill(dead, 0.0)
+
+
+_FINITE_FILL = torch.finfo(torch.float32).min
+
+
+def _band_dead_rows(keep: torch.Tensor, lq: int, lk: int, left: int, right: int) -> torch.Tensor:
+    """(..., Lq, 1) bool: rows whose band ``[i - left, i + right]`` (-1: unbounded) holds no key that the
+    (..., 1, Lk) ``keep`` vector keeps, from a prefix sum over the keys (no (Lq, Lk) tensor)."""
+    counts = torch.nn.functional.pad(keep.to(torch.int32).cumsum(-1), (1, 0))
+    i = torch.arange(lq, device=keep.device)
+    lo = (i - left).clamp(0, lk) if left >= 0 else torch.zeros_like(i)
+    hi = (i + right + 1).clamp(0, lk) if right >= 0 else torch.full_like(i, lk)
+    seen = counts.index_select(-1, hi) - counts.index_select(-1, lo)
+    return (seen <= 0).transpose(-1, -2)
+

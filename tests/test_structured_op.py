@@ -106,3 +106,29 @@ def test_bad_alibi_shape_raises():
     q, k, v, _ = _inputs(("bad-alibi",))
     with pytest.raises(ValueError, match="alibi"):
         ops.attend(q, k, v, None, None, torch.ones(3), kv_groups=2)
+
+
+@pytest.mark.parametrize("left", [3, -1])
+def test_sdpa_band_with_key_padding_zeroes_rows_without_keys(left):
+    """SDPA form: a band with a (B, 1, 1, Lk) padding vector; rows the padding leaves without a key are 0 with
+    no gradient, as eager SDPA; found from the vector (no (Lq, Lk) mask), forward and backward."""
+    q, k, v, grad = _inputs(("sdpa-pad", left), hk=4)
+    pad = torch.ones(2, 1, 1, 37, dtype=torch.bool)
+    pad[0, ..., :20] = False  # left padding: under the causal band, rows 0..19 of batch 0 see no key
+    pad[1, ..., 30:] = False
+    kw = dict(scale=None, causal=True, softcap=0.0, kv_groups=1, dropout_p=0.0, mask_fill=None, window_left=left)
+
+    def run(fn, xs):
+        xs = [x.detach().requires_grad_() for x in xs]
+        out = fn(*xs)
+        return out.detach(), torch.autograd.grad(out, xs, grad.to(out.dtype))
+
+    dense = pad & band(37, 37, left, 0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    ours = run(lambda a, b, c: ops.attention_sdpa(a, b, c, pad, **kw), [x.float() for x in (q, k, v)])
+    eager = run(lambda a, b, c: sdpa(a, b, c, attn_mask=dense), [x.float() for x in (q, k, v)])
+    ref = run(lambda a, b, c: sdpa(a, b, c, attn_mask=dense), [q, k, v])
+    assert bool((ours[0][0, :, :20] == 0).all()) and bool((ours[0][0, :, 20:] != 0).any())
+    assert_2x(ours[0], eager[0], ref[0], "out")
+    for name, a, e, r in zip("qkv", ours[1], eager[1], ref[1]):
+        assert_2x(a, e, r, f"d{name}")
