@@ -312,7 +312,11 @@ def measure_in_subprocess(model_name: str, seq: int, variant: str, reps: int = 5
     """`measure` in a fresh Python process; a failure comes back as ``{"error": ...}``."""
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", model_name, str(seq), variant,
            "--reps", str(reps), "--warmup", str(warmup), "--mem-reps", str(mem_reps)]
-    key = {"model": model_name, "seq": seq, "variant": variant}
+    return run_worker(cmd, {"model": model_name, "seq": seq, "variant": variant}, timeout)
+
+
+def run_worker(cmd: list[str], key: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run a ``--worker`` command line and return the result it prints after `_MARK`, or ``{**key, "error": ...}``."""
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -510,6 +514,27 @@ def _run_one(model: str, seq: int, variant: str, reps: int, warmup: int, mem_rep
     return r
 
 
+def add_common_args(p: argparse.ArgumentParser, worker: tuple[str, str, str]) -> None:
+    """The options every CPU benchmark script shares: idle wait, output, re-plot / re-measure, worker mode."""
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each measurement, wait up to this long for other processes to quiet down")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
+                   help="output folder, or a .json path (the .png goes next to it)")
+    p.add_argument("--from-json", metavar="PATH", help="re-make ratios, goals and the plot from a results JSON")
+    p.add_argument("--rerun-busy", action="store_true",
+                   help="with --from-json: measure again the results taken on a busy machine (or that failed)")
+    p.add_argument("--worker", nargs=3, metavar=worker, help=argparse.SUPPRESS)
+
+
+def print_summary(table: str, doc: dict[str, Any], json_path: pathlib.Path, png_path: pathlib.Path) -> None:
+    """The table, one line of ratios per row, the goals and where the files went."""
+    print(table)
+    for row in doc["ratios"]:
+        print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    print("goals:", json.dumps(doc["goals"]))
+    print(f"wrote {json_path} and {png_path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=_csv(str), default=list(MODELS), help="comma-separated: " + ",".join(MODELS))
@@ -520,14 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-reps", type=int, default=3, help="forwards measured for memory (median reported)")
     p.add_argument("--procs", type=int, default=1,
                    help="fresh processes per measurement; the one with the median time is kept")
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                   help="before each measurement, wait up to this long for other processes to quiet down")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
-                   help="output folder, or a .json path (the .png goes next to it)")
-    p.add_argument("--from-json", metavar="PATH", help="re-make ratios, goals and the plot from a results JSON")
-    p.add_argument("--rerun-busy", action="store_true",
-                   help="with --from-json: measure again the results taken on a busy machine (or that failed)")
-    p.add_argument("--worker", nargs=3, metavar=("MODEL", "SEQ", "VARIANT"), help=argparse.SUPPRESS)
+    add_common_args(p, ("MODEL", "SEQ", "VARIANT"))
     args = p.parse_args(argv)
     if args.worker:
         model, seq, variant = args.worker
@@ -591,11 +609,7 @@ def write(doc: dict[str, Any], results: list[dict[str, Any]], json_path: pathlib
     info = doc["machine"]
     plot(results, info, f"attnfuse model benchmark: {doc['device']}, torch {info['torch']}, fp32, batch 1, "
                         f"forward ({doc['date']})", png_path)
-    print(_table(results))
-    for row in doc["ratios"]:
-        print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    print("goals:", json.dumps(doc["goals"]))
-    print(f"wrote {json_path} and {png_path}")
+    print_summary(_table(results), doc, json_path, png_path)
 
 
 

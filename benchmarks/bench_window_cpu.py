@@ -58,7 +58,6 @@ import datetime
 import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
@@ -73,7 +72,7 @@ FAST = {"model": "attnfuse", "kernel": "tiled"}
 CONFIG = dict(num_hidden_layers=2, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
               intermediate_size=512, vocab_size=512)
 GOAL = {"seq": 16384, "speedup": 10.0, "memory_ratio": 0.1}
-_MARK = "ATTNFUSE_BENCH_RESULT "
+_MARK = _bm._MARK
 
 
 def build(part: str, variant: str, seq: int, window: int, attn: str):
@@ -166,16 +165,7 @@ def run_in_subprocess(part: str, seq: int, variant: str, args: argparse.Namespac
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", part, str(seq), variant,
            "--window", str(args.window), "--attn", args.attn, "--reps", str(args.reps), "--warmup", str(args.warmup),
            "--retry-s", str(args.retry_s)]
-    key = {"part": part, "seq": seq, "variant": variant}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {**key, "error": f"timed out after {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(_MARK):
-            return json.loads(line[len(_MARK):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {**key, "error": f"worker exited {proc.returncode}: " + " | ".join(tail)}
+    return _bm.run_worker(cmd, {"part": part, "seq": seq, "variant": variant}, timeout)
 
 
 def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -266,8 +256,6 @@ def plot(results: list[dict[str, Any]], title: str, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def _csv(kind):
-    return lambda text: [kind(x) for x in text.split(",") if x]
 
 
 def _run(part: str, seq: int, variant: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -283,22 +271,15 @@ def _run(part: str, seq: int, variant: str, args: argparse.Namespace) -> dict[st
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seqs", type=_csv(int), default=[8192, 16384])
+    p.add_argument("--seqs", type=_bm._csv(int), default=[8192, 16384])
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="HF attn_implementation of the model")
-    p.add_argument("--parts", type=_csv(str), default=list(PARTS), help="comma-separated: " + ",".join(PARTS))
+    p.add_argument("--parts", type=_bm._csv(str), default=list(PARTS), help="comma-separated: " + ",".join(PARTS))
     p.add_argument("--reps", type=int, default=3, help="timed forwards per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards after the first (compiling) one")
     p.add_argument("--retry-s", type=float, default=120.0, metavar="SECONDS",
                    help="keep timing forwards up to this long until --reps of them ran on a quiet machine")
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                   help="before each measurement, wait up to this long for other processes to quiet down")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
-                   help="output folder, or a .json path (the .png goes next to it)")
-    p.add_argument("--from-json", metavar="PATH", help="re-make ratios, goals, table and plot from a results JSON")
-    p.add_argument("--rerun-busy", action="store_true",
-                   help="with --from-json: measure again the results that failed or ran on a busy machine")
-    p.add_argument("--worker", nargs=3, metavar=("PART", "SEQ", "VARIANT"), help=argparse.SUPPRESS)
+    _bm.add_common_args(p, ("PART", "SEQ", "VARIANT"))
     args = p.parse_args(argv)
     if args.worker:
         part, seq, variant = args.worker
@@ -348,11 +329,7 @@ def write(doc: dict[str, Any], json_path: pathlib.Path) -> None:
     plot(results, f"sliding window {doc['setup']['window']} on {doc['device']}: Mistral-style model "
                   f"({doc['setup']['model']['attn_implementation']}) and one attention call, fp32, batch 1 "
                   f"({doc['date']})", png_path)
-    print(table(results))
-    for row in doc["ratios"]:
-        print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    print("goals:", json.dumps(doc["goals"]))
-    print(f"wrote {json_path} and {png_path}")
+    _bm.print_summary(table(results), doc, json_path, png_path)
 
 
 if __name__ == "__main__":
