@@ -105,9 +105,10 @@ def _with_structure(before: match.AttentionMatch, m: match.AttentionMatch,
                     info: masks.MaskInfo) -> tuple[match.AttentionMatch, dict[str, Any], dict[str, Any]]:
     """The match the rewriter emits, the report's mask entry and the cost model's ``structure``.
 
-    A band (window or a folded causal mask) skips tiles, so it must not meet key padding: a padded
-    row can then see no key at all, and what eager gives such a row depends on the fill of the keys
-    the band removed.  Such a site keeps its dense mask (the analysis is still reported).
+    A band (window or a folded causal mask) skips tiles; with key padding a padded row can then see
+    no key at all.  SDPA gives such a row 0, which `ops.attention_sdpa` reproduces from the key
+    vector; elsewhere eager makes it uniform over every key (a finite fill), which a band kernel
+    cannot, so such a site keeps its dense mask (the analysis is still reported).
     """
     mask_report = info.report()
     band = info.window_left >= 0 or info.window_right >= 0

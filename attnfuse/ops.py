@@ -232,20 +232,16 @@ def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
             dropout_p=dropout_p, mask_fill=mask_fill, mask_grad=mask_grad, deterministic=True, alibi=alibi,
             window_size=(window_left, window_right), block_sparse=block_sparse)
         return [dq, dk, dv, dm if dm is not None else q.new_empty(0)]
-    if _structured(alibi, window_left, window_right, block_sparse):
-        dq, dk, dv, dm = tiled.backward(
-            grad_out, q, k, v, mask, _seed_int(seed), scale=_scale(q, scale), causal=causal, softcap=softcap,
-            kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=_fill(mask_fill), alibi=alibi,
-            window_left=window_left, window_right=window_right, block_sparse=block_sparse, mask_grad=mask_grad)
-        return [dq.contiguous(), dk.contiguous(), dv.contiguous(),
-                dm.contiguous() if dm is not None else q.new_empty(0)]
     # PyTorch's CPU flash backward misses the 2x accuracy rule with masks (measured up to
-    # ~5x eager's error in fp32), so the backward always runs the blocked reference, which
-    # recomputes softmax per block and does not need ``out`` (flash-style kernels use it for
-    # rowsum(dO * O)).
-    dq, dk, dv, dm = reference.backward(
+    # ~5x eager's error in fp32), so the backward always recomputes softmax per block (the blocked
+    # reference, or the tiled kernel for structured masks) and does not need ``out`` (flash-style
+    # kernels use it for rowsum(dO * O)).
+    structured = _structured(alibi, window_left, window_right, block_sparse)
+    extra = dict(alibi=alibi, window_left=window_left, window_right=window_right,
+                 block_sparse=block_sparse) if structured else {}
+    dq, dk, dv, dm = (tiled if structured else reference).backward(
         grad_out, q, k, v, mask, _seed_int(seed), scale=_scale(q, scale), causal=causal, softcap=softcap,
-        kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=_fill(mask_fill), mask_grad=mask_grad)
+        kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=_fill(mask_fill), mask_grad=mask_grad, **extra)
     # contiguous, as the fake impl promises (the K/V head reduction of GQA makes new tensors anyway)
     return [dq.contiguous(), dk.contiguous(), dv.contiguous(), dm.contiguous() if dm is not None else q.new_empty(0)]
 
