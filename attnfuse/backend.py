@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from . import costmodel, ops  # noqa: F401 - ops registers torch.ops.attnfuse
 from .config import Config
-from .passes import canonicalize, masks, match, rewrite
+from .passes import approximate, canonicalize, masks, match, rewrite
 from .passes.canonicalize import val
 from .passes.match import _eq, _hint, _shape
 from .report import Report, Site, _set_last
@@ -127,16 +127,26 @@ def _with_structure(before: match.AttentionMatch, m: match.AttentionMatch,
 
 def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Config,
             report: Report) -> list[match.AttentionMatch]:
-    """Canonicalize + match + mask analysis + plan on ``gm`` (in place); fills ``report``."""
+    """Canonicalize + match + mask analysis + approximation policy + plan on ``gm`` (in place); fills
+    ``report``."""
     spec = config.device_spec()
     canonicalize.canonicalize(gm)
     found, misses = match.match(gm)
+    sites = [_with_structure(found_m, *masks.analyze(gm, found_m, example_inputs)) for found_m in found]
+    verdicts = approximate.verdicts(gm, [(m, {**structure, "causal": m.causal}) for m, _, structure in sites],
+                                    example_inputs, config.approximate, config.kernels)
     chosen = []
-    for found_m in found:
-        m, mask_info, structure = _with_structure(found_m, *masks.analyze(gm, found_m, example_inputs))
+    for (m, mask_info, structure), verdict in zip(sites, verdicts):
         shape = _mha_shape(m) if m.form == "mha" else _plan_shape(m)
-        plan = costmodel.plan(shape, spec, config.kernels, exact_only=config.approximate is None, structure=structure)
+        plan = costmodel.plan({**shape, "causal": m.causal}, spec, config.kernels, structure=structure,
+                              approx=verdict, dynamic=_dynamic(m))
+        if plan.kernel != "eager":
+            m = dataclasses.replace(m, approx=plan.op_table(verdict["params"] if verdict else None))
         site = report.add(_fused_site(m, mask_info, plan))
+        if plan.kernel in costmodel.APPROXIMATE:
+            site.config = dict(verdict["params"][plan.kernel])
+        site.error = (verdict or {}).get("errors", {}).get(plan.kernel)
+        site.table = plan.table
         why = _unsupported(m)
         if why:
             site.status, site.reason, site.kernel = "skipped", why, None
@@ -146,6 +156,11 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Co
         report.add(Site(id=0, module=_module_path(miss.anchor), source=_source(miss.anchor), status="skipped",
                         reason=str(miss)))
     return chosen
+
+
+def _dynamic(m: match.AttentionMatch) -> bool:
+    """Whether the site's sequence lengths are symbolic (a dynamic-shape graph)."""
+    return any(isinstance(_shape(o)[-2], torch.SymInt) for o in (m.q, m.k) if len(_shape(o)) >= 2)
 
 
 def transform(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Config,

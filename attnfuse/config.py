@@ -16,12 +16,16 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .costmodel import PRESETS, DeviceSpec
+from .costmodel import LSH_DEFAULTS, TOPK_DEFAULTS
+from .device import PRESETS, DeviceSpec
 
 KERNEL_FAMILIES = ("flash", "window", "blocksparse", "topk", "lsh")
 EXACT_FAMILIES = ("flash", "window", "blocksparse")
 INNER_COMPILERS = ("inductor", "eager")
-_APPROX_KEYS = ("max_rel_error", "topk", "lsh")
+APPROXIMATE_FAMILIES = ("topk", "lsh")
+_APPROX_KEYS = ("max_rel_error", "families", "topk", "lsh", "calibration")
+_FAMILY_SETTINGS = {"topk": TOPK_DEFAULTS, "lsh": LSH_DEFAULTS}
+_CALIBRATION_DEFAULTS = {"max_heads": 4, "max_rows": 256, "seed": 0}
 
 
 def _bad(key: str, value: Any, allowed: str) -> ValueError:
@@ -94,7 +98,12 @@ def _kernels(value: Any) -> tuple[str, ...]:
 
 
 def _approximate(value: Any) -> Mapping[str, Any] | None:
-    allowed = "False, or a dict with 'max_rel_error' (float in (0, 1)) and optional 'topk' / 'lsh' settings"
+    """The approximation policy, with every default filled in: ``max_rel_error`` (the budget: relative
+    Frobenius error of a site's output on the calibration inputs), ``families`` (default both), per-family
+    settings ``topk`` {topk, block, sink, local} and ``lsh`` {n_hashes, bucket_size, seed}, and ``calibration``
+    {max_heads, max_rows, seed}: how many K/V heads and query rows of the example inputs are compared."""
+    allowed = ("False, or a dict with 'max_rel_error' (float in (0, 1)) and optional 'families', 'topk', 'lsh', "
+               "'calibration'")
     if value is False or value is None:
         return None
     if not isinstance(value, Mapping):
@@ -105,13 +114,40 @@ def _approximate(value: Any) -> Mapping[str, Any] | None:
     err = value.get("max_rel_error")
     if not isinstance(err, (int, float)) or isinstance(err, bool) or not 0 < err < 1:
         raise _bad("approximate.max_rel_error", err, "a float in (0, 1)")
-    return dict(value)
+    families = value.get("families", APPROXIMATE_FAMILIES)
+    if isinstance(families, str):
+        families = (families,)
+    if not isinstance(families, (list, tuple)) or not families or any(f not in APPROXIMATE_FAMILIES
+                                                                      for f in families):
+        raise _bad("approximate.families", families, "a non-empty list of " + ", ".join(
+            repr(f) for f in APPROXIMATE_FAMILIES))
+    policy: dict[str, Any] = {"max_rel_error": float(err), "families": tuple(dict.fromkeys(families))}
+    for name, defaults in (*_FAMILY_SETTINGS.items(), ("calibration", _CALIBRATION_DEFAULTS)):
+        policy[name] = _settings(f"approximate.{name}", value.get(name, {}), defaults)
+    return policy
+
+
+def _settings(key: str, value: Any, defaults: Mapping[str, int]) -> dict[str, int]:
+    if not isinstance(value, Mapping):
+        raise _bad(key, value, "a dict with keys " + ", ".join(defaults))
+    out = dict(defaults)
+    for name, v in value.items():
+        if name not in defaults:
+            raise _bad(f"{key}.{name}", v, ", ".join(defaults))
+        low = 0 if name in ("seed", "sink", "local") else 1
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise _bad(f"{key}.{name}", v, f"an int >= {low}")
+        out[name] = v
+    return out
 
 
 def _device(value: Any) -> str | DeviceSpec:
     if isinstance(value, DeviceSpec) or value == "auto" or value in PRESETS:
         return value
-    raise _bad("device", value, '"auto", a DeviceSpec, or one of ' + ", ".join(repr(p) for p in PRESETS))
+    if isinstance(value, (str, os.PathLike)) and (os.fspath(value).endswith(".json") or os.path.isfile(value)):
+        return DeviceSpec.load(value)  # a calibrated spec (python -m attnfuse calibrate); raises if bad
+    raise _bad("device", value, '"auto", a DeviceSpec, a spec JSON file, or one of ' + ", ".join(
+        repr(p) for p in PRESETS))
 
 
 def _report(value: Any) -> str | None:

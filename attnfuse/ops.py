@@ -2,7 +2,7 @@
 
 ``attnfuse::attention(q, k, v, mask=None, seed=None, alibi=None, *, scale=None, causal=False,
 softcap=0.0, kv_groups=1, dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1,
-block_sparse=False) -> (out, stats)``
+block_sparse=False, approx="") -> (out, stats)``
 
 Tensors are ``(batch, heads, seqlen, head_dim)``; K/V have ``heads / kv_groups``
 heads.  ``mask`` broadcasts to ``(batch, heads, q_len, kv_len)``: bool means
@@ -14,6 +14,10 @@ Structured masks, proven by `attnfuse.passes.masks`, skip work instead of readin
 ``i - left <= j <= i + right`` (out-of-band scores are -inf); ``alibi`` (fp32, one slope per
 query head) adds ``slope[h] * (j - i)``; ``block_sparse`` says ``mask`` is a constant whose
 empty tiles the kernels skip.
+``approx``: "" (exact), or the cost model's per-call table (`attnfuse.costmodel.Plan.op_table`, JSON) of
+key-length ranges -> "exact" | "topk" | "lsh" with the approximate families' settings: each call looks its
+key length up and runs `attnfuse.kernels.topk` / `attnfuse.kernels.lsh` (forward and backward) where the
+table says so (only the causal flag, scale and GQA apply there: the policy admits no other site).
 ``out`` is ``(B, H, Lq, Dv)``; ``stats`` holds the softmax row statistics the flash
 backward needs (fp32 ``(B, H, Lq, 2)``: row max and log2 of the row sum, base 2),
 or is empty on the paths whose backward recomputes them.  `attend` returns ``out`` alone.
@@ -34,7 +38,10 @@ Device dispatch:
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+from typing import Any
 
 import torch
 
@@ -128,9 +135,14 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
               seed: torch.Tensor | None = None, alibi: torch.Tensor | None = None, *, scale: float | None = None,
               causal: bool = False, softcap: float = 0.0, kv_groups: int = 1, dropout_p: float = 0.0,
               mask_fill: float | None = None, window_left: int = -1, window_right: int = -1,
-              block_sparse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              block_sparse: bool = False, approx: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     _check(q, k, v, mask, kv_groups)
     _check_structure(q, alibi, window_left, window_right, block_sparse, mask)
+    family = _approx_family(approx, k.shape[-2])
+    if family is not None:
+        module, params = family
+        out, stats = module.forward(q, k, v, scale=_scale(q, scale), causal=causal, **params)
+        return _in_output_layout(out), (stats if _use_flash(q, k, v) else _no_stats(q))
     if _use_flash(q, k, v):
         return flash.forward(q, k, v, mask, _seed_on(seed, q), scale=scale, causal=causal, softcap=softcap,
                              dropout_p=dropout_p, mask_fill=mask_fill, alibi=alibi,
@@ -152,6 +164,34 @@ def _check_structure(q, alibi, window_left, window_right, block_sparse, mask):
                          f"got {tuple(alibi.shape)}")
     if block_sparse and mask is None:
         raise ValueError("attnfuse.attention: block_sparse=True needs the constant mask whose tiles it skips")
+
+
+@functools.lru_cache(maxsize=64)
+def _table(approx: str) -> tuple[tuple[int, int, str], ...]:
+    """The (lo, hi, family) rows of a plan's per-call table (`attnfuse.costmodel.Plan.op_table`)."""
+    data = json.loads(approx)
+    return tuple((int(lo), int(hi), str(fam)) for lo, hi, fam in data["table"])
+
+
+@functools.lru_cache(maxsize=64)
+def _params(approx: str, family: str) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted(json.loads(approx).get("params", {}).get(family, {}).items()))
+
+
+def _approx_family(approx: str, kv_len) -> tuple[Any, dict[str, int]] | None:
+    """(kernel module, its settings) of the approximate family the table picks for ``kv_len``, or None (exact).
+    Called on concrete lengths: the op is never traced through when it has a table (see `_traceable_cuda`)."""
+    if not approx:
+        return None
+    n = int(kv_len)
+    for lo, hi, family in _table(approx):
+        if n >= lo and (hi < 0 or n < hi):
+            if family == "exact":
+                return None
+            from .kernels import lsh, topk
+
+            return {"topk": topk, "lsh": lsh}[family], dict(_params(approx, family))
+    return None
 
 
 def _fill(mask_fill: float | None) -> float:
@@ -182,7 +222,7 @@ def _cpu_forward(q, k, v, mask, seed, scale, causal, softcap, kv_groups, dropout
 
 @attention.register_fake
 def _(q, k, v, mask=None, seed=None, alibi=None, *, scale=None, causal=False, softcap=0.0, kv_groups=1,
-      dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1, block_sparse=False):
+      dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1, block_sparse=False, approx=""):
     if _use_flash(q, k, v):
         return output_like(q, v), q.new_empty(*q.shape[:3], 2, dtype=torch.float32)
     return output_like(q, v), _no_stats(q)
@@ -200,7 +240,8 @@ def _traceable_cuda(mode, op, types, args, kwargs):
 
     plain = (torch.Tensor, torch._subclasses.FakeTensor, torch._subclasses.functional_tensor.FunctionalTensor)
     if (custom_triton_ops_decomposition_disabled() or any(not issubclass(t, plain) for t in types)
-            or not args[0].is_cuda or not (args[5].numel() if op is _BWD else _use_flash(*args[:3]))):
+            or not args[0].is_cuda or not (args[5].numel() if op is _BWD else _use_flash(*args[:3]))
+            or kwargs.get("approx")):  # a per-call kernel table: the op stays whole and chooses at run time
         return mode.__torch_dispatch__(op, types, args, kwargs)
     with mode:
         return _IMPLS[op](*args, **kwargs)
@@ -223,7 +264,12 @@ def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                        out: torch.Tensor, stats: torch.Tensor, mask: torch.Tensor | None, seed: torch.Tensor | None,
                        alibi: torch.Tensor | None, *, scale: float | None, causal: bool, softcap: float,
                        kv_groups: int, dropout_p: float, mask_fill: float | None, window_left: int, window_right: int,
-                       block_sparse: bool, mask_grad: bool) -> list[torch.Tensor]:
+                       block_sparse: bool, mask_grad: bool, approx: str = "") -> list[torch.Tensor]:
+    family = _approx_family(approx, k.shape[-2])
+    if family is not None:
+        module, params = family
+        dq, dk, dv = module.backward(grad_out, q, k, v, out, stats, scale=_scale(q, scale), causal=causal, **params)
+        return [dq.contiguous(), dk.contiguous(), dv.contiguous(), q.new_empty(0)]
     if stats.numel():  # the forward ran the flash kernel
         # dQ in its own pass, not fp32 atomics: on an H100 the atomic variant was 5-9x slower
         # (benchmarks/results/bwd-sweep-h100-2026-11-23.json), and this one is also reproducible
@@ -251,7 +297,7 @@ attention_backward = torch.library.custom_op("attnfuse::attention_backward", mut
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, out, stats, mask, seed, alibi, *, scale, causal, softcap, kv_groups, dropout_p, mask_fill,
-      window_left, window_right, block_sparse, mask_grad):
+      window_left, window_right, block_sparse, mask_grad, approx=""):
     dm = mask.new_empty(mask.shape) if mask_grad else q.new_empty(0)
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dm]
 

@@ -34,6 +34,7 @@ class Site:
     config: dict[str, int] = dataclasses.field(default_factory=dict)
     candidates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     error: float | None = None
+    table: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # dynamic lengths: range -> kernel
 
 
 @dataclasses.dataclass

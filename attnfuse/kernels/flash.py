@@ -57,7 +57,8 @@ import triton
 import triton.language as tl
 from triton.language.random import philox, uint_to_uniform_float
 
-from ..costmodel import PRESETS, DeviceSpec
+from ..costmodel import Estimate
+from ..device import PRESETS, DeviceSpec
 from . import blocksparse
 from .reference import sum_to
 
@@ -839,7 +840,6 @@ class TileConfig:
 # is the one backward tile that fits head dim 256 in an A100's shared memory.
 CONFIGS = [TileConfig(m, n, 8 if m == 128 else 4, s) for m in (128, 64, 16) for n in (128, 64, 32) for s in (2, 3)
            if not (m == 16 and n == 32)] + [TileConfig(32, 32, 4, 2)]
-_L2_SPEEDUP = 3.0  # L2 bandwidth over HBM bandwidth (about 3x on A100/H100)
 # fp32 accumulator + score tile values per thread a config may hold (of 255).  The backward's budget is the
 # measured one: its best H100 tile at d128, 64x64 with 4 warps, holds 192 (bwd-sweep-h100-2026-11-23.json)
 _REGS_PER_THREAD = {"fwd": 160, "bwd": 192}
@@ -873,23 +873,25 @@ def keep(cfg: TileConfig, kind: str, head_dim: int, head_dim_v: int, elem: int, 
     d, dv = _pow2(head_dim), _pow2(head_dim_v)
     acc = cfg.block_m * dv if kind == "fwd" else cfg.block_n * (d + dv)
     regs = (acc + 2 * cfg.block_m * cfg.block_n) / (32 * cfg.num_warps)
-    return (smem_bytes(cfg, kind, head_dim, head_dim_v, elem, mask_elem) <= spec.sram_per_sm
+    return (smem_bytes(cfg, kind, head_dim, head_dim_v, elem, mask_elem) <= spec.smem_per_block
             and regs <= _REGS_PER_THREAD[kind])
 
 
-def estimate_s(cfg: TileConfig, kind: str, rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_v: int,
-               elem: int, spec: DeviceSpec, splits: int = 1, mask_elem: int = 0, groups: int = 1,
-               window: tuple[int, int] = (-1, -1)) -> float:
-    """Roofline time of one launch: padded tile FLOPs vs memory traffic, stretched by wave quantization over
-    the SMs at the occupancy shared memory allows.
+def estimate(cfg: TileConfig, kind: str, rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_v: int,
+             elem: int, spec: DeviceSpec, splits: int = 1, mask_elem: int = 0, groups: int = 1,
+             window: tuple[int, int] = (-1, -1)) -> Estimate:
+    """The cost model of one flash launch (``kind`` "fwd") or of the backward ("bwd": the dK/dV launch then the
+    dQ launch): FLOPs, HBM bytes, exponentials and a roofline time, stretched by wave quantization over the
+    SMs at the occupancy shared memory allows, plus the launch overhead.
 
-    Traffic: every input once from HBM, plus the streamed operand (K/V per query tile in the forward, Q/dO
-    per key tile in the backward) once per tile of the other side.  Those re-reads come from L2 when the
-    streamed operand of the heads in flight fits in it; L2 is taken as `_L2_SPEEDUP` times HBM bandwidth.
-    A sliding ``window`` (left, right) scales the tile FLOPs, the re-reads and the streamed working set by
-    the fraction of tiles the band visits (`tiles_visited`: it depends on the tile shape, so it can change
+    IO-aware traffic (FlashAttention's analysis): every input once from HBM, plus the streamed operand (K/V per
+    query tile in the forward and dQ passes, Q/dO per key tile in the dK/dV pass) once per tile of the other
+    side, so the re-reads are ~N^2 d / BLOCK and the largest tile that fits the SRAM (BLOCK ~ M / d) gives
+    Theta(N^2 d^2 / M).  Re-reads come from L2 when the streamed operand of the heads in flight fits in it.
+    A sliding ``window`` (left, right) scales the tile FLOPs, exponentials, re-reads and streamed working set
+    by the fraction of tiles the band visits (`tiles_visited`: it depends on the tile shape, so it can change
     the pick); the grid, and so the wave quantization, is the dense one.  A block-sparse launch is estimated
-    dense (an upper bound): its map depends on the tile shape, so its density is known only once chosen.
+    dense here (an upper bound: its map depends on the tile shape); the cost model scales it by the density.
     """
     d, dv = _pow2(head_dim), _pow2(head_dim_v)
     m_tiles, n_tiles = triton.cdiv(rows, cfg.block_m), triton.cdiv(kv_len, cfg.block_n)
@@ -897,37 +899,50 @@ def estimate_s(cfg: TileConfig, kind: str, rows: int, kv_len: int, bh_kv: int, h
     if window != (-1, -1):
         pairs = tiles_visited(rows // groups, kv_len, *window, cfg.block_m, cfg.block_n, groups)
         visited = pairs / (m_tiles * n_tiles)
-    if kind == "bwd":  # the dK/dV pass (4 tile products) then the dQ pass (3), each a launch of its own
-        return sum(_launch_s(cfg, part, rows, kv_len, bh_kv, d, dv, elem, spec, 1, visited, m_tiles, n_tiles,
-                             smem_bytes(cfg, kind, head_dim, head_dim_v, elem, mask_elem)) for part in ("dkdv", "dq"))
-    return _launch_s(cfg, kind, rows, kv_len, bh_kv, d, dv, elem, spec, splits, visited, m_tiles, n_tiles,
-                     smem_bytes(cfg, kind, head_dim, head_dim_v, elem, mask_elem))
+    smem = smem_bytes(cfg, kind, head_dim, head_dim_v, elem, mask_elem)
+    parts = ("dkdv", "dq") if kind == "bwd" else (kind,)
+    ests = [_launch_estimate(cfg, part, rows, kv_len, bh_kv, d, dv, elem, spec, splits if kind == "fwd" else 1, visited,
+                    m_tiles, n_tiles, smem) for part in parts]
+    return Estimate(*(sum(getattr(e, f) for e in ests) for f in ("flops", "hbm_bytes", "exp_ops", "time_s")))
+
+
+def estimate_s(cfg: TileConfig, kind: str, rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_v: int,
+               elem: int, spec: DeviceSpec, splits: int = 1, mask_elem: int = 0, groups: int = 1,
+               window: tuple[int, int] = (-1, -1)) -> float:
+    """`estimate`'s time in seconds."""
+    return estimate(cfg, kind, rows, kv_len, bh_kv, head_dim, head_dim_v, elem, spec, splits, mask_elem, groups,
+                    window).time_s
 
 
 _PRODUCTS = {"fwd": 1.0, "dkdv": 2.0, "dq": 1.5}  # tile matmuls per pass, in units of the forward's two
+_EXPS = {"fwd": 1.0, "dkdv": 1.0, "dq": 1.0}  # exponentials per score per pass (the backward recomputes P)
+_DTYPE_OF = {2: "float16", 4: "float32", 8: "float64"}
 
 
-def _launch_s(cfg: TileConfig, kind: str, rows: int, kv_len: int, bh_kv: int, d: int, dv: int, elem: int,
-              spec: DeviceSpec, splits: int, visited: float, m_tiles: int, n_tiles: int, smem: int) -> float:
-    """`estimate_s` for one launch: ``kind`` "fwd" and "dq" stream K/V past query tiles, "dkdv" Q/dO past key
+def _launch_estimate(cfg: TileConfig, kind: str, rows: int, kv_len: int, bh_kv: int, d: int, dv: int, elem: int,
+            spec: DeviceSpec, splits: int, visited: float, m_tiles: int, n_tiles: int, smem: int) -> Estimate:
+    """`estimate` for one launch: ``kind`` "fwd" and "dq" stream K/V past query tiles, "dkdv" Q/dO past key
     tiles."""
-    flops = 2.0 * bh_kv * m_tiles * cfg.block_m * n_tiles * cfg.block_n * (d + dv) * _PRODUCTS[kind] * visited
+    scores = bh_kv * m_tiles * cfg.block_m * n_tiles * cfg.block_n * visited
+    flops = 2.0 * scores * (d + dv) * _PRODUCTS[kind]
+    exps = scores * _EXPS[kind]
     tiles, other = (n_tiles, rows) if kind == "dkdv" else (m_tiles, kv_len)
     once = bh_kv * (rows + kv_len) * (d + dv) * elem
     rereads = bh_kv * max(0, tiles - 1) * other * (d + dv) * elem * visited
     # small tiles under-use the tensor cores
     eff = min(1.0, cfg.block_m / 128) ** 0.5 * min(1.0, cfg.block_n / 64) ** 0.5
     programs = tiles * splits * bh_kv
-    per_sm = max(1, min(spec.sram_per_sm // smem, 16 // cfg.num_warps))
+    per_sm = max(1, min(spec.smem_per_sm // smem, 16 // cfg.num_warps))
     slots = spec.sms * per_sm
     heads_in_flight = min(bh_kv, max(1, slots // max(1, tiles)))
     in_l2 = heads_in_flight * other * visited * (d + dv) * elem <= spec.l2_bytes
-    memory = once / spec.hbm_bytes_per_s + rereads / (spec.hbm_bytes_per_s * (_L2_SPEEDUP if in_l2 else 1))
+    memory = once / spec.hbm_bytes_per_s + rereads / (spec.l2_bytes_per_s if in_l2 else spec.hbm_bytes_per_s)
     waves = math.ceil(programs / slots) * slots / programs
-    compute = flops / (spec.flops * eff)
-    # overlap of compute and memory is not perfect: the smaller term still costs a little (and breaks ties
-    # toward less padding, e.g. 16-row tiles for decode)
-    return (max(compute, memory) + 0.1 * min(compute, memory)) * waves
+    terms = sorted((flops / (spec.flops(_DTYPE_OF.get(elem, "float16")) * eff), exps / spec.exp_per_s, memory))
+    # overlap of compute, exponentials and memory is not perfect: the smaller terms still cost a little (and
+    # break ties toward less padding, e.g. 16-row tiles for decode)
+    time_s = (terms[2] + 0.1 * (terms[0] + terms[1])) * waves + spec.launch_s
+    return Estimate(flops, once + (0.0 if in_l2 else rereads), exps, time_s)
 
 
 def kept_configs(kind: str, head_dim: int, head_dim_v: int, elem: int, spec: DeviceSpec,
@@ -944,7 +959,7 @@ def pick(kind: str, rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_
     kept = kept_configs(kind, head_dim, head_dim_v, elem, spec, mask_elem)
     if not kept:
         raise ValueError(f"attnfuse flash: no tile config fits head_dim={head_dim} in {spec.name}'s "
-                         f"{spec.sram_per_sm} bytes of shared memory")
+                         f"{spec.smem_per_block} bytes of shared memory per block")
     return min(kept, key=lambda c: estimate_s(c, kind, rows, kv_len, bh_kv, head_dim, head_dim_v, elem, spec,
                                               mask_elem=mask_elem, groups=groups, window=window))
 
@@ -1114,7 +1129,9 @@ def _map_args(tile_map: torch.Tensor | None, q):
         tile_map.stride(2),)
 
 
-def _tile_maps(block_sparse, mask, b, h, hkv, lq, lk, cfg, left, right):
+def _tile_maps(block_sparse, mask, b, h, hkv, lq, lk, cfg, left, right, tile_map=None):
+    if tile_map is not None:  # precomputed (e.g. top-k's selection): a TileMap, or built for the chosen tile
+        return tile_map(cfg) if callable(tile_map) else tile_map
     if not block_sparse:
         return None
     if mask is None:
@@ -1125,15 +1142,19 @@ def _tile_maps(block_sparse, mask, b, h, hkv, lq, lk, cfg, left, right):
 
 def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0, dropout_p=0.0,
             mask_fill=None, config: TileConfig | None = None, splits: int | None = None,
-            alibi: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1), block_sparse: bool = False):
+            alibi: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1), block_sparse: bool = False,
+            tile_map=None):
     """(out, stats): out is (B, H, Lq, Dv) laid out as (B, Lq, H, Dv); stats is (B, H, Lq, 2) fp32, each row's
     score max and the log2 of its sum of exp2(score - max), in log2 units (what the backward needs).
 
     ``alibi``: (H,) slopes, ``s += alibi[h] * (j - i)`` (a constant: no gradient).  ``window``: the band
     (left, right), -1 unbounded; ``causal`` folds in as right = 0.  ``block_sparse``: ``mask`` is a constant
     whose tile map (`blocksparse.tile_map`, cached per mask) lists each query tile's non-empty key tiles;
-    its masked entries are -inf (see `_mask_args`) and the launch is never split.
+    its masked entries are -inf (see `_mask_args`) and the launch is never split.  ``tile_map``: instead of a
+    mask's, a precomputed `blocksparse.TileMap` for ``config``'s tile, or a callable ``(TileConfig) -> TileMap``
+    (used with mask=None; implies block_sparse; partial tiles get only the band, causal included).
     """
+    block_sparse = block_sparse or tile_map is not None
     b, h, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     # head dims and the group size are compile-time constants of the kernel: specialize on them (a guard)
@@ -1157,7 +1178,7 @@ def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=
     # splits past the end of a shorter K/V (or band) get no keys; the combine gives them weight 0
     split_len = triton.cdiv(triton.cdiv(keys, n_split), cfg.block_n) * cfg.block_n
     m, m_strides, mask_kind, fill2 = _mask_args(mask, mask_fill, q, b, h, lq, lk, block_sparse)
-    maps = _tile_maps(block_sparse, mask, b, h, hkv, lq, lk, cfg, left, right)
+    maps = _tile_maps(block_sparse, mask, b, h, hkv, lq, lk, cfg, left, right, tile_map)
     tmap, t_strides = _map_args(maps.rows if maps else None, q)
     _, qk_scale, cap_scale, softcap2 = _scalars(q, scale, softcap)
     out = q.new_empty(b, lq, h, dv).transpose(1, 2)
@@ -1199,9 +1220,11 @@ def backward(grad_out, q, k, v, out, stats, mask=None, seed=None, *, scale=None,
              dropout_p=0.0, mask_fill=None, mask_grad=False, deterministic=True,
              config: TileConfig | None = None, alibi: torch.Tensor | None = None,
              window_size: tuple[int, int] = (-1, -1),
-             block_sparse: bool = False):
+             block_sparse: bool = False, tile_map=None):
     """(dq, dk, dv, dmask or None).  ``deterministic`` computes dQ in its own pass instead of fp32 atomics.
-    ``alibi``/``window``/``block_sparse`` as in `forward` (a block-sparse mask is a constant: no ``mask_grad``)."""
+    ``alibi``/``window``/``block_sparse``/``tile_map`` as in `forward` (a block-sparse mask is a constant: no
+    ``mask_grad``)."""
+    block_sparse = block_sparse or tile_map is not None
     if block_sparse and mask_grad:
         raise ValueError("attnfuse flash: a block-sparse mask is a constant and gets no gradient (mask_grad=True)")
     b, h, lq, d = q.shape
@@ -1214,7 +1237,7 @@ def backward(grad_out, q, k, v, out, stats, mask=None, seed=None, *, scale=None,
     cfg = config or pick("bwd", _hint(rows), _hint(lk), _hint(b * hkv), d, dv_, elem, spec, _mask_elem(mask),
                          groups, (left, right) if has_window else (-1, -1))
     m, m_strides, mask_kind, fill2 = _mask_args(mask, mask_fill, q, b, h, lq, lk, block_sparse)
-    maps = _tile_maps(block_sparse, mask, b, h, hkv, lq, lk, cfg, left, right)
+    maps = _tile_maps(block_sparse, mask, b, h, hkv, lq, lk, cfg, left, right, tile_map)
     sm_scale, qk_scale, cap_scale, softcap2 = _scalars(q, scale, softcap)
     bd, bdv = _pow2(d), _pow2(dv_)
     delta = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)

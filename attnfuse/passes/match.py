@@ -89,6 +89,8 @@ class AttentionMatch:
     window_right: int = -1
     alibi: fx.Node | None = None  # fp32 (heads,) slopes
     block_sparse: bool = False
+    # the plan's per-call kernel table for approximate kernels (`Plan.op_table`; "" = exact)
+    approx: str = ""
 
 
 _LARGE_NEGATIVE = -1e4

@@ -140,6 +140,8 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
         if m.window_left >= 0 or m.window_right >= 0 or m.block_sparse:
             structure = {"window_left": m.window_left, "window_right": m.window_right,
                          "block_sparse": m.block_sparse}
+        if m.approx:
+            structure["approx"] = m.approx
         # SDPA zeroes fully masked rows where a softmax makes them NaN
         sdpa = m.form == "sdpa" and mask is not None
         fn = ops.attention_sdpa if sdpa else torch.ops.attnfuse.attention.default

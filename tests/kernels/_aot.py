@@ -148,8 +148,8 @@ class _Report:
         if compiled is None:
             return
         shared = compiled.metadata.shared
-        if shared > self.spec.sram_per_sm:
-            self.problems.append(f"{self.where} {what}: {shared} B shared > the spec's {self.spec.sram_per_sm}")
+        if shared > self.spec.smem_per_block:
+            self.problems.append(f"{self.where} {what}: {shared} B shared > the spec's {self.spec.smem_per_block}")
         if shared > self.hw_limit:
             self.problems.append(f"{self.where} {what}: {shared} B shared > sm_{self.cc}'s limit {self.hw_limit}")
         if estimate is not None and estimate < shared:
