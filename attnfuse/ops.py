@@ -38,6 +38,7 @@ Device dispatch:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -166,6 +167,23 @@ def _check_structure(q, alibi, window_left, window_right, block_sparse, mask):
         raise ValueError("attnfuse.attention: block_sparse=True needs the constant mask whose tiles it skips")
 
 
+@contextlib.contextmanager
+def _autograd_below_the_op():
+    """Autograd inside an op's implementation: the dispatcher runs it with the autograd keys excluded (it is
+    "below autograd"); the approximate families' CPU backwards differentiate a recomputed forward."""
+    keys = tuple(getattr(torch._C.DispatchKey, name) for name in (
+        "AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView"))
+    saved = [torch._C._dispatch_tls_is_dispatch_key_excluded(key) for key in keys]
+    try:
+        for key in keys:
+            torch._C._dispatch_tls_set_dispatch_key_excluded(key, False)
+        with torch.enable_grad():
+            yield
+    finally:
+        for key, was in zip(keys, saved):
+            torch._C._dispatch_tls_set_dispatch_key_excluded(key, was)
+
+
 @functools.lru_cache(maxsize=64)
 def _table(approx: str) -> tuple[tuple[int, int, str], ...]:
     """The (lo, hi, family) rows of a plan's per-call table (`attnfuse.costmodel.Plan.op_table`)."""
@@ -268,7 +286,9 @@ def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     family = _approx_family(approx, k.shape[-2])
     if family is not None:
         module, params = family
-        dq, dk, dv = module.backward(grad_out, q, k, v, out, stats, scale=_scale(q, scale), causal=causal, **params)
+        with _autograd_below_the_op():  # the CPU paths recompute their forward under autograd
+            dq, dk, dv = module.backward(grad_out, q, k, v, out, stats, scale=_scale(q, scale), causal=causal,
+                                         **params)
         return [dq.contiguous(), dk.contiguous(), dv.contiguous(), q.new_empty(0)]
     if stats.numel():  # the forward ran the flash kernel
         # dQ in its own pass, not fp32 atomics: on an H100 the atomic variant was 5-9x slower

@@ -192,10 +192,14 @@ def _capture(gm: fx.GraphModule, wanted: set[fx.Node], example_inputs: Sequence[
         raise RuntimeError("no example inputs")
     if any(isinstance(x, torch._subclasses.FakeTensor) for x in example_inputs):
         raise RuntimeError("the example inputs are fake tensors")
+    from .match import _hint
+
+    # a dynamic graph's size placeholders get their example values
+    inputs = [_hint(x) if isinstance(x, torch.SymInt) else x for x in example_inputs]
     interp = _Capture(gm, wanted)
     try:
         with torch.no_grad():
-            interp.run(*example_inputs)
+            interp.run(*inputs)
     except _Captured:
         pass
     missing = wanted - set(interp.values)
