@@ -90,7 +90,12 @@ class Report:
         for s in self.sites:
             shapes = " ".join("x".join(map(str, s.shapes.get(t, []))) for t in ("q", "k", "v"))
             scale = f"{s.scale:.4g}" if isinstance(s.scale, float) else str(s.scale)
-            rows.append((str(s.id), s.module or "-", s.source or "-", s.status, s.kernel or "-",
+            kernel = s.kernel or "-"
+            if s.error is not None and s.kernel:
+                kernel += f" (err {s.error:.2g})"
+            if s.table and len({row["kernel"] for row in s.table}) > 1:
+                kernel += " [" + ", ".join(f"{row['kv_len'][0]}+:{row['kernel']}" for row in s.table) + "]"
+            rows.append((str(s.id), s.module or "-", s.source or "-", s.status, kernel,
                          s.mask.get("kind", "none"), str(s.kv_groups), scale, shapes, s.reason or ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
