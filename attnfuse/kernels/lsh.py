@@ -1,0 +1,678 @@
+"""LSH attention (Reformer, Kitaev et al. 2020) for separate queries and keys: O(N log N) memory, O(N*C*R) work.
+
+Each query attends a subset of the keys chosen by hashing, in ``n_hashes`` rounds R, and the rounds are merged
+into the exact softmax over the union of the keys they chose:
+
+1. Asymmetric transform (Neyshabur & Srebro's MIPS reduction): per (batch, K/V head) ``M = max_j |k_j|``,
+   ``k' = [k / M, sqrt(1 - |k|^2 / M^2)]``, ``q' = [q / |q|, 0]`` (dim D+1; zero norms give zero vectors), so
+   that the angle between q' and k' orders keys by inner product with q.
+2. Random rotations: ``n_buckets = max(2, 2 * round(L / (2 * bucket_size)))``; ``R`` (n_hashes, D+1,
+   n_buckets/2) from ``torch.Generator().manual_seed(seed)`` on the CPU (every device hashes alike), shared by
+   all heads; ``bucket(x) = argmax([x'R, -x'R])`` per round (`buckets`).
+3. Per round, queries and keys are sorted separately by (bucket, position) (stable argsort) and cut into
+   chunks of C = min(bucket_size, L); query chunk c attends key chunks c and c-1, where c-1 wraps to the last
+   chunk for c = 0 (as Reformer; with one chunk it is attended once).  Causal: key position <= query position.
+   A query's own key is excluded inside the chunks and added once as an extra "self" term, so every row has
+   a key.
+4. Duplicates across rounds count once (Reformer's correction): with n_ij the number of rounds in which key j
+   lies in one of query i's attended chunks, every round subtracts log(n_ij) from the pair's score.  The
+   rounds and the self term merge by log-sum-exp, ``LSE_i = logsumexp(lse_1..R, s_ii)``,
+   ``out_i = sum_r exp(lse_r - LSE) o_r + exp(s_ii - LSE) v_i``: exactly the softmax over the union of the
+   attended keys.  With bucket_size >= L (one chunk) every key is attended: exact attention.
+
+Paths.  Hashing, sorting and merging are torch ops on every path.  On CUDA tensors (CPU ones under
+``TRITON_INTERPRET=1``) the chunk attention is Triton: `_fwd_kernel` (per query chunk tile and (batch, head,
+round): two key chunks, position masks, -log2 n_ij computed in the kernel from every round's chunk ids,
+O(R) per pair) writes each round's normalized output and log2-sum-exp at the queries' original positions;
+the backward kernels (`_bwd_dq_kernel` per query tile, `_bwd_dkdv_kernel` per key tile over the query chunks
+c and c+1 that attend it and the group's query heads) need no per-round output: with the merged LSE the
+round's probabilities are ``exp(s - log n - LSE)`` and ``dS = P (dP - Delta)``, ``Delta = rowsum(dO * O)``
+(the gradient through lse_r folds into Delta).  The kernels gather q/k/v/dO rows by the sort permutation
+(no sorted copies); per-round dQ/dK/dV (fp32, original positions) are summed over the rounds in torch.
+Plain CPU tensors take `_cpu_forward` (batched chunk matmuls, GQA heads stacked as rows of one chunk, memory
+bounded by blocks of chunks); its backward recomputes the forward under autograd.
+
+The hash and the transform's M are discrete / treated as constants: no gradient flows through them.
+
+Limitations: q_len must equal kv_len; no mask, softcap, dropout or ALiBi; head dims up to 256.  Queries and
+keys are chunked separately, so chunk c of the queries and of the keys may cover slightly different bucket
+ranges (their bucket counts differ): a query near the end of its bucket can miss same-bucket keys that fall in
+key chunk c+1 in that round (more rounds make that rare).  n_buckets grows with L (as Reformer's), so hashing
+costs O(N * D * L / C) multiply-adds (a matmul, done in blocks of bounded memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .flash import _launch, interpreting
+
+__all__ = ["attention", "backward", "buckets", "forward", "unsupported"]
+
+_LOG2E = 1.4426950408889634
+_HASH_ELEMS = 2**20  # elements of one hashing projection block
+_BLOCK_ELEMS = 2**19  # scores in one block of chunks of the CPU path
+
+
+# --------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _scores(q, kt, qpos, kpos, row_ok, col_ok, QCh, KCh, q_base, k_base, L, n_hashes, n_chunks, qk_scale,
+            IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scores of one tile in the log2 domain minus log2(n_ij), -inf where masked (out of range, self, causal).
+
+    ``qpos``/``kpos`` are original token positions; ``QCh + q_base + r * L + pos`` is the chunk of query ``pos``
+    in round r (``KCh``/``k_base`` likewise for keys).  n_ij counts the rounds in which the key's chunk is the
+    query's chunk or the one before it (wrapping); every pair of the tile's own round counts, so n_ij >= 1.
+    """
+    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+    cnt = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    for r in range(0, n_hashes):
+        qc = tl.load(QCh + q_base + r * L + qpos)
+        qprev = tl.where(qc == 0, n_chunks - 1, qc - 1)
+        kc = tl.load(KCh + k_base + r * L + kpos)
+        hit = (kc[None, :] == qc[:, None]) | (kc[None, :] == qprev[:, None])
+        cnt += hit.to(tl.int32)
+    s -= tl.log2(tl.maximum(cnt, 1).to(tl.float32))
+    keep = row_ok[:, None] & col_ok[None, :] & (kpos[None, :] != qpos[:, None])
+    if IS_CAUSAL:
+        keep = keep & (kpos[None, :] <= qpos[:, None])
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _rows(QIdx, z, c, start, chunk, L, BLOCK: tl.constexpr):
+    """(offsets in the chunk, in-range flags, original positions) of a tile of chunk ``c`` of sorted row ``z``."""
+    i = start + tl.arange(0, BLOCK)
+    ok = (i < chunk) & (c * chunk + i < L)
+    pos = tl.load(QIdx + z * L + c * chunk + i, mask=ok, other=0)
+    return i, ok, pos
+
+
+@triton.jit
+def _fwd_kernel(
+    # pointers
+    Q, K, V, QIdx, KIdx, QCh, KCh, Out, Lse,
+    # strides
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    # sizes and scalars
+    H, L, chunk, n_chunks, n_near, n_hashes, qk_scale,
+    # meta
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M sorted queries of query chunk c of round r of (batch, head) against key chunks c
+    and c-1 (``n_near`` of them).  Writes the round's normalized output (fp32, 0 for a row with no key) and
+    log2-sum-exp (-inf) at the rows' original positions of Out (B, H, R, L, Dv) / Lse (B, H, R, L).
+
+    QIdx/KIdx (B, H|Hkv, R, L) int32: positions in sorted order; QCh/KCh: chunk id of each position.
+    """
+    m_tiles = tl.cdiv(chunk, BLOCK_M)
+    c = tl.program_id(0) // m_tiles
+    z = tl.program_id(1)  # (b * H + h) * n_hashes + r
+    r = z % n_hashes
+    bh = z // n_hashes
+    h = bh % H
+    b = bh // H
+    hkv = h // GROUPS
+    zk = (b * (H // GROUPS) + hkv) * n_hashes + r
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    _, row_ok, qpos = _rows(QIdx, z, c, tl.program_id(0) % m_tiles * BLOCK_M, chunk, L, BLOCK_M)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + qpos[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    K += b * stride_kb + hkv * stride_kh
+    V += b * stride_vb + hkv * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for t in range(0, n_near):
+        kc = (c + n_chunks - t) % n_chunks
+        for start in range(0, chunk, BLOCK_N):
+            _, col_ok, kpos = _rows(KIdx, zk, kc, start, chunk, L, BLOCK_N)
+            kt = tl.load(K + kpos[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=col_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            v = tl.load(V + kpos[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            s = _scores(q, kt, qpos, kpos, row_ok, col_ok, QCh, KCh, bh * n_hashes * L, (zk - r) * L, L, n_hashes,
+                        n_chunks, qk_scale, IS_CAUSAL, PRECISION, BLOCK_M, BLOCK_N)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+    live = l_i > 0
+    l_safe = tl.where(live, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(live, m_i + tl.log2(l_safe), float("-inf"))
+    rows = z.to(tl.int64) * L + qpos
+    tl.store(Out + rows[:, None] * HEAD_DIM_V + offs_dv[None, :], out,
+             mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(Lse + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    # pointers
+    Q, K, V, DO, Stats, Delta, QIdx, KIdx, QCh, KCh, DQ,
+    # strides
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    # sizes and scalars
+    H, L, chunk, n_chunks, n_near, n_hashes, qk_scale, sm_scale,
+    # meta
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dQ of one round from the tile's rows, as `_fwd_kernel` visits them: P = exp2(s - LSE2) with the merged
+    LSE (``Stats`` (B, H, L, 2) fp32, [LSE2, 0]), dS = P (dO V^T - Delta).  Writes DQ (B, H, R, L, D) fp32."""
+    m_tiles = tl.cdiv(chunk, BLOCK_M)
+    c = tl.program_id(0) // m_tiles
+    z = tl.program_id(1)
+    r = z % n_hashes
+    bh = z // n_hashes
+    h = bh % H
+    b = bh // H
+    hkv = h // GROUPS
+    zk = (b * (H // GROUPS) + hkv) * n_hashes + r
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    _, row_ok, qpos = _rows(QIdx, z, c, tl.program_id(0) % m_tiles * BLOCK_M, chunk, L, BLOCK_M)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + qpos[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + qpos[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    lse = tl.load(Stats + (bh * L + qpos) * 2, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + bh * L + qpos, mask=row_ok, other=0.0)
+    K += b * stride_kb + hkv * stride_kh
+    V += b * stride_vb + hkv * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for t in range(0, n_near):
+        kc = (c + n_chunks - t) % n_chunks
+        for start in range(0, chunk, BLOCK_N):
+            _, col_ok, kpos = _rows(KIdx, zk, kc, start, chunk, L, BLOCK_N)
+            k = tl.load(K + kpos[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            vt = tl.load(V + kpos[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                         mask=col_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+            s = _scores(q, tl.trans(k), qpos, kpos, row_ok, col_ok, QCh, KCh, bh * n_hashes * L, (zk - r) * L, L,
+                        n_hashes, n_chunks, qk_scale, IS_CAUSAL, PRECISION, BLOCK_M, BLOCK_N)
+            p = tl.exp2(s - lse[:, None])
+            dp = tl.dot(do, vt, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    rows = z.to(tl.int64) * L + qpos
+    tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], dq * sm_scale,
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    # pointers
+    Q, K, V, DO, Stats, Delta, QIdx, KIdx, QCh, KCh, DK, DV,
+    # strides
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    # sizes and scalars
+    H, L, chunk, n_chunks, n_near, n_hashes, qk_scale, sm_scale,
+    # meta
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dK/dV of one round for BLOCK_N sorted keys of key chunk c of (batch, K/V head): over the group's query
+    heads and the query chunks c and c+1 (wrapping; ``n_near`` of them) that attend it.  Writes DK/DV
+    (B, Hkv, R, L, D|Dv) fp32 at the keys' original positions."""
+    n_tiles = tl.cdiv(chunk, BLOCK_N)
+    c = tl.program_id(0) // n_tiles
+    zk = tl.program_id(1)  # (b * Hkv + hkv) * n_hashes + r
+    r = zk % n_hashes
+    hkv = zk // n_hashes % (H // GROUPS)
+    b = zk // n_hashes // (H // GROUPS)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    _, col_ok, kpos = _rows(KIdx, zk, c, tl.program_id(0) % n_tiles * BLOCK_N, chunk, L, BLOCK_N)
+    k = tl.load(K + b * stride_kb + hkv * stride_kh + kpos[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    v = tl.load(V + b * stride_vb + hkv * stride_vh + kpos[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for g in range(0, GROUPS):
+        h = hkv * GROUPS + g
+        bh = b * H + h
+        z = bh * n_hashes + r
+        for t in range(0, n_near):
+            qc = (c + t) % n_chunks
+            for start in range(0, chunk, BLOCK_M):
+                _, row_ok, qpos = _rows(QIdx, z, qc, start, chunk, L, BLOCK_M)
+                q = tl.load(Q + b * stride_qb + h * stride_qh + qpos[:, None] * stride_qm
+                            + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+                            other=0.0)
+                do = tl.load(DO + b * stride_dob + h * stride_doh + qpos[:, None] * stride_dom
+                             + offs_dv[None, :] * stride_dod,
+                             mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                lse = tl.load(Stats + (bh * L + qpos) * 2, mask=row_ok, other=0.0)
+                delta = tl.load(Delta + bh * L + qpos, mask=row_ok, other=0.0)
+                s = _scores(q, tl.trans(k), qpos, kpos, row_ok, col_ok, QCh, KCh, bh * n_hashes * L, (zk - r) * L,
+                            L, n_hashes, n_chunks, qk_scale, IS_CAUSAL, PRECISION, BLOCK_M, BLOCK_N)
+                p = tl.exp2(s - lse[:, None])
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    rows = zk.to(tl.int64) * L + kpos
+    tl.store(DK + rows[:, None] * HEAD_DIM + offs_d[None, :], dk * sm_scale,
+             mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DV + rows[:, None] * HEAD_DIM_V + offs_dv[None, :], dv,
+             mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+# --------------------------------------------------------------------------------------------- launcher
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """One hashing of (q, k): per round the sorted order (positions, int64) and each position's chunk id."""
+
+    qidx: torch.Tensor  # (B, H, R, L) positions of the queries in (bucket, position) order
+    kidx: torch.Tensor  # (B, Hkv, R, L)
+    qch: torch.Tensor  # (B, H, R, L) chunk of each query position
+    kch: torch.Tensor  # (B, Hkv, R, L)
+    chunk: int
+    n_chunks: int
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _config(chunk: int, head_dim: int, head_dim_v: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of every launch: tiles of at most 64 rows (32 past head dim
+    128) inside a chunk; test_lsh_aot.py compiles them for sm_90/sm_80 and checks their shared memory."""
+    cap = 64 if max(head_dim, head_dim_v) <= 128 else 32
+    block = min(cap, _pow2(chunk))
+    return block, block, 4, 2
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _meta(q, k, v, plan: _Plan, causal: bool) -> tuple[dict, tuple]:
+    d, dv = q.shape[-1], v.shape[-1]
+    block_m, block_n, warps, stages = _config(plan.chunk, d, dv)
+    meta = dict(GROUPS=q.shape[1] // k.shape[1], HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
+                BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=bool(causal), PRECISION=_precision(q.dtype),
+                num_warps=warps, num_stages=stages)
+    sizes = (q.shape[1], q.shape[2], plan.chunk, plan.n_chunks, min(plan.n_chunks, 2), plan.qidx.shape[2])
+    return meta, sizes
+
+
+def _index_args(plan: _Plan) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(torch.int32).contiguous() for t in (plan.qidx, plan.kidx, plan.qch, plan.kch))
+
+
+def _triton_rounds(q, k, v, plan: _Plan, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every round's chunk attention: (o_r (B, H, R, L, Dv) fp32, lse2_r (B, H, R, L) fp32) at original positions."""
+    b, h, n, _ = q.shape
+    rounds = plan.qidx.shape[2]
+    meta, sizes = _meta(q, k, v, plan, causal)
+    o_r = torch.empty(b, h, rounds, n, v.shape[-1], dtype=torch.float32, device=q.device)
+    lse_r = torch.empty(b, h, rounds, n, dtype=torch.float32, device=q.device)
+    grid = (plan.n_chunks * triton.cdiv(plan.chunk, meta["BLOCK_M"]), b * h * rounds)
+    _launch(_fwd_kernel)[grid](q, k, v, *_index_args(plan), o_r, lse_r, *q.stride(), *k.stride(), *v.stride(),
+                               *sizes, scale * _LOG2E, **meta)
+    return o_r, lse_r
+
+
+def _triton_grads(grad_out, q, k, v, stats, delta, plan: _Plan, scale: float, causal: bool):
+    """Every round's (dQ (B, H, R, L, D), dK, dV (B, Hkv, R, L, D|Dv)) fp32, without the self term."""
+    b, h, n, d = q.shape
+    hkv, dv_ = k.shape[1], v.shape[-1]
+    rounds = plan.qidx.shape[2]
+    meta, sizes = _meta(q, k, v, plan, causal)
+    idx = _index_args(plan)
+    dq = torch.empty(b, h, rounds, n, d, dtype=torch.float32, device=q.device)
+    dk = torch.empty(b, hkv, rounds, n, d, dtype=torch.float32, device=q.device)
+    dv = torch.empty(b, hkv, rounds, n, dv_, dtype=torch.float32, device=q.device)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    scalars = (*sizes, scale * _LOG2E, scale)
+    _launch(_bwd_dq_kernel)[(plan.n_chunks * triton.cdiv(plan.chunk, meta["BLOCK_M"]), b * h * rounds)](
+        q, k, v, grad_out, stats, delta, *idx, dq, *strides, *scalars, **meta)
+    _launch(_bwd_dkdv_kernel)[(plan.n_chunks * triton.cdiv(plan.chunk, meta["BLOCK_N"]), b * hkv * rounds)](
+        q, k, v, grad_out, stats, delta, *idx, dk, dv, *strides, *scalars, **meta)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------- hashing
+
+
+@functools.lru_cache(maxsize=16)
+def _rotations(seed: int, n_hashes: int, dim: int, half: int) -> torch.Tensor:
+    """(n_hashes, dim, half) float32 standard normal rotations, drawn on the CPU from ``seed``."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn(n_hashes, dim, half, generator=gen, dtype=torch.float32)
+
+
+def _n_buckets(n: int, bucket_size: int) -> int:
+    return max(2, 2 * round(n / (2 * bucket_size)))
+
+
+def _hash(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """argmax([x R_r, -x R_r]) for every round r of ``rot``: (B, Hx, L, D+1) -> (B, Hx, R, L) int64, in row blocks
+    whose projection holds at most `_HASH_ELEMS` elements.  The argmax of the concatenation is the argmax of
+    x R_r when its max is at least minus its min (first index wins ties, as argmax), else half + its argmin."""
+    b, hx, n, _ = x.shape
+    rounds, _, half = rot.shape
+    out = torch.empty(b, hx, rounds, n, dtype=torch.int64, device=x.device)
+    step = max(1, _HASH_ELEMS // max(1, b * hx * half))
+    for r in range(rounds):
+        for lo in range(0, n, step):
+            proj = x[:, :, lo:lo + step] @ rot[r]
+            hi_val, hi_idx = proj.max(-1)
+            lo_val, lo_idx = proj.min(-1)
+            out[:, :, r, lo:lo + step] = torch.where(hi_val >= -lo_val, hi_idx, lo_idx + half)
+    return out
+
+
+def _buckets(q, k, n_hashes: int, bucket_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query buckets (B, H, R, L) and key buckets (B, Hkv, R, L) of the asymmetric transform (module docstring)."""
+    d, n = q.shape[-1], k.shape[2]
+    rot = _rotations(seed, n_hashes, d + 1, _n_buckets(n, bucket_size) // 2).to(q.device)
+    with torch.no_grad():
+        qf, kf = q.detach().float(), k.detach().float()
+        tiny = torch.finfo(torch.float32).tiny
+        qn = qf / torch.linalg.vector_norm(qf, dim=-1, keepdim=True).clamp_min(tiny)
+        kn2 = (kf * kf).sum(-1, keepdim=True)
+        m2 = kn2.amax(dim=2, keepdim=True).clamp_min(tiny)
+        kx = torch.cat([kf / m2.sqrt(), (1 - kn2 / m2).clamp_min(0).sqrt()], dim=-1)
+        qx = torch.cat([qn, torch.zeros_like(qn[..., :1])], dim=-1)
+        return _hash(qx, rot), _hash(kx, rot)
+
+
+def buckets(q: torch.Tensor, k: torch.Tensor, *, n_hashes: int, bucket_size: int,
+            seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bucket of every query and key per round: two int64 (B, H, R, L) tensors (the keys' expanded from their
+    K/V heads to the query heads, a view).  Deterministic in ``seed`` on every device (up to float ties)."""
+    _check_params(n_hashes, bucket_size, seed)
+    qb, kb = _buckets(q, k, n_hashes, bucket_size, seed)
+    b, h, r, n = qb.shape
+    groups = h // kb.shape[1]
+    return qb, kb[:, :, None].expand(b, kb.shape[1], groups, r, n).reshape(b, h, r, n)
+
+
+def _sort(bkt: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions in (bucket, position) order, chunk id of each position) per round; stable sort."""
+    idx = torch.sort(bkt, dim=-1, stable=True).indices
+    rank = torch.empty_like(idx).scatter_(-1, idx, torch.arange(idx.shape[-1], device=idx.device).expand_as(idx))
+    return idx, torch.div(rank, chunk, rounding_mode="floor")
+
+
+def _plan(q, k, n_hashes: int, bucket_size: int, seed: int) -> _Plan:
+    qb, kb = _buckets(q, k, n_hashes, bucket_size, seed)
+    n = q.shape[2]
+    chunk = min(bucket_size, n)
+    (qidx, qch), (kidx, kch) = _sort(qb, chunk), _sort(kb, chunk)
+    return _Plan(qidx, kidx, qch, kch, chunk, -(-n // chunk))
+
+
+def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, Hkv, L, X) -> (B, H, L, X): each K/V head repeated for its query heads (expand + reshape)."""
+    b, hkv, n, e = x.shape
+    return x[:, :, None].expand(b, hkv, heads // hkv, n, e).reshape(b, heads, n, e)
+
+
+def _self_scores(q, k, scale: float) -> torch.Tensor:
+    """s_ii in log2 units, fp32 (B, H, L)."""
+    return (q.float() * _expand_kv(k, q.shape[1]).float()).sum(-1) * (scale * _LOG2E)
+
+
+def _merge(q, k, v, o_r, lse_r, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the rounds (o_r (B, H, R, L, Dv), lse_r log2 (B, H, R, L)) and the self term by log-sum-exp:
+    (out fp32 (B, H, L, Dv), LSE2 (B, H, L)).  Differentiable (the CPU path's backward runs through it)."""
+    s2 = _self_scores(q, k, scale)
+    m = torch.maximum(lse_r.amax(dim=2), s2).detach()
+    w_r = torch.exp2(lse_r - m[:, :, None])
+    w_s = torch.exp2(s2 - m)
+    total = w_r.sum(2) + w_s
+    out = ((w_r[..., None] * o_r).sum(2) + w_s[..., None] * _expand_kv(v, q.shape[1]).float()) / total[..., None]
+    return out, m + torch.log2(total)
+
+
+# --------------------------------------------------------------------------------------------- CPU path
+
+
+def _chunked(idx: torch.Tensor, n_chunks: int, chunk: int, fill: int) -> torch.Tensor:
+    """Sorted positions (B, Hx, L) padded with ``fill`` to (B, Hx, n_chunks, chunk)."""
+    pad = n_chunks * chunk - idx.shape[-1]
+    idx = torch.nn.functional.pad(idx, (0, pad), value=fill) if pad else idx
+    return idx.view(*idx.shape[:2], n_chunks, chunk)
+
+
+def _gather(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (B, Hx, L, X) at ``pos`` (B, Hx, ...), clamped into range: (B, Hx, ..., X) (one index_select
+    of whole rows, much faster than an elementwise gather on the CPU)."""
+    b, hx, n, e = x.shape
+    base = torch.arange(b * hx, device=pos.device).view(b, hx, *([1] * (pos.dim() - 2))) * n
+    rows = x.reshape(b * hx * n, e).index_select(0, (pos.clamp(0, n - 1) + base).reshape(-1))
+    return rows.view(*pos.shape, e)
+
+
+def _stack_groups(x: torch.Tensor, hkv: int) -> torch.Tensor:
+    """(B, H, nc, C, ...) -> (B, Hkv, nc, G*C, ...): the group's query heads as rows of one chunk."""
+    b, h, nc, c = x.shape[:4]
+    x = x.view(b, hkv, h // hkv, nc, c, *x.shape[4:]).transpose(2, 3)
+    return x.reshape(b, hkv, nc, (h // hkv) * c, *x.shape[5:])
+
+
+def _near(x: torch.Tensor, n_chunks: int) -> torch.Tensor:
+    """Key chunks c and c-1 (wrapping) side by side: (B, Hkv, nc, C) -> (B, Hkv, nc, 2C)."""
+    return torch.cat([x, x.roll(1, dims=2)], dim=3) if n_chunks > 1 else x
+
+
+def _cpu_round(q, k, v, plan: _Plan, r: int, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round r with torch ops: (o (B, H, L, Dv), lse2 (B, H, L)) at original positions; differentiable in q/k/v.
+
+    Scores are built for blocks of chunks of at most `_BLOCK_ELEMS` elements.  Padding: queries at position
+    -1, keys at L (beyond every query, so causal's strict ``key < query`` drops them and the self pair).
+    n_ij starts at 1 (round r itself) and adds the other rounds' hits."""
+    b, h, n, _ = q.shape
+    hkv, nc, c = k.shape[1], plan.n_chunks, plan.chunk
+    rounds = plan.qidx.shape[2]
+    qidx = _chunked(plan.qidx[:, :, r], nc, c, -1)  # (B, H, nc, C)
+    qp = _stack_groups(qidx, hkv)
+    kp = _near(_chunked(plan.kidx[:, :, r], nc, c, n), nc)  # (B, Hkv, nc, 2C)
+    qs = _stack_groups(_gather(q * scale, qidx), hkv)
+    ks, vs = _gather(k, kp), _gather(v, kp)
+    ids = torch.int16 if nc < 2**15 else torch.int32
+    counts = torch.uint8 if rounds < 2**8 else torch.int32
+    others = [r2 for r2 in range(rounds) if r2 != r]
+    qc = [_stack_groups(_gather(plan.qch[:, :, r2, :, None], qidx)[..., 0], hkv).to(ids) for r2 in others]
+    qprev = [torch.where(x == 0, nc - 1, x - 1) for x in qc]
+    kc = [_gather(plan.kch[:, :, r2, :, None], kp)[..., 0].to(ids) for r2 in others]
+    step = max(1, _BLOCK_ELEMS // max(1, b * h * c * kp.shape[3]))
+    outs, lses = [], []
+    for lo in range(0, nc, step):
+        blk = slice(lo, lo + step)
+        s = qs[:, :, blk] @ ks[:, :, blk].transpose(-1, -2)
+        if others:
+            cnt = torch.ones(s.shape, dtype=counts, device=s.device)
+            for qci, qpi, kci in zip(qc, qprev, kc):
+                kcb = kci[:, :, blk, None, :]
+                hit = (kcb == qci[:, :, blk, :, None]).logical_or_(kcb == qpi[:, :, blk, :, None])
+                cnt += hit.view(torch.uint8) if counts == torch.uint8 else hit
+            s = s.sub_(cnt.to(s.dtype).log_())
+        qpb, kpb = qp[:, :, blk, :, None], kp[:, :, blk, None, :]
+        drop = kpb >= qpb if causal else torch.logical_or(kpb >= n, kpb == qpb)
+        s = s.masked_fill_(drop, float("-inf"))
+        mx = s.detach().amax(-1, keepdim=True)
+        mx = torch.where(torch.isinf(mx), 0.0, mx)
+        e = (s - mx).exp_()
+        total = e.sum(-1)
+        live = total > 0
+        safe = torch.where(live, total, 1.0)
+        outs.append((e @ vs[:, :, blk]) / safe[..., None])
+        lses.append(torch.where(live, (torch.log(safe) + mx[..., 0]) * _LOG2E, float("-inf")))
+    o = torch.cat(outs, dim=2).view(b, hkv, nc, h // hkv, c, -1).transpose(2, 3).reshape(b, h, nc * c, -1)
+    lse = torch.cat(lses, dim=2).view(b, hkv, nc, h // hkv, c).transpose(2, 3).reshape(b, h, nc * c)
+    qidx = plan.qidx[:, :, r]
+    o_orig = torch.zeros(b, h, n, o.shape[-1], dtype=o.dtype, device=o.device)
+    o_orig = o_orig.scatter(2, qidx[..., None].expand(b, h, n, o.shape[-1]), o[:, :, :n])
+    lse_orig = torch.full((b, h, n), float("-inf"), dtype=lse.dtype, device=lse.device).scatter(2, qidx, lse[:, :, :n])
+    return o_orig, lse_orig
+
+
+def _cpu_forward(q, k, v, plan: _Plan, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out in fp32 (fp64 for fp64 inputs), LSE2) of the plain-CPU path; differentiable in q/k/v."""
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
+    rounds = [_cpu_round(qf, kf, vf, plan, r, scale, causal) for r in range(plan.qidx.shape[2])]
+    o_r = torch.stack([o for o, _ in rounds], dim=2)
+    lse_r = torch.stack([x for _, x in rounds], dim=2)
+    return _merge(qf, kf, vf, o_r, lse_r, scale)
+
+
+# --------------------------------------------------------------------------------------------- API
+
+
+def unsupported(q_shape, k_shape, *, causal: bool = False) -> str | None:
+    """None when LSH attention takes these (B, H, L, D) shapes, else why not (one sentence, for the policy)."""
+    if len(q_shape) != 4 or len(k_shape) != 4:
+        return "LSH attention takes 4-D (batch, heads, seqlen, head_dim) tensors"
+    if q_shape[2] != k_shape[2]:
+        return f"LSH attention hashes queries and keys into one set of chunks: it needs q_len == kv_len, " \
+               f"not {q_shape[2]} != {k_shape[2]}"
+    if q_shape[2] < 1:
+        return "LSH attention needs at least one token"
+    return None
+
+
+def _check_params(n_hashes, bucket_size, seed) -> None:
+    for name, val, low in (("n_hashes", n_hashes, 1), ("bucket_size", bucket_size, 1), ("seed", seed, None)):
+        if not isinstance(val, int) or isinstance(val, bool) or (low is not None and val < low):
+            allowed = "an int" if low is None else f"an int >= {low}"
+            raise ValueError(f"attnfuse.kernels.lsh: {name} must be {allowed}; got {val!r}")
+
+
+def _triton_path(q: torch.Tensor) -> bool:
+    return q.is_cuda or (q.device.type == "cpu" and interpreting())
+
+
+def _validate(q, k, v, causal, n_hashes, bucket_size, seed, mask=None, softcap=0.0, dropout_p=0.0,
+              alibi=None) -> None:
+    who = "attnfuse.kernels.lsh"
+    for name, val, off in (("mask", mask, None), ("alibi", alibi, None), ("softcap", softcap, 0.0),
+                           ("dropout_p", dropout_p, 0.0)):
+        if (val is not None) if off is None else (val != off):
+            raise ValueError(f"{who}: {name} is not supported by LSH attention (it must be {off}); use the flash "
+                             f"kernels for masked, soft-capped, dropout or ALiBi attention")
+    _check_params(n_hashes, bucket_size, seed)
+    why = unsupported(tuple(q.shape), tuple(k.shape), causal=causal)
+    if why:
+        raise ValueError(f"{who}: {why}")
+    if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1] or k.shape[-1] != q.shape[-1] or k.shape[:3] != \
+            v.shape[:3] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"{who}: need q heads divisible by k heads, equal k/v heads and lengths, equal q/k head dims;"
+                         f" got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"{who}: q, k, v must share a floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if _triton_path(q):
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"{who}: the Triton kernels take float16, bfloat16 or float32, not {q.dtype}")
+        if max(q.shape[-1], v.shape[-1]) > 256:
+            raise ValueError(f"{who}: the Triton kernels take head dims up to 256, not {max(q.shape[-1], v.shape[-1])}")
+
+
+def _scale(q, scale) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def forward(q, k, v, *, scale=None, causal=False, n_hashes=4, bucket_size=64, seed=0, mask=None, softcap=0.0,
+            dropout_p=0.0, alibi=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, L, Dv) in q's dtype, stats (B, H, L, 2) fp32): stats holds the merged log-sum-exp of each row
+    in log2 units and 0 (flash's (max, log2 sum) convention), which `backward` needs on the Triton path."""
+    _validate(q, k, v, causal, n_hashes, bucket_size, seed, mask, softcap, dropout_p, alibi)
+    sc = _scale(q, scale)
+    with torch.no_grad():
+        plan = _plan(q, k, n_hashes, bucket_size, seed)
+        if _triton_path(q):
+            out, lse2 = _merge(q, k, v, *_triton_rounds(q, k, v, plan, sc, causal), sc)
+        else:
+            out, lse2 = _cpu_forward(q, k, v, plan, sc, causal)
+    stats = torch.stack([lse2.float(), torch.zeros_like(lse2, dtype=torch.float32)], dim=-1)
+    return out.to(q.dtype), stats
+
+
+def backward(grad_out, q, k, v, out, stats, *, scale=None, causal=False, n_hashes=4, bucket_size=64,
+             seed=0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `forward`'s output.  Recomputes the hashing; the Triton path reads the merged LSE from
+    ``stats`` and ``Delta = rowsum(grad_out * out)``, the CPU path recomputes its forward under autograd."""
+    sc = _scale(q, scale)
+    if not _triton_path(q):
+        with torch.enable_grad():
+            qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+            o, _ = _cpu_forward(qq, kk, vv, _plan(qq, kk, n_hashes, bucket_size, seed), sc, causal)
+            grads = torch.autograd.grad(o, (qq, kk, vv), grad_out.to(o.dtype))
+        return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+    b, h, n, d = q.shape
+    hkv = k.shape[1]
+    with torch.no_grad():
+        plan = _plan(q, k, n_hashes, bucket_size, seed)
+        go = grad_out.to(q.dtype)
+        stats = stats.float().contiguous()
+        delta = (go.float() * out.float()).sum(-1).contiguous()
+        dq_r, dk_r, dv_r = _triton_grads(go, q, k, v, stats, delta, plan, sc, causal)
+        # the self term: p_ii = exp2(s_ii - LSE2), dS_ii = p_ii (dO_i . v_i - Delta_i)
+        p_self = torch.exp2(_self_scores(q, k, sc) - stats[..., 0])
+        gof = go.float()
+        ds = p_self * ((gof * _expand_kv(v, h).float()).sum(-1) - delta)
+        dq = dq_r.sum(2) + (ds * sc)[..., None] * _expand_kv(k, h).float()
+        dk = dk_r.sum(2) + ((ds * sc)[..., None] * q.float()).view(b, hkv, h // hkv, n, d).sum(2)
+        dv = dv_r.sum(2) + (p_self[..., None] * gof).view(b, hkv, h // hkv, n, -1).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _LSH(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kwargs):
+        out, stats = forward(q, k, v, **kwargs)
+        ctx.save_for_backward(q, k, v, out, stats)
+        ctx.kwargs = kwargs
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, stats = ctx.saved_tensors
+        return (*backward(grad, q, k, v, out, stats, **ctx.kwargs), None)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, causal: bool = False,
+              n_hashes: int = 4, bucket_size: int = 64, seed: int = 0, mask=None, softcap: float = 0.0,
+              dropout_p: float = 0.0, alibi=None) -> torch.Tensor:
+    """LSH attention on ``(batch, heads, seqlen, head_dim)`` tensors, with autograd (module docstring).
+
+    K/V may have fewer heads (GQA).  ``n_hashes`` rounds, chunks of ``bucket_size`` sorted tokens, rotations
+    from ``seed``.  ``mask``/``softcap``/``dropout_p``/``alibi`` exist only to raise a clear ValueError.  Runs the
+    Triton kernels on CUDA tensors (CPU ones under ``TRITON_INTERPRET=1``), torch ops on other CPU tensors.
+    """
+    _validate(q, k, v, causal, n_hashes, bucket_size, seed, mask, softcap, dropout_p, alibi)
+    kwargs = dict(scale=scale, causal=causal, n_hashes=n_hashes, bucket_size=bucket_size, seed=seed)
+    return _LSH.apply(q, k, v, kwargs)

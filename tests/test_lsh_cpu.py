@@ -1,0 +1,197 @@
+"""LSH attention (`attnfuse.kernels.lsh`) on its plain-CPU path (torch ops), against float64 references.
+
+The reference is written here independently of the module: from `lsh.buckets` alone it sorts each round's
+queries and keys by (bucket, position), cuts them into chunks, marks the keys each query attends (its chunk
+and the one before, wrapping), takes the union over rounds plus the query's own key, and runs dense softmax
+attention over that union (the n_ij correction makes LSH attention exactly that).  With bucket_size >= L the
+union is everything: exact attention.  tests/interpret/test_lsh.py runs the same checks on the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from attnfuse.kernels import flash, lsh
+from tests._util import assert_2x
+
+pytestmark = pytest.mark.skipif(flash.interpreting(), reason="the plain-CPU path; tests/interpret has the kernels'")
+
+
+def union_mask(q, k, *, n_hashes, bucket_size, seed, causal) -> torch.Tensor:
+    """(B, H, L, L) bool: the keys LSH attention attends from each query (union over rounds, plus itself)."""
+    qb, kb = lsh.buckets(q, k, n_hashes=n_hashes, bucket_size=bucket_size, seed=seed)
+    n = q.shape[2]
+    chunk = min(bucket_size, n)
+    n_chunks = -(-n // chunk)
+    pos = torch.arange(n)
+    seen = torch.zeros(*qb.shape[:2], n, n, dtype=torch.bool)
+    for r in range(n_hashes):
+        q_chunk = torch.empty_like(qb[:, :, r])
+        k_chunk = torch.empty_like(kb[:, :, r])
+        for b in range(qb.shape[0]):
+            for h in range(qb.shape[1]):
+                # rank of each position in (bucket, position) order, written without a stable sort
+                q_chunk[b, h, torch.argsort(qb[b, h, r] * n + pos)] = pos // chunk
+                k_chunk[b, h, torch.argsort(kb[b, h, r] * n + pos)] = pos // chunk
+        qc, kc = q_chunk[..., :, None], k_chunk[..., None, :]
+        seen |= (kc == qc) | (kc == (qc - 1) % n_chunks)
+    if causal:
+        seen &= pos[None, :] <= pos[:, None]
+    return seen | torch.eye(n, dtype=torch.bool)
+
+
+def dense(q, k, v, visible, scale=None) -> torch.Tensor:
+    """Softmax attention over ``visible`` (B, H, L, L) in the inputs' dtype (GQA by repeating K/V)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-2, -1)) * scale
+    return torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1) @ v
+
+
+def qkv(dtype, b, h, hk, n, d, dv=None):
+    return (torch.randn(b, h, n, d).to(dtype), torch.randn(b, hk, n, d).to(dtype),
+            torch.randn(b, hk, n, dv or d).to(dtype))
+
+
+def compare(dtype, q, k, v, visible, **kw) -> torch.Tensor:
+    """`lsh.attention` vs `dense` over ``visible`` in ``dtype`` (eager) and float64 (reference): output and
+    q/k/v gradients under the 2x rule.  Returns our output."""
+    leaf = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = lsh.attention(*leaf, **kw)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    res = {}
+    for name, dt in (("eager", dtype), ("ref", torch.float64)):
+        ins = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
+        o = dense(*ins, visible, kw.get("scale"))
+        o.backward(grad.to(dt))
+        res[name] = (o, *(x.grad for x in ins))
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        ours = out if i == 0 else leaf[i - 1].grad
+        assert ours.dtype == dtype and ours.shape == res["ref"][i].shape, name
+        assert_2x(ours, res["eager"][i], res["ref"][i], name)
+    return out
+
+
+EXACT = [  # (B, H, Hkv, L, D, causal, n_hashes, dtype)
+    (1, 2, 2, 97, 40, False, 1, torch.float32),
+    (2, 4, 2, 130, 16, True, 3, torch.float32),
+    (1, 2, 1, 113, 40, True, 2, torch.float16),
+]
+
+
+@pytest.mark.parametrize("b,h,hk,n,d,causal,rounds,dtype", EXACT)
+def test_one_chunk_is_exact_attention(b, h, hk, n, d, causal, rounds, dtype):
+    q, k, v = qkv(dtype, b, h, hk, n, d)
+    visible = torch.ones(n, n, dtype=torch.bool)
+    if causal:
+        visible = visible.tril()
+    compare(dtype, q, k, v, visible.expand(b, h, n, n), causal=causal, n_hashes=rounds, bucket_size=n + 5, seed=3)
+
+
+UNION = [  # (B, H, Hkv, L, D, Dv, causal, n_hashes, bucket_size, dtype)
+    (1, 2, 1, 97, 16, 16, False, 1, 16, torch.float32),
+    (1, 4, 2, 150, 40, 24, True, 3, 32, torch.float32),
+    (2, 2, 2, 200, 16, 16, False, 2, 32, torch.float16),
+    (1, 2, 1, 131, 40, 40, True, 2, 16, torch.float16),
+]
+
+
+@pytest.mark.parametrize("b,h,hk,n,d,dv,causal,rounds,c,dtype", UNION)
+def test_equals_softmax_over_the_union_of_attended_keys(b, h, hk, n, d, dv, causal, rounds, c, dtype):
+    q, k, v = qkv(dtype, b, h, hk, n, d, dv)
+    kw = dict(n_hashes=rounds, bucket_size=c, seed=11)
+    visible = union_mask(q, k, causal=causal, **kw)
+    frac = visible.float().mean().item()
+    assert frac < (0.75 if causal else 0.9), f"the union covers {frac:.2f} of the pairs: not a sparse test"
+    out = compare(dtype, q, k, v, visible, causal=causal, scale=0.3, **kw)
+    # stats: the merged log-sum-exp in log2 units
+    _, stats = lsh.forward(q, k, v, causal=causal, scale=0.3, **kw)
+    kr = k.double().repeat_interleave(h // hk, dim=1)
+    s = (q.double() @ kr.transpose(-2, -1) * 0.3).masked_fill(~visible, float("-inf"))
+    torch.testing.assert_close(stats[..., 0].double(), torch.logsumexp(s, -1) / math.log(2), atol=2e-3, rtol=1e-3)
+    assert out.shape == (b, h, n, dv)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_planted_key_shares_buckets_and_dominates(causal):
+    """A query and a key pointing the same way with a huge inner product hash alike in (nearly) every round,
+    and the query's output is that key's value."""
+    b, h, n, d = 1, 2, 160, 16
+    q, k, v = qkv(torch.float32, b, h, h, n, d)
+    i, j = 140, 37  # causal: j <= i
+    u = torch.nn.functional.normalize(torch.randn(d), dim=0)
+    q[0, 1, i] = 12 * u
+    k[0, 1, j] = 12 * u
+    kw = dict(n_hashes=4, bucket_size=16, seed=5)
+    qb, kb = lsh.buckets(q, k, **kw)
+    same = (qb[0, 1, :, i] == kb[0, 1, :, j]).float().mean().item()
+    assert same >= 0.75, f"planted pair shares a bucket in only {same:.2f} of the rounds"
+    out = lsh.attention(q, k, v, causal=causal, **kw)
+    torch.testing.assert_close(out[0, 1, i], v[0, 1, j], atol=2e-2, rtol=0)
+
+
+def test_buckets_shapes_seed_and_groups():
+    q, k, _ = qkv(torch.float32, 2, 4, 2, 101, 16)
+    qb, kb = lsh.buckets(q, k, n_hashes=3, bucket_size=16, seed=1)
+    assert qb.shape == kb.shape == (2, 4, 3, 101)
+    n_buckets = 2 * round(101 / 32)
+    assert 0 <= int(qb.min()) and int(max(qb.max(), kb.max())) < n_buckets
+    assert torch.equal(kb[:, 0], kb[:, 1]) and torch.equal(kb[:, 2], kb[:, 3])  # a K/V head's query heads
+    again = lsh.buckets(q, k, n_hashes=3, bucket_size=16, seed=1)
+    other = lsh.buckets(q, k, n_hashes=3, bucket_size=16, seed=2)
+    assert torch.equal(again[0], qb) and torch.equal(again[1], kb)
+    assert not torch.equal(other[0], qb)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(mask=torch.ones(5, 5, dtype=torch.bool)), "mask"), (dict(softcap=30.0), "softcap"),
+    (dict(dropout_p=0.1), "dropout_p"), (dict(alibi=torch.ones(2)), "alibi"), (dict(n_hashes=0), "n_hashes"),
+    (dict(bucket_size=True), "bucket_size"), (dict(seed=1.5), "seed"),
+])
+def test_validation(kw, match):
+    q, k, v = qkv(torch.float32, 1, 2, 2, 5, 16)
+    with pytest.raises(ValueError, match=match):
+        lsh.attention(q, k, v, **kw)
+
+
+def test_lengths_must_match():
+    q = torch.randn(1, 2, 7, 16)
+    k = v = torch.randn(1, 2, 9, 16)
+    assert "q_len == kv_len" in lsh.unsupported(q.shape, k.shape, causal=False)
+    assert lsh.unsupported(q.shape, q.shape, causal=True) is None
+    with pytest.raises(ValueError, match="q_len == kv_len"):
+        lsh.forward(q, k, v)
+    with pytest.raises(ValueError, match="heads"):
+        lsh.attention(torch.randn(1, 3, 9, 16), k, v)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (bytes) any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def test_no_quadratic_tensor_at_8k():
+    """Forward and backward at L=8192 never build a tensor anywhere near L*L*4 bytes (256 MiB)."""
+    n = 8192
+    q, k, v = (torch.randn(1, 1, n, 32, requires_grad=True) for _ in range(3))
+    with _LargestTensor() as probe:
+        out = lsh.attention(q, k, v, causal=True, n_hashes=2, bucket_size=64)
+        out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    assert probe.largest <= n * n * 4 // 16, f"largest tensor {probe.largest} B"
