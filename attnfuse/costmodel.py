@@ -105,8 +105,8 @@ def _flash(shape: Mapping[str, Any], spec: DeviceSpec, window: tuple[int, int] =
 
     b, h, hk, lq, lk, d, dv, elem = _dims(shape)
     groups = h // hk
-    cfg = flash.pick("fwd", lq * groups, lk, b * hk, d, dv, elem, spec, 0, groups, window)
     visits = flash.band(window, causal)
+    cfg = flash.pick("fwd", lq * groups, lk, b * hk, d, dv, elem, spec, 0, groups, visits)
     est = flash.estimate(cfg, "fwd", lq * groups, lk, b * hk, d, dv, elem, spec, groups=groups, window=visits)
     config = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "num_warps": cfg.num_warps,
               "num_stages": cfg.num_stages}

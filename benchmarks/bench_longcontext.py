@@ -1,0 +1,480 @@
+"""Long-context attention: exact vs top-k sparse vs LSH, time and peak memory over sequence length (CPU or GPU).
+
+    python benchmarks/bench_longcontext.py [--device auto|cpu|cuda] [--seqs 4096,...,65536] [--modes fwd,fwd_bwd]
+                                           [--peers sdpa,attnfuse,topk,lsh] [--exact-max-seq N] [--topk 2048]
+                                           [--reps 3] [--warmup 1] [--quick] [--out benchmarks/results]
+    python benchmarks/bench_longcontext.py --from-json RESULTS.json [--rerun-busy]   # re-plot (re-measure)
+
+Peers, all causal on the same inputs (``(batch, heads, seq, head_dim)``, GQA when ``--kv-heads`` < ``--heads``):
+
+* ``sdpa``     -- exact: ``F.scaled_dot_product_attention(is_causal=True)`` (on CUDA restricted to the flash
+  backend); the baseline of every ratio;
+* ``attnfuse`` -- exact: on CPU attnfuse's op ``torch.ops.attnfuse.attention(..., causal=True, kv_groups=G)``,
+  on CUDA its Triton flash kernel ``attnfuse.kernels.flash.attention(q, k, v, causal=True)``;
+* ``topk``     -- ``attnfuse.kernels.topk.attention(q, k, v, causal=True, topk=, block=, sink=, local=)``;
+* ``lsh``      -- ``attnfuse.kernels.lsh.attention(q, k, v, causal=True, n_hashes=, bucket_size=, seed=)``.
+
+Defaults: CPU seq 4k..64k, batch 1, 4 heads (4 K/V heads), head dim 64, fp32; CUDA seq 4k..128k, batch 1, 16
+heads, head dim 128, bf16; top-k keeps 2048 tokens (blocks of 64, 64 sink and 256 local tokens), LSH 4 rounds
+of 64-key buckets.  Exact peers above ``--exact-max-seq`` are not run (cells marked "skipped").
+
+Inputs (seeded, made inside each worker): ``q ~ N(0, 1)``, ``k ~ N(0, 0.25)``, ``v ~ N(0, 1)``, plus planted
+"needles" so that attention is peaked, as in trained models, and a sparse kernel has something to find: per
+(batch, K/V head) ``max(4, seq // 512)`` keys at random positions are set to ``sqrt(D) * u`` (``u`` a random
+unit vector), and every segment of 128 queries is pointed at one needle its first query can see (``q +=
+gap * u``): its scaled score is then ``gap = ln(seq) + 4`` above the noise, about 98% of the row's weight.
+
+Every (seq, peer, mode) runs in a fresh process (this script with ``--worker``): one first call, ``--warmup``
+more, then the median of ``--reps`` timed calls (perf_counter on CPU, CUDA events on GPU).  ``fwd`` is a
+forward under ``torch.no_grad()``; ``fwd_bwd`` a forward and ``out.backward(grad)`` (input gradients reset
+outside the timed region).  On a shared CPU, calls during which other processes kept a core busy are retried
+for up to ``--retry-s`` seconds and the quietest kept (``others_busy_cores`` says how quiet it was).
+
+Memory, counted from the call's start (inputs are the baseline): CPU ``alloc_peak_mb`` (primary: most tensor
+bytes live at once, from ``torch.profiler`` memory events) and ``rss_peak_mb`` (peak RSS growth); CUDA
+``alloc_peak_mb`` = ``max_memory_allocated`` minus ``memory_allocated`` before the call.
+
+Accuracy: ``rel_err`` = ||out - exact||_F / ||exact||_F against SDPA on the same inputs (computed in the
+approximate peer's worker when ``seq <= --exact-max-seq``), and ``rel_err_rows``, the same over ``--err-rows``
+sampled query rows against a float64 reference (always, for every peer: cheap, and the only accuracy figure
+where exact was skipped).
+
+Goals (printed PASS/FAIL, also in the JSON): CPU, seq 32k: top-k forward >= 5x exact (SDPA); CUDA, seq 128k,
+top-k 2048: top-k forward >= 20x dense flash (the faster of ``sdpa`` and ``attnfuse``).  Results:
+``benchmarks/results/longcontext-<device>-<date>.json`` and ``.png`` (time, memory and error vs seq, log-log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_attention as _ba  # noqa: E402 - CUDA-event timing and GPU name tags
+import bench_models as _bm  # noqa: E402 - memory probes, machine info, worker runner, common CLI
+
+PEERS = ("sdpa", "attnfuse", "topk", "lsh")
+EXACT = ("sdpa", "attnfuse")
+MODES = ("fwd", "fwd_bwd")
+LABELS = {"cpu": {"sdpa": "SDPA (exact)", "attnfuse": "attnfuse op (exact)", "topk": "attnfuse top-k",
+                  "lsh": "attnfuse LSH"},
+          "cuda": {"sdpa": "SDPA flash (exact)", "attnfuse": "attnfuse flash (exact)", "topk": "attnfuse top-k",
+                   "lsh": "attnfuse LSH"}}
+COLORS = {"sdpa": "tab:blue", "attnfuse": "tab:orange", "topk": "tab:green", "lsh": "tab:red"}
+DEFAULTS = {"cpu": dict(seqs=[4096, 8192, 16384, 32768, 65536], batch=1, heads=4, kv_heads=4, head_dim=64,
+                        dtype="float32"),
+            "cuda": dict(seqs=[4096, 8192, 16384, 32768, 65536, 131072], batch=1, heads=16, kv_heads=16,
+                         head_dim=128, dtype="bfloat16")}
+KNOBS = dict(topk=2048, block=64, sink=64, local=256, n_hashes=4, bucket_size=64, reps=3, warmup=1, err_rows=256)
+QUICK = dict(seqs=[256, 512], heads=2, kv_heads=2, head_dim=32, topk=64, block=32, sink=32, local=32,
+             bucket_size=32, reps=2, warmup=0, err_rows=32, retry_s=0.0)
+GOALS = {"cpu": {"seq": 32768, "peer": "topk", "mode": "fwd", "min_speedup": 5.0, "vs": "sdpa"},
+         "cuda": {"seq": 131072, "peer": "topk", "mode": "fwd", "min_speedup": 20.0, "vs": "dense flash"}}
+SEGMENT = 128  # queries pointed at the same needle
+
+
+# ---------------------------------------------------------------- inputs and peers (worker side)
+
+def needle_gap(seq: int) -> float:
+    """Scaled-score margin of a query's needle over the noise: ln(seq) + 4, about 98% of the row's softmax."""
+    return math.log(seq) + 4.0
+
+
+def make_inputs(batch: int, heads: int, kv_heads: int, seq: int, dim: int, dtype, device: str, seed: int = 0):
+    """(q, k, v) with planted needles (see the module docstring); deterministic in ``seed`` per device."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    groups = heads // kv_heads
+    q = torch.randn(batch, heads, seq, dim, generator=g, device=device)
+    k = torch.randn(batch, kv_heads, seq, dim, generator=g, device=device) * 0.5
+    v = torch.randn(batch, kv_heads, seq, dim, generator=g, device=device)
+    n = min(seq, max(4, seq // 512))
+    pos = torch.rand(batch, kv_heads, seq, generator=g, device=device).topk(n, dim=-1).indices.sort(-1).values
+    u = torch.randn(batch, kv_heads, n, dim, generator=g, device=device)
+    u = u / u.norm(dim=-1, keepdim=True)
+    k.scatter_(2, pos[..., None].expand(-1, -1, -1, dim), u * dim**0.5)
+    starts = torch.arange(0, seq, SEGMENT, device=device).expand(batch, kv_heads, -1).contiguous()
+    seen = torch.searchsorted(pos.contiguous(), starts, right=True)  # needles a segment's first query can see
+    pick = (torch.rand(seen.shape, generator=g, device=device) * seen).long().clamp(max=n - 1)
+    target = u.gather(2, pick[..., None].expand(-1, -1, -1, dim)) * (seen > 0)[..., None]
+    target = target.repeat_interleave(SEGMENT, dim=2)[:, :, :seq]
+    q.view(batch, kv_heads, groups, seq, dim).add_(target[:, :, None], alpha=needle_gap(seq))
+    return tuple(t.to(dtype) for t in (q, k, v))
+
+
+def make_peer(peer: str, device: str, knobs: dict[str, Any]):
+    """``fn(q, k, v) -> out`` for one peer (causal); raises if the peer's kernel is unavailable."""
+    import torch
+    import torch.nn.functional as F
+
+    if peer == "sdpa":
+        def sdpa(q, k, v):
+            gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+            if device != "cuda":
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+
+        return sdpa
+    if peer == "attnfuse":
+        if device == "cuda":
+            from attnfuse.kernels import flash
+
+            return lambda q, k, v: flash.attention(q, k, v, causal=True)
+        import attnfuse  # noqa: F401 - registers torch.ops.attnfuse.attention
+
+        return lambda q, k, v: torch.ops.attnfuse.attention(q, k, v, causal=True,
+                                                            kv_groups=q.shape[1] // k.shape[1])[0]
+    if peer == "topk":
+        from attnfuse.kernels import topk
+
+        kw = {name: knobs[name] for name in ("topk", "block", "sink", "local")}
+        return lambda q, k, v: topk.attention(q, k, v, causal=True, **kw)
+    if peer == "lsh":
+        from attnfuse.kernels import lsh
+
+        kw = {"n_hashes": knobs["n_hashes"], "bucket_size": knobs["bucket_size"], "seed": 0}
+        return lambda q, k, v: lsh.attention(q, k, v, causal=True, **kw)
+    raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref||_F / ||ref||_F, accumulated in fp32 (fp64 for fp64 inputs)."""
+    import torch
+
+    dt = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    return float((out.to(dt) - ref.to(dt)).norm() / ref.to(dt).norm().clamp_min(1e-30))
+
+
+def rows_error(out, q, k, v, n_rows: int, seed: int = 1) -> float:
+    """``rel_err`` over ``n_rows`` sampled query rows against float64 causal attention (chunks of 16 rows)."""
+    import torch
+
+    b, h, seq, _ = q.shape
+    groups = h // k.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(seq, generator=g)[: min(n_rows, seq)].sort().values.to(q.device)
+    num = den = 0.0
+    kd, vd = k.double(), v.double()
+    for part in idx.split(16):
+        qs = q[:, :, part].double().view(b, -1, groups, len(part), q.shape[-1])
+        s = (qs @ kd[:, :, None].transpose(-1, -2)) * q.shape[-1] ** -0.5
+        s.masked_fill_(torch.arange(seq, device=q.device) > part[:, None], float("-inf"))
+        ref = (s.softmax(-1) @ vd[:, :, None]).view(b, h, len(part), -1)
+        num += float((out[:, :, part].double() - ref).square().sum())
+        den += float(ref.square().sum())
+    return math.sqrt(num / max(den, 1e-300))
+
+
+def measure(seq: int, peer: str, mode: str, device: str, shape: dict[str, Any], knobs: dict[str, Any],
+            retry_s: float, exact_max_seq: int | None) -> dict[str, Any]:
+    """Time, memory and error of one (seq, peer, mode) in this process; see the module docstring."""
+    import torch
+
+    cuda = device == "cuda"
+    dtype = getattr(torch, shape["dtype"])
+    q, k, v = make_inputs(shape["batch"], shape["heads"], shape["kv_heads"], seq, shape["head_dim"], dtype, device)
+    fn = make_peer(peer, device, knobs)
+    res: dict[str, Any] = {"seq": seq, "peer": peer, "mode": mode}
+    grad = None
+    if mode == "fwd_bwd":
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        grad = torch.randn_like(q)
+
+    def reset() -> None:
+        for t in (q, k, v):
+            t.grad = None
+
+    def call() -> None:
+        if grad is None:
+            with torch.no_grad():
+                fn(q, k, v)
+        else:
+            fn(q, k, v).backward(grad)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    call()
+    sync()
+    res["first_call_s"] = time.perf_counter() - t0
+    if cuda:
+        times = _ba._bench(call, knobs["reps"], knobs["warmup"], reset)
+        res["times_s"] = [t / 1e3 for t in times]
+        res["median_s"], res["others_busy_cores"] = statistics.median(res["times_s"]), 0.0
+        reset()
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        call()
+        sync()
+        res["alloc_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        for _ in range(knobs["warmup"]):
+            reset()
+            call()
+        runs, reps = [], knobs["reps"]
+        deadline = time.perf_counter() + retry_s
+        while sum(r[1] < _bm._QUIET for r in runs) < reps and (len(runs) < reps or time.perf_counter() < deadline):
+            reset()
+            snap, t0 = _bm._cpu_snapshot(), time.perf_counter()
+            call()
+            runs.append((time.perf_counter() - t0, _bm._others_cores(snap, _bm._cpu_snapshot())))
+        used = sorted(runs, key=lambda r: r[1])[:reps]  # the quietest calls
+        res["times_s"], res["all_times_s"] = [r[0] for r in used], [r[0] for r in runs]
+        res["median_s"], res["others_busy_cores"] = statistics.median(res["times_s"]), max(r[1] for r in used)
+        reset()
+        _bm._exact_malloc()
+        before = _bm._reset_peak_rss() and _bm._proc_status_mb("VmRSS")
+        call()
+        if before:
+            res["rss_peak_mb"] = _bm._proc_status_mb("VmHWM") - before
+        reset()
+        res["alloc_peak_mb"] = _bm._alloc_peak_mb(call)
+    reset()
+    with torch.no_grad():
+        q, k, v = (t.detach() for t in (q, k, v))
+        out = fn(q, k, v)
+        res["rel_err_rows"] = rows_error(out, q, k, v, knobs["err_rows"])
+        if peer not in EXACT and (exact_max_seq is None or seq <= exact_max_seq):
+            res["rel_err"] = rel_err(out, make_peer("sdpa", device, knobs)(q, k, v))
+    return res
+
+
+# ---------------------------------------------------------------- summary (no torch needed)
+
+def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (seq, mode, peer other than sdpa): speedup over sdpa and over the fastest exact peer ("dense
+    flash" on CUDA), and peak-memory ratio to sdpa (None where a side was not measured)."""
+    ok = {(r["seq"], r["mode"], r["peer"]): r for r in results if "median_s" in r}
+    out = []
+    for r in results:
+        if r["peer"] == "sdpa" or "median_s" not in r:
+            continue
+        base = ok.get((r["seq"], r["mode"], "sdpa"))
+        exact = [ok[key]["median_s"] for key in ((r["seq"], r["mode"], p) for p in EXACT) if key in ok]
+        row = {"seq": r["seq"], "mode": r["mode"], "peer": r["peer"],
+               "speedup_vs_sdpa": base["median_s"] / r["median_s"] if base else None,
+               "speedup_vs_best_exact": min(exact) / r["median_s"] if exact and r["peer"] not in EXACT else None,
+               "memory_vs_sdpa": (r["alloc_peak_mb"] / base["alloc_peak_mb"]
+                                  if base and r.get("alloc_peak_mb") and base.get("alloc_peak_mb") else None)}
+        out.append(row)
+    return out
+
+
+def goals(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """The issue's speed target for ``device`` ("cpu" or "cuda") checked against ``ratios`` rows."""
+    goal = GOALS[device]
+    key = "speedup_vs_sdpa" if goal["vs"] == "sdpa" else "speedup_vs_best_exact"
+    found = next((r for r in rows if (r["seq"], r["peer"], r["mode"]) == (goal["seq"], goal["peer"], goal["mode"])
+                  and r.get(key) is not None), None)
+    what = f"{device}: {goal['peer']} {goal['mode']} at seq {goal['seq']} >= {goal['min_speedup']:g}x {goal['vs']}"
+    if found is None:
+        return [{"goal": what, "value": None, "met": None, "note": "not measured"}]
+    return [{"goal": what, "value": round(found[key], 2), "met": found[key] >= goal["min_speedup"]}]
+
+
+def _fmt(x: Any, spec: str) -> str:
+    return "-" if x is None else spec.format(x)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    rat = {(r["seq"], r["mode"], r["peer"]): r for r in ratios(results)}
+    head = ("seq", "mode", "peer", "median s", "x sdpa", "peak MB", "mem/sdpa", "rel err", "rel err rows", "busy",
+            "note")
+    lines = [head]
+    for r in results:
+        x = rat.get((r["seq"], r["mode"], r["peer"]), {})
+        note = r.get("skipped") or (r["error"][:70] if "error" in r else "")
+        lines.append((str(r["seq"]), r["mode"], r["peer"], _fmt(r.get("median_s"), "{:.4f}"),
+                      _fmt(x.get("speedup_vs_sdpa"), "{:.2f}"), _fmt(r.get("alloc_peak_mb"), "{:.1f}"),
+                      _fmt(x.get("memory_vs_sdpa"), "{:.3f}"), _fmt(r.get("rel_err"), "{:.2e}"),
+                      _fmt(r.get("rel_err_rows"), "{:.2e}"), _fmt(r.get("others_busy_cores"), "{:.1f}"), note))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def plot(results: list[dict[str, Any]], title: str, path: pathlib.Path, device: str = "cpu") -> None:
+    """One row of panels per mode: time, peak memory and relative error vs seq (log-log), a line per peer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ok = [r for r in results if "median_s" in r]
+    modes = [m for m in MODES if any(r["mode"] == m for r in ok)] or ["fwd"]
+    metrics = (("median_s", "time (s)"), ("alloc_peak_mb", "peak tensor memory (MB)"),
+               ("rel_err_rows", "relative error (sampled rows)"))
+    fig, axes = plt.subplots(len(modes), len(metrics), figsize=(15, 4.2 * len(modes)), squeeze=False)
+    for i, mode in enumerate(modes):
+        for j, (metric, label) in enumerate(metrics):
+            ax = axes[i][j]
+            for peer in PEERS:
+                pts = sorted((r["seq"], r[metric]) for r in ok
+                             if r["mode"] == mode and r["peer"] == peer and r.get(metric))
+                if pts and not (metric == "rel_err_rows" and peer in EXACT):
+                    ax.plot(*zip(*pts), marker="o", color=COLORS[peer], label=LABELS[device][peer])
+            seqs = sorted({r["seq"] for r in ok})
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+            for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                set_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+            if seqs:
+                ax.set_xticks(seqs, [_ba._seq_label(s) for s in seqs])
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel(label)
+            ax.set_title(f"{mode}: {label}")
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- CLI
+
+def _run(seq: int, peer: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    key = {"seq": seq, "peer": peer, "mode": mode}
+    if peer in EXACT and args.exact_max_seq is not None and seq > args.exact_max_seq:
+        print(f"[   0.0 s] seq {seq:6d} {peer:8s} {mode:7s} skipped (seq > --exact-max-seq)", flush=True)
+        return {**key, "skipped": f"exact peers run up to seq {args.exact_max_seq} (--exact-max-seq)"}
+    if args.wait_idle > 0:
+        _bm.wait_for_idle(args.wait_idle)
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", str(seq), peer, mode,
+           "--device", args.device, "--retry-s", str(args.retry_s),
+           "--exact-max-seq", str(args.exact_max_seq or 0)]
+    for name in ("batch", "heads", "kv_heads", "head_dim", "dtype", *KNOBS):
+        cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    t0 = time.perf_counter()
+    r = _bm.run_worker(cmd, key, args.timeout)
+    msg = r.get("error") or (f"median {r['median_s']:.4f} s, peak {r.get('alloc_peak_mb') or 0:.1f} MB, "
+                             f"rel err rows {r['rel_err_rows']:.1e}, busy {r['others_busy_cores']:.1f}")
+    print(f"[{time.perf_counter() - t0:6.1f} s] seq {seq:6d} {peer:8s} {mode:7s} {msg}", flush=True)
+    return r
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seqs", type=_bm._csv(int), help="comma-separated (CPU default 4k..64k, CUDA 4k..128k)")
+    p.add_argument("--modes", type=_bm._csv(str), default=["fwd"], help="comma-separated: " + ",".join(MODES))
+    p.add_argument("--peers", type=_bm._csv(str), default=list(PEERS), help="comma-separated: " + ",".join(PEERS))
+    p.add_argument("--exact-max-seq", type=int, default=None,
+                   help="run the exact peers only up to this seq (0 or unset: no limit); their cells above it "
+                        "are marked skipped and approximate rows there get no full rel_err")
+    for name in ("batch", "heads", "kv_heads", "head_dim"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, help="CPU default 1, 4, 4, 64; CUDA 1, 16, 16, 128")
+    p.add_argument("--dtype", help="fp32/bf16/fp16 (CPU default fp32, CUDA bf16)")
+    for name, value in KNOBS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, help=f"default {value}")
+    p.add_argument("--retry-s", type=float, help="CPU: keep timing up to this long for quiet calls (default 60)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker")
+    p.add_argument("--quick", action="store_true", help="smoke run: seq 256 and 512, tiny heads and kernel knobs")
+    _bm.add_common_args(p, ("SEQ", "PEER", "MODE"))
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    fill = {**DEFAULTS[args.device], **KNOBS, "retry_s": 60.0, **(QUICK if args.quick else {})}
+    for name, value in fill.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.dtype = _ba.DTYPES.get(args.dtype.lower(), args.dtype)
+    if args.dtype not in ("float32", "bfloat16", "float16"):
+        p.error(f"--dtype {args.dtype!r}: choose from fp32, bf16, fp16")
+    for what, values, allowed in (("mode", args.modes, MODES), ("peer", args.peers, PEERS)):
+        for x in values:
+            if x not in allowed:
+                p.error(f"unknown {what} {x!r}; choose from {', '.join(allowed)}")
+    if args.heads % args.kv_heads:
+        p.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    args.exact_max_seq = args.exact_max_seq or None
+    return p, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    p, args = parse_args(argv)
+    if args.worker:
+        seq, peer, mode = args.worker
+        shape = {name: getattr(args, name) for name in ("batch", "heads", "kv_heads", "head_dim", "dtype")}
+        res = measure(int(seq), peer, mode, args.device, shape, {n: getattr(args, n) for n in KNOBS},
+                      args.retry_s, args.exact_max_seq)
+        print(_bm._MARK + json.dumps(res), flush=True)
+        return 0
+    command = " ".join(["benchmarks/bench_longcontext.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.from_json:
+        json_path = pathlib.Path(args.from_json)
+        doc = json.loads(json_path.read_text())
+        for name, value in doc["setup"]["args"].items():
+            setattr(args, name, value)
+        for i, r in enumerate(doc["results"]):
+            if args.rerun_busy and ("error" in r or r.get("others_busy_cores", 0.0) >= _bm._QUIET):
+                doc["results"][i] = _run(r["seq"], r["peer"], r["mode"], args)
+        doc.setdefault("later_commands", []).append(command)
+        write(doc, json_path)
+        return 0
+    info = _bm.machine_info()
+    tag = _ba.device_tag(info["gpu"]) if args.device == "cuda" else _bm.device_tag(info)
+    today = datetime.date.today().isoformat()
+    out = pathlib.Path(args.out)
+    name = f"longcontext-{tag}-{today}{'-quick' if args.quick else ''}.json"
+    json_path = out if out.suffix == ".json" else out / name
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    results = [_run(seq, peer, mode, args) for mode in args.modes for seq in args.seqs for peer in args.peers]
+    saved = ("device", "seqs", "modes", "peers", "exact_max_seq", "batch", "heads", "kv_heads", "head_dim", "dtype",
+             "retry_s", "timeout", *KNOBS)
+    doc = {"benchmark": "bench_longcontext", "date": today, "device": tag, "machine": info,
+           "setup": {"args": {n: getattr(args, n) for n in saved}, "causal": True, "quick": args.quick,
+                     "inputs": f"seeded; q~N(0,1), k~N(0,0.25), v~N(0,1); max(4, seq//512) needle keys per K/V "
+                               f"head, every {SEGMENT} queries aimed at one visible needle with scaled-score "
+                               "margin ln(seq)+4",
+                     "time": "median_s: median of reps calls after a first call and warmup (CPU: the quietest "
+                             "of them, retried up to retry_s; CUDA: CUDA events)",
+                     "memory": "alloc_peak_mb: peak tensor bytes during one call from its start (CPU: "
+                               "torch.profiler memory events; CUDA: max_memory_allocated - memory_allocated); "
+                               "rss_peak_mb (CPU): peak RSS growth during one call",
+                     "error": "rel_err: ||out - sdpa||_F / ||sdpa||_F (approximate peers, seq <= exact_max_seq); "
+                              "rel_err_rows: the same over err_rows sampled query rows vs float64 attention",
+                     "process": "each (seq, peer, mode) in a fresh process"},
+           "results": results, "command": command}
+    write(doc, json_path)
+    return 0
+
+
+def write(doc: dict[str, Any], json_path: pathlib.Path) -> None:
+    """Add ratios and goals to ``doc``; write it as JSON and the plot as PNG next to it; print a summary."""
+    device = doc["setup"]["args"]["device"]
+    doc["ratios"] = ratios(doc["results"])
+    doc["goals"] = goals(doc["ratios"], device)
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    png_path = json_path.with_suffix(".png")
+    a = doc["setup"]["args"]
+    plot(doc["results"], f"causal attention on {doc['device']}: B={a['batch']}, H={a['heads']}, "
+                         f"Hkv={a['kv_heads']}, D={a['head_dim']}, {a['dtype']}, top-k {a['topk']}, LSH "
+                         f"{a['n_hashes']}x{a['bucket_size']} ({doc['date']})", png_path, device)
+    _bm.print_summary(table(doc["results"]), doc, json_path, png_path)
+    for g in doc["goals"]:
+        verdict = "not measured" if g["met"] is None else f"{'PASS' if g['met'] else 'FAIL'} ({g['value']}x)"
+        print(f"goal {g['goal']}: {verdict}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

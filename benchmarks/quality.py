@@ -1,0 +1,376 @@
+"""Model quality with approximate attention: train a small transformer on associative recall (CPU), then
+evaluate it with exact, top-k and LSH attention swapped in through attnfuse.
+
+    python benchmarks/quality.py [--minutes 3] [--seq 1024] [--train-seq 512] [--topk 128] [--bucket-size 32]
+                                 [--variants eager,attnfuse,topk,lsh] [--route attnfuse|direct] [--quick]
+                                 [--out benchmarks/results]
+
+Task (multi-query associative recall): every position holds one token.  A context token carries a (key,
+value) pair -- its embedding is the sum of a key embedding and a value embedding, keys unique within a
+sequence (``--keys`` of them, ``--values`` values); after the first eighth of the sequence about one position
+in eight is a query: an earlier context token's key with the "unknown" value, and the model must predict that
+token's value.  Recall is one attention hop over up to the whole sequence, so the answer lives in one key far
+back: a long-range task on which a sparse kernel must find the right key.  (Writing key and value as separate
+tokens needs an induction circuit, which a CPU does not train in minutes.)  Loss and accuracy count query
+positions only; chance is ``1 / --values``.
+
+Model: plain PyTorch, 2 pre-LN blocks (d_model 128, 4 heads, MLP 4x), causal attention written
+``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` (what attnfuse matches), no position embedding
+(the causal mask is enough for this task), fp32.  Trained with AdamW for ``--minutes`` at ``--train-seq``,
+then evaluated on held-out batches (another seed) at ``--seq`` (longer: the approximations matter more).
+
+Variants (one fresh compile each, ``inner="eager"``):
+
+* ``eager``    -- the model as is (exact; the reference);
+* ``attnfuse`` -- ``torch.compile(model, backend="attnfuse")`` with no approximation (exact);
+* ``topk``     -- the same with ``options={"kernels": ["topk"], "approximate": {"max_rel_error": 0.99,
+  "families": ["topk"], "topk": {"topk", "block", "sink", "local"}}}``;
+* ``lsh``      -- likewise with ``"lsh": {"n_hashes", "bucket_size", "seed": 0}``.
+
+``--route direct`` instead swaps the kernel into the model's attention modules by hand (eager), for
+comparison or while the policy is unavailable.  Per variant: accuracy, ``logits_rel_err`` (||logits -
+eager logits||_F / ||eager logits||_F over the evaluation batches, query positions), the report's kernel and
+calibration ``error`` per site, and ``attn_rel_err``: per layer, the family's kernel called directly on that
+layer's q, k, v from an eager forward of the first evaluation batch, against SDPA (the attention output's own
+relative error).  Results: ``benchmarks/results/quality-cpu-<date>.json`` and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_models as _bm  # noqa: E402 - machine info
+
+VARIANTS = ("eager", "attnfuse", "topk", "lsh")
+APPROX = ("topk", "lsh")
+DEFAULTS = dict(minutes=3.0, seq=1024, train_seq=512, keys=2048, values=32, d_model=128, heads=4, layers=2,
+                batch=16, lr=2e-3, eval_batches=8, eval_batch=8, topk=128, block=32, sink=32, local=64, n_hashes=4,
+                bucket_size=32)
+QUICK = dict(minutes=0.1, seq=256, train_seq=128, keys=512, d_model=64, heads=2, batch=16, eval_batches=2,
+             eval_batch=4, topk=64, block=32, sink=32, local=32)
+
+
+# ---------------------------------------------------------------- task and model
+
+def make_batch(batch: int, seq: int, n_keys: int, n_values: int, gen: torch.Generator, query_every: int = 8):
+    """(keys, values, target), each (batch, seq) int64: ``values`` holds ``n_values`` ("unknown") at query
+    positions and ``target`` their answer (-100 elsewhere, ignored by the loss)."""
+    if n_keys < seq:
+        raise ValueError(f"--keys ({n_keys}) must be >= the sequence length ({seq}): keys are unique per sequence")
+    keys = torch.rand(batch, n_keys, generator=gen).argsort(1)[:, :seq]
+    values = torch.randint(0, n_values, (batch, seq), generator=gen)
+    is_query = torch.rand(batch, seq, generator=gen) < 1.0 / query_every
+    is_query[:, : max(1, seq // 8)] = False
+    context_first = torch.argsort(is_query.to(torch.int8), dim=1, stable=True)  # context positions, in order
+    seen = (~is_query).cumsum(1)  # context tokens at or before each position (>= 1 for every query)
+    src = context_first.gather(1, (torch.rand(batch, seq, generator=gen) * seen).long().clamp(max=seq - 1))
+    keys = torch.where(is_query, keys.gather(1, src), keys)
+    target = torch.where(is_query, values.gather(1, src), -100)
+    return keys, torch.where(is_query, n_values, values), target
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention; ``kernel`` (``fn(q, k, v) -> out``) replaces SDPA when set (the
+    direct route), ``captured`` collects (q, k, v) when it is a list."""
+
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.kernel = None
+        self.captured = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        if self.captured is not None:
+            self.captured.append((q.detach(), k.detach(), v.detach()))
+        if self.kernel is not None:
+            y = self.kernel(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, heads)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class RecallModel(nn.Module):
+    """Embeddings (key + value) -> ``layers`` blocks -> LayerNorm -> value logits."""
+
+    def __init__(self, n_keys: int, n_values: int, d_model: int, heads: int, layers: int):
+        super().__init__()
+        self.key_emb = nn.Embedding(n_keys, d_model)
+        self.key_emb.weight.requires_grad_(False)  # fixed random codes: every key works, seen in training or not
+        self.value_emb = nn.Embedding(n_values + 1, d_model)  # the last one: "unknown" (a query)
+        self.blocks = nn.ModuleList(Block(d_model, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, n_values)
+
+    def forward(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        x = self.key_emb(keys) + self.value_emb(values)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
+def attentions(model: RecallModel) -> list[Attention]:
+    return [b.attn for b in model.blocks]
+
+
+# ---------------------------------------------------------------- training and evaluation
+
+def train(model: RecallModel, args: argparse.Namespace, log=print) -> dict[str, Any]:
+    """AdamW (linear warm-up over 50 steps) for ``args.minutes`` of wall time; returns the training log.
+
+    Curriculum: the sequence starts at 64 (at most ``train_seq``) and doubles, up to ``train_seq``, whenever
+    the accuracy over the last 25 steps reaches 0.8 -- short sequences give the attention a strong signal
+    early, and the task is the same at every length."""
+    gen = torch.Generator().manual_seed(args.seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 50))
+    model.train()
+    t0, step, history, seq, window = time.perf_counter(), 0, [], min(64, args.train_seq), []
+    while time.perf_counter() - t0 < args.minutes * 60 or step == 0:
+        keys, values, target = make_batch(args.batch, seq, args.keys, args.values, gen)
+        logits = model(keys, values)
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        mask = target >= 0
+        window.append((logits.argmax(-1)[mask] == target[mask]).float().mean().item())
+        if step % 25 == 0 or step == 1:
+            acc = sum(window) / len(window)
+            history.append({"step": step, "s": round(time.perf_counter() - t0, 1), "seq": seq,
+                            "loss": round(loss.item(), 4), "acc": round(acc, 4)})
+            log(f"  step {step:5d}  {history[-1]['s']:6.1f} s  seq {seq:5d}  loss {loss.item():.4f}  acc {acc:.3f}")
+            if acc >= 0.8 and seq < args.train_seq:
+                seq = min(2 * seq, args.train_seq)
+            window = []
+    model.eval()
+    return {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "final_seq": seq, "history": history}
+
+
+def eval_batches(args: argparse.Namespace) -> list[tuple[torch.Tensor, ...]]:
+    gen = torch.Generator().manual_seed(args.seed + 1)  # held out: another stream than training
+    return [make_batch(args.eval_batch, args.seq, args.keys, args.values, gen) for _ in range(args.eval_batches)]
+
+
+def knobs(family: str, args: argparse.Namespace) -> dict[str, Any]:
+    if family == "topk":
+        return {"topk": args.topk, "block": args.block, "sink": args.sink, "local": args.local}
+    return {"n_hashes": args.n_hashes, "bucket_size": args.bucket_size, "seed": 0}
+
+
+def options(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The attnfuse options of a compiled variant (see the module docstring)."""
+    opts: dict[str, Any] = {"inner": "eager"}
+    if variant in APPROX:
+        opts["kernels"] = [variant]
+        opts["approximate"] = {"max_rel_error": 0.99, "families": [variant], variant: knobs(variant, args)}
+    return opts
+
+
+def policy_available() -> bool:
+    """Whether attnfuse's options take an approximation policy with "families" (the approximate route)."""
+    from attnfuse.config import Config
+
+    try:
+        Config.from_options({"approximate": {"max_rel_error": 0.5, "families": ["topk"]}})
+        return True
+    except (ValueError, TypeError):
+        return False
+
+
+def kernel_fn(family: str, args: argparse.Namespace):
+    """``fn(q, k, v) -> out`` of an approximate family, causal, with this run's settings."""
+    import importlib
+
+    mod = importlib.import_module(f"attnfuse.kernels.{family}")
+    kw = knobs(family, args)
+    return lambda q, k, v: mod.attention(q, k, v, causal=True, **kw)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def evaluate(model: RecallModel, variant: str, batches, reference: list[torch.Tensor] | None,
+             args: argparse.Namespace) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Accuracy (and errors against ``reference`` logits) of one variant; returns (result, its logits)."""
+    import attnfuse
+
+    direct = variant in APPROX and args.route == "direct"
+    res: dict[str, Any] = {"variant": variant,
+                           "route": "eager" if variant == "eager" else "direct" if direct else "attnfuse"}
+    run = model
+    if variant != "eager":
+        if direct:
+            for a in attentions(model):
+                a.kernel = kernel_fn(variant, args)
+        else:
+            if variant in APPROX and not policy_available():
+                raise RuntimeError("attnfuse's options take no approximation policy yet (no 'families' key); "
+                                   "use --route direct")
+            torch._dynamo.reset()
+            res["options"] = options(variant, args)
+            run = torch.compile(model, backend="attnfuse", options=res["options"], dynamic=False)
+    t0 = time.perf_counter()
+    logits, hits, total = [], 0, 0
+    try:
+        with torch.no_grad():
+            for keys, values, target in batches:
+                out = run(keys, values)
+                mask = target >= 0
+                hits += int((out.argmax(-1)[mask] == target[mask]).sum())
+                total += int(mask.sum())
+                logits.append(out[mask])
+    finally:
+        for a in attentions(model):
+            a.kernel = None
+    res["eval_s"] = round(time.perf_counter() - t0, 2)
+    res["accuracy"] = hits / max(total, 1)
+    res["queries"] = total
+    if reference is not None:
+        res["logits_rel_err"] = rel_err(torch.cat(logits), torch.cat(reference))
+    if run is not model:
+        rep = attnfuse.last_report()
+        res["sites"] = [{"module": s.module, "status": s.status, "kernel": s.kernel, "error": s.error,
+                         "reason": s.reason} for s in rep.sites] if rep is not None else []
+    return res, logits
+
+
+def attention_errors(model: RecallModel, family: str, batch, args: argparse.Namespace) -> list[float]:
+    """Per layer: the family's kernel on that layer's eager (q, k, v) vs SDPA, relative Frobenius error."""
+    keys, values, _ = batch
+    captured: list = []
+    for a in attentions(model):
+        a.captured = captured
+    try:
+        with torch.no_grad():
+            model(keys, values)
+    finally:
+        for a in attentions(model):
+            a.captured = None
+    fn = kernel_fn(family, args)
+    with torch.no_grad():
+        return [rel_err(fn(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True)) for q, k, v in captured]
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = ("variant", "route", "accuracy", "logits rel err", "attn rel err (per layer)", "report: kernel / error")
+    lines = [head]
+    for r in results:
+        if "error" in r:
+            lines.append((r["variant"], r.get("route", ""), "-", "-", "-", r["error"][:90]))
+            continue
+        sites = ", ".join(f"{s['kernel'] or s['status']}" + (f" {s['error']:.1e}" if s.get("error") is not None
+                                                              else "") for s in r.get("sites", []))
+        attn = ", ".join(f"{e:.2e}" for e in r.get("attn_rel_err", [])) or "-"
+        err = r.get("logits_rel_err")
+        lines.append((r["variant"], r["route"], f"{r['accuracy']:.4f}", "-" if err is None else f"{err:.2e}", attn,
+                      sites or "-"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+# ---------------------------------------------------------------- CLI
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, value in DEFAULTS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), help=f"default {value}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ",".join(VARIANTS))
+    p.add_argument("--route", choices=("attnfuse", "direct"), default="attnfuse",
+                   help="how top-k/LSH get into the model: attnfuse's approximation policy, or a direct swap")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--quick", action="store_true", help="smoke run: seconds of training, tiny model, seq 256")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
+                   help="output folder, or a .json path")
+    args = p.parse_args(argv)
+    for name, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.variants = [v for v in args.variants.split(",") if v]
+    for v in args.variants:
+        if v not in VARIANTS:
+            p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    if "eager" not in args.variants:
+        args.variants.insert(0, "eager")  # the reference of every error
+    if args.d_model % args.heads:
+        p.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
+    if args.keys < max(args.seq, args.train_seq):
+        p.error(f"--keys {args.keys} must be >= --seq and --train-seq (keys are unique within a sequence)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = RecallModel(args.keys, args.values, args.d_model, args.heads, args.layers)
+    print(f"training {sum(p.numel() for p in model.parameters())} parameters for {args.minutes} min at seq "
+          f"{args.train_seq} (chance {1 / args.values:.3f})", flush=True)
+    training = train(model, args, log=lambda s: print(s, flush=True))
+    batches = eval_batches(args)
+    results, reference = [], None
+    for variant in args.variants:
+        t0 = time.perf_counter()
+        try:
+            res, logits = evaluate(model, variant, batches, reference, args)
+            if variant == "eager":
+                reference = logits
+            if variant in APPROX:
+                res["attn_rel_err"] = attention_errors(model, variant, batches[0], args)
+        except Exception as e:  # an unavailable kernel or policy is a row, not a crash
+            res = {"variant": variant, "route": args.route, "error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
+        results.append(res)
+        print(f"[{time.perf_counter() - t0:6.1f} s] {variant:8s} "
+              + (res.get("error") or f"accuracy {res['accuracy']:.4f}"), flush=True)
+    today = datetime.date.today().isoformat()
+    out = pathlib.Path(args.out)
+    json_path = out if out.suffix == ".json" else out / f"quality-cpu-{today}{'-quick' if args.quick else ''}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    setup = {k: getattr(args, k) for k in (*DEFAULTS, "variants", "route", "seed", "quick")}
+    doc = {"benchmark": "quality", "date": today, "device": "cpu", "machine": _bm.machine_info(),
+           "setup": {**setup, "task": "multi-query associative recall, (key, value) pair per context token, "
+                                       "1 in 8 positions a query after the first eighth",
+                     "chance": 1 / args.values, "policy_available": policy_available()},
+           "training": training, "results": results,
+           "command": " ".join(["benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])}
+    json_path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(table(results))
+    print(f"wrote {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
