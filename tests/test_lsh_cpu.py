@@ -1,10 +1,11 @@
 """LSH attention (`attnfuse.kernels.lsh`) on its plain-CPU path (torch ops), against float64 references.
 
 The reference is written here independently of the module: from `lsh.buckets` alone it sorts each round's
-queries and keys by (bucket, position), cuts them into chunks, marks the keys each query attends (its chunk
-and the one before, wrapping), takes the union over rounds plus the query's own key, and runs dense softmax
-attention over that union (the n_ij correction makes LSH attention exactly that).  With bucket_size >= L the
-union is everything: exact attention.  tests/interpret/test_lsh.py runs the same checks on the Triton kernels.
+2L queries and keys jointly by (bucket, position, key before query), cuts that sequence into chunks of
+2 * bucket_size items, marks the keys each query attends (those of its chunk and of the one before, wrapping),
+takes the union over rounds plus the query's own key, and runs dense softmax attention over that union (the
+n_ij correction makes LSH attention exactly that).  With bucket_size >= L (one chunk) the union is
+everything: exact attention.  tests/interpret/test_lsh.py runs the same checks on the Triton kernels.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def union_mask(q, k, *, n_hashes, bucket_size, seed, causal) -> torch.Tensor:
     """(B, H, L, L) bool: the keys LSH attention attends from each query (union over rounds, plus itself)."""
     qb, kb = lsh.buckets(q, k, n_hashes=n_hashes, bucket_size=bucket_size, seed=seed)
     n = q.shape[2]
-    chunk = min(bucket_size, n)
-    n_chunks = -(-n // chunk)
+    chunk = 2 * min(bucket_size, n)  # joint items (queries and keys) per chunk
+    n_chunks = -(-2 * n // chunk)
     pos = torch.arange(n)
     seen = torch.zeros(*qb.shape[:2], n, n, dtype=torch.bool)
     for r in range(n_hashes):
@@ -34,9 +35,11 @@ def union_mask(q, k, *, n_hashes, bucket_size, seed, causal) -> torch.Tensor:
         k_chunk = torch.empty_like(kb[:, :, r])
         for b in range(qb.shape[0]):
             for h in range(qb.shape[1]):
-                # rank of each position in (bucket, position) order, written without a stable sort
-                q_chunk[b, h, torch.argsort(qb[b, h, r] * n + pos)] = pos // chunk
-                k_chunk[b, h, torch.argsort(kb[b, h, r] * n + pos)] = pos // chunk
+                # one joint sequence of 2L items ordered by (bucket, position, key before query): distinct values
+                order = torch.argsort(torch.cat([kb[b, h, r] * 2 * n + 2 * pos, qb[b, h, r] * 2 * n + 2 * pos + 1]))
+                rank = torch.empty_like(order)
+                rank[order] = torch.arange(2 * n)
+                k_chunk[b, h], q_chunk[b, h] = rank[:n] // chunk, rank[n:] // chunk
         qc, kc = q_chunk[..., :, None], k_chunk[..., None, :]
         seen |= (kc == qc) | (kc == (qc - 1) % n_chunks)
     if causal:
@@ -134,6 +137,39 @@ def test_planted_key_shares_buckets_and_dominates(causal):
     assert same >= 0.75, f"planted pair shares a bucket in only {same:.2f} of the rounds"
     out = lsh.attention(q, k, v, causal=causal, **kw)
     torch.testing.assert_close(out[0, 1, i], v[0, 1, j], atol=2e-2, rtol=0)
+
+
+def planted_needles(h, n, d, block):
+    """(q, k, v) (1, h, n, d) as benchmarks/bench_longcontext.py plants them: q ~ N(0, 1), k ~ N(0, 1/4),
+    v ~ N(0, 1); every block of ``block`` queries (after the first) gets ``(ln n + 4) u`` added and one earlier
+    key at a random position becomes ``sqrt(d) u`` (``u`` a random unit vector per block): that key's score
+    stands far above every other key's, so exact attention puts nearly all of the row's weight on it."""
+    q, k, v = torch.randn(1, h, n, d), torch.randn(1, h, n, d) / 2, torch.randn(1, h, n, d)
+    for head in range(h):
+        for start in range(block, n, block):
+            u = torch.nn.functional.normalize(torch.randn(d), dim=0)
+            k[0, head, int(torch.randint(0, start, ()))] = u * d**0.5
+            q[0, head, start:start + block] += (math.log(n) + 4) * u
+    return q, k, v
+
+
+def test_planted_needles_are_found():
+    """Quality: with the joint sort a query and its needle that share a bucket share or neighbour a chunk, so
+    most queries attend their strongest key in some round and the output is close to exact attention.  (Sorting
+    queries and keys separately, as this module once did, found 34% of the needles here, relative error 0.84;
+    the joint sort finds 88-90%, error 0.30-0.35 over 8 seeds.)"""
+    h, n, d = 2, 2001, 64
+    q, k, v = planted_needles(h, n, d, 32)
+    kw = dict(n_hashes=4, bucket_size=64, seed=0)
+    visible = union_mask(q, k, causal=True, **kw)
+    s = (q @ k.transpose(-1, -2)).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(-1), float("-inf"))
+    strongest = s[:, :, 1:].argmax(-1, keepdim=True)  # each query's strongest earlier key (row 0 has none)
+    found = visible[:, :, 1:].gather(-1, strongest).float().mean().item()
+    assert found >= 0.75, f"only {found:.2f} of the queries attend their strongest key in some round"
+    out = lsh.attention(q, k, v, causal=True, **kw).double()
+    exact = dense(q.double(), k.double(), v.double(), torch.ones(n, n, dtype=torch.bool).tril())
+    rel = ((out - exact).norm() / exact.norm()).item()
+    assert rel < 0.45, f"relative error {rel:.3f} vs exact attention"
 
 
 def test_buckets_shapes_seed_and_groups():

@@ -9,36 +9,49 @@ into the exact softmax over the union of the keys they chose:
 2. Random rotations: ``n_buckets = max(2, 2 * round(L / (2 * bucket_size)))``; ``R`` (n_hashes, D+1,
    n_buckets/2) from ``torch.Generator().manual_seed(seed)`` on the CPU (every device hashes alike), shared by
    all heads; ``bucket(x) = argmax([x'R, -x'R])`` per round (`buckets`).
-3. Per round, queries and keys are sorted separately by (bucket, position) (stable argsort) and cut into
-   chunks of C = min(bucket_size, L); query chunk c attends key chunks c and c-1, where c-1 wraps to the last
-   chunk for c = 0 (as Reformer; with one chunk it is attended once).  Causal: key position <= query position.
-   A query's own key is excluded inside the chunks and added once as an extra "self" term, so every row has
-   a key.
+3. Per round and query head, the L queries and the L keys (of its K/V head) are sorted jointly: one sequence
+   of 2L items ordered by (bucket, position, kind), a key before the query at the same (bucket, position).  It
+   is cut into joint chunks of 2 * min(bucket_size, L) items, so a chunk holds about bucket_size queries and
+   bucket_size keys when the buckets are balanced (n_buckets ~ L / bucket_size; with the asymmetric transform
+   they are not: keys crowd a few buckets).  A query in joint chunk c attends the keys in joint chunks c and
+   c-1, where c-1 wraps to the last chunk for c = 0 (as Reformer; with one chunk it is attended once).  A
+   query and a key that share a bucket are thus attended when few items of that bucket lie between their
+   positions.  With bucket_size >= L there is one chunk: every key is attended.  Causal: key
+   position <= query position.  A query's own key is excluded inside the chunks and added once as an extra
+   "self" term, so every row has a key.
 4. Duplicates across rounds count once (Reformer's correction): with n_ij the number of rounds in which key j
    lies in one of query i's attended chunks, every round subtracts log(n_ij) from the pair's score.  The
    rounds and the self term merge by log-sum-exp, ``LSE_i = logsumexp(lse_1..R, s_ii)``,
    ``out_i = sum_r exp(lse_r - LSE) o_r + exp(s_ii - LSE) v_i``: exactly the softmax over the union of the
-   attended keys.  With bucket_size >= L (one chunk) every key is attended: exact attention.
+   attended keys.  With bucket_size >= L (one joint chunk) it is exact attention.
 
-Paths.  Hashing, sorting and merging are torch ops on every path.  On CUDA tensors (CPU ones under
-``TRITON_INTERPRET=1``) the chunk attention is Triton: `_fwd_kernel` (per query chunk tile and (batch, head,
-round): two key chunks, position masks, -log2 n_ij computed in the kernel from every round's chunk ids,
-O(R) per pair) writes each round's normalized output and log2-sum-exp at the queries' original positions;
-the backward kernels (`_bwd_dq_kernel` per query tile, `_bwd_dkdv_kernel` per key tile over the query chunks
-c and c+1 that attend it and the group's query heads) need no per-round output: with the merged LSE the
-round's probabilities are ``exp(s - log n - LSE)`` and ``dS = P (dP - Delta)``, ``Delta = rowsum(dO * O)``
-(the gradient through lse_r folds into Delta).  The kernels gather q/k/v/dO rows by the sort permutation
-(no sorted copies); per-round dQ/dK/dV (fp32, original positions) are summed over the rounds in torch.
-Plain CPU tensors take `_cpu_forward` (batched chunk matmuls, GQA heads stacked as rows of one chunk, memory
-bounded by blocks of chunks); its backward recomputes the forward under autograd.
+Paths.  Hashing, sorting and merging are torch ops on every path: `_plan` sorts queries and keys separately
+by (bucket, position) (the joint order restricted to each kind) and merges the two orders with searchsorted
+into joint ranks, giving each token its joint chunk and each chunk its first query and key rank; a chunk's
+queries (keys) are consecutive in the query (key) order.  On CUDA tensors (CPU ones under
+``TRITON_INTERPRET=1``) the chunk attention is Triton: `_fwd_kernel` (per tile of consecutive sorted queries
+and (batch, head, round): the keys of the chunks c_lo - 1..c_hi adjacent to the tile's chunks c_lo..c_hi, one
+contiguous, possibly wrapping range of key ranks, masked to the pairs of the round; -log2 n_ij computed in the
+kernel from every round's chunk ids, O(R) per pair) writes each round's normalized output and log2-sum-exp
+at the queries' original positions; the backward kernels (`_bwd_dq_kernel` per query tile, `_bwd_dkdv_kernel`
+per key tile over the group's query heads and the queries of the chunks c_lo..c_hi + 1 that attend it) need
+no per-round output: with the merged LSE the round's probabilities are ``exp(s - log n - LSE)`` and
+``dS = P (dP - Delta)``, ``Delta = rowsum(dO * O)`` (the gradient through lse_r folds into Delta).  The kernels
+gather q/k/v/dO rows by the sort permutation (no sorted copies); per-round dQ/dK/dV (fp32, original
+positions) are summed over the rounds in torch.  Plain CPU tensors take `_cpu_forward` (each chunk's queries
+and keys cut into blocks of 32 ranks, every query block paired with the key blocks of its chunk and the one
+before: batched block products with no padding of chunks to their fullest; memory bounded by groups of
+pairs); its backward recomputes the forward under autograd.
 
 The hash and the transform's M are discrete / treated as constants: no gradient flows through them.
 
-Limitations: q_len must equal kv_len; no mask, softcap, dropout or ALiBi; head dims up to 256.  Queries and
-keys are chunked separately, so chunk c of the queries and of the keys may cover slightly different bucket
-ranges (their bucket counts differ): a query near the end of its bucket can miss same-bucket keys that fall in
-key chunk c+1 in that round (more rounds make that rare).  n_buckets grows with L (as Reformer's), so hashing
-costs O(N * D * L / C) multiply-adds (a matmul, done in blocks of bounded memory).
+Limitations: q_len must equal kv_len; no mask, softcap, dropout or ALiBi; head dims up to 256.  Quality
+depends on the bucket balance: the asymmetric transform puts most keys in a few buckets, so a query in a
+query-heavy bucket attends few keys in that round (on inputs with planted strong keys, as
+benchmarks/bench_longcontext.py makes, a query attends about 40 keys per round at bucket_size 64, not 2 * 64),
+and many queries aimed at one key, all in its bucket, push it out of the later ones' chunks.  n_buckets grows
+with L (as Reformer's), so hashing costs O(N * D * L / C) multiply-adds (a matmul done in blocks of bounded
+memory); capping n_buckets would make buckets, and the items between a query and its key, grow with L.
 """
 
 from __future__ import annotations
@@ -57,68 +70,100 @@ __all__ = ["attention", "backward", "buckets", "forward", "unsupported"]
 
 _LOG2E = 1.4426950408889634
 _HASH_ELEMS = 2**20  # elements of one hashing projection block
-_BLOCK_ELEMS = 2**19  # scores in one block of chunks of the CPU path
+_BLOCK_ELEMS = 2**19  # scores in one group of block pairs of the CPU path
+_SUB = 32  # ranks in one block of the CPU path
 
 
 # --------------------------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _scores(q, kt, qpos, kpos, row_ok, col_ok, QCh, KCh, q_base, k_base, L, n_hashes, n_chunks, qk_scale,
+def _scores(q, kt, qpos, kpos, row_ok, col_ok, QCh, KCh, ch_base, r, L, n_hashes, n_chunks, qk_scale,
             IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Scores of one tile in the log2 domain minus log2(n_ij), -inf where masked (out of range, self, causal).
+    """Scores of one tile in the log2 domain minus log2(n_ij), -inf where masked: out of range, self, causal, or
+    not a pair of round r (key chunk neither the query's chunk nor the one before it, wrapping).
 
-    ``qpos``/``kpos`` are original token positions; ``QCh + q_base + r * L + pos`` is the chunk of query ``pos``
-    in round r (``KCh``/``k_base`` likewise for keys).  n_ij counts the rounds in which the key's chunk is the
-    query's chunk or the one before it (wrapping); every pair of the tile's own round counts, so n_ij >= 1.
+    ``qpos``/``kpos`` are original token positions; ``QCh + ch_base + r2 * L + pos`` is the joint chunk of query
+    ``pos`` in round r2 (``KCh`` likewise for keys, in the same query head's joint sequences).  n_ij counts the
+    rounds in which the pair is adjacent, O(R) per pair; every kept pair has n_ij >= 1 (its own round r).
     """
     s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
     cnt = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-    for r in range(0, n_hashes):
-        qc = tl.load(QCh + q_base + r * L + qpos)
+    own = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    for r2 in range(0, n_hashes):
+        qc = tl.load(QCh + ch_base + r2 * L + qpos)
         qprev = tl.where(qc == 0, n_chunks - 1, qc - 1)
-        kc = tl.load(KCh + k_base + r * L + kpos)
-        hit = (kc[None, :] == qc[:, None]) | (kc[None, :] == qprev[:, None])
-        cnt += hit.to(tl.int32)
+        kc = tl.load(KCh + ch_base + r2 * L + kpos)
+        hit = ((kc[None, :] == qc[:, None]) | (kc[None, :] == qprev[:, None])).to(tl.int32)
+        cnt += hit
+        own += hit * (r2 == r).to(tl.int32)
     s -= tl.log2(tl.maximum(cnt, 1).to(tl.float32))
-    keep = row_ok[:, None] & col_ok[None, :] & (kpos[None, :] != qpos[:, None])
+    keep = (own > 0) & row_ok[:, None] & col_ok[None, :] & (kpos[None, :] != qpos[:, None])
     if IS_CAUSAL:
         keep = keep & (kpos[None, :] <= qpos[:, None])
     return tl.where(keep, s, float("-inf"))
 
 
 @triton.jit
-def _rows(QIdx, z, c, start, chunk, L, BLOCK: tl.constexpr):
-    """(offsets in the chunk, in-range flags, original positions) of a tile of chunk ``c`` of sorted row ``z``."""
+def _span(Ch, Start, ch_base, s_base, pos, ok, L, n_chunks, TO_KEYS: tl.constexpr):
+    """[lo, hi): the ranks (modulo L, so a range may wrap past the end) of the other side's tokens in the chunks
+    adjacent to this tile's.  The tile's tokens (original positions ``pos``, chunks ``Ch + ch_base + pos``) lie in
+    the consecutive joint chunks c_lo..c_hi; ``Start + s_base + c`` is the other side's first rank in chunk c
+    (n_chunks + 1 entries).  Queries (``TO_KEYS``) need the keys of chunks c_lo - 1..c_hi, keys the queries of
+    chunks c_lo..c_hi + 1 (wrapping; a range never holds a chunk twice)."""
+    c = tl.load(Ch + ch_base + pos, mask=ok, other=0)
+    c_lo = tl.min(tl.where(ok, c, n_chunks), 0)
+    c_hi = tl.max(tl.where(ok, c, -1), 0)
+    if TO_KEYS:
+        lo_in = tl.load(Start + s_base + tl.maximum(c_lo - 1, 0))
+        hi_in = tl.load(Start + s_base + c_hi + 1)
+        wrap = tl.load(Start + s_base + n_chunks - 1)
+        everything = c_hi == n_chunks - 1
+        lo = tl.where(c_lo > 0, lo_in, tl.where(everything, 0, wrap))
+        hi = tl.where(c_lo > 0, hi_in, tl.where(everything, L, hi_in + L))
+    else:
+        lo_in = tl.load(Start + s_base + c_lo)
+        hi_in = tl.load(Start + s_base + tl.minimum(c_hi + 2, n_chunks))
+        first = tl.load(Start + s_base + 1)
+        inside = c_hi < n_chunks - 1
+        lo = tl.where(inside | (c_lo > 0), lo_in, 0)
+        hi = tl.where(inside, hi_in, tl.where(c_lo > 0, first + L, L))
+    return lo, hi
+
+
+@triton.jit
+def _rows(Idx, z, start, end, L, BLOCK: tl.constexpr):
+    """(in-range flags, original positions) of ranks start..start+BLOCK (< end, modulo L) of sorted row ``z``."""
     i = start + tl.arange(0, BLOCK)
-    ok = (i < chunk) & (c * chunk + i < L)
-    pos = tl.load(QIdx + z * L + c * chunk + i, mask=ok, other=0)
-    return i, ok, pos
+    ok = i < end
+    i = tl.where(i >= L, i - L, i)
+    pos = tl.load(Idx + z * L + i, mask=ok, other=0)
+    return ok, pos
 
 
 @triton.jit
 def _fwd_kernel(
     # pointers
-    Q, K, V, QIdx, KIdx, QCh, KCh, Out, Lse,
+    Q, K, V, QIdx, KIdx, QCh, KCh, QStart, KStart, Out, Lse,
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     # sizes and scalars
-    H, L, chunk, n_chunks, n_near, n_hashes, qk_scale,
+    H, L, n_chunks, n_hashes, qk_scale,
     # meta
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One program: BLOCK_M sorted queries of query chunk c of round r of (batch, head) against key chunks c
-    and c-1 (``n_near`` of them).  Writes the round's normalized output (fp32, 0 for a row with no key) and
-    log2-sum-exp (-inf) at the rows' original positions of Out (B, H, R, L, Dv) / Lse (B, H, R, L).
+    """One program: BLOCK_M consecutive queries in round r's (bucket, position) order of (batch, head), against
+    the keys of their joint chunks and of the chunk before each.  Writes the round's normalized output (fp32, 0
+    for a row with no key) and log2-sum-exp (-inf) at the rows' original positions of Out (B, H, R, L, Dv) /
+    Lse (B, H, R, L).
 
-    QIdx/KIdx (B, H|Hkv, R, L) int32: positions in sorted order; QCh/KCh: chunk id of each position.
+    QIdx (B, H, R, L) / KIdx (B, Hkv, R, L) int32: positions in sorted order; QCh/KCh (B, H, R, L): joint chunk
+    of each position; QStart/KStart (B, H, R, n_chunks + 1): first query / key rank of each joint chunk.
     """
-    m_tiles = tl.cdiv(chunk, BLOCK_M)
-    c = tl.program_id(0) // m_tiles
     z = tl.program_id(1)  # (b * H + h) * n_hashes + r
     r = z % n_hashes
     bh = z // n_hashes
@@ -128,31 +173,31 @@ def _fwd_kernel(
     zk = (b * (H // GROUPS) + hkv) * n_hashes + r
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    _, row_ok, qpos = _rows(QIdx, z, c, tl.program_id(0) % m_tiles * BLOCK_M, chunk, L, BLOCK_M)
+    row_ok, qpos = _rows(QIdx, z, tl.program_id(0) * BLOCK_M, L, L, BLOCK_M)
     q = tl.load(Q + b * stride_qb + h * stride_qh + qpos[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    ch_base = bh * n_hashes * L
+    lo, hi = _span(QCh, KStart, ch_base + r * L, z * (n_chunks + 1), qpos, row_ok, L, n_chunks, True)
     K += b * stride_kb + hkv * stride_kh
     V += b * stride_vb + hkv * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for t in range(0, n_near):
-        kc = (c + n_chunks - t) % n_chunks
-        for start in range(0, chunk, BLOCK_N):
-            _, col_ok, kpos = _rows(KIdx, zk, kc, start, chunk, L, BLOCK_N)
-            kt = tl.load(K + kpos[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=col_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v = tl.load(V + kpos[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            s = _scores(q, kt, qpos, kpos, row_ok, col_ok, QCh, KCh, bh * n_hashes * L, (zk - r) * L, L, n_hashes,
-                        n_chunks, qk_scale, IS_CAUSAL, PRECISION, BLOCK_M, BLOCK_N)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+    for start in range(lo, hi, BLOCK_N):
+        col_ok, kpos = _rows(KIdx, zk, start, hi, L, BLOCK_N)
+        kt = tl.load(K + kpos[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=col_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        v = tl.load(V + kpos[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        s = _scores(q, kt, qpos, kpos, row_ok, col_ok, QCh, KCh, ch_base, r, L, n_hashes, n_chunks, qk_scale,
+                    IS_CAUSAL, PRECISION, BLOCK_M, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
     live = l_i > 0
     l_safe = tl.where(live, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -166,14 +211,14 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_dq_kernel(
     # pointers
-    Q, K, V, DO, Stats, Delta, QIdx, KIdx, QCh, KCh, DQ,
+    Q, K, V, DO, Stats, Delta, QIdx, KIdx, QCh, KCh, QStart, KStart, DQ,
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     # sizes and scalars
-    H, L, chunk, n_chunks, n_near, n_hashes, qk_scale, sm_scale,
+    H, L, n_chunks, n_hashes, qk_scale, sm_scale,
     # meta
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -181,8 +226,6 @@ def _bwd_dq_kernel(
 ):
     """dQ of one round from the tile's rows, as `_fwd_kernel` visits them: P = exp2(s - LSE2) with the merged
     LSE (``Stats`` (B, H, L, 2) fp32, [LSE2, 0]), dS = P (dO V^T - Delta).  Writes DQ (B, H, R, L, D) fp32."""
-    m_tiles = tl.cdiv(chunk, BLOCK_M)
-    c = tl.program_id(0) // m_tiles
     z = tl.program_id(1)
     r = z % n_hashes
     bh = z // n_hashes
@@ -192,30 +235,30 @@ def _bwd_dq_kernel(
     zk = (b * (H // GROUPS) + hkv) * n_hashes + r
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    _, row_ok, qpos = _rows(QIdx, z, c, tl.program_id(0) % m_tiles * BLOCK_M, chunk, L, BLOCK_M)
+    row_ok, qpos = _rows(QIdx, z, tl.program_id(0) * BLOCK_M, L, L, BLOCK_M)
     q = tl.load(Q + b * stride_qb + h * stride_qh + qpos[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + qpos[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                  mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     lse = tl.load(Stats + (bh * L + qpos) * 2, mask=row_ok, other=0.0)
     delta = tl.load(Delta + bh * L + qpos, mask=row_ok, other=0.0)
+    ch_base = bh * n_hashes * L
+    lo, hi = _span(QCh, KStart, ch_base + r * L, z * (n_chunks + 1), qpos, row_ok, L, n_chunks, True)
     K += b * stride_kb + hkv * stride_kh
     V += b * stride_vb + hkv * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for t in range(0, n_near):
-        kc = (c + n_chunks - t) % n_chunks
-        for start in range(0, chunk, BLOCK_N):
-            _, col_ok, kpos = _rows(KIdx, zk, kc, start, chunk, L, BLOCK_N)
-            k = tl.load(K + kpos[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            vt = tl.load(V + kpos[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-                         mask=col_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
-            s = _scores(q, tl.trans(k), qpos, kpos, row_ok, col_ok, QCh, KCh, bh * n_hashes * L, (zk - r) * L, L,
-                        n_hashes, n_chunks, qk_scale, IS_CAUSAL, PRECISION, BLOCK_M, BLOCK_N)
-            p = tl.exp2(s - lse[:, None])
-            dp = tl.dot(do, vt, input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    for start in range(lo, hi, BLOCK_N):
+        col_ok, kpos = _rows(KIdx, zk, start, hi, L, BLOCK_N)
+        k = tl.load(K + kpos[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        vt = tl.load(V + kpos[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                     mask=col_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+        s = _scores(q, tl.trans(k), qpos, kpos, row_ok, col_ok, QCh, KCh, ch_base, r, L, n_hashes, n_chunks,
+                    qk_scale, IS_CAUSAL, PRECISION, BLOCK_M, BLOCK_N)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     rows = z.to(tl.int64) * L + qpos
     tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], dq * sm_scale,
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -224,31 +267,30 @@ def _bwd_dq_kernel(
 @triton.jit
 def _bwd_dkdv_kernel(
     # pointers
-    Q, K, V, DO, Stats, Delta, QIdx, KIdx, QCh, KCh, DK, DV,
+    Q, K, V, DO, Stats, Delta, QIdx, KIdx, QCh, KCh, QStart, KStart, DK, DV,
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     # sizes and scalars
-    H, L, chunk, n_chunks, n_near, n_hashes, qk_scale, sm_scale,
+    H, L, n_chunks, n_hashes, qk_scale, sm_scale,
     # meta
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dK/dV of one round for BLOCK_N sorted keys of key chunk c of (batch, K/V head): over the group's query
-    heads and the query chunks c and c+1 (wrapping; ``n_near`` of them) that attend it.  Writes DK/DV
-    (B, Hkv, R, L, D|Dv) fp32 at the keys' original positions."""
-    n_tiles = tl.cdiv(chunk, BLOCK_N)
-    c = tl.program_id(0) // n_tiles
+    """dK/dV of one round for BLOCK_N consecutive keys in round r's (bucket, position) order of (batch, K/V head):
+    for each of the group's query heads, over the queries of the keys' joint chunks (in that head's joint
+    sequence) and of the chunk after each (wrapping).  Writes DK/DV (B, Hkv, R, L, D|Dv) fp32 at the keys'
+    original positions."""
     zk = tl.program_id(1)  # (b * Hkv + hkv) * n_hashes + r
     r = zk % n_hashes
     hkv = zk // n_hashes % (H // GROUPS)
     b = zk // n_hashes // (H // GROUPS)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    _, col_ok, kpos = _rows(KIdx, zk, c, tl.program_id(0) % n_tiles * BLOCK_N, chunk, L, BLOCK_N)
+    col_ok, kpos = _rows(KIdx, zk, tl.program_id(0) * BLOCK_N, L, L, BLOCK_N)
     k = tl.load(K + b * stride_kb + hkv * stride_kh + kpos[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     v = tl.load(V + b * stride_vb + hkv * stride_vh + kpos[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
@@ -259,25 +301,24 @@ def _bwd_dkdv_kernel(
         h = hkv * GROUPS + g
         bh = b * H + h
         z = bh * n_hashes + r
-        for t in range(0, n_near):
-            qc = (c + t) % n_chunks
-            for start in range(0, chunk, BLOCK_M):
-                _, row_ok, qpos = _rows(QIdx, z, qc, start, chunk, L, BLOCK_M)
-                q = tl.load(Q + b * stride_qb + h * stride_qh + qpos[:, None] * stride_qm
-                            + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
-                            other=0.0)
-                do = tl.load(DO + b * stride_dob + h * stride_doh + qpos[:, None] * stride_dom
-                             + offs_dv[None, :] * stride_dod,
-                             mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-                lse = tl.load(Stats + (bh * L + qpos) * 2, mask=row_ok, other=0.0)
-                delta = tl.load(Delta + bh * L + qpos, mask=row_ok, other=0.0)
-                s = _scores(q, tl.trans(k), qpos, kpos, row_ok, col_ok, QCh, KCh, bh * n_hashes * L, (zk - r) * L,
-                            L, n_hashes, n_chunks, qk_scale, IS_CAUSAL, PRECISION, BLOCK_M, BLOCK_N)
-                p = tl.exp2(s - lse[:, None])
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        ch_base = bh * n_hashes * L
+        lo, hi = _span(KCh, QStart, ch_base + r * L, z * (n_chunks + 1), kpos, col_ok, L, n_chunks, False)
+        for start in range(lo, hi, BLOCK_M):
+            row_ok, qpos = _rows(QIdx, z, start, hi, L, BLOCK_M)
+            q = tl.load(Q + b * stride_qb + h * stride_qh + qpos[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            do = tl.load(DO + b * stride_dob + h * stride_doh + qpos[:, None] * stride_dom
+                         + offs_dv[None, :] * stride_dod, mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
+                         other=0.0)
+            lse = tl.load(Stats + (bh * L + qpos) * 2, mask=row_ok, other=0.0)
+            delta = tl.load(Delta + bh * L + qpos, mask=row_ok, other=0.0)
+            s = _scores(q, tl.trans(k), qpos, kpos, row_ok, col_ok, QCh, KCh, ch_base, r, L, n_hashes, n_chunks,
+                        qk_scale, IS_CAUSAL, PRECISION, BLOCK_M, BLOCK_N)
+            p = tl.exp2(s - lse[:, None])
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     rows = zk.to(tl.int64) * L + kpos
     tl.store(DK + rows[:, None] * HEAD_DIM + offs_d[None, :], dk * sm_scale,
              mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -290,13 +331,16 @@ def _bwd_dkdv_kernel(
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """One hashing of (q, k): per round the sorted order (positions, int64) and each position's chunk id."""
+    """One hashing of (q, k): per round the sorted orders (positions, int64), each token's joint chunk and each
+    joint chunk's first query / key rank (module docstring, step 3)."""
 
-    qidx: torch.Tensor  # (B, H, R, L) positions of the queries in (bucket, position) order
-    kidx: torch.Tensor  # (B, Hkv, R, L)
-    qch: torch.Tensor  # (B, H, R, L) chunk of each query position
-    kch: torch.Tensor  # (B, Hkv, R, L)
-    chunk: int
+    qidx: torch.Tensor  # (B, H, R, L) query positions in (bucket, position) order
+    kidx: torch.Tensor  # (B, Hkv, R, L) key positions in (bucket, position) order
+    qch: torch.Tensor  # (B, H, R, L) joint chunk of each query position
+    kch: torch.Tensor  # (B, H, R, L) joint chunk of each key position, in query head h's joint sequence
+    qstart: torch.Tensor  # (B, H, R, n_chunks + 1) first query rank of each joint chunk (last entry L)
+    kstart: torch.Tensor  # (B, H, R, n_chunks + 1) first key rank of each joint chunk (last entry L)
+    chunk: int  # joint items per chunk: 2 * min(bucket_size, L)
     n_chunks: int
 
 
@@ -304,11 +348,12 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _config(chunk: int, head_dim: int, head_dim_v: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of every launch: tiles of at most 64 rows (32 past head dim
-    128) inside a chunk; test_lsh_aot.py compiles them for sm_90/sm_80 and checks their shared memory."""
+def _config(bucket: int, head_dim: int, head_dim_v: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of every launch for ``bucket`` = min(bucket_size, L) (a joint
+    chunk's mean number of queries and of keys): tiles of at most 64 rows (32 past head dim 128);
+    test_lsh_aot.py compiles them for sm_90/sm_80 and checks their shared memory."""
     cap = 64 if max(head_dim, head_dim_v) <= 128 else 32
-    block = min(cap, _pow2(chunk))
+    block = min(cap, _pow2(bucket))
     return block, block, 4, 2
 
 
@@ -318,16 +363,17 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _meta(q, k, v, plan: _Plan, causal: bool) -> tuple[dict, tuple]:
     d, dv = q.shape[-1], v.shape[-1]
-    block_m, block_n, warps, stages = _config(plan.chunk, d, dv)
+    block_m, block_n, warps, stages = _config(plan.chunk // 2, d, dv)
     meta = dict(GROUPS=q.shape[1] // k.shape[1], HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
                 BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=bool(causal), PRECISION=_precision(q.dtype),
                 num_warps=warps, num_stages=stages)
-    sizes = (q.shape[1], q.shape[2], plan.chunk, plan.n_chunks, min(plan.n_chunks, 2), plan.qidx.shape[2])
+    sizes = (q.shape[1], q.shape[2], plan.n_chunks, plan.qidx.shape[2])
     return meta, sizes
 
 
 def _index_args(plan: _Plan) -> tuple[torch.Tensor, ...]:
-    return tuple(t.to(torch.int32).contiguous() for t in (plan.qidx, plan.kidx, plan.qch, plan.kch))
+    return tuple(t.to(torch.int32).contiguous()
+                 for t in (plan.qidx, plan.kidx, plan.qch, plan.kch, plan.qstart, plan.kstart))
 
 
 def _triton_rounds(q, k, v, plan: _Plan, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,7 +383,7 @@ def _triton_rounds(q, k, v, plan: _Plan, scale: float, causal: bool) -> tuple[to
     meta, sizes = _meta(q, k, v, plan, causal)
     o_r = torch.empty(b, h, rounds, n, v.shape[-1], dtype=torch.float32, device=q.device)
     lse_r = torch.empty(b, h, rounds, n, dtype=torch.float32, device=q.device)
-    grid = (plan.n_chunks * triton.cdiv(plan.chunk, meta["BLOCK_M"]), b * h * rounds)
+    grid = (triton.cdiv(n, meta["BLOCK_M"]), b * h * rounds)
     _launch(_fwd_kernel)[grid](q, k, v, *_index_args(plan), o_r, lse_r, *q.stride(), *k.stride(), *v.stride(),
                                *sizes, scale * _LOG2E, **meta)
     return o_r, lse_r
@@ -355,9 +401,9 @@ def _triton_grads(grad_out, q, k, v, stats, delta, plan: _Plan, scale: float, ca
     dv = torch.empty(b, hkv, rounds, n, dv_, dtype=torch.float32, device=q.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     scalars = (*sizes, scale * _LOG2E, scale)
-    _launch(_bwd_dq_kernel)[(plan.n_chunks * triton.cdiv(plan.chunk, meta["BLOCK_M"]), b * h * rounds)](
+    _launch(_bwd_dq_kernel)[(triton.cdiv(n, meta["BLOCK_M"]), b * h * rounds)](
         q, k, v, grad_out, stats, delta, *idx, dq, *strides, *scalars, **meta)
-    _launch(_bwd_dkdv_kernel)[(plan.n_chunks * triton.cdiv(plan.chunk, meta["BLOCK_N"]), b * hkv * rounds)](
+    _launch(_bwd_dkdv_kernel)[(triton.cdiv(n, meta["BLOCK_N"]), b * hkv * rounds)](
         q, k, v, grad_out, stats, delta, *idx, dk, dv, *strides, *scalars, **meta)
     return dq, dk, dv
 
@@ -369,7 +415,7 @@ def _triton_grads(grad_out, q, k, v, stats, delta, plan: _Plan, scale: float, ca
 def _rotations(seed: int, n_hashes: int, dim: int, half: int) -> torch.Tensor:
     """(n_hashes, dim, half) float32 standard normal rotations, drawn on the CPU from ``seed``."""
     gen = torch.Generator().manual_seed(int(seed))
-    return torch.randn(n_hashes, dim, half, generator=gen, dtype=torch.float32)
+    return torch.randn(n_hashes, dim, half, generator=gen, dtype=torch.float32, device="cpu")
 
 
 def _n_buckets(n: int, bucket_size: int) -> int:
@@ -419,19 +465,25 @@ def buckets(q: torch.Tensor, k: torch.Tensor, *, n_hashes: int, bucket_size: int
     return qb, kb[:, :, None].expand(b, kb.shape[1], groups, r, n).reshape(b, h, r, n)
 
 
-def _sort(bkt: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions in (bucket, position) order, chunk id of each position) per round; stable sort."""
-    idx = torch.sort(bkt, dim=-1, stable=True).indices
-    rank = torch.empty_like(idx).scatter_(-1, idx, torch.arange(idx.shape[-1], device=idx.device).expand_as(idx))
-    return idx, torch.div(rank, chunk, rounding_mode="floor")
-
-
 def _plan(q, k, n_hashes: int, bucket_size: int, seed: int) -> _Plan:
+    """Hash, sort and chunk (module docstring, steps 2-3).  The joint order is the merge of the query order and
+    the key order, so a query's joint rank is its query rank plus the number of keys that sort before it
+    (``searchsorted``; keys first at equal (bucket, position)), and a key's likewise."""
     qb, kb = _buckets(q, k, n_hashes, bucket_size, seed)
-    n = q.shape[2]
-    chunk = min(bucket_size, n)
-    (qidx, qch), (kidx, kch) = _sort(qb, chunk), _sort(kb, chunk)
-    return _Plan(qidx, kidx, qch, kch, chunk, -(-n // chunk))
+    b, h, rounds, n = qb.shape
+    chunk = 2 * min(bucket_size, n)
+    n_chunks = -(-2 * n // chunk)
+    pos = torch.arange(n, device=qb.device)
+    qkey, qidx = torch.sort(qb * n + pos, dim=-1)  # distinct sort keys: (bucket, position) order
+    kkey, kidx = torch.sort(kb * n + pos, dim=-1)
+    kkey, kidx_h = _expand_kv(kkey, h).contiguous(), _expand_kv(kidx, h)
+    jq = torch.searchsorted(kkey, qkey, right=True).add_(pos)  # joint rank of each query rank
+    jk = torch.searchsorted(qkey, kkey).add_(pos)  # joint rank of each key rank
+    qch = torch.empty_like(qidx).scatter_(-1, qidx, torch.div(jq, chunk, rounding_mode="floor"))
+    kch = torch.empty_like(qidx).scatter_(-1, kidx_h, torch.div(jk, chunk, rounding_mode="floor"))
+    bounds = (torch.arange(n_chunks + 1, device=qb.device) * chunk).expand(b, h, rounds, n_chunks + 1).contiguous()
+    return _Plan(qidx, kidx, qch, kch, torch.searchsorted(jq, bounds), torch.searchsorted(jk, bounds), chunk,
+                 n_chunks)
 
 
 def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -460,84 +512,105 @@ def _merge(q, k, v, o_r, lse_r, scale: float) -> tuple[torch.Tensor, torch.Tenso
 # --------------------------------------------------------------------------------------------- CPU path
 
 
-def _chunked(idx: torch.Tensor, n_chunks: int, chunk: int, fill: int) -> torch.Tensor:
-    """Sorted positions (B, Hx, L) padded with ``fill`` to (B, Hx, n_chunks, chunk)."""
-    pad = n_chunks * chunk - idx.shape[-1]
-    idx = torch.nn.functional.pad(idx, (0, pad), value=fill) if pad else idx
-    return idx.view(*idx.shape[:2], n_chunks, chunk)
+def _blocks(start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cut each chunk's ranks [start, end) (flat over (batch * head, chunk)) into blocks of `_SUB`: (chunk of
+    each block, its ranks (NB, _SUB), their in-range flags, first block of each chunk, blocks per chunk)."""
+    per = torch.div(end - start + _SUB - 1, _SUB, rounding_mode="floor")
+    first = torch.cumsum(per, 0) - per
+    owner = torch.repeat_interleave(torch.arange(per.numel(), device=per.device), per)
+    ranks = (start[owner] + (torch.arange(owner.numel(), device=per.device) - first[owner]) * _SUB)[:, None]
+    ranks = ranks + torch.arange(_SUB, device=per.device)
+    return owner, ranks, ranks < end[owner, None], first, per
 
 
-def _gather(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` (B, Hx, L, X) at ``pos`` (B, Hx, ...), clamped into range: (B, Hx, ..., X) (one index_select
-    of whole rows, much faster than an elementwise gather on the CPU)."""
-    b, hx, n, e = x.shape
-    base = torch.arange(b * hx, device=pos.device).view(b, hx, *([1] * (pos.dim() - 2))) * n
-    rows = x.reshape(b * hx * n, e).index_select(0, (pos.clamp(0, n - 1) + base).reshape(-1))
-    return rows.view(*pos.shape, e)
-
-
-def _stack_groups(x: torch.Tensor, hkv: int) -> torch.Tensor:
-    """(B, H, nc, C, ...) -> (B, Hkv, nc, G*C, ...): the group's query heads as rows of one chunk."""
-    b, h, nc, c = x.shape[:4]
-    x = x.view(b, hkv, h // hkv, nc, c, *x.shape[4:]).transpose(2, 3)
-    return x.reshape(b, hkv, nc, (h // hkv) * c, *x.shape[5:])
-
-
-def _near(x: torch.Tensor, n_chunks: int) -> torch.Tensor:
-    """Key chunks c and c-1 (wrapping) side by side: (B, Hkv, nc, C) -> (B, Hkv, nc, 2C)."""
-    return torch.cat([x, x.roll(1, dims=2)], dim=3) if n_chunks > 1 else x
+def _rows_at(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (B, Hx, L, X) viewed as (B*Hx*L, X) at ``flat`` (any shape): (*flat.shape, X)."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, flat.reshape(-1)).view(*flat.shape, x.shape[-1])
 
 
 def _cpu_round(q, k, v, plan: _Plan, r: int, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Round r with torch ops: (o (B, H, L, Dv), lse2 (B, H, L)) at original positions; differentiable in q/k/v.
 
-    Scores are built for blocks of chunks of at most `_BLOCK_ELEMS` elements.  Padding: queries at position
-    -1, keys at L (beyond every query, so causal's strict ``key < query`` drops them and the self pair).
-    n_ij starts at 1 (round r itself) and adds the other rounds' hits."""
+    A joint chunk's queries and keys are cut into blocks of `_SUB` consecutive ranks, and every query block is
+    paired with every key block of its chunk and the chunk before (a block-sparse product without padding each
+    chunk to its fullest).  Scores are built for groups of at most `_BLOCK_ELEMS`; each group's rows keep their
+    own max, sum and weighted values, merged per row at the end.  Padding: queries at position -1, keys at L
+    (beyond every query, so causal's strict ``key < query`` drops them and the self pair).  n_ij starts at 1
+    (round r itself) and adds the other rounds' hits."""
     b, h, n, _ = q.shape
-    hkv, nc, c = k.shape[1], plan.n_chunks, plan.chunk
-    rounds = plan.qidx.shape[2]
-    qidx = _chunked(plan.qidx[:, :, r], nc, c, -1)  # (B, H, nc, C)
-    qp = _stack_groups(qidx, hkv)
-    kp = _near(_chunked(plan.kidx[:, :, r], nc, c, n), nc)  # (B, Hkv, nc, 2C)
-    qs = _stack_groups(_gather(q * scale, qidx), hkv)
-    ks, vs = _gather(k, kp), _gather(v, kp)
+    hkv, nc, rounds = k.shape[1], plan.n_chunks, plan.qidx.shape[2]
+    dev = q.device
+    qs, ks = (x[:, :, r].reshape(b * h, nc + 1) for x in (plan.qstart, plan.kstart))
+    qown, qrank, qok, _, _ = _blocks(qs[:, :-1].reshape(-1), qs[:, 1:].reshape(-1))
+    kown, krank, kok, kfirst, kper = _blocks(ks[:, :-1].reshape(-1), ks[:, 1:].reshape(-1))
+    qhead, khead = torch.div(qown, nc, rounding_mode="floor"), torch.div(kown, nc, rounding_mode="floor")
+    kvrow = torch.div(khead, h, rounding_mode="floor") * hkv + torch.div(khead % h, h // hkv, rounding_mode="floor")
+    qpos = torch.where(qok, plan.qidx[:, :, r].reshape(-1)[qhead[:, None] * n + qrank.clamp(max=n - 1)], -1)
+    kpos = torch.where(kok, plan.kidx[:, :, r].reshape(-1)[kvrow[:, None] * n + krank.clamp(max=n - 1)], n)
+    qflat, kflat = qhead[:, None] * n + qpos.clamp(min=0), khead[:, None] * n + kpos.clamp(max=n - 1)
+    qrows = _rows_at(q * scale, qflat)  # (NQB, S, D)
+    kv_flat = kvrow[:, None] * n + kpos.clamp(max=n - 1)
+    krows, vrows = _rows_at(k, kv_flat), _rows_at(v, kv_flat)
     ids = torch.int16 if nc < 2**15 else torch.int32
-    counts = torch.uint8 if rounds < 2**8 else torch.int32
     others = [r2 for r2 in range(rounds) if r2 != r]
-    qc = [_stack_groups(_gather(plan.qch[:, :, r2, :, None], qidx)[..., 0], hkv).to(ids) for r2 in others]
+    qc = [plan.qch[:, :, r2].reshape(-1)[qflat].to(ids) for r2 in others]
     qprev = [torch.where(x == 0, nc - 1, x - 1) for x in qc]
-    kc = [_gather(plan.kch[:, :, r2, :, None], kp)[..., 0].to(ids) for r2 in others]
-    step = max(1, _BLOCK_ELEMS // max(1, b * h * c * kp.shape[3]))
-    outs, lses = [], []
-    for lo in range(0, nc, step):
-        blk = slice(lo, lo + step)
-        s = qs[:, :, blk] @ ks[:, :, blk].transpose(-1, -2)
+    kc = [plan.kch[:, :, r2].reshape(-1)[kflat].to(ids) for r2 in others]
+    # pairs (query block, key block): every key block of the chunk before (wrapping; none with one chunk), then
+    # of the query block's own chunk
+    prev = qhead * nc + (qown % nc - 1) % nc
+    n_prev = kper[prev] if nc > 1 else torch.zeros_like(qown)
+    count = n_prev + kper[qown]
+    pq = torch.repeat_interleave(torch.arange(qown.numel(), device=dev), count)
+    u = torch.arange(pq.numel(), device=dev) - (torch.cumsum(count, 0) - count)[pq]
+    pk = torch.where(u < n_prev[pq], kfirst[prev[pq]] + u, kfirst[qown[pq]] + u - n_prev[pq])
+    counts = torch.uint8 if rounds < 2**8 else torch.int32
+    slot = torch.arange(_SUB, device=dev)
+    parts = []
+    step = max(1, _BLOCK_ELEMS // (_SUB * _SUB))
+    for lo in range(0, pq.numel(), step):
+        bq, bk = pq[lo:lo + step], pk[lo:lo + step]
+        s = qrows[bq] @ krows[bk].transpose(-1, -2)  # (P, S, S)
         if others:
-            cnt = torch.ones(s.shape, dtype=counts, device=s.device)
+            cnt = torch.ones(s.shape, dtype=counts, device=dev)
             for qci, qpi, kci in zip(qc, qprev, kc):
-                kcb = kci[:, :, blk, None, :]
-                hit = (kcb == qci[:, :, blk, :, None]).logical_or_(kcb == qpi[:, :, blk, :, None])
+                kcb = kci[bk][:, None, :]
+                hit = (kcb == qci[bq][:, :, None]).logical_or_(kcb == qpi[bq][:, :, None])
                 cnt += hit.view(torch.uint8) if counts == torch.uint8 else hit
             s = s.sub_(cnt.to(s.dtype).log_())
-        qpb, kpb = qp[:, :, blk, :, None], kp[:, :, blk, None, :]
+        qpb, kpb = qpos[bq][:, :, None], kpos[bk][:, None, :]
         drop = kpb >= qpb if causal else torch.logical_or(kpb >= n, kpb == qpb)
         s = s.masked_fill_(drop, float("-inf"))
-        mx = s.detach().amax(-1, keepdim=True)
-        mx = torch.where(torch.isinf(mx), 0.0, mx)
-        e = (s - mx).exp_()
-        total = e.sum(-1)
-        live = total > 0
-        safe = torch.where(live, total, 1.0)
-        outs.append((e @ vs[:, :, blk]) / safe[..., None])
-        lses.append(torch.where(live, (torch.log(safe) + mx[..., 0]) * _LOG2E, float("-inf")))
-    o = torch.cat(outs, dim=2).view(b, hkv, nc, h // hkv, c, -1).transpose(2, 3).reshape(b, h, nc * c, -1)
-    lse = torch.cat(lses, dim=2).view(b, hkv, nc, h // hkv, c).transpose(2, 3).reshape(b, h, nc * c)
-    qidx = plan.qidx[:, :, r]
-    o_orig = torch.zeros(b, h, n, o.shape[-1], dtype=o.dtype, device=o.device)
-    o_orig = o_orig.scatter(2, qidx[..., None].expand(b, h, n, o.shape[-1]), o[:, :, :n])
-    lse_orig = torch.full((b, h, n), float("-inf"), dtype=lse.dtype, device=lse.device).scatter(2, qidx, lse[:, :, :n])
-    return o_orig, lse_orig
+        q0 = int(bq[0])
+        rid = ((bq - q0)[:, None] * _SUB + slot).reshape(-1)
+        size = (int(bq[-1]) - q0 + 1) * _SUB
+        mx = torch.full((size,), float("-inf"), dtype=s.dtype, device=dev)
+        mx = mx.scatter_reduce_(0, rid, s.detach().amax(-1).reshape(-1), "amax")
+        e = (s - torch.where(torch.isinf(mx), 0.0, mx)[rid].view(s.shape[:2])[..., None]).exp_()
+        tot = torch.zeros(size, dtype=s.dtype, device=dev).index_add(0, rid, e.sum(-1).reshape(-1))
+        acc = (e @ vrows[bk]).reshape(-1, v.shape[-1])
+        acc = torch.zeros(size, v.shape[-1], dtype=s.dtype, device=dev).index_add(0, rid, acc)
+        parts.append((q0 * _SUB + torch.arange(size, device=dev), mx, tot, acc))
+    rows = qpos.numel()
+    if parts:
+        rid, mx, tot, acc = (torch.cat(x) for x in zip(*parts))
+    else:
+        rid, mx = torch.zeros(0, dtype=torch.long, device=dev), q.new_zeros(0)
+        tot, acc = q.new_zeros(0), q.new_zeros(0, v.shape[-1])
+    top = torch.full((rows,), float("-inf"), dtype=q.dtype, device=dev).scatter_reduce_(0, rid, mx, "amax")
+    top = torch.where(torch.isinf(top), 0.0, top)
+    w = torch.exp(mx - top[rid])
+    tot = torch.zeros(rows, dtype=q.dtype, device=dev).index_add(0, rid, tot * w)
+    acc = torch.zeros(rows, v.shape[-1], dtype=q.dtype, device=dev).index_add(0, rid, acc * w[:, None])
+    live = tot > 0
+    safe = torch.where(live, tot, 1.0)
+    # back to original positions: each (batch * head, position) has exactly one in-range query slot
+    ok = qok.reshape(-1)
+    where = torch.empty(b * h * n, dtype=torch.long, device=dev)
+    where[(qhead[:, None] * n + qpos).reshape(-1)[ok]] = torch.arange(rows, device=dev)[ok]
+    o = (acc / safe[:, None])[where].view(b, h, n, -1)
+    lse = torch.where(live, (torch.log(safe) + top) * _LOG2E, float("-inf"))[where].view(b, h, n)
+    return o, lse
 
 
 def _cpu_forward(q, k, v, plan: _Plan, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:

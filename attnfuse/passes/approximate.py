@@ -109,7 +109,7 @@ def measure(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, s
     gen = torch.Generator().manual_seed(calibration.get("seed", 0))
     hk, groups = k.shape[1], q.shape[1] // k.shape[1]
     if hk > calibration["max_heads"]:
-        pick = torch.randperm(hk, generator=gen)[: calibration["max_heads"]].sort().values.to(k.device)
+        pick = torch.randperm(hk, generator=gen, device="cpu")[: calibration["max_heads"]].sort().values.to(k.device)
         k, v = k.index_select(1, pick), v.index_select(1, pick)
         q = q.unflatten(1, (hk, groups)).index_select(1, pick).flatten(1, 2)
     lq = q.shape[2]

@@ -16,7 +16,7 @@ from _aot import DTYPES, TARGETS, _compile, _Report
 from attnfuse.kernels import lsh
 
 CASES = [pytest.param(s, dt, hd, id=f"{s}-{dt}-d{hd}") for s in TARGETS for dt in DTYPES for hd in (64, 128)]
-_INDEX = dict(QIdx="*i32", KIdx="*i32", QCh="*i32", KCh="*i32")
+_INDEX = dict(QIdx="*i32", KIdx="*i32", QCh="*i32", KCh="*i32", QStart="*i32", KStart="*i32")
 
 
 def _consts(chunk: int, hd: int) -> tuple[dict, int, int]:

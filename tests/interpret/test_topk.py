@@ -1,0 +1,63 @@
+"""Top-k block-sparse attention (`attnfuse.kernels.topk`) on its Triton path: the flash kernels' block-sparse mode
+fed a tile map built from `select`, run by Triton's interpreter (or compiled on a GPU).
+
+The same checks as tests/test_topk_cpu.py, so both paths are held to one semantics: with ``topk >= Lk`` exact
+attention, otherwise the float64 textbook masked with `select`'s blocks (forward and dq/dk/dv, 2x rule), and
+planted keys found.  Sizes keep each launch to about 10 programs (the tile is `topk._config`'s: 64-row packed
+query tiles and 32-key tiles for block 32 on the interpreter's preset).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnfuse.kernels import topk
+from tests.interpret.test_flash import DTYPES, _compare, _qkv, _seed
+from tests.test_topk_cpu import attend, check_masked, check_planted
+
+# name: (B, H, Hkv, Lq, Lk, D, Dv, causal)
+SHAPES = {
+    "causal_gqa2": (1, 4, 2, 150, 150, 40, 24, True),
+    "cross_gqa2": (1, 4, 2, 150, 181, 16, 16, False),
+}
+
+
+def test_triton_path_is_used():
+    q, k, v = _qkv(torch.float32, 1, 4, 2, 97, 97, 16, 16)
+    out, stats = topk.forward(q, k, v, causal=True, topk=32, block=32)
+    assert stats.shape == (1, 4, 97, 2) and stats.dtype == torch.float32  # the flash kernels' row statistics
+    assert out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_topk_at_least_lk_is_exact(name, dtype):
+    b, h, hkv, lq, lk, d, dv, causal = SHAPES[name]
+    _seed("triton", name, dtype)
+    q, k, v = _qkv(dtype, b, h, hkv, lq, lk, d, dv)
+    params = dict(topk=lk, block=32, sink=0, local=0)
+    assert topk.select(q, k, causal=causal, **params)[..., -1, :].all()
+    _compare(dtype, q, k, v, torch.randn(b, h, lq, dv).to(dtype), attend=attend(**params), causal=causal,
+             what=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_sparse_equals_masked_reference(name, dtype):
+    b, h, hkv, lq, lk, d, dv, causal = SHAPES[name]
+    chosen = check_masked(dtype, b, h, hkv, lq, lk, d, dv, causal=causal, what="triton" + name, topk=40,
+                          block=32, sink=20, local=33)
+    assert not chosen.all()
+
+
+def test_block64_mqa3():
+    """Block 64 with three query heads per K/V head: packed tiles of 64 rows hold 21.3 positions, and a query
+    block's 192 packed rows are exactly three tiles."""
+    check_masked(torch.float32, 1, 3, 1, 233, 233, 16, 16, causal=True, what="mqa3", topk=64, block=64, sink=0,
+                 local=10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_planted_keys_are_found(causal):
+    check_planted(torch.float32, causal=causal, lq=263, heads=2, kv_heads=1, d=16, block=32)

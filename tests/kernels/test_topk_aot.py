@@ -1,0 +1,44 @@
+"""The flash kernels as top-k attention launches them compile for sm_90/sm_80 and fit; see `_aot.py`.
+
+A top-k launch is the block-sparse variant with no mask (MASK_KIND none), the causal band applied in partial
+tiles (HAS_WINDOW), GQA packing and ragged lengths, on the tile `topk.pick_config` chooses (key tiles dividing
+the selection block).  Each (spec, head dim, kv_groups) compiles the forward, dK/dV and dQ kernels on the tiles
+picked for a 32k causal launch with block 64.
+"""
+
+from __future__ import annotations
+
+import pytest
+from _aot import TARGETS, _compile, _name, _Report
+
+from attnfuse.kernels import flash, topk
+
+CASES = [pytest.param(s, hd, g, id=f"{s}-d{hd}-g{g}") for s in TARGETS for hd, g in ((64, 4), (128, 1))]
+
+
+def _meta(cfg, hd, groups):
+    return dict(GROUPS=groups, HEAD_DIM=hd, HEAD_DIM_V=hd, BLOCK_D=hd, BLOCK_DV=hd, BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n, IS_CAUSAL=False, HAS_WINDOW=True, BLOCK_SPARSE=True, MASK_KIND=flash.MASK_NONE,
+                HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False, EVEN_M=False, EVEN_N=False, PRECISION="tf32")
+
+
+@pytest.mark.parametrize("spec_name,hd,groups", CASES)
+def test_topk_launches_compile_and_fit(spec_name, hd, groups):
+    rep = _Report(spec_name, "fp16", hd)
+    base = dict(Q="*fp16", K="*fp16", V="*fp16", M="*fp16", Seed="*fp16", Alibi="*fp16", TileMap="*i32")
+    kernels = {"fwd": [("fwd", flash._fwd_kernel, dict(VBad="*fp16", Out="*fp16", Stats="*fp32"), dict(EVEN_D=True))],
+               "bwd": [("dkdv", flash._bwd_dkdv_kernel, dict(DO="*fp16", Stats="*fp32", Delta="*fp32", DQ="*fp32",
+                                                            DK="*fp16", DV="*fp16"), dict(ATOMIC_DQ=False)),
+                       ("dq", flash._bwd_dq_kernel, dict(DO="*fp16", Stats="*fp32", Delta="*fp32", DQ="*fp16",
+                                                        DM="*fp16"), dict(MASK_GRAD=False))]}
+    for kind, launches in kernels.items():
+        cfg = topk.pick_config(kind, q_len=32768, kv_len=32768, batch=1, heads=4 * groups, kv_heads=4, head_dim=hd,
+                               head_dim_v=hd, elem=2, block=64, spec=rep.spec)
+        assert 64 % cfg.block_n == 0 and (64 * groups) % cfg.block_m == 0
+        for name, kernel, ptrs, extra in launches:
+            what = f"topk {name} {_name(cfg)}"
+            compiled = rep.compile(what, _compile, kernel, rep.cc, {**base, **ptrs}, {**_meta(cfg, hd, groups),
+                                                                                       **extra},
+                                   cfg.num_warps, cfg.num_stages)
+            rep.shared(what, compiled, flash.smem_bytes(cfg, kind, hd, hd, 2))
+    rep.check()
