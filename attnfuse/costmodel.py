@@ -148,7 +148,9 @@ def _topk(shape: Mapping[str, Any], spec: DeviceSpec, causal: bool, params: Mapp
     kept = min(visible, math.ceil(p["topk"] / block) + math.ceil(p["sink"] / block)
                + math.ceil((p["local"] + block) / block))
     _, dense = _flash(shape, spec, causal=causal)  # the kept blocks are a fraction of the visible ones
-    attend = dense.scaled(kept / visible, _once(shape), spec.launch_s)
+    from .kernels import flash
+
+    attend = dense.scaled(kept / visible, _once(shape), flash.host_s(spec) + spec.launch_s)
     index = _roofline(4.0 * b * h * lq * n_blocks * d, (b * h * lq * d + 2 * b * hk * n_blocks * d) * elem
                       + b * hk * math.ceil(lq / block) * n_blocks * 4.0, 0.0, 6, spec, _dtype(elem))
     return index + attend
@@ -167,8 +169,11 @@ def _lsh(shape: Mapping[str, Any], spec: DeviceSpec, causal: bool, params: Mappi
     attend = 2.0 * rounds * b * h * lq * keys * (d + dv)
     sort_bytes = rounds * tokens * (math.log2(max(2, lk)) * 8.0 + 2 * (d + dv) * elem)
     merge_bytes = rounds * b * h * lq * (dv + 1) * 4.0 * 2
-    return _roofline(hashing + attend, sort_bytes + merge_bytes, rounds * b * h * lq * keys, 12 * rounds, spec,
-                     _dtype(elem))
+    from .kernels import flash
+
+    est = _roofline(hashing + attend, sort_bytes + merge_bytes, rounds * b * h * lq * keys, 12 * rounds, spec,
+                    _dtype(elem))
+    return est + Estimate(0.0, 0.0, 0.0, flash.host_s(spec))  # plus its Triton launch's host time
 
 
 def estimate_family(family: str, shape: Mapping[str, Any], spec: DeviceSpec, *,
@@ -185,7 +190,9 @@ def estimate_family(family: str, shape: Mapping[str, Any], spec: DeviceSpec, *,
         return _flash(shape, spec, flash.band(structure["window"], causal))
     if family == "blocksparse":
         config, dense = _flash(shape, spec, causal=causal)
-        return config, dense.scaled(structure.get("density", 1.0), _once(shape), spec.launch_s)
+        from .kernels import flash
+
+        return config, dense.scaled(structure.get("density", 1.0), _once(shape), flash.host_s(spec) + spec.launch_s)
     if family == "topk":
         return {}, _topk(shape, spec, causal, params or {})
     if family == "lsh":

@@ -142,7 +142,8 @@ def test_pick_is_window_aware():
     windowed = flash.estimate_s(cfg, *args[:-1], spec, window=(512, 0))
     fraction = flash.tiles_visited(16384, 16384, 512, 0, cfg.block_m, cfg.block_n) / (
         triton.cdiv(16384, cfg.block_m) * triton.cdiv(16384, cfg.block_n))
-    assert fraction < 0.05 and windowed < 2 * fraction * dense
+    host = flash.host_s(spec)  # the launch's host floor does not scale with the band
+    assert fraction < 0.05 and (windowed**2 - host**2) ** 0.5 < 2 * fraction * (dense**2 - host**2) ** 0.5
     for kind in ("fwd", "bwd"):
         assert flash.pick(kind, 4096, 4096, 8, 64, 64, 2, spec, 0, 4, (100, 100)) in flash.kept_configs(
             kind, 64, 64, 2, spec)
