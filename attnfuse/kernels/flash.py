@@ -55,7 +55,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.random import philox, uint_to_uniform_float
 
 from ..costmodel import Estimate
 from ..device import PRESETS, DeviceSpec
@@ -141,11 +140,41 @@ def _scores(q, kt, rows, heads, cols, b, M, stride_mb, stride_mh, stride_mm, str
 
 
 @triton.jit
+def _f32(x):
+    return tl.cast(x, tl.float32)
+
+
+@triton.jit
+def _philox_word(seed, c0, c1):
+    """The first output word of Philox4x32-10 (Salmon et al., SC'11) for key ``seed`` (64 bits) and counter
+    (c0, c1, 0, 0): the same bits as ``triton.language.random.philox``.  Written out here because Inductor copies
+    a user kernel's source with the functions it calls but not their module globals (Triton's own philox has a
+    default argument ``N_ROUNDS_DEFAULT`` that is then undefined)."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = c0.to(tl.uint32, bitcast=True)
+    c1 = c1.to(tl.uint32, bitcast=True)
+    c2 = c0 * 0
+    c3 = c0 * 0
+    for _ in tl.static_range(10):
+        a0, a2 = c0, c2
+        c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
+        c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
+        c1 = a2 * 0xCD9E8D57
+        c3 = a0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0
+
+
+@triton.jit
 def _keep(seed, bh, rows, cols, Lk, dropout_p):
-    """Dropout keep mask of one tile: Philox keyed by (seed, batch*head, row*kv_len + col)."""
+    """Dropout keep mask of one tile: Philox keyed by (seed, batch*head, row*kv_len + col); the word becomes a
+    uniform float in [0, 1) as ``triton.language.random.uint_to_uniform_float`` does."""
     c0 = rows[:, None] * Lk + cols[None, :]
-    r, _, _, _ = philox(seed, c0, bh[:, None] + c0 * 0, 0, 0)
-    return uint_to_uniform_float(r) >= dropout_p
+    r = _philox_word(seed, c0, bh[:, None] + c0 * 0).to(tl.int32, bitcast=True)
+    return tl.where(r < 0, ~r, r) * 4.6566127342e-10 >= dropout_p
 
 
 @triton.jit
@@ -310,6 +339,9 @@ def _fwd_kernel(
     With a split grid it writes fp32 partial outputs (normalized) and partial row statistics at
     ``split * stride_os`` / ``split * stride_ls``; `_combine_kernel` merges them.
     """
+    # float scalars may arrive as fp64 (Inductor's launches of user kernels): the math stays fp32
+    qk_scale, cap_scale = _f32(qk_scale), _f32(cap_scale)
+    softcap2, fill2, dropout_p = _f32(softcap2), _f32(fill2), _f32(dropout_p)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy causal tiles first
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -592,6 +624,9 @@ def _bwd_dkdv_kernel(
     With ``ATOMIC_DQ`` it also adds this tile's dQ share into the fp32 buffer ``DQ`` with atomics
     (fast, not bitwise reproducible); otherwise `_bwd_dq_kernel` computes dQ.
     """
+    # float scalars may arrive as fp64 (Inductor's launches of user kernels): the math stays fp32
+    sm_scale, qk_scale, cap_scale = _f32(sm_scale), _f32(qk_scale), _f32(cap_scale)
+    softcap2, fill2, dropout_p = _f32(softcap2), _f32(fill2), _f32(dropout_p)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     hkv = pid_bh % (H // GROUPS)
@@ -748,6 +783,9 @@ def _bwd_dq_kernel(
 ):
     """dQ of BLOCK_M packed query rows (no atomics), visiting the forward's key tiles; with ``MASK_GRAD`` also dS
     into DM (B, H, Lq, Lk) fp32, which the launcher zero-fills (the tiles a program skips keep their zeros)."""
+    # float scalars may arrive as fp64 (Inductor's launches of user kernels): the math stays fp32
+    sm_scale, qk_scale, cap_scale = _f32(sm_scale), _f32(qk_scale), _f32(cap_scale)
+    softcap2, fill2, dropout_p = _f32(softcap2), _f32(fill2), _f32(dropout_p)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     hkv = pid_bh % (H // GROUPS)
@@ -925,19 +963,20 @@ def estimate_s(cfg: TileConfig, kind: str, rows: int, kv_len: int, bh_kv: int, h
 _PRODUCTS = {"fwd": 1.0, "dkdv": 2.0, "dq": 1.5}  # tile matmuls per pass, in units of the forward's two
 # Measured correction per forward tile config (block_m, block_n, warps, stages): the analytic model's time over
 # the measured one, geometric mean over the shapes of an H100 sweep (bf16/fp16, d64/d128, seq 512..32k) where the
-# kernel runs over 1.5 ms (benchmarks/results/costmodel-h100-2026-11-23.json, "model_v1" rows).  The 128-row
-# tiles with 8 warps reach ~60% of what the roofline credits them; 64-row tiles match it.  Unlisted configs
-# (and backward passes) keep the analytic model.
+# kernel runs over 1.5 ms (benchmarks/results/costmodel-h100-2026-11-23.json).  The 128-row tiles with 8 warps
+# reach ~60% of what the roofline credits them; 64-row tiles match it.  Unlisted configs (and backward passes)
+# keep the analytic model.
 _TILE_FIT = {
     (16, 64, 4, 2): 0.97, (16, 64, 4, 3): 1.01, (16, 128, 4, 2): 1.09, (16, 128, 4, 3): 0.92,
     (32, 32, 4, 2): 0.54, (64, 32, 4, 2): 1.05, (64, 32, 4, 3): 1.19, (64, 64, 4, 2): 0.94, (64, 64, 4, 3): 1.01,
     (64, 128, 4, 2): 0.81, (64, 128, 4, 3): 0.89, (128, 32, 8, 2): 0.58, (128, 32, 8, 3): 0.80,
     (128, 64, 8, 2): 0.61, (128, 64, 8, 3): 0.73, (128, 128, 8, 2): 0.50, (128, 128, 8, 3): 0.59,
 }
-# Host time of one eager flash launch (argument binding in Triton's launcher, allocations): the floor the same
-# sweep measured for every small shape (0.37-0.5 ms on its host).  Device time and host time overlap: the
-# estimate is their root-sum-square (the form that fit the sweep best).
-_HOST_S = 4.5e-4
+# Host time of one eager flash launch (argument binding in Triton's launcher, allocations, the causal V check):
+# the floor of the second H100 sweep, after eager launches stopped going through wrap_triton
+# (costmodel-h100-2026-11-23-v2.json; 0.2-0.45 ms per call at tiny shapes, host-overhead-h100-2026-11-23.txt).
+# Device and host time overlap: the estimate is their root-sum-square (the form that fit the sweeps best).
+_HOST_S = 2.5e-4
 _EXPS = {"fwd": 1.0, "dkdv": 1.0, "dq": 1.0}  # exponentials per score per pass (the backward recomputes P)
 _DTYPE_OF = {2: "float16", 4: "float32", 8: "float64"}
 
@@ -1081,10 +1120,17 @@ def _hint(n) -> int:
 
 
 def _launch(kernel):
-    # wrap_triton makes the launch traceable by torch.compile; interpreted kernels launch directly
-    if isinstance(kernel, triton.runtime.jit.JITFunction):
+    """The kernel to launch: wrapped by ``wrap_triton`` while anything traces (torch.compile, fake tensors,
+    export), so the launch lands in the graph; the plain JIT function in eager mode, where the wrapper's
+    higher-order-op path cost ~0.5 ms of host time per launch (benchmarks/results/host-overhead-h100-*.txt).
+    Interpreted kernels always launch directly."""
+    if isinstance(kernel, triton.runtime.jit.JITFunction) and _tracing():
         return torch.library.wrap_triton(kernel)
     return kernel
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.utils._python_dispatch._get_current_dispatch_mode() is not None
 
 
 def _mask_elem(mask) -> int:

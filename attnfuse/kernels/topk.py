@@ -25,6 +25,11 @@ Triton path (CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``): the flash 
 a tile map built from the selection (`tile_map`): key tiles of ``BLOCK_N`` dividing ``block`` and packed query
 tiles lying inside one query block (``BLOCK_M`` divides ``kv_groups * block``), so the map is exact; causal
 diagonal tiles are "partial" (the kernels apply the causal band there), the rest "full".  No host sync.
+The selection there is two kernels and a few torch ops: `_score_kernel` (the bound dots in q's dtype with fp32
+accumulation, max-reduced in registers: no bound tensor) writes ranking scores with -inf for blocks that are
+no open candidates; ``torch.topk`` (on CUDA; a stable sort elsewhere) takes the best; `_listing_kernel` writes
+the tile listings straight from the block mask (the forward builds only the query-tile one).  On CUDA, blocks
+whose scores tie or differ within the 16-bit rounding of the bound may rank differently from the CPU path.
 CPU path: per chunk of consecutive query blocks, the selected key blocks are gathered (``index_select``) into
 (n, B * Hkv, T * block, D), the group's heads stacked as rows (K/V never repeated).  Slot 0 holds the one
 block that may need an elementwise mask (causal: the diagonal block; else a ragged last block), then the other
@@ -36,10 +41,12 @@ Memory is O(N * D + chunk).  The backward recomputes each chunk (matmuls and eag
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
+import triton.language as tl
 
 from . import blocksparse, flash
 
@@ -48,6 +55,154 @@ __all__ = ["attention", "backward", "forward", "pick_config", "select", "tile_ma
 _BIG = 2**30  # key position of a padding slot: visible to no query
 _SELECT_ELEMS = 2**21  # indexer bounds per select chunk
 _CHUNK_ELEMS = 2**20  # scores per CPU chunk
+_SCORE_KB = 64  # key blocks per `_score_kernel` step
+_LIST_T = 256  # tiles per `_listing_kernel` step
+
+# --------------------------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _score_kernel(
+    Q, KMax, KMin, Scores,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn,
+    stride_sb, stride_sh, stride_sm,
+    H, Lq, Lk, n_kb, sink, local,
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_KB: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program: the ranking scores of one (batch, K/V head, query block) against every key block.
+
+    Score = max over the block's rows and the group's heads of ``relu(q) @ kmax - relu(-q) @ kmin`` (two dots
+    in q's dtype, fp32 accumulation), -inf where the key block is no open candidate (not a candidate, or kept
+    anyway) and for NaN.  The (rows, key blocks) bounds never leave registers; causal skips future blocks."""
+    qb = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy causal rows first
+    pid_bh = tl.program_id(1)
+    hkv = pid_bh % (H // GROUPS)
+    b = pid_bh // (H // GROUPS)
+    first = qb * BLOCK
+    last = tl.minimum(first + BLOCK, Lq) - 1
+    offs_d = tl.arange(0, BLOCK_D)
+    Q += b * stride_qb
+    KMax += b * stride_kb + hkv * stride_kh
+    KMin += b * stride_kb + hkv * stride_kh
+    out = Scores + b * stride_sb + hkv * stride_sh + qb * stride_sm
+    n_live = n_kb
+    if CAUSAL:
+        n_live = tl.minimum(n_kb, qb + 1)
+    if GROUPS * BLOCK == ROWS:  # the whole query block in one tile: loaded once
+        r = tl.arange(0, ROWS)
+        pos = first + r % BLOCK
+        q = tl.load(Q + (hkv * GROUPS + r // BLOCK)[:, None] * stride_qh + pos[:, None] * stride_qm
+                    + offs_d[None, :] * stride_qd, mask=(pos[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        q_pos = tl.maximum(q, 0.0).to(Q.dtype.element_ty)
+        q_neg = tl.minimum(q, 0.0).to(Q.dtype.element_ty)
+    for kb0 in range(0, n_kb, BLOCK_KB):
+        kb = kb0 + tl.arange(0, BLOCK_KB)
+        best = tl.full([BLOCK_KB], float("-inf"), tl.float32)
+        if kb0 < n_live:
+            k_mask = (kb[:, None] < n_kb) & (offs_d[None, :] < HEAD_DIM)
+            k_off = kb[:, None] * stride_kn + offs_d[None, :]
+            kmax = tl.load(KMax + k_off, mask=k_mask, other=0.0)
+            kmin = tl.load(KMin + k_off, mask=k_mask, other=0.0)
+            if GROUPS * BLOCK == ROWS:
+                s = tl.dot(q_pos, tl.trans(kmax), input_precision=PRECISION)
+                s = tl.dot(q_neg, tl.trans(kmin), s, input_precision=PRECISION)
+                s = tl.where((pos < Lq)[:, None], s, float("-inf"))
+                best = tl.max(s, 0)
+            else:
+                for r0 in range(0, GROUPS * BLOCK, ROWS):
+                    r = r0 + tl.arange(0, ROWS)
+                    pos_c = first + r % BLOCK
+                    qc = tl.load(Q + (hkv * GROUPS + r // BLOCK)[:, None] * stride_qh + pos_c[:, None] * stride_qm
+                                 + offs_d[None, :] * stride_qd, mask=(pos_c[:, None] < Lq) &
+                                 (offs_d[None, :] < HEAD_DIM), other=0.0)
+                    s = tl.dot(tl.maximum(qc, 0.0).to(Q.dtype.element_ty), tl.trans(kmax), input_precision=PRECISION)
+                    s = tl.dot(tl.minimum(qc, 0.0).to(Q.dtype.element_ty), tl.trans(kmin), s,
+                               input_precision=PRECISION)
+                    s = tl.where((pos_c < Lq)[:, None], s, float("-inf"))
+                    best = tl.maximum(best, tl.max(s, 0))
+        key_lo = kb * BLOCK
+        key_hi = tl.minimum(key_lo + BLOCK, Lk) - 1
+        if CAUSAL:
+            open_ = key_lo <= last
+            local_hi = last
+        else:
+            open_ = kb < n_kb
+            local_hi = last + local
+        open_ = open_ & ~((key_lo < sink) | ((key_hi >= first - local) & (key_lo <= local_hi)))
+        best = tl.where(open_ & (best == best), best, float("-inf"))
+        tl.store(out + kb, best, mask=kb < n_kb)
+
+
+@triton.jit
+def _tile_class(Chosen, stride_cq, mt, kt, n_mt, n_kt, q_len, kv_len, GROUPS: tl.constexpr, BLOCK: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(full, partial) of packed query tiles ``mt`` x key tiles ``kt`` (one of them a scalar): `tile_map`'s rule."""
+    start = mt * BLOCK_M
+    first = start // GROUPS
+    last = tl.minimum((start + BLOCK_M - 1) // GROUPS, q_len - 1)
+    valid = (mt + 0 * kt < n_mt) & (kt + 0 * mt < n_kt)  # both as blocks (one of mt / kt is a scalar)
+    live = tl.load(Chosen + (first // BLOCK) * stride_cq + kt * BLOCK_N // BLOCK, mask=valid, other=0) != 0
+    whole = (kt + 1) * BLOCK_N <= kv_len
+    if CAUSAL:
+        live = live & (kt * BLOCK_N <= last)
+        whole = whole & ((kt + 1) * BLOCK_N - 1 <= first)
+    return live & whole, live & ~whole
+
+
+@triton.jit
+def _listing_kernel(
+    Chosen, Out,
+    stride_cb, stride_ch, stride_cq,
+    stride_ob, stride_oh, stride_or,
+    HKV, n_mt, n_kt, q_len, kv_len,
+    GROUPS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, BY_KEY: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One program: the listing row ``[n_full, n_partial, full tiles..., partial tiles...]`` of one query tile
+    (``BY_KEY``: key tile) of one (batch, K/V head), from the block selection ``Chosen`` (uint8, last stride 1).
+    Only the listed entries are written (the rest of the row is left as it is)."""
+    own = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    Chosen += (pid_bh // HKV) * stride_cb + (pid_bh % HKV) * stride_ch
+    row = Out + (pid_bh // HKV) * stride_ob + (pid_bh % HKV) * stride_oh + own * stride_or
+    out = row + 2
+    lo = 0
+    if BY_KEY:
+        hi = n_mt
+        if CAUSAL:  # packed query tiles before the key tile's first key see none of it
+            lo = (own * BLOCK_N * GROUPS) // BLOCK_M // BLOCK_T * BLOCK_T
+    else:
+        hi = n_kt
+        if CAUSAL:
+            hi = tl.minimum(n_kt, tl.minimum(((own * BLOCK_M + BLOCK_M - 1) // GROUPS), q_len - 1) // BLOCK_N + 1)
+    n_full = 0
+    for t0 in range(lo, hi, BLOCK_T):
+        other = t0 + tl.arange(0, BLOCK_T)
+        if BY_KEY:
+            full, _ = _tile_class(Chosen, stride_cq, other, own, n_mt, n_kt, q_len, kv_len, GROUPS, BLOCK, BLOCK_M,
+                                  BLOCK_N, CAUSAL)
+        else:
+            full, _ = _tile_class(Chosen, stride_cq, own, other, n_mt, n_kt, q_len, kv_len, GROUPS, BLOCK, BLOCK_M,
+                                  BLOCK_N, CAUSAL)
+        f = full.to(tl.int32)
+        tl.store(out + n_full + tl.cumsum(f, 0) - 1, other, mask=f != 0)
+        n_full += tl.sum(f, 0)
+    n_part = 0
+    for t0 in range(lo, hi, BLOCK_T):
+        other = t0 + tl.arange(0, BLOCK_T)
+        if BY_KEY:
+            _, part = _tile_class(Chosen, stride_cq, other, own, n_mt, n_kt, q_len, kv_len, GROUPS, BLOCK, BLOCK_M,
+                                  BLOCK_N, CAUSAL)
+        else:
+            _, part = _tile_class(Chosen, stride_cq, own, other, n_mt, n_kt, q_len, kv_len, GROUPS, BLOCK, BLOCK_M,
+                                  BLOCK_N, CAUSAL)
+        p = part.to(tl.int32)
+        tl.store(out + n_full + n_part + tl.cumsum(p, 0) - 1, other, mask=p != 0)
+        n_part += tl.sum(p, 0)
+    tl.store(row, n_full)
+    tl.store(row + 1, n_part)
 
 
 # --------------------------------------------------------------------------------------------- selection
@@ -94,23 +249,52 @@ def _block_bounds(k: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
     return x.amin(3), x.amax(3)
 
 
-@torch.no_grad()
-def select(q: torch.Tensor, k: torch.Tensor, *, causal: bool, topk: int, block: int = 64, sink: int = 64,
-           local: int = 256) -> torch.Tensor:
-    """Bool (B, Hkv, n_query_blocks, n_key_blocks): the key blocks each query block attends (module docstring).
+def _block_bounds_native(k: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_block_bounds` in k's own dtype (min and max are exact in any dtype), contiguous, one pass over k."""
+    whole = k.shape[2] // block
+    lo, hi = torch.aminmax(k[:, :, :whole * block].unflatten(2, (whole, block)), dim=3)
+    if whole * block < k.shape[2]:  # a ragged last block: its real keys only
+        tlo, thi = torch.aminmax(k[:, :, whole * block:], dim=2, keepdim=True)
+        lo, hi = torch.cat((lo, tlo), 2), torch.cat((hi, thi), 2)
+    return lo.contiguous(), hi.contiguous()
 
-    Torch ops on q's device, no host sync; memory O(chunk) beyond the (B, Hkv, nqb, nkb) scores."""
-    _check(q, k, None, causal, topk, block, sink, local, "attnfuse.kernels.topk.select")
+
+def _triton_ok(x: torch.Tensor) -> bool:
+    """Whether Triton kernels run on ``x``'s device: CUDA, or the CPU under ``TRITON_INTERPRET=1``."""
+    return x.is_cuda or (x.device.type == "cpu" and flash.interpreting())
+
+
+def _scores_triton(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block: int, sink: int,
+                   local: int) -> torch.Tensor:
+    """fp32 (B, Hkv, nqb, nkb) ranking scores by `_score_kernel`: the Quest score of open candidates, -inf for
+    every other block (and NaN).  The bound dots run in q's dtype (16-bit on tensor cores; fp32 as tf32) with
+    fp32 accumulation, so near-ties may rank differently from the CPU path's fp32/fp64 matmul."""
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     g = h // hkv
     nqb, nkb = triton.cdiv(lq, block), triton.cdiv(lk, block)
-    dev = q.device
+    kmin, kmax = _block_bounds_native(k, block)
+    scores = torch.empty(b, hkv, nqb, nkb, dtype=torch.float32, device=q.device)
+    rows = min(64, (g * block) & -(g * block))  # a power of two dividing the query block's packed rows
+    flash._launch(_score_kernel)[(nqb, b * hkv)](
+        q, kmax, kmin, scores, *q.stride(), kmax.stride(0), kmax.stride(1), kmax.stride(2),
+        scores.stride(0), scores.stride(1), scores.stride(2), h, lq, lk, nkb, sink, local,
+        GROUPS=g, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK=block, ROWS=rows,
+        BLOCK_KB=_SCORE_KB, CAUSAL=causal, PRECISION="tf32", num_warps=4, num_stages=2)
+    return scores
+
+
+def _scores_torch(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block: int) -> torch.Tensor:
+    """fp32/fp64 (B, Hkv, nqb, nkb) Quest scores by chunked matmuls (-inf for causal blocks past a chunk)."""
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    g = h // hkv
+    nqb, nkb = triton.cdiv(lq, block), triton.cdiv(lk, block)
     kmin, kmax = _block_bounds(k, block)
     ct = kmin.dtype
     # bound = relu(q) @ kmax^T - relu(-q) @ kmin^T = [max(q, 0), min(q, 0)] @ [kmax, kmin]^T: one matmul
     kk = torch.cat((kmax, kmin), -1).transpose(-1, -2).unsqueeze(2)  # (B, Hkv, 1, 2D, nkb)
-    scores = torch.full((b, hkv, nqb, nkb), float("-inf"), dtype=ct, device=dev)
+    scores = torch.full((b, hkv, nqb, nkb), float("-inf"), dtype=ct, device=q.device)
     per_qb = max(1, (_SELECT_ELEMS * (16 if q.is_cuda else 1)) // max(1, b * h * block * nkb))
     for c0 in range(0, nqb, per_qb):
         c1 = min(nqb, c0 + per_qb)
@@ -121,8 +305,24 @@ def select(q: torch.Tensor, k: torch.Tensor, *, causal: bool, topk: int, block: 
         cols = min(c1, nkb) if causal else nkb  # causal (lq == lk): blocks past the chunk's last are no candidates
         bound = torch.matmul(qq, kk[..., :cols])  # (B, Hkv, G, n * block, cols)
         scores[:, :, c0:c1, :cols] = bound.view(b, hkv, g, c1 - c0, block, cols).amax((2, 4))
-    neg = torch.tensor(float("-inf"), dtype=ct, device=dev)
+    return scores
 
+
+@torch.no_grad()
+def select(q: torch.Tensor, k: torch.Tensor, *, causal: bool, topk: int, block: int = 64, sink: int = 64,
+           local: int = 256) -> torch.Tensor:
+    """Bool (B, Hkv, n_query_blocks, n_key_blocks): the key blocks each query block attends (module docstring).
+
+    Device ops on q's device, no host sync.  Where Triton runs (`flash.supported`) the scores come from
+    `_score_kernel` (no bound tensor; memory O(scores)), else from chunked fp32/fp64 matmuls (memory O(chunk)
+    beyond the scores).  On CUDA the best blocks are taken by ``torch.topk`` and the bounds are multiplied in
+    q's dtype: exact ties and near-ties (within the 16-bit rounding) may break differently from the CPU path's
+    "lower block index first"."""
+    _check(q, k, None, causal, topk, block, sink, local, "attnfuse.kernels.topk.select")
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    nqb, nkb = triton.cdiv(lq, block), triton.cdiv(lk, block)
+    dev = q.device
     qb = torch.arange(nqb, device=dev)[:, None]
     kb = torch.arange(nkb, device=dev)[None, :]
     first, last = qb * block, torch.clamp((qb + 1) * block, max=lq) - 1
@@ -133,13 +333,21 @@ def select(q: torch.Tensor, k: torch.Tensor, *, causal: bool, topk: int, block: 
     open_ = candidate & ~kept
     n_pick = min(triton.cdiv(topk, block), nkb)
     chosen = kept.expand(b, hkv, nqb, nkb).clone()
-    if n_pick:
-        ranked = torch.where(open_, scores, neg)
+    if not n_pick:
+        return chosen
+    if flash.supported(q, k, k) is None:
+        ranked = _scores_triton(q, k, causal=causal, block=block, sink=sink, local=local)  # -inf unless open
+    else:
+        scores = _scores_torch(q, k, causal=causal, block=block)
+        ranked = torch.where(open_, scores, torch.tensor(float("-inf"), dtype=scores.dtype, device=dev))
         ranked = torch.nan_to_num(ranked, nan=float("-inf"))
+    if q.is_cuda:  # k = n_pick is small: a partial selection, not a full sort of every row
+        order = torch.topk(ranked, n_pick, dim=-1, sorted=False).indices
+    else:  # ranked by score, then index
         order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :n_pick]
-        # ranked by score, then index; only open candidates count (there may be fewer than n_pick)
-        live = torch.gather(open_.expand(b, hkv, nqb, nkb), -1, order)
-        chosen.scatter_(-1, order, live | torch.gather(chosen, -1, order))
+    # only open candidates count (there may be fewer than n_pick)
+    live = torch.gather(open_.expand(b, hkv, nqb, nkb), -1, order)
+    chosen.scatter_(-1, order, live | torch.gather(chosen, -1, order))
     return chosen
 
 
@@ -149,8 +357,13 @@ def select(q: torch.Tensor, k: torch.Tensor, *, causal: bool, topk: int, block: 
 def _config(kind: str, q, k, v, block: int) -> flash.TileConfig:
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    return pick_config(kind, q_len=lq, kv_len=lk, batch=b, heads=h, kv_heads=hkv, head_dim=d, head_dim_v=v.shape[-1],
-                       elem=q.element_size(), block=block, spec=flash._spec_for(q))
+    return _pick_cached(kind, lq, lk, b, h, hkv, d, v.shape[-1], q.element_size(), block, flash._spec_for(q))
+
+
+@functools.lru_cache(maxsize=256)
+def _pick_cached(kind, lq, lk, b, h, hkv, d, dv, elem, block, spec) -> flash.TileConfig:
+    return pick_config(kind, q_len=lq, kv_len=lk, batch=b, heads=h, kv_heads=hkv, head_dim=d, head_dim_v=dv,
+                       elem=elem, block=block, spec=spec)
 
 
 def pick_config(kind: str, *, q_len: int, kv_len: int, batch: int, heads: int, kv_heads: int, head_dim: int,
@@ -169,18 +382,35 @@ def pick_config(kind: str, *, q_len: int, kv_len: int, batch: int, heads: int, k
 
 
 def tile_map(chosen: torch.Tensor, cfg: flash.TileConfig, *, q_len: int, kv_len: int, kv_groups: int, block: int,
-             causal: bool) -> blocksparse.TileMap:
+             causal: bool, cols: bool = True) -> blocksparse.TileMap:
     """The flash kernels' `blocksparse.TileMap` of a `select` mask for tile ``cfg`` (BLOCK_N divides ``block``,
     BLOCK_M divides ``kv_groups * block``): a key tile is listed for a packed query tile iff its key block is
     selected for the tile's query block (and, causal, it starts at or before the tile's last row); "partial"
     (masked by the kernels' causal band and length checks) on the causal diagonal and for a ragged last tile,
-    "full" otherwise.  Device ops only (no host sync)."""
+    "full" otherwise.  ``cols=False`` leaves the key-tile listing (only the backward's dK/dV reads it) empty.
+    Device ops only (no host sync).  Where Triton runs, `_listing_kernel` writes each listing row directly
+    (only its listed entries: the rest of a row is uninitialized); else torch ops (a sort per row)."""
     bm, bn, g = cfg.block_m, cfg.block_n, kv_groups
     if block % bn or (g * block) % bm:
         raise ValueError(f"attnfuse.kernels.topk: tile {bm}x{bn} does not nest in block {block} "
                          f"with kv_groups {g}")
     dev = chosen.device
     nmt, nkt = triton.cdiv(q_len * g, bm), triton.cdiv(kv_len, bn)
+    if _triton_ok(chosen):
+        b, hkv = chosen.shape[:2]
+        c8 = chosen.contiguous().view(torch.uint8)
+
+        def listing(by_key: bool) -> torch.Tensor:
+            n_own, n_other = (nkt, nmt) if by_key else (nmt, nkt)
+            out = torch.empty(b, hkv, n_own, 2 + n_other, dtype=torch.int32, device=dev)
+            flash._launch(_listing_kernel)[(n_own, b * hkv)](
+                c8, out, *c8.stride()[:3], *out.stride()[:3], hkv, nmt, nkt, q_len, kv_len,
+                GROUPS=g, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, BY_KEY=by_key, BLOCK_T=_LIST_T,
+                num_warps=4)
+            return out
+
+        rows = listing(False)
+        return blocksparse.TileMap(rows, listing(True) if cols else rows.new_empty(0))
     start = torch.arange(nmt, device=dev) * bm
     first = start // g
     last = torch.clamp((start + bm - 1) // g, max=q_len - 1)
@@ -194,14 +424,15 @@ def tile_map(chosen: torch.Tensor, cfg: flash.TileConfig, *, q_len: int, kv_len:
         full &= (kt[None, :] + 1) * bn - 1 <= first[:, None]
     full = live & full
     partial = live & full.logical_not()
-    return blocksparse.TileMap(blocksparse._listing(full, partial),
-                               blocksparse._listing(full.transpose(-1, -2), partial.transpose(-1, -2)))
+    rows = blocksparse._listing(full, partial)
+    return blocksparse.TileMap(rows, blocksparse._listing(full.transpose(-1, -2), partial.transpose(-1, -2))
+                               if cols else rows.new_empty(0))
 
 
-def _map_builder(q, k, causal, topk, block, sink, local):
+def _map_builder(q, k, causal, topk, block, sink, local, cols):
     chosen = select(q, k, causal=causal, topk=topk, block=block, sink=sink, local=local)
     return lambda cfg: tile_map(chosen, cfg, q_len=q.shape[2], kv_len=k.shape[2], kv_groups=q.shape[1] // k.shape[1],
-                                block=block, causal=causal)
+                                block=block, causal=causal, cols=cols)
 
 
 # --------------------------------------------------------------------------------------------- CPU path
@@ -379,7 +610,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float |
     row statistics on the Triton path, an empty tensor on the CPU path (its backward recomputes)."""
     _check(q, k, v, causal, topk, block, sink, local, "attnfuse.kernels.topk.forward")
     if _triton(q, k, v):
-        builder = _map_builder(q, k, causal, topk, block, sink, local)
+        builder = _map_builder(q, k, causal, topk, block, sink, local, cols=False)  # the forward reads rows
         return flash.forward(q, k, v, scale=scale, causal=causal, config=_config("fwd", q, k, v, block),
                              tile_map=builder)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -396,7 +627,7 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     `forward`'s (the CPU path ignores them)."""
     _check(q, k, v, causal, topk, block, sink, local, "attnfuse.kernels.topk.backward")
     if _triton(q, k, v):
-        builder = _map_builder(q, k, causal, topk, block, sink, local)
+        builder = _map_builder(q, k, causal, topk, block, sink, local, cols=True)
         dq, dk, dv, _ = flash.backward(grad_out, q, k, v, out, stats, scale=scale, causal=causal,
                                        config=_config("bwd", q, k, v, block), tile_map=builder)
         return dq, dk, dv

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnfuse.kernels import topk
+from attnfuse.kernels import flash, topk
 from tests.interpret.test_flash import DTYPES, _compare, _qkv, _seed
 from tests.test_topk_cpu import attend, check_masked, check_planted
 
@@ -61,3 +61,50 @@ def test_block64_mqa3():
 @pytest.mark.parametrize("causal", [False, True])
 def test_planted_keys_are_found(causal):
     check_planted(torch.float32, causal=causal, lq=263, heads=2, kv_heads=1, d=16, block=32)
+
+
+# --------------------------------------------------------------------------------------------- selection kernels
+
+
+@pytest.mark.parametrize("causal,groups,block,lq,lk", [(True, 1, 64, 201, 201), (True, 3, 32, 97, 97),
+                                                       (False, 2, 32, 150, 181), (False, 1, 96, 130, 300)])
+def test_score_kernel_matches_torch(causal, groups, block, lq, lk):
+    """`_score_kernel`'s ranking scores == the torch path's Quest scores on open candidates, -inf elsewhere."""
+    _seed("scores", causal, groups, block)
+    q, k, _ = _qkv(torch.float32, 2, 2 * groups, 2, lq, lk, 40, 40)
+    sink, local = 40, 50
+    got = topk._scores_triton(q, k, causal=causal, block=block, sink=sink, local=local)
+    want = topk._scores_torch(q.double(), k.double(), causal=causal, block=block)
+    kept = topk.select(q, k, causal=causal, topk=0, block=block, sink=sink, local=local)[0, 0]
+    nkb = -(-lk // block)
+    cand = torch.ones_like(kept) if not causal else torch.ones_like(kept).tril()
+    open_ = (cand & ~kept).expand_as(got)
+    assert got.shape == want.shape == (2, 2, -(-lq // block), nkb)
+    assert torch.isneginf(got[~open_]).all() and torch.isfinite(got[open_]).all()
+    # compiled on a GPU the fp32 dots run in tf32 (ranking needs no more); the interpreter computes them in fp32
+    tol = dict(rtol=3e-3, atol=3e-3) if got.is_cuda else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[open_].double(), want[open_], **tol)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("cfg,groups", [(flash.TileConfig(64, 32, 4, 2), 2), (flash.TileConfig(16, 64, 4, 2), 1),
+                                        (flash.TileConfig(64, 64, 4, 2), 3)])
+def test_listing_kernel_matches_torch(causal, cfg, groups, monkeypatch):
+    """`_listing_kernel`'s rows and cols listings == the torch path's (counts and listed tiles, in order)."""
+    _seed("listing", causal, cfg, groups)
+    lq = 301
+    lk = lq if causal else 250
+    q, k, _ = _qkv(torch.float32, 2, 2 * groups, 2, lq, lk, 16, 16)
+    chosen = topk.select(q, k, causal=causal, topk=64, block=64, sink=10, local=20)
+    got = topk.tile_map(chosen, cfg, q_len=lq, kv_len=lk, kv_groups=groups, block=64, causal=causal)
+    monkeypatch.setattr(topk, "_triton_ok", lambda x: False)
+    want = topk.tile_map(chosen, cfg, q_len=lq, kv_len=lk, kv_groups=groups, block=64, causal=causal)
+    for side in ("rows", "cols"):
+        g, w = getattr(got, side), getattr(want, side)
+        assert g.shape == w.shape and torch.equal(g[..., :2], w[..., :2])
+        n = w[..., :2].sum(-1)
+        assert n.max() > 0
+        listed = torch.arange(w.shape[-1] - 2) < n[..., None]
+        assert torch.equal(g[..., 2:][listed], w[..., 2:][listed]), side
+    fwd = topk.tile_map(chosen, cfg, q_len=lq, kv_len=lk, kv_groups=groups, block=64, causal=causal, cols=False)
+    assert torch.equal(fwd.rows[..., :2], want.rows[..., :2]) and fwd.cols.numel() == 0

@@ -42,3 +42,23 @@ def test_topk_launches_compile_and_fit(spec_name, hd, groups):
                                    cfg.num_warps, cfg.num_stages)
             rep.shared(what, compiled, flash.smem_bytes(cfg, kind, hd, hd, 2))
     rep.check()
+
+
+@pytest.mark.parametrize("spec_name", list(TARGETS))
+@pytest.mark.parametrize("dt,hd,groups,block", [("bf16", 128, 1, 64), ("fp16", 64, 4, 64), ("bf16", 256, 1, 128)])
+def test_selection_kernels_compile(spec_name, dt, hd, groups, block):
+    """The indexer (`_score_kernel`) and the tile-listing kernel (`_listing_kernel`) compile for the target."""
+    rep = _Report(spec_name, dt, hd)
+    rows = min(64, (groups * block) & -(groups * block))
+    for causal in (False, True):
+        compiled = rep.compile(f"score causal={causal}", _compile, topk._score_kernel, rep.cc,
+                    dict(Q=f"*{dt}", KMax=f"*{dt}", KMin=f"*{dt}", Scores="*fp32"),
+                    dict(GROUPS=groups, HEAD_DIM=hd, BLOCK_D=hd, BLOCK=block, ROWS=rows, BLOCK_KB=topk._SCORE_KB,
+                         CAUSAL=causal, PRECISION="tf32"), 4, 2)
+        rep.shared(f"score causal={causal}", compiled)
+        for by_key in (False, True):
+            rep.compile(f"listing causal={causal} by_key={by_key}", _compile, topk._listing_kernel, rep.cc,
+                        dict(Chosen="*u8", Out="*i32"),
+                        dict(GROUPS=groups, BLOCK=block, BLOCK_M=64, BLOCK_N=64, CAUSAL=causal, BY_KEY=by_key,
+                             BLOCK_T=topk._LIST_T), 4, 3)
+    rep.check()
