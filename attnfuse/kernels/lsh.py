@@ -59,11 +59,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _family
 from .flash import _launch, interpreting
 
 __all__ = ["attention", "backward", "buckets", "forward", "unsupported"]
@@ -723,20 +725,6 @@ def backward(grad_out, q, k, v, out, stats, *, scale=None, causal=False, n_hashe
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _LSH(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, kwargs):
-        out, stats = forward(q, k, v, **kwargs)
-        ctx.save_for_backward(q, k, v, out, stats)
-        ctx.kwargs = kwargs
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, out, stats = ctx.saved_tensors
-        return (*backward(grad, q, k, v, out, stats, **ctx.kwargs), None)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, causal: bool = False,
               n_hashes: int = 4, bucket_size: int = 64, seed: int = 0, mask=None, softcap: float = 0.0,
               dropout_p: float = 0.0, alibi=None) -> torch.Tensor:
@@ -748,4 +736,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     """
     _validate(q, k, v, causal, n_hashes, bucket_size, seed, mask, softcap, dropout_p, alibi)
     kwargs = dict(scale=scale, causal=causal, n_hashes=n_hashes, bucket_size=bucket_size, seed=seed)
-    return _LSH.apply(q, k, v, kwargs)
+    return _family.attention(sys.modules[__name__], q, k, v, kwargs)

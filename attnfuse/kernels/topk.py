@@ -43,12 +43,13 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from . import blocksparse, flash
+from . import _family, blocksparse, flash
 
 __all__ = ["attention", "backward", "forward", "pick_config", "select", "tile_map", "unsupported"]
 
@@ -637,20 +638,6 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         return _cpu_backward(grad_out.detach(), q.detach(), k.detach(), v.detach(), chosen, sm_scale, causal, block)
 
 
-class _TopK(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, kwargs):
-        out, stats = forward(q, k, v, **kwargs)
-        ctx.save_for_backward(q, k, v, out, stats)
-        ctx.kwargs = kwargs
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, out, stats = ctx.saved_tensors
-        return (*backward(grad, q, k, v, out, stats, **ctx.kwargs), None)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, causal: bool = False,
               topk: int = 2048, block: int = 64, sink: int = 64, local: int = 256, softcap: float = 0.0,
               mask: torch.Tensor | None = None, dropout_p: float = 0.0,
@@ -671,4 +658,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
                              f"attnfuse.kernels.flash.attention for exact attention with it")
     _check(q, k, v, causal, topk, block, sink, local, who)
     kwargs = dict(scale=scale, causal=causal, topk=topk, block=block, sink=sink, local=local)
-    return _TopK.apply(q, k, v, kwargs)
+    return _family.attention(sys.modules[__name__], q, k, v, kwargs)
