@@ -93,6 +93,13 @@ def visible_keys(q_len: int, kv_len: int, left: int, right: int, causal: bool) -
     return total / min(q_len, 4096)
 
 
+def _launcher():
+    """`attnfuse.kernels.flash`, imported on use: it imports Triton, and imports this module."""
+    from .kernels import flash
+
+    return flash
+
+
 def _dims(shape: Mapping[str, Any]) -> tuple[int, int, int, int, int, int, int, int]:
     return (shape["batch"], shape["heads"], shape["kv_heads"], shape["q_len"], shape["kv_len"], shape["head_dim"],
             shape["v_head_dim"], shape["elem"])
@@ -101,8 +108,7 @@ def _dims(shape: Mapping[str, Any]) -> tuple[int, int, int, int, int, int, int, 
 def _flash(shape: Mapping[str, Any], spec: DeviceSpec, window: tuple[int, int] = (-1, -1), causal: bool = False):
     """(tile config, Estimate) of the flash launch the launcher would make (its `pick`); a causal launch
     visits the tiles on and below the diagonal."""
-    from .kernels import flash  # imports Triton; the launcher imports this module
-
+    flash = _launcher()
     b, h, hk, lq, lk, d, dv, elem = _dims(shape)
     groups = h // hk
     visits = flash.band(window, causal)
@@ -148,9 +154,7 @@ def _topk(shape: Mapping[str, Any], spec: DeviceSpec, causal: bool, params: Mapp
     kept = min(visible, math.ceil(p["topk"] / block) + math.ceil(p["sink"] / block)
                + math.ceil((p["local"] + block) / block))
     _, dense = _flash(shape, spec, causal=causal)  # the kept blocks are a fraction of the visible ones
-    from .kernels import flash
-
-    attend = dense.scaled(kept / visible, _once(shape), flash.host_s(spec) + spec.launch_s)
+    attend = dense.scaled(kept / visible, _once(shape), _launcher().host_s(spec) + spec.launch_s)
     index = _roofline(4.0 * b * h * lq * n_blocks * d, (b * h * lq * d + 2 * b * hk * n_blocks * d) * elem
                       + b * hk * math.ceil(lq / block) * n_blocks * 4.0, 0.0, 6, spec, _dtype(elem))
     return index + attend
@@ -169,11 +173,9 @@ def _lsh(shape: Mapping[str, Any], spec: DeviceSpec, causal: bool, params: Mappi
     attend = 2.0 * rounds * b * h * lq * keys * (d + dv)
     sort_bytes = rounds * tokens * (math.log2(max(2, lk)) * 8.0 + 2 * (d + dv) * elem)
     merge_bytes = rounds * b * h * lq * (dv + 1) * 4.0 * 2
-    from .kernels import flash
-
     est = _roofline(hashing + attend, sort_bytes + merge_bytes, rounds * b * h * lq * keys, 12 * rounds, spec,
                     _dtype(elem))
-    return est + Estimate(0.0, 0.0, 0.0, flash.host_s(spec))  # plus its Triton launch's host time
+    return est + Estimate(0.0, 0.0, 0.0, _launcher().host_s(spec))  # plus its Triton launch's host time
 
 
 def estimate_family(family: str, shape: Mapping[str, Any], spec: DeviceSpec, *,
@@ -185,14 +187,11 @@ def estimate_family(family: str, shape: Mapping[str, Any], spec: DeviceSpec, *,
     if family == "flash":
         return _flash(shape, spec, causal=causal)
     if family == "window":
-        from .kernels import flash
-
-        return _flash(shape, spec, flash.band(structure["window"], causal))
+        return _flash(shape, spec, _launcher().band(structure["window"], causal))
     if family == "blocksparse":
         config, dense = _flash(shape, spec, causal=causal)
-        from .kernels import flash
-
-        return config, dense.scaled(structure.get("density", 1.0), _once(shape), flash.host_s(spec) + spec.launch_s)
+        return config, dense.scaled(structure.get("density", 1.0), _once(shape),
+                                    _launcher().host_s(spec) + spec.launch_s)
     if family == "topk":
         return {}, _topk(shape, spec, causal, params or {})
     if family == "lsh":
