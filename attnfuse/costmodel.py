@@ -23,6 +23,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 from .device import PRESETS, DeviceSpec
 
 __all__ = ["PRESETS", "DeviceSpec", "Estimate", "Plan", "estimate_family", "plan", "visible_keys"]
@@ -83,14 +85,10 @@ def visible_keys(q_len: int, kv_len: int, left: int, right: int, causal: bool) -
         return 0.0
     if causal:
         right = 0 if right < 0 else min(right, 0)
-    lo_off = math.inf if left < 0 else left
-    hi_off = math.inf if right < 0 else right
-    total = 0.0
-    for i in range(q_len) if q_len <= 4096 else (int(q_len * (t + 0.5) / 4096) for t in range(4096)):
-        lo = 0 if lo_off == math.inf else max(0, i - lo_off)
-        hi = kv_len - 1 if hi_off == math.inf else min(kv_len - 1, i + hi_off)
-        total += max(0, hi - lo + 1)
-    return total / min(q_len, 4096)
+    i = torch.arange(q_len, dtype=torch.float64)
+    lo = torch.zeros_like(i) if left < 0 else (i - left).clamp(min=0)
+    hi = torch.full_like(i, kv_len - 1) if right < 0 else (i + right).clamp(max=kv_len - 1)
+    return float((hi - lo + 1).clamp(min=0).mean())
 
 
 def _launcher():

@@ -588,13 +588,14 @@ def _versions() -> dict[str, Any]:
 
 # ---------------------------------------------------------------- CLI
 
-def _from_json(args: argparse.Namespace) -> int:
+def _from_json(args: argparse.Namespace, plot=None) -> int:
+    """Re-plot ``args.from_json`` with ``plot(doc, png_path)`` (default: this script's `report`) into ``args.out``."""
     json_path = pathlib.Path(args.from_json)
     doc = json.loads(json_path.read_text())
     out = pathlib.Path(args.out) if args.out else json_path.parent
     png_path = out if out.suffix == ".png" else out / json_path.with_suffix(".png").name
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    report(doc, png_path)
+    (plot or report)(doc, png_path)
     print(f"wrote {png_path}")
     return 0
 

@@ -278,14 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-json", metavar="FILE", help="re-plot and re-print a results JSON (no GPU)")
     args = p.parse_args(argv)
     if args.from_json:
-        json_path = pathlib.Path(args.from_json)
-        doc = json.loads(json_path.read_text())
-        out = pathlib.Path(args.out) if args.out else json_path.parent
-        png_path = out if out.suffix == ".png" else out / json_path.with_suffix(".png").name
-        png_path.parent.mkdir(parents=True, exist_ok=True)
-        report(doc, png_path)
-        print(f"wrote {png_path}")
-        return 0
+        return _ba._from_json(args, report)
     if args.no_fwd and not args.bwd:
         p.error("--no-fwd leaves nothing to run without --bwd")
     plan = [] if args.no_fwd else [("fwd", s) for s in shapes(args.smoke)]
