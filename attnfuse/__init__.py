@@ -2,6 +2,7 @@
 
     compiled = torch.compile(model, backend="attnfuse")
     report = attnfuse.audit(model, *example_inputs)
+    attnfuse.export(model, example_inputs, "model.onnx", format="onnx")   # or "pt2", "mlir"
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import torch
 from . import ops  # noqa: F401 - registers torch.ops.attnfuse.*
 from .config import Config
 from .costmodel import DeviceSpec
+from .export import export, rewrite
 from .report import Report, Site, last_report
 
-__all__ = ["Config", "DeviceSpec", "Report", "Site", "audit", "last_report"]
+__all__ = ["Config", "DeviceSpec", "Report", "Site", "audit", "export", "last_report", "rewrite"]
 
 
 def audit(model: Any, *args: Any, options: Any = None, **kwargs: Any) -> Report:

@@ -125,10 +125,19 @@ def _with_structure(before: match.AttentionMatch, m: match.AttentionMatch,
     return m, mask_report, structure
 
 
+def _before(gm: fx.GraphModule, m: match.AttentionMatch) -> list[str]:
+    region = set(m.region) | {m.anchor, m.output}
+    return [rewrite.describe(n) for n in gm.graph.nodes if n in region]
+
+
 def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Config,
-            report: Report) -> list[match.AttentionMatch]:
+            report: Report, keep: Any = None) -> list[tuple[match.AttentionMatch, Site]]:
     """Canonicalize + match + mask analysis + approximation policy + plan on ``gm`` (in place); fills
-    ``report``."""
+    ``report``.  Returns the sites to fuse with their report entries.
+
+    ``keep(match, site)``, if given, is asked about every site the plan fuses; a falsy reason (a string)
+    leaves the site as it is (the export formats use this for what they cannot express).
+    """
     spec = config.device_spec()
     canonicalize.canonicalize(gm)
     found, misses = match.match(gm)
@@ -147,11 +156,12 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Co
             site.config = dict(verdict["params"][plan.kernel])
         site.error = (verdict or {}).get("errors", {}).get(plan.kernel)
         site.table = plan.table
-        why = _unsupported(m)
+        site.subgraph = {"before": _before(gm, m)}
+        why = _unsupported(m) or (keep(m, site) if keep is not None and site.status == "fused" else None)
         if why:
             site.status, site.reason, site.kernel = "skipped", why, None
         if site.status == "fused":
-            chosen.append(m)
+            chosen.append((m, site))
     for miss in misses:
         report.add(Site(id=0, module=_module_path(miss.anchor), source=_source(miss.anchor), status="skipped",
                         reason=str(miss)))
@@ -164,17 +174,20 @@ def _dynamic(m: match.AttentionMatch) -> bool:
 
 
 def transform(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Config,
-              report: Report, rewrite_graph: bool = True) -> fx.GraphModule:
+              report: Report, rewrite_graph: bool = True, keep: Any = None) -> fx.GraphModule:
     """The rewritten copy of ``gm``, or ``gm`` itself if any pass fails (unless strict).
 
-    With ``rewrite_graph=False`` (audit) only the analysis runs and the report is filled.
+    With ``rewrite_graph=False`` (audit) only the analysis runs and the report is filled.  ``keep`` is
+    `analyze`'s.
     """
     work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     work.meta = dict(getattr(gm, "meta", {}))
     try:
-        chosen = analyze(work, example_inputs, config, report)
+        chosen = analyze(work, example_inputs, config, report, keep)
         if chosen and rewrite_graph:
-            rewrite.rewrite(work, chosen)
+            rewrite.rewrite(work, [m for m, _ in chosen])
+            for (_, site), lines in zip(chosen, work.meta.pop("attnfuse_emitted")):
+                site.subgraph["after"] = lines
         return work
     except Exception as exc:
         if config.strict:

@@ -35,6 +35,7 @@ class Site:
     candidates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     error: float | None = None
     table: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # dynamic lengths: range -> kernel
+    subgraph: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # "before" / "after": one line a node
 
 
 @dataclasses.dataclass
@@ -72,6 +73,14 @@ class Report:
     def save(self, path: str | pathlib.Path) -> pathlib.Path:
         path = pathlib.Path(path)
         path.write_text(self.to_json())
+        return path
+
+    def to_html(self, path: str | pathlib.Path) -> pathlib.Path:
+        """Write the report as one self-contained HTML page (mask pictures, subgraphs, cost tables)."""
+        from . import _html
+
+        path = pathlib.Path(path)
+        path.write_text(_html.render(self), encoding="utf-8")
         return path
 
     @classmethod

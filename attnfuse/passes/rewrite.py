@@ -108,6 +108,10 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
 
         m.anchor.target = _mha.forward
         return
+    _emit(graph, m)
+
+
+def _emit(graph: fx.Graph, m: AttentionMatch) -> None:
     from .. import ops
 
     qs = _shape(m.q)
@@ -165,13 +169,41 @@ def _impure(node: fx.Node) -> bool:
 _VMAP_NESTING = ("_vmap_increment_nesting", "_vmap_decrement_nesting")
 
 
+def describe(node: fx.Node) -> str:
+    """One line for the report: ``name = target(arg, ..., key=value)``."""
+    def show(a):
+        if isinstance(a, fx.Node):
+            return a.name
+        if isinstance(a, (list, tuple)):
+            return "[" + ", ".join(map(show, a)) + "]"
+        return repr(a) if not isinstance(a, float) else f"{a:.6g}"
+
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    if isinstance(node.target, torch._ops.OpOverload):
+        target = str(node.target)
+    args = [show(a) for a in node.args] + [f"{k}={show(v)}" for k, v in node.kwargs.items()
+                                           if v not in (None, "", False, 0, 0.0, -1, 1) or k == "causal"]
+    return f"{node.name} = {target}({', '.join(args)})"
+
+
 def rewrite(gm: fx.GraphModule, matches: list[AttentionMatch]) -> fx.GraphModule:
-    """Rewrite every match in ``gm`` (in place) and drop the dead region nodes."""
+    """Rewrite every match in ``gm`` (in place) and drop the dead region nodes.
+
+    ``gm.meta["attnfuse_emitted"]`` gets, per match, the `describe` lines of the nodes it emitted.
+    """
     from .. import ops  # noqa: F401 - registers torch.ops.attnfuse
 
+    emitted = []
     for m in matches:
+        seen = set(gm.graph.nodes)
         _rewrite_one(gm.graph, m)
-    gm.graph.eliminate_dead_code(is_impure_node=_impure)
+        new = [n for n in gm.graph.nodes if n not in seen] or [m.anchor]
+        emitted.append(new)
+    # a replaced region is dead even where FX calls its ops impure (export's aten SDPA and dropout are
+    # "nondeterministic_seeded")
+    replaced = {n for m in matches if m.form != "mha" for n in (*m.region, m.anchor, m.output)}
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n not in replaced and _impure(n))
     gm.graph.lint()
     gm.recompile()
+    gm.meta["attnfuse_emitted"] = [[describe(n) for n in nodes if n.graph is gm.graph] for nodes in emitted]
     return gm

@@ -1,0 +1,126 @@
+"""What each export format can express, and the op's structure spelled as one mask.
+
+`attnfuse::attention` carries structure the standard attention ops do not have (a window band,
+ALiBi slopes, a block-sparse hint, a finite fill for a bool mask).  For the formats, `dense_mask`
+spells all of it as one bool or additive mask operand with the same values (see
+`attnfuse.kernels.reference` for the semantics); the structured kernels then give way to one
+standard attention op that reads the mask:
+
+* ONNX: `plain_attention` / `plain_attention_sdpa` replace the op's call sites before the
+  re-export, and `attnfuse.export.onnx` translates the plain op into one ``Attention`` node;
+* MLIR: `sdpa_decomposition` turns the op into ``aten.scaled_dot_product_attention``.
+
+`unsupported(format, match, site)` is the reason a site stays as its original ops in a format.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..costmodel import APPROXIMATE
+
+_STRUCTURE = ("window_left", "window_right", "block_sparse", "mask_fill")
+
+
+def unsupported(fmt: str, m: Any, site: Any) -> str | None:
+    """Why ``fmt`` cannot express this fused site (None when it can)."""
+    target = {"onnx": "ONNX Attention", "mlir": "aten.scaled_dot_product_attention"}.get(fmt)
+    if target is None:
+        return None
+    if m.dropout_p > 0:
+        return f"{target} has no dropout (export an eval() model); the site is exported as its original ops"
+    families = {site.kernel, *(row["kernel"] for row in site.table)} & set(APPROXIMATE)
+    if families:
+        return (f"{target} has no {'/'.join(sorted(families))} attention; the site is exported as its original "
+                "(exact) ops")
+    if fmt == "mlir" and m.softcap:
+        return f"{target} has no softcap; the site is exported as its original ops"
+    return None
+
+
+def dense_mask(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, alibi: torch.Tensor | None, *,
+               causal: bool, window_left: int = -1, window_right: int = -1, mask_fill: float | None = None,
+               fold_causal: bool = False, **_: Any) -> tuple[torch.Tensor | None, bool]:
+    """``(mask, causal)`` with the op's band, ALiBi and finite fill folded into the mask.
+
+    The result is None, a bool keep mask or an additive mask in q's dtype, broadcastable to
+    (B, H, Lq, Lk).  ``fold_causal`` also folds ``causal`` (for an op that takes a mask or
+    ``is_causal``, not both).
+    """
+    lq, lk = q.shape[-2], k.shape[-2]
+    left, right = window_left, window_right
+    if causal and (left >= 0 or right >= 0 or (fold_causal and (mask is not None or alibi is not None))):
+        right, causal = (0 if right < 0 else min(right, 0)), False  # causal caps the band's right side
+    finfo_min = torch.finfo(q.dtype).min
+    if mask is not None and mask.dtype == torch.bool and mask_fill is not None and mask_fill != -math.inf:
+        mask = torch.where(mask, torch.zeros((), dtype=q.dtype), torch.full((), max(mask_fill, finfo_min),
+                                                                          dtype=q.dtype))
+    if alibi is not None:
+        rel = torch.arange(lk, device=q.device)[None, :] - torch.arange(lq, device=q.device)[:, None]
+        bias = (alibi.view(-1, 1, 1) * rel).to(q.dtype)  # (H, Lq, Lk): s[h, i, j] += slope[h] * (j - i)
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros((), dtype=q.dtype).masked_fill(~mask, -math.inf)
+        mask = bias if mask is None else mask + bias
+    if left >= 0 or right >= 0:
+        rel = torch.arange(lk, device=q.device)[None, :] - torch.arange(lq, device=q.device)[:, None]
+        band = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+        if left >= 0:
+            band = band & (rel >= -left)
+        if right >= 0:
+            band = band & (rel <= right)
+        if mask is None or mask.dtype == torch.bool:
+            mask = band if mask is None else mask & band
+        else:
+            mask = mask.masked_fill(~band, -math.inf)
+    return mask, causal
+
+
+def _plain(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in kwargs.items() if key not in _STRUCTURE}
+
+
+def _onnx_mask(q, k, mask, alibi, kwargs):
+    mask, causal = dense_mask(q, k, mask, alibi, **kwargs)
+    if mask is not None and mask.is_floating_point():
+        # onnxruntime reads an additive entry equal to the dtype's lowest value as -inf, and gives a row of
+        # them 0 where eager's softmax gives the uniform row HF's finfo.min padding relies on; 0.99x that
+        # value is as good a "never" for every other row.
+        lowest = torch.finfo(mask.dtype).min
+        mask = mask.masked_fill(mask == lowest, 0.99 * lowest)
+    return mask, {**_plain(kwargs), "causal": causal}
+
+
+def plain_attention(q, k, v, mask=None, seed=None, alibi=None, **kwargs):
+    """`attnfuse::attention` with its structure in the mask: what the ONNX translation reads."""
+    mask, kwargs = _onnx_mask(q, k, mask, alibi, kwargs)
+    return torch.ops.attnfuse.attention.default(q, k, v, mask, seed, None, **kwargs)
+
+
+def plain_attention_sdpa(q, k, v, mask=None, seed=None, alibi=None, **kwargs):
+    """`attnfuse.ops.attention_sdpa` with its structure in the mask."""
+    mask, kwargs = _onnx_mask(q, k, mask, alibi, kwargs)
+    return ops.attention_sdpa(q, k, v, mask, seed, None, **kwargs)
+
+
+PLAIN = {torch.ops.attnfuse.attention.default: plain_attention, ops.attention_sdpa: plain_attention_sdpa}
+
+
+def sdpa_decomposition(q, k, v, mask=None, seed=None, alibi=None, *, scale=None, causal=False, softcap=0.0,
+                       kv_groups=1, dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1,
+                       block_sparse=False, approx=""):
+    """`attnfuse::attention` as ``aten.scaled_dot_product_attention`` (sites without softcap/dropout)."""
+    mask, causal = dense_mask(q, k, mask, alibi, causal=causal, window_left=window_left,
+                              window_right=window_right, mask_fill=mask_fill, fold_causal=True)
+    if mask is None and not causal:
+        # torch-mlir expands a mask-less, non-causal SDPA into matmul/softmax; an all-True key mask (one
+        # row, broadcast) keeps it one op, which lowers to tm_tensor.attention
+        mask = torch.ones(1, 1, 1, k.shape[-2], dtype=torch.bool, device=q.device)
+    if kv_groups > 1:  # one K/V head per query head: the form every SDPA lowering takes
+        k, v = k.repeat_interleave(kv_groups, 1), v.repeat_interleave(kv_groups, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    return out, ops._no_stats(q)
