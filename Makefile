@@ -16,7 +16,11 @@ venv: $(BIN)/.ready
 demo: $(BIN)/.ready
 	$(BIN)/python examples/quickstart.py
 
-test: $(BIN)/.ready
+# the HTML report's test renders the page in headless Chromium (Debian's package; CI runs as root)
+browser:
+	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(BIN)/.ready browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests --ignore=tests/interpret
 	# the Triton kernels on the CPU: their own tests, the model tests and the matcher tests through them
@@ -25,4 +29,4 @@ test: $(BIN)/.ready
 bench: $(BIN)/.ready
 	$(BIN)/python benchmarks/bench_models.py
 
-.PHONY: venv demo test bench
+.PHONY: venv demo test bench browser

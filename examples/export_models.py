@@ -96,7 +96,8 @@ def check(name: str, out_dir: pathlib.Path) -> dict:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
     row["onnx_max_err"] = float(np.abs(session.run(None, feeds)[0] - eager.numpy()).max())
-    for output, op in (("torch", "torch.aten.scaled_dot_product_attention"), ("linalg-on-tensors", "tm_tensor.attention")):
+    mlir_ops = {"torch": "torch.aten.scaled_dot_product_attention", "linalg-on-tensors": "tm_tensor.attention"}
+    for output, op in mlir_ops.items():
         path = attnfuse.export(model, args, out_dir / f"{name}.{output}.mlir", format="mlir", mlir_output=output)
         row[f"mlir_{output}_attention"] = path.read_text().count(op)
     return row

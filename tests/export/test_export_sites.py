@@ -1,0 +1,175 @@
+"""Export of the sites with structure (window, ALiBi, block-sparse, softcap), the sites a format cannot
+express (left as their original ops, with the reason), `attnfuse.rewrite` itself, dynamic shapes,
+bad arguments and missing optional dependencies.
+
+Structured sites run ``attnfuse::attention`` with a band, ALiBi slopes or a block-sparse hint; the
+export spells that as the standard op's mask (`attnfuse.export._lower.dense_mask`), and both the ONNX
+model (in onnxruntime) and the SDPA program torch-mlir imports must still compute the model.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+from nanogpt import GPT, GPTConfig
+
+import attnfuse
+from attnfuse.export import _lower
+from attnfuse.report import Site
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "passes"))
+import _mask_models as mm  # noqa: E402
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+_OP = torch.ops.attnfuse.attention.default
+
+
+def _ort(path, args):
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})[0]
+
+
+def _ops(path):
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def _x(t: int = 97):
+    torch.manual_seed(1)
+    return (torch.randn(2, t, mm.DIM),)
+
+
+STRUCTURED = {
+    # name: (model, args, what the op gets)
+    "window": (lambda: mm.Stack(mm.Attention(mask=mm.band_keep(5, 0)), mm.Attention(mask=mm.band_keep(3, 2))),
+               _x, "window_left"),
+    "alibi": (lambda: mm.ALiBi(), _x, "alibi"),
+    "blocksparse": (lambda: mm.ConstantMask(mm.block_pattern(130, 64)), lambda: _x(130), "block_sparse"),
+    "mistral": (lambda: mm.mistral(6), lambda: (torch.randint(3, mm.VOCAB, (2, 19)),), "window_left"),
+}
+
+
+@pytest.mark.parametrize("name", list(STRUCTURED))
+def test_structured_sites(name, tmp_path):
+    build, make_args, feature = STRUCTURED[name]
+    torch.manual_seed(0)
+    model, args = build().eval(), make_args()
+    with torch.no_grad():
+        eager = model(*args)
+    ep = attnfuse.rewrite(torch.export.export(model, args))
+    ops = [n for n in ep.graph.nodes if n.target is _OP]
+    sites = len(attnfuse.last_report().sites)
+    assert len(ops) == len(attnfuse.last_report().fused) == sites >= 1
+    used = [n.kwargs.get(feature) if feature in n.kwargs else (n.args[5] if feature == "alibi" else None)
+            for n in ops]
+    assert all(u not in (None, -1, False) for u in used), f"the op did not get the {feature} structure: {used}"
+    path = attnfuse.export(model, args, tmp_path / "m.onnx", format="onnx")
+    assert _ops(path).count("Attention") == sites and "Softmax" not in _ops(path)
+    np.testing.assert_allclose(_ort(path, args), eager.numpy(), rtol=1e-4, atol=2e-5)
+    sdpa = ep.run_decompositions({_OP: _lower.sdpa_decomposition})
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa.module()(*args), eager, rtol=1e-4, atol=2e-5)
+    pytest.importorskip("torch_mlir")
+    text = attnfuse.export(model, args, tmp_path / "m.mlir", format="mlir").read_text()
+    assert text.count("torch.aten.scaled_dot_product_attention") == sites
+
+
+def test_softcap_is_onnx_attribute_but_not_sdpa(tmp_path):
+    """Gemma 2: ONNX Attention has softcap; SDPA has not, so MLIR keeps those sites as their original ops."""
+    torch.manual_seed(0)
+    model = mm.gemma2(4, 5.0).eval()
+    ids = torch.randint(3, mm.VOCAB, (2, 11))
+    args = (ids, torch.ones(2, 11, dtype=torch.long))
+    with torch.no_grad():
+        eager = model(*args)
+    path = attnfuse.export(model, args, tmp_path / "m.onnx", format="onnx")
+    nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Attention"]
+    assert len(nodes) == 2
+    assert {onnx.helper.get_attribute_value(a) for n in nodes for a in n.attribute if a.name == "softcap"} == {5.0}
+    np.testing.assert_allclose(_ort(path, args), eager.numpy(), rtol=1e-4, atol=2e-5)
+    pytest.importorskip("torch_mlir")
+    text = attnfuse.export(model, args, tmp_path / "m.mlir", format="mlir").read_text()
+    report = attnfuse.last_report()
+    assert not report.fused and len(report.skipped) == 2
+    assert all("has no softcap" in s.reason and "original ops" in s.reason for s in report.skipped)
+    assert "scaled_dot_product_attention" not in text
+
+
+def test_dropout_site_stays_original_in_onnx(tmp_path):
+    """A train-mode model keeps attention dropout: ONNX Attention has none, so the site is its original ops."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=16, dropout=0.1)).train()
+    args = (torch.randint(0, 64, (1, 9)),)
+    path = attnfuse.export(model, args, tmp_path / "m.onnx", format="onnx")
+    report = attnfuse.last_report()
+    assert len(report.sites) == 1 and not report.fused
+    assert "no dropout" in report.skipped[0].reason and "original ops" in report.skipped[0].reason
+    assert "Attention" not in _ops(path) and "Softmax" in _ops(path)
+    attnfuse.export(model, args, tmp_path / "m.pt2", format="pt2")  # pt2 keeps everything: the op does dropout
+    assert len(attnfuse.last_report().fused) == 1
+
+
+def test_approximate_kernels_are_not_expressible():
+    site = Site(id=0, module="m", source="", status="fused", kernel="topk")
+    match = type("M", (), {"dropout_p": 0.0, "softcap": 0.0})()
+    for fmt in ("onnx", "mlir"):
+        assert "no topk attention" in _lower.unsupported(fmt, match, site)
+    site.kernel, site.table = "flash", [{"kv_len": [0, 4096], "kernel": "flash"}, {"kv_len": [4096, None],
+                                                                               "kernel": "lsh"}]
+    assert "no lsh attention" in _lower.unsupported("onnx", match, site)
+    assert _lower.unsupported("pt2", match, site) is None
+
+
+def test_rewrite_keeps_dynamic_shapes():
+    torch.manual_seed(0)
+    model = mm.llama().eval()
+    seq = torch.export.Dim("seq", min=2, max=64)
+    ids, mask = torch.randint(3, mm.VOCAB, (2, 13)), torch.ones(2, 13, dtype=torch.long)
+    ep = attnfuse.rewrite(torch.export.export(model, (ids, mask), dynamic_shapes=({1: seq}, {1: seq})))
+    assert sum(n.target is _OP for n in ep.graph.nodes) == 2
+    for length in (5, 29):
+        ids, mask = torch.randint(3, mm.VOCAB, (2, length)), torch.ones(2, length, dtype=torch.long)
+        mask[0, :3] = 0  # left padding
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(ids, mask), model(ids, mask), rtol=1e-4, atol=1e-5)
+
+
+def test_rewrite_without_sites_returns_the_program():
+    ep = torch.export.export(torch.nn.Linear(4, 3), (torch.randn(2, 4),))
+    assert attnfuse.rewrite(ep) is ep
+    assert attnfuse.last_report().sites == []
+
+
+def test_bad_arguments(tmp_path):
+    model, args = mm.Attention(), _x(7)
+    with pytest.raises(ValueError, match=r"format='tflite'.*'pt2', 'onnx', 'mlir'"):
+        attnfuse.export(model, args, tmp_path / "m", format="tflite")
+    with pytest.raises(ValueError, match=r"mlir_output='stablehlo'.*'torch', 'linalg-on-tensors'"):
+        attnfuse.export(model, args, tmp_path / "m", format="mlir", mlir_output="stablehlo")
+    with pytest.raises(ValueError, match="kernels"):
+        attnfuse.export(model, args, tmp_path / "m", format="pt2", options={"kernels": ["nope"]})
+
+
+@pytest.mark.parametrize(("fmt", "module", "extra"), [("onnx", "onnxscript", "attnfuse[onnx]"),
+                                                      ("onnx", "onnx", "attnfuse[onnx]"),
+                                                      ("mlir", "torch_mlir", "attnfuse[mlir]")])
+def test_missing_dependency_names_the_extra(fmt, module, extra, tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    with pytest.raises(ImportError, match=re.escape(extra)):
+        attnfuse.export(mm.Attention(), _x(7), tmp_path / "m", format=fmt)
+
+
+def test_scale_default_is_written_out(tmp_path):
+    """The op's default scale (1/sqrt(head_dim)) is written as the node's attribute, not left implicit."""
+    path = attnfuse.export(mm.Attention().eval(), _x(7), tmp_path / "m.onnx", format="onnx")
+    node = next(n for n in onnx.load(str(path)).graph.node if n.op_type == "Attention")
+    scale = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "scale")
+    assert scale == pytest.approx(1 / math.sqrt(mm.DIM // mm.HEADS))
