@@ -62,8 +62,6 @@ def _audit(args: argparse.Namespace) -> int:
     _check_outputs(json=args.json, html=args.html)
     target = _target(args.target)
     options = _options(args.options)
-    if args.html and not hasattr(attnfuse.Report, "to_html"):
-        raise _Failure(1, "--html: this attnfuse cannot write HTML reports (Report.to_html is missing)")
     if "options" in target.kwargs:
         raise _Failure(2, f"{args.target}() returned a model keyword argument named 'options', which "
                           "attnfuse.audit takes for itself; rename it")
@@ -93,12 +91,9 @@ def _export(args: argparse.Namespace) -> int:
         raise _Failure(2, f"{args.target}() returned keyword arguments ({', '.join(target.kwargs)}); export takes "
                           "positional example args only: return (model, example_args)")
     options = _options(args.options)
-    export = getattr(attnfuse, "export", None)
-    if export is None:
-        raise _Failure(1, "this attnfuse has no attnfuse.export (update attnfuse)")
     with _tracing():
         try:
-            path = export(target.model, target.args, args.output, format=args.format, options=options,
+            path = attnfuse.export(target.model, target.args, args.output, format=args.format, options=options,
                           mlir_output=args.mlir_output or "torch")
         except ValueError as exc:
             raise _Failure(2, str(exc)) from None

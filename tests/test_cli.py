@@ -134,8 +134,7 @@ def load_models(targets):
 
 def test_audit_file_target_prints_the_table_and_writes_json_and_html(targets):
     out_json, out_html = targets / "report.json", targets / "report.html"
-    html = ["--html", out_html] if hasattr(attnfuse.Report, "to_html") else []
-    proc = cli("audit", targets / "cli_models.py:model", "--json", out_json, *html, cwd=targets / "cwd")
+    proc = cli("audit", targets / "cli_models.py:model", "--json", out_json, "--html", out_html, cwd=targets / "cwd")
     assert proc.returncode == 0, proc.stderr
     assert "attnfuse: 1 of 1 attention sites fused" in proc.stdout
     assert "cli_models.py:" in proc.stdout and "flash" in proc.stdout
@@ -143,10 +142,9 @@ def test_audit_file_target_prints_the_table_and_writes_json_and_html(targets):
     report = attnfuse.Report.load(out_json)
     (site,) = report.sites
     assert site.status == "fused" and site.kernel == "flash" and site.shapes["q"] == [2, 3, 7, 8]
-    if html:
-        assert f"wrote {out_html}" in proc.stderr
-        page = out_html.read_text()
-        assert site.source in page and "flash" in page
+    assert f"wrote {out_html}" in proc.stderr
+    page = out_html.read_text()
+    assert site.source in page and "flash" in page
 
 
 def test_audit_module_target_with_kwargs_and_options(targets):

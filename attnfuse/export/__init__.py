@@ -64,7 +64,9 @@ def _dynamic_shapes(ep: ExportedProgram, gm: fx.GraphModule) -> Any:
 
 
 def _rewrite(ep: ExportedProgram, config: Config, keep: Callable | None = None,
-             lower: dict[Any, Callable] | None = None) -> tuple[ExportedProgram, Report]:
+             lower: Callable | None = None) -> tuple[ExportedProgram, Report]:
+    """`rewrite`, with `analyze`'s ``keep`` and ``lower(gm, example_inputs)``, a pass over the rewritten
+    module before it is exported again."""
     if ep.example_inputs is None:
         raise ValueError("this ExportedProgram has no example_inputs (the passes read them); export it again "
                          "with torch.export.export(model, args)")
@@ -72,14 +74,13 @@ def _rewrite(ep: ExportedProgram, config: Config, keep: Callable | None = None,
     gm = ep.module()
     _strip_asserts(gm)
     report = Report(device=config.device_spec().name, graphs=1)
-    new = transform(gm, pytree.tree_leaves((args, kwargs)), config, report, keep=keep)
+    leaves = pytree.tree_leaves((args, kwargs))
+    new = transform(gm, leaves, config, report, keep=keep)
     _publish(report, config)
     if not report.fused:
         return ep, report
-    for node in new.graph.nodes:
-        if lower and node.op == "call_function" and node.target in lower:
-            node.target = lower[node.target]
-    new.recompile()
+    if lower is not None:
+        lower(new, leaves)
     ep_dynamic = _dynamic_shapes(ep, new)
     return torch.export.export(new, tuple(args), dict(kwargs), dynamic_shapes=ep_dynamic), report
 
@@ -113,7 +114,7 @@ def export(model: Any, args: Any, path: str | pathlib.Path, format: str = "pt2",
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     ep = model if isinstance(model, ExportedProgram) else torch.export.export(model, args)
     keep = functools.partial(_lower.unsupported, format)
-    ep, report = _rewrite(ep, config, keep=keep, lower=_lower.PLAIN if format == "onnx" else None)
+    ep, report = _rewrite(ep, config, keep=keep, lower=_lower.for_onnx if format == "onnx" else None)
     path = pathlib.Path(path)
     if format == "pt2":
         torch.export.save(ep, path)

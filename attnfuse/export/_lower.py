@@ -108,6 +108,38 @@ def plain_attention_sdpa(q, k, v, mask=None, seed=None, alibi=None, **kwargs):
 
 
 PLAIN = {torch.ops.attnfuse.attention.default: plain_attention, ops.attention_sdpa: plain_attention_sdpa}
+_PLAIN_DEFAULTS = {"window_left": -1, "window_right": -1, "block_sparse": False, "dropout_p": 0.0, "approx": ""}
+
+
+def for_onnx(gm: torch.fx.GraphModule, example_inputs: list) -> None:
+    """Point the rewritten op calls at their plain forms (`PLAIN`); a plain call whose mask is right key
+    padding from per-batch lengths (`kv_lengths`) becomes `attention_nonpad` (opset 24's nonpad_kv_seqlen)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in PLAIN:
+            continue
+        q, k, _, mask, seed, alibi = (*node.args, None, None, None)[:6]
+        plain = all(node.kwargs.get(key, default) == default for key, default in _PLAIN_DEFAULTS.items()) \
+            and node.kwargs.get("mask_fill") in (None, -math.inf)
+        lengths = kv_lengths(mask, _shape(q)[0], _shape(k)[-2]) if plain and seed is None and alibi is None \
+            and mask is not None and _shape(q) and _shape(k) else None
+        if lengths is None:
+            node.target = PLAIN[node.target]
+            continue
+        kwargs = {key: node.kwargs[key] for key in ("scale", "causal", "softcap", "kv_groups") if key in node.kwargs}
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.ops.attnfuse.attention_nonpad.default, (*node.args[:3], lengths), kwargs)
+        if node.target is ops.attention_sdpa:  # returns the output itself
+            node.replace_all_uses_with(new)
+        else:  # returns (out, stats): only the output is read after a rewrite
+            for user in list(node.users):
+                user.replace_all_uses_with(new)
+                gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def sdpa_decomposition(q, k, v, mask=None, seed=None, alibi=None, *, scale=None, causal=False, softcap=0.0,
@@ -124,3 +156,69 @@ def sdpa_decomposition(q, k, v, mask=None, seed=None, alibi=None, *, scale=None,
         k, v = k.repeat_interleave(kv_groups, 1), v.repeat_interleave(kv_groups, 1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
     return out, ops._no_stats(q)
+
+
+# --- key padding as per-batch lengths (ONNX opset 24's nonpad_kv_seqlen) -----------------------------------
+
+@torch.library.custom_op("attnfuse::attention_nonpad", mutates_args=())
+def attention_nonpad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor, *,
+                     scale: float | None = None, causal: bool = False, softcap: float = 0.0,
+                     kv_groups: int = 1) -> torch.Tensor:
+    """`attnfuse::attention` whose mask is "key ``j`` of batch ``b`` is valid iff ``j < kv_lengths[b]``"
+    (right padding).  Only the ONNX export emits it: it becomes ``Attention``'s ``nonpad_kv_seqlen``."""
+    keep = torch.arange(k.shape[-2], device=k.device) < kv_lengths.view(-1, 1, 1, 1)
+    return torch.ops.attnfuse.attention.default(q, k, v, keep, None, None, scale=scale, causal=causal,
+                                                softcap=softcap, kv_groups=kv_groups)[0]
+
+
+@attention_nonpad.register_fake
+def _(q, k, v, kv_lengths, *, scale=None, causal=False, softcap=0.0, kv_groups=1):
+    return ops.output_like(q, v)
+
+
+_NOT = {torch.ops.aten.logical_not.default, torch.ops.aten.bitwise_not.default, torch.logical_not,
+        torch.bitwise_not}
+_UNIT_DIMS = {torch.ops.aten.unsqueeze.default, torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+              torch.unsqueeze, torch.reshape}
+_LT = {torch.ops.aten.lt.Tensor: False, torch.lt: False, torch.ops.aten.gt.Tensor: True, torch.gt: True}
+
+
+def _shape(node: Any) -> tuple | None:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _peel_unit_dims(node: Any) -> Any:
+    """Through ops that only add or drop unit dims (the other sizes keep their order)."""
+    while isinstance(node, torch.fx.Node) and node.target in _UNIT_DIMS:
+        inner, outer = _shape(node.args[0]), _shape(node)
+        if inner is None or outer is None or [s for s in inner if s != 1] != [s for s in outer if s != 1]:
+            break
+        node = node.args[0]
+    return node
+
+
+def kv_lengths(mask: Any, batch: Any, kv_len: Any) -> torch.fx.Node | None:
+    """The (B,) lengths node if ``mask`` is provably ``arange(Lk)[None, :] < lengths[:, None]`` (right
+    padding; under an even number of negations, through unit-dim views), else None."""
+    if _shape(mask) is None or len(_shape(mask)) != 4 or _shape(mask)[1:3] != (1, 1):
+        return None
+    node, flips = mask, 0
+    while True:
+        peeled = _peel_unit_dims(node)
+        if isinstance(peeled, torch.fx.Node) and peeled.target in _NOT:
+            node, flips = peeled.args[0], flips + 1
+            continue
+        node = peeled
+        break
+    if flips % 2 or not isinstance(node, torch.fx.Node) or node.target not in _LT or _shape(node) != (batch, kv_len):
+        return None
+    row, col = node.args[::-1] if _LT[node.target] else node.args
+    ar = _peel_unit_dims(row)
+    arange = isinstance(ar, torch.fx.Node) and ar.target is torch.ops.aten.arange.default and ar.args == (kv_len,) \
+        and not {key: value for key, value in ar.kwargs.items() if key in ("start", "step")}
+    lengths = _peel_unit_dims(col)
+    if not arange or _shape(row) not in ((kv_len,), (1, kv_len)) or _shape(col) != (batch, 1) \
+            or _shape(lengths) != (batch,) or lengths.meta["val"].is_floating_point():
+        return None
+    return lengths

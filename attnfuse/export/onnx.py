@@ -39,6 +39,9 @@ def require() -> None:
 
 def _translation() -> dict[Any, Any]:
     from onnxscript import opset23 as op
+    from onnxscript.values import Opset
+
+    op24 = Opset("", 24)  # onnxscript has no opset24 module yet; onnx's schema is there
 
     def attention(q, k, v, mask=None, seed=None, alibi=None, *, scale=None, causal=False, softcap=0.0,
                   kv_groups=1, dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1,
@@ -57,14 +60,24 @@ def _translation() -> dict[Any, Any]:
                                     kv_num_heads=int(k.shape[1]))
         return out, op.ConstantOfShape(op.Constant(value_ints=[0]))  # row statistics: read by the backward only
 
-    return {torch.ops.attnfuse.attention.default: attention}
+    def attention_nonpad(q, k, v, kv_lengths, *, scale=None, causal=False, softcap=0.0, kv_groups=1):
+        if scale is None:
+            scale = float(q.shape[-1]) ** -0.5
+        out, _, _, _ = op24.Attention(q, k, v, None, None, None, op.Cast(kv_lengths, to=7),  # 7: INT64
+                                      is_causal=int(causal), scale=float(scale), softcap=float(softcap),
+                                      q_num_heads=int(q.shape[1]), kv_num_heads=int(k.shape[1]))
+        return out
+
+    return {torch.ops.attnfuse.attention.default: attention,
+            torch.ops.attnfuse.attention_nonpad.default: attention_nonpad}
 
 
 def save(ep: torch.export.ExportedProgram, path: str | pathlib.Path) -> pathlib.Path:
     """Write ``ep`` (already lowered to plain op calls) as an ONNX model at ``path``."""
     require()
     path = pathlib.Path(path)
-    program = torch.onnx.export(ep, dynamo=True, opset_version=OPSET, custom_translation_table=_translation(),
-                                verbose=False)
+    nonpad = any(n.target is torch.ops.attnfuse.attention_nonpad.default for n in ep.graph.nodes)
+    program = torch.onnx.export(ep, dynamo=True, opset_version=OPSET + nonpad,
+                                custom_translation_table=_translation(), verbose=False)
     program.save(str(path))
     return path

@@ -173,3 +173,45 @@ def test_scale_default_is_written_out(tmp_path):
     node = next(n for n in onnx.load(str(path)).graph.node if n.op_type == "Attention")
     scale = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "scale")
     assert scale == pytest.approx(1 / math.sqrt(mm.DIM // mm.HEADS))
+
+
+class LengthsAttention(torch.nn.Module):
+    """Self-attention whose keys are masked from per-batch lengths: right padding (``kv < lengths[b]``), or
+    with ``left=True`` left padding (``kv >= T - lengths[b]``), which nonpad_kv_seqlen cannot express."""
+
+    def __init__(self, left: bool = False, causal: bool = False) -> None:
+        super().__init__()
+        self.qkv, self.left, self.causal = torch.nn.Linear(mm.DIM, 3 * mm.DIM), left, causal
+
+    def forward(self, x, lengths):
+        b, t, _ = x.shape
+        q, k, v = (y.view(b, t, mm.HEADS, -1).transpose(1, 2) for y in self.qkv(x).split(mm.DIM, -1))
+        pos = torch.arange(t, device=x.device)[None, :]
+        keep = pos >= t - lengths[:, None] if self.left else lengths[:, None] > pos
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+        if self.causal:
+            s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, mm.DIM)
+
+
+# causal + key padding keeps its dense mask (`backend._with_structure`: a padded row may see no key),
+# so only the plain right padding reaches the op as a key vector built from the lengths
+@pytest.mark.parametrize(("left", "causal", "nonpad"), [(False, False, True), (False, True, False),
+                                                        (True, False, False)])
+def test_key_padding_lengths_become_nonpad_kv_seqlen(left, causal, nonpad, tmp_path):
+    torch.manual_seed(0)
+    model, x = LengthsAttention(left, causal).eval(), torch.randn(3, 23, mm.DIM)
+    path = attnfuse.export(model, (x, torch.tensor([23, 17, 5])), tmp_path / "m.onnx", format="onnx")
+    proto = onnx.load(str(path))
+    (node,) = [n for n in proto.graph.node if n.op_type == "Attention"]
+    opset = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
+    if not nonpad:  # not (provably) a prefix of the keys: the mask stays an input, opset 23
+        assert opset == {23} and node.input[3] and len(node.input) <= 4
+    else:  # opset 24: nonpad_kv_seqlen is the model's lengths input, and no mask input
+        assert opset == {24} and len(node.input) == 7 and node.input[6] == "lengths" and not node.input[3]
+    for lengths in ([23, 17, 5], [1, 22, 12]):
+        lengths = torch.tensor(lengths)
+        with torch.no_grad():
+            eager = model(x, lengths)
+        np.testing.assert_allclose(_ort(path, (x, lengths)), eager.numpy(), rtol=1e-4, atol=2e-5)
