@@ -177,18 +177,18 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: 
               report: Report, rewrite_graph: bool = True, keep: Any = None) -> fx.GraphModule:
     """The rewritten copy of ``gm``, or ``gm`` itself if any pass fails (unless strict).
 
-    With ``rewrite_graph=False`` (audit) only the analysis runs and the report is filled.  ``keep`` is
-    `analyze`'s.
+    With ``rewrite_graph=False`` (audit) the report is filled (the rewrite still runs on the copy, for the
+    report's "after" subgraphs) and ``gm`` is returned.  ``keep`` is `analyze`'s.
     """
     work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     work.meta = dict(getattr(gm, "meta", {}))
     try:
         chosen = analyze(work, example_inputs, config, report, keep)
-        if chosen and rewrite_graph:
+        if chosen:
             rewrite.rewrite(work, [m for m, _ in chosen])
             for (_, site), lines in zip(chosen, work.meta.pop("attnfuse_emitted")):
                 site.subgraph["after"] = lines
-        return work
+        return work if rewrite_graph else gm
     except Exception as exc:
         if config.strict:
             raise

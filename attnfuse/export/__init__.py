@@ -73,6 +73,7 @@ def _rewrite(ep: ExportedProgram, config: Config, keep: Callable | None = None,
     args, kwargs = ep.example_inputs
     gm = ep.module()
     _strip_asserts(gm)
+    dynamic = _dynamic_shapes(ep, gm)
     report = Report(device=config.device_spec().name, graphs=1)
     leaves = pytree.tree_leaves((args, kwargs))
     new = transform(gm, leaves, config, report, keep=keep)
@@ -81,8 +82,7 @@ def _rewrite(ep: ExportedProgram, config: Config, keep: Callable | None = None,
         return ep, report
     if lower is not None:
         lower(new, leaves)
-    ep_dynamic = _dynamic_shapes(ep, new)
-    return torch.export.export(new, tuple(args), dict(kwargs), dynamic_shapes=ep_dynamic), report
+    return torch.export.export(new, tuple(args), dict(kwargs), dynamic_shapes=dynamic), report
 
 
 def rewrite(ep: ExportedProgram, options: Any = None) -> ExportedProgram:

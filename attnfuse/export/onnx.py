@@ -77,7 +77,11 @@ def save(ep: torch.export.ExportedProgram, path: str | pathlib.Path) -> pathlib.
     require()
     path = pathlib.Path(path)
     nonpad = any(n.target is torch.ops.attnfuse.attention_nonpad.default for n in ep.graph.nodes)
-    program = torch.onnx.export(ep, dynamo=True, opset_version=OPSET + nonpad,
+    # the exporter's graph optimizer fuses rotary embeddings into opset 23's RotaryEmbedding, which
+    # onnxruntime rejects once the sequence length is dynamic: a dynamic program is written unoptimized
+    dynamic = any(isinstance(s, torch.SymInt) for n in ep.graph.find_nodes(op="placeholder")
+                  if isinstance(n.meta.get("val"), torch.Tensor) for s in n.meta["val"].shape)
+    program = torch.onnx.export(ep, dynamo=True, opset_version=OPSET + nonpad, optimize=not dynamic,
                                 custom_translation_table=_translation(), verbose=False)
     program.save(str(path))
     return path

@@ -126,18 +126,23 @@ def test_approximate_kernels_are_not_expressible():
     assert _lower.unsupported("pt2", match, site) is None
 
 
-def test_rewrite_keeps_dynamic_shapes():
+def test_dynamic_shapes_survive_rewrite_and_onnx(tmp_path):
     torch.manual_seed(0)
     model = mm.llama().eval()
     seq = torch.export.Dim("seq", min=2, max=64)
     ids, mask = torch.randint(3, mm.VOCAB, (2, 13)), torch.ones(2, 13, dtype=torch.long)
-    ep = attnfuse.rewrite(torch.export.export(model, (ids, mask), dynamic_shapes=({1: seq}, {1: seq})))
+    exported = torch.export.export(model, (ids, mask), dynamic_shapes=({1: seq}, {1: seq}))
+    ep = attnfuse.rewrite(exported)
     assert sum(n.target is _OP for n in ep.graph.nodes) == 2
+    path = attnfuse.export(exported, (ids, mask), tmp_path / "m.onnx", format="onnx")
+    assert _ops(path).count("Attention") == 2 and "Softmax" not in _ops(path)
     for length in (5, 29):
         ids, mask = torch.randint(3, mm.VOCAB, (2, length)), torch.ones(2, length, dtype=torch.long)
         mask[0, :3] = 0  # left padding
         with torch.no_grad():
-            torch.testing.assert_close(ep.module()(ids, mask), model(ids, mask), rtol=1e-4, atol=1e-5)
+            eager = model(ids, mask)
+            torch.testing.assert_close(ep.module()(ids, mask), eager, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(_ort(path, (ids, mask)), eager.numpy(), rtol=1e-4, atol=2e-5)
 
 
 def test_rewrite_without_sites_returns_the_program():
