@@ -12,6 +12,7 @@ the attention ops in the MLIR of both output types.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import tempfile
@@ -70,6 +71,10 @@ def example(name: str) -> tuple[nn.Module, tuple]:
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
     mask[1, -4:] = 0
     return model, ((ids, mask, torch.randint(3, VOCAB, (BATCH, 7))) if name == "t5" else (ids, mask))
+
+
+# CLI targets, e.g. `python -m attnfuse audit examples/export_models.py:gpt2`
+gpt2, bert, llama, t5, nanogpt = (functools.partial(example, name) for name in BUILDERS)
 
 
 def _first(out):
