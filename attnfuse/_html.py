@@ -21,6 +21,7 @@ from typing import Any
 _MAX_CELLS = 64  # per side of a mask grid
 _GRID_PX = 256  # the largest side of a mask grid, in pixels
 _TENSOR_KINDS = ("padding", "bias", "dense", "blocksparse")  # parts the report holds no values for
+_TILE_CELL = {".": "off", "#": "on", "+": "partial"}  # a block-sparse layout's tiles: empty / full / partial
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#1f2933;background:#f7f8fa;margin:0}
@@ -49,6 +50,7 @@ pre{background:#f4f6f8;border:1px solid #e1e6eb;border-radius:6px;padding:8px 10
 overflow-wrap:anywhere}
 ul.proof{margin:4px 0;padding-left:18px} ul.proof li{font-family:ui-monospace,Menlo,monospace;font-size:12px}
 svg.mask rect.on{fill:#2f6fbf} svg.mask rect.off{fill:#eef1f5} svg.mask rect.runtime{fill:url(#hatch)}
+svg.mask rect.partial{fill:#9dbbe0}
 svg.mask text{font-size:11px;fill:#52606d}
 .legend span{display:inline-block;width:12px;height:12px;vertical-align:-2px;margin:0 4px 0 12px;
 border:1px solid #c5ccd4} .legend .on{background:#2f6fbf} .legend .off{background:#eef1f5}
@@ -116,6 +118,9 @@ def mask_cells(site) -> tuple[int, list[list[str]]] | None:
     q, k = (site.shapes.get(t, [])[-2] if len(site.shapes.get(t, [])) >= 2 else None for t in "qk")
     if not (isinstance(q, int) and isinstance(k, int) and q > 0 and k > 0):
         return None
+    layout = site.mask.get("blocks", {}).get("layout")
+    if layout:  # a constant block-sparse mask: one cell per tile, as the kernel sees it
+        return site.mask["blocks"].get("tile", [64])[0], [[_TILE_CELL[c] for c in row] for row in layout]
     lo, hi = _band(site)
     tensor = any(p in _TENSOR_KINDS for p in site.mask.get("kind", "none").split("+"))
     step = math.ceil(max(q, k) / _MAX_CELLS)
@@ -163,8 +168,10 @@ def _mask_caption(mask: dict) -> str:
     if "blocksparse" in kinds:
         b, d = mask.get("blocks", {}), mask.get("density")
         tiles = ", ".join(f"{b[t]} {t}" for t in ("empty", "full", "partial") if t in b)
-        lines.append(f"block-sparse constant mask; its tile layout is not in the report (hatched). 64×64 tiles: "
-                     f"{tiles}" + (f"; density {d:.1%}" if isinstance(d, (int, float)) else ""))
+        shown = ("one cell per tile: dark = full, light = partial, pale = empty (skipped)" if b.get("layout")
+                 else "its tile layout is not in the report (hatched)")
+        lines.append(f"block-sparse constant mask; {shown}. {b.get('tile', [64])[0]}×{b.get('tile', [64])[-1]} "
+                     f"tiles: {tiles}" + (f"; density {d:.1%}" if isinstance(d, (int, float)) else ""))
     if "alibi" in kinds:
         lines.append(f"ALiBi: per-head slopes ({mask.get('alibi_heads', '?')} heads) add a bias linear in the "
                      "key-query distance; it weights, never hides, keys")

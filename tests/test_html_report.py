@@ -133,6 +133,19 @@ def test_mask_pictures_count_cells():
     assert sections["site-6"]["rects"] == {"runtime": 64 * 64}  # layout not recorded: hatched, density in text
 
 
+def test_block_sparse_layout_from_a_real_audit():
+    """The mask analysis records a constant mask's tile layout; the picture draws one cell per 64x64 tile."""
+    sys.path.insert(0, str(pathlib.Path(__file__).parent / "passes"))
+    from _mask_models import DIM, ConstantMask, block_pattern
+
+    report = attnfuse.audit(ConstantMask(block_pattern(130, 64)), torch.randn(1, 130, DIM))
+    (site,) = report.sites
+    assert site.kernel == "blocksparse" and site.mask["blocks"]["layout"] == ["###", "##.", "#.#"]
+    (section,) = _Page(_html.render(report)).sections.values()
+    assert section["rects"] == {"on": 7, "off": 2}
+    assert "one cell per tile" in _text(section)
+
+
 def test_everything_is_escaped(tmp_path):
     path = _report().to_html(tmp_path / "r.html")
     page = path.read_text(encoding="utf-8")

@@ -182,8 +182,13 @@ def whole(gm: fx.GraphModule, inputs: dict, kind: str, negate: bool, node: fx.No
                                    f"full, {blocks['partial']} partial {TILE}x{TILE} tiles")
 
 
-def tiles(keep: torch.Tensor, masked: torch.Tensor) -> dict[str, int]:
-    """Count the (TILE x TILE) tiles of the last two dims: all masked / all kept / mixed (edges padded)."""
+def tiles(keep: torch.Tensor, masked: torch.Tensor) -> dict[str, Any]:
+    """Count the (TILE x TILE) tiles of the last two dims: all masked / all kept / mixed (edges padded).
+
+    ``layout`` (for the report's picture, up to 64 x 64 tiles) is one string per tile row, a character
+    per tile: ``.`` empty, ``#`` full, ``+`` partial; over leading dims (heads), a tile is empty or full
+    only if it is in all of them.
+    """
     *lead, lq, lk = keep.shape
     pq, pk = -(-lq // TILE) * TILE, -(-lk // TILE) * TILE
     k = torch.ones(*lead, pq, pk, dtype=torch.bool)
@@ -193,6 +198,13 @@ def tiles(keep: torch.Tensor, masked: torch.Tensor) -> dict[str, int]:
     empty = mk.reshape(shape).all(-1).all(-2)
     full = k.reshape(shape).all(-1).all(-2)
     n = empty.numel()
-    return {"empty": int(empty.sum()), "full": int((full & ~empty).sum()),
-            "partial": n - int(empty.sum()) - int((full & ~empty).sum()), "tile": [TILE, TILE]}
+    out = {"empty": int(empty.sum()), "full": int((full & ~empty).sum()),
+           "partial": n - int(empty.sum()) - int((full & ~empty).sum()), "tile": [TILE, TILE]}
+    tq, tk = empty.shape[-2:]
+    if tq <= 64 and tk <= 64:
+        all_empty = empty.reshape(-1, tq, tk).all(0)
+        all_full = (full & ~empty).reshape(-1, tq, tk).all(0)
+        out["layout"] = ["".join("." if e else "#" if f else "+" for e, f in zip(er.tolist(), fr.tolist()))
+                         for er, fr in zip(all_empty, all_full)]
+    return out
 
