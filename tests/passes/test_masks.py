@@ -249,7 +249,8 @@ def test_constant_block_sparse_mask():
     res = check(ConstantMask(keep), (_x(n),))
     site = res.report.sites[0]
     assert kinds(res.report) == ["blocksparse"], str(res.report)
-    assert site.mask["blocks"] == {"empty": 2, "full": 6, "partial": 1, "tile": [64, 64]}, site.mask
+    assert site.mask["blocks"] == {"empty": 2, "full": 6, "partial": 1, "tile": [64, 64],
+                                   "layout": ["###", "#+.", "#.#"]}, site.mask
     assert res.call["block_sparse"] and res.call["mask"].shape == (n, n)
 
 
