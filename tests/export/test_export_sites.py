@@ -220,3 +220,52 @@ def test_key_padding_lengths_become_nonpad_kv_seqlen(left, causal, nonpad, tmp_p
         with torch.no_grad():
             eager = model(x, lengths)
         np.testing.assert_allclose(_ort(path, (x, lengths)), eager.numpy(), rtol=1e-4, atol=2e-5)
+
+
+class TwoMHA(torch.nn.Module):
+    """``nn.MultiheadAttention`` self-attention with key padding, then cross-attention to a shorter memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn = torch.nn.MultiheadAttention(mm.DIM, mm.HEADS, batch_first=True)
+        self.cross_attn = torch.nn.MultiheadAttention(mm.DIM, mm.HEADS, batch_first=True)
+
+    def forward(self, x, memory, key_padding_mask):
+        x = x + self.self_attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        return x + self.cross_attn(x, memory, memory, need_weights=False)[0]
+
+
+def _padded_ids(length: int = 13):
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, -4:] = 0
+    return torch.randint(3, mm.VOCAB, (2, length)), mask
+
+
+SDPA_SITES = {  # models whose attention is already F.scaled_dot_product_attention / nn.MultiheadAttention
+    "gpt2-sdpa": (lambda: mm.gpt2("sdpa"), _padded_ids),
+    "llama-sdpa": (lambda: mm.llama("sdpa"), _padded_ids),
+    "mha": (TwoMHA, lambda: (torch.randn(2, 9, mm.DIM), torch.randn(2, 5, mm.DIM),
+                             torch.tensor([[False] * 9, [False] * 7 + [True] * 2]))),
+}
+
+
+@pytest.mark.parametrize("name", list(SDPA_SITES))
+def test_sdpa_and_mha_sites(name, tmp_path):
+    build, make_args = SDPA_SITES[name]
+    torch.manual_seed(0)
+    model, args = build().eval(), make_args()
+    with torch.no_grad():
+        eager = model(*args)
+    path = attnfuse.export(model, args, tmp_path / "m.onnx", format="onnx")
+    report = attnfuse.last_report()
+    assert len(report.fused) == len(report.sites) == 2, str(report)
+    assert _ops(path).count("Attention") == 2 and "Softmax" not in _ops(path)
+    np.testing.assert_allclose(_ort(path, args), eager.numpy(), rtol=1e-4, atol=2e-5)
+    ep = torch.export.load(attnfuse.export(model, args, tmp_path / "m.pt2", format="pt2"))
+    assert sum(n.target is _OP for n in ep.graph.nodes) == 2
+    assert not any("scaled_dot_product" in str(n.target) for n in ep.graph.nodes)  # the originals are gone
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(*args), eager, rtol=1e-4, atol=2e-5)
+    pytest.importorskip("torch_mlir")
+    text = attnfuse.export(model, args, tmp_path / "m.mlir", format="mlir").read_text()
+    assert text.count("torch.aten.scaled_dot_product_attention") == 2
