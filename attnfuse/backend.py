@@ -135,8 +135,9 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Co
     """Canonicalize + match + mask analysis + approximation policy + plan on ``gm`` (in place); fills
     ``report``.  Returns the sites to fuse with their report entries.
 
-    ``keep(match, site)``, if given, is asked about every site the plan fuses; a falsy reason (a string)
-    leaves the site as it is (the export formats use this for what they cannot express).
+    ``keep(match, site)``, if given, is asked about every site the plan fuses; a reason (a sentence, not
+    None) leaves that site as it is, skipped with the reason (the export formats use this for what they
+    cannot express).
     """
     spec = config.device_spec()
     canonicalize.canonicalize(gm)

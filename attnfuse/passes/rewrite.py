@@ -108,10 +108,6 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
 
         m.anchor.target = _mha.forward
         return
-    _emit(graph, m)
-
-
-def _emit(graph: fx.Graph, m: AttentionMatch) -> None:
     from .. import ops
 
     qs = _shape(m.q)
@@ -176,14 +172,21 @@ def describe(node: fx.Node) -> str:
             return a.name
         if isinstance(a, (list, tuple)):
             return "[" + ", ".join(map(show, a)) + "]"
-        return repr(a) if not isinstance(a, float) else f"{a:.6g}"
+        if isinstance(a, float):
+            return f"{a:.6g}"
+        return repr(a) if len(repr(a)) <= 60 else repr(a)[:56] + "...'"
 
     target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
     if isinstance(node.target, torch._ops.OpOverload):
         target = str(node.target)
     args = [show(a) for a in node.args] + [f"{k}={show(v)}" for k, v in node.kwargs.items()
-                                           if v not in (None, "", False, 0, 0.0, -1, 1) or k == "causal"]
+                                           if v not in (None, "") and _OP_DEFAULTS.get(k, ()) != v]
     return f"{node.name} = {target}({', '.join(args)})"
+
+
+# the op's keyword defaults, left out of `describe`'s lines (other keywords are always shown)
+_OP_DEFAULTS = {"softcap": 0.0, "kv_groups": 1, "dropout_p": 0.0, "window_left": -1, "window_right": -1,
+                "block_sparse": False}
 
 
 def rewrite(gm: fx.GraphModule, matches: list[AttentionMatch]) -> fx.GraphModule:
