@@ -144,6 +144,20 @@ def _rows(Idx, z, start, end, L, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _query_program(H, n_hashes, GROUPS: tl.constexpr):
+    """The ids of a query-side program: axis 1 is z = (b * H + h) * n_hashes + r; zk is the same round of its
+    K/V head (b * Hkv + hkv) * n_hashes + r.  Returns (z, r, bh, h, b, hkv, zk)."""
+    z = tl.program_id(1)
+    r = z % n_hashes
+    bh = z // n_hashes
+    h = bh % H
+    b = bh // H
+    hkv = h // GROUPS
+    zk = (b * (H // GROUPS) + hkv) * n_hashes + r
+    return z, r, bh, h, b, hkv, zk
+
+
+@triton.jit
 def _fwd_kernel(
     # pointers
     Q, K, V, QIdx, KIdx, QCh, KCh, QStart, KStart, Out, Lse,
@@ -166,13 +180,7 @@ def _fwd_kernel(
     QIdx (B, H, R, L) / KIdx (B, Hkv, R, L) int32: positions in sorted order; QCh/KCh (B, H, R, L): joint chunk
     of each position; QStart/KStart (B, H, R, n_chunks + 1): first query / key rank of each joint chunk.
     """
-    z = tl.program_id(1)  # (b * H + h) * n_hashes + r
-    r = z % n_hashes
-    bh = z // n_hashes
-    h = bh % H
-    b = bh // H
-    hkv = h // GROUPS
-    zk = (b * (H // GROUPS) + hkv) * n_hashes + r
+    z, r, bh, h, b, hkv, zk = _query_program(H, n_hashes, GROUPS)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok, qpos = _rows(QIdx, z, tl.program_id(0) * BLOCK_M, L, L, BLOCK_M)
@@ -228,13 +236,7 @@ def _bwd_dq_kernel(
 ):
     """dQ of one round from the tile's rows, as `_fwd_kernel` visits them: P = exp2(s - LSE2) with the merged
     LSE (``Stats`` (B, H, L, 2) fp32, [LSE2, 0]), dS = P (dO V^T - Delta).  Writes DQ (B, H, R, L, D) fp32."""
-    z = tl.program_id(1)
-    r = z % n_hashes
-    bh = z // n_hashes
-    h = bh % H
-    b = bh // H
-    hkv = h // GROUPS
-    zk = (b * (H // GROUPS) + hkv) * n_hashes + r
+    z, r, bh, h, b, hkv, zk = _query_program(H, n_hashes, GROUPS)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok, qpos = _rows(QIdx, z, tl.program_id(0) * BLOCK_M, L, L, BLOCK_M)

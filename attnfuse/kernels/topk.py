@@ -153,6 +153,29 @@ def _tile_class(Chosen, stride_cq, mt, kt, n_mt, n_kt, q_len, kv_len, GROUPS: tl
 
 
 @triton.jit
+def _list_tiles(out, Chosen, stride_cq, own, lo, hi, n_mt, n_kt, q_len, kv_len, GROUPS: tl.constexpr,
+                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                BY_KEY: tl.constexpr, BLOCK_T: tl.constexpr, FULL: tl.constexpr):
+    """Write the ``FULL`` (else partial) tiles of row ``own`` among ``[lo, hi)`` to ``out[0:n]``; returns n."""
+    n = 0
+    for t0 in range(lo, hi, BLOCK_T):
+        other = t0 + tl.arange(0, BLOCK_T)
+        if BY_KEY:
+            full, part = _tile_class(Chosen, stride_cq, other, own, n_mt, n_kt, q_len, kv_len, GROUPS, BLOCK,
+                                     BLOCK_M, BLOCK_N, CAUSAL)
+        else:
+            full, part = _tile_class(Chosen, stride_cq, own, other, n_mt, n_kt, q_len, kv_len, GROUPS, BLOCK,
+                                     BLOCK_M, BLOCK_N, CAUSAL)
+        if FULL:
+            f = full.to(tl.int32)
+        else:
+            f = part.to(tl.int32)
+        tl.store(out + n + tl.cumsum(f, 0) - 1, other, mask=f != 0)
+        n += tl.sum(f, 0)
+    return n
+
+
+@triton.jit
 def _listing_kernel(
     Chosen, Out,
     stride_cb, stride_ch, stride_cq,
@@ -178,30 +201,10 @@ def _listing_kernel(
         hi = n_kt
         if CAUSAL:
             hi = tl.minimum(n_kt, tl.minimum(((own * BLOCK_M + BLOCK_M - 1) // GROUPS), q_len - 1) // BLOCK_N + 1)
-    n_full = 0
-    for t0 in range(lo, hi, BLOCK_T):
-        other = t0 + tl.arange(0, BLOCK_T)
-        if BY_KEY:
-            full, _ = _tile_class(Chosen, stride_cq, other, own, n_mt, n_kt, q_len, kv_len, GROUPS, BLOCK, BLOCK_M,
-                                  BLOCK_N, CAUSAL)
-        else:
-            full, _ = _tile_class(Chosen, stride_cq, own, other, n_mt, n_kt, q_len, kv_len, GROUPS, BLOCK, BLOCK_M,
-                                  BLOCK_N, CAUSAL)
-        f = full.to(tl.int32)
-        tl.store(out + n_full + tl.cumsum(f, 0) - 1, other, mask=f != 0)
-        n_full += tl.sum(f, 0)
-    n_part = 0
-    for t0 in range(lo, hi, BLOCK_T):
-        other = t0 + tl.arange(0, BLOCK_T)
-        if BY_KEY:
-            _, part = _tile_class(Chosen, stride_cq, other, own, n_mt, n_kt, q_len, kv_len, GROUPS, BLOCK, BLOCK_M,
-                                  BLOCK_N, CAUSAL)
-        else:
-            _, part = _tile_class(Chosen, stride_cq, own, other, n_mt, n_kt, q_len, kv_len, GROUPS, BLOCK, BLOCK_M,
-                                  BLOCK_N, CAUSAL)
-        p = part.to(tl.int32)
-        tl.store(out + n_full + n_part + tl.cumsum(p, 0) - 1, other, mask=p != 0)
-        n_part += tl.sum(p, 0)
+    n_full = _list_tiles(out, Chosen, stride_cq, own, lo, hi, n_mt, n_kt, q_len, kv_len, GROUPS, BLOCK, BLOCK_M,
+                         BLOCK_N, CAUSAL, BY_KEY, BLOCK_T, True)
+    n_part = _list_tiles(out + n_full, Chosen, stride_cq, own, lo, hi, n_mt, n_kt, q_len, kv_len, GROUPS, BLOCK,
+                         BLOCK_M, BLOCK_N, CAUSAL, BY_KEY, BLOCK_T, False)
     tl.store(row, n_full)
     tl.store(row + 1, n_part)
 
