@@ -77,7 +77,6 @@ def _rewrite(ep: ExportedProgram, config: Config, keep: Callable | None = None,
     report = Report(device=config.device_spec().name, graphs=1)
     leaves = pytree.tree_leaves((args, kwargs))
     new = transform(gm, leaves, config, report, keep=keep)
-    _publish(report, config)
     if not report.fused:
         return ep, report
     if lower is not None:
@@ -91,7 +90,10 @@ def rewrite(ep: ExportedProgram, options: Any = None) -> ExportedProgram:
     The same passes and options as the ``torch.compile`` backend; ``attnfuse.last_report()`` is the
     report.  An ``ep`` with nothing to fuse (or whose passes fail) comes back unchanged.
     """
-    return _rewrite(ep, Config.from_options(options))[0]
+    config = Config.from_options(options)
+    ep, report = _rewrite(ep, config)
+    _publish(report, config)
+    return ep
 
 
 def export(model: Any, args: Any, path: str | pathlib.Path, format: str = "pt2", options: Any = None, *,
@@ -113,7 +115,7 @@ def export(model: Any, args: Any, path: str | pathlib.Path, format: str = "pt2",
     config = Config.from_options(options)
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     ep = model if isinstance(model, ExportedProgram) else torch.export.export(model, args)
-    keep = functools.partial(_lower.unsupported, format)
+    keep = None if format == "pt2" else functools.partial(_lower.unsupported, format)
     ep, report = _rewrite(ep, config, keep=keep, lower=_lower.for_onnx if format == "onnx" else None)
     path = pathlib.Path(path)
     if format == "pt2":
