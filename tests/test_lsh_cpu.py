@@ -81,6 +81,15 @@ def compare(dtype, q, k, v, visible, **kw) -> torch.Tensor:
     return out
 
 
+def check_one_chunk(dtype, b, h, hk, n, d, *, causal, **kw) -> None:
+    """A bucket size that puts every position in one chunk: LSH must be exact (causal) attention."""
+    q, k, v = qkv(dtype, b, h, hk, n, d)
+    visible = torch.ones(n, n, dtype=torch.bool)
+    if causal:
+        visible = visible.tril()
+    compare(dtype, q, k, v, visible.expand(b, h, n, n), causal=causal, **kw)
+
+
 EXACT = [  # (B, H, Hkv, L, D, causal, n_hashes, dtype)
     (1, 2, 2, 97, 40, False, 1, torch.float32),
     (2, 4, 2, 130, 16, True, 3, torch.float32),
@@ -90,11 +99,7 @@ EXACT = [  # (B, H, Hkv, L, D, causal, n_hashes, dtype)
 
 @pytest.mark.parametrize("b,h,hk,n,d,causal,rounds,dtype", EXACT)
 def test_one_chunk_is_exact_attention(b, h, hk, n, d, causal, rounds, dtype):
-    q, k, v = qkv(dtype, b, h, hk, n, d)
-    visible = torch.ones(n, n, dtype=torch.bool)
-    if causal:
-        visible = visible.tril()
-    compare(dtype, q, k, v, visible.expand(b, h, n, n), causal=causal, n_hashes=rounds, bucket_size=n + 5, seed=3)
+    check_one_chunk(dtype, b, h, hk, n, d, causal=causal, n_hashes=rounds, bucket_size=n + 5, seed=3)
 
 
 UNION = [  # (B, H, Hkv, L, D, Dv, causal, n_hashes, bucket_size, dtype)

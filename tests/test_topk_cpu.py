@@ -44,6 +44,17 @@ def check_masked(dtype, b, h, hkv, lq, lk, d, dv, *, causal, what, **params):
     return chosen
 
 
+def check_covering(dtype, shape, what, *, seed) -> torch.Tensor:
+    """``topk >= Lk`` (every block kept) must be exact attention under the 2x rule; returns the selection."""
+    b, h, hkv, lq, lk, d, dv, causal = shape
+    _seed(*seed)
+    q, k, v = _qkv(dtype, b, h, hkv, lq, lk, d, dv)
+    params = dict(topk=lk, block=32, sink=0, local=0)
+    chosen = topk.select(q, k, causal=causal, **params)
+    _compare(dtype, q, k, v, torch.randn(b, h, lq, dv).to(dtype), attend=attend(**params), causal=causal, what=what)
+    return chosen
+
+
 def planted(dtype, *, lq: int, heads: int, kv_heads: int, d: int, block: int, qb: int, kb: int):
     """Inputs where query block ``qb``'s rows (every head) align with a unit direction u and three keys of key
     block ``kb`` are 6 * |u| = 6 * sqrt(d) along it: their scores dwarf every other key's."""
@@ -97,14 +108,10 @@ SHAPES = {
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_topk_at_least_lk_is_exact(name, dtype):
     b, h, hkv, lq, lk, d, dv, causal = SHAPES[name]
-    _seed(name, dtype)
-    q, k, v = _qkv(dtype, b, h, hkv, lq, lk, d, dv)
-    params = dict(topk=lk, block=32, sink=0, local=0)
-    assert topk.select(q, k, causal=causal, **params).sum() == (
+    chosen = check_covering(dtype, SHAPES[name], name, seed=(name, dtype))
+    assert chosen.sum() == (
         b * hkv * sum(min(qb + 1, -(-lk // 32)) for qb in range(-(-lq // 32))) if causal else b * hkv *
         -(-lq // 32) * -(-lk // 32))
-    _compare(dtype, q, k, v, torch.randn(b, h, lq, dv).to(dtype), attend=attend(**params), causal=causal,
-             what=name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from attnfuse.kernels import lsh
-from tests.test_lsh_cpu import compare, qkv, union_mask
+from tests.test_lsh_cpu import check_one_chunk, compare, qkv, union_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on rows without keys: log2(0)
 
@@ -25,11 +25,7 @@ EXACT = [  # (B, H, Hkv, L, D, causal, n_hashes, dtype)
 
 @pytest.mark.parametrize("b,h,hk,n,d,causal,rounds,dtype", EXACT)
 def test_one_chunk_is_exact_attention(b, h, hk, n, d, causal, rounds, dtype):
-    q, k, v = qkv(dtype, b, h, hk, n, d)
-    visible = torch.ones(n, n, dtype=torch.bool)
-    if causal:
-        visible = visible.tril()
-    compare(dtype, q, k, v, visible.expand(b, h, n, n), causal=causal, n_hashes=rounds, bucket_size=128, seed=7)
+    check_one_chunk(dtype, b, h, hk, n, d, causal=causal, n_hashes=rounds, bucket_size=128, seed=7)
 
 
 UNION = [  # (B, H, Hkv, L, D, Dv, causal, n_hashes, bucket_size, dtype)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from attnfuse.kernels import flash, topk
-from tests.interpret.test_flash import DTYPES, _compare, _qkv, _seed
-from tests.test_topk_cpu import attend, check_masked, check_planted
+from tests.interpret.test_flash import DTYPES, _qkv, _seed
+from tests.test_topk_cpu import check_covering, check_masked, check_planted
 
 # name: (B, H, Hkv, Lq, Lk, D, Dv, causal)
 SHAPES = {
@@ -33,13 +33,8 @@ def test_triton_path_is_used():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_topk_at_least_lk_is_exact(name, dtype):
-    b, h, hkv, lq, lk, d, dv, causal = SHAPES[name]
-    _seed("triton", name, dtype)
-    q, k, v = _qkv(dtype, b, h, hkv, lq, lk, d, dv)
-    params = dict(topk=lk, block=32, sink=0, local=0)
-    assert topk.select(q, k, causal=causal, **params)[..., -1, :].all()
-    _compare(dtype, q, k, v, torch.randn(b, h, lq, dv).to(dtype), attend=attend(**params), causal=causal,
-             what=name)
+    chosen = check_covering(dtype, SHAPES[name], name, seed=("triton", name, dtype))
+    assert chosen[..., -1, :].all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
