@@ -50,17 +50,22 @@ def _has_kernel(family: str) -> bool:
     return importlib.util.find_spec(f"attnfuse.kernels.{family}") is not None
 
 
+def _run_quick(script: str, out, *args: str) -> tuple[dict, str, float]:
+    """Run ``benchmarks/<script> --quick ... --out out`` on the CPU: its JSON document, stdout and wall time."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=CPU_ENV)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out.read_text()), proc.stdout, elapsed
+
+
 # ---------------------------------------------------------------- bench_longcontext
 
 def test_longcontext_quick_run_writes_json_and_png(tmp_path):
     out = tmp_path / "lc.json"
-    t0 = time.perf_counter()
     # one ragged length (four worker processes) keeps it well under a minute on a busy 2-core machine
-    proc = subprocess.run([sys.executable, str(BENCH / "bench_longcontext.py"), "--quick", "--seqs", "300", "--out",
-                           str(out)], capture_output=True, text=True, timeout=300, env=CPU_ENV)
-    elapsed = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    doc = json.loads(out.read_text())
+    doc, stdout, elapsed = _run_quick("bench_longcontext.py", out, "--seqs", "300")
     assert doc["benchmark"] == "bench_longcontext" and doc["device"].startswith("cpu")
     assert doc["setup"]["quick"] and doc["setup"]["args"]["device"] == "cpu"
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -81,7 +86,7 @@ def test_longcontext_quick_run_writes_json_and_png(tmp_path):
     assert all(r["speedup_vs_sdpa"] > 0 for r in doc["ratios"])
     (goal,) = doc["goals"]
     assert goal["met"] is None and goal["note"] == "not measured"  # the goal is at seq 32k
-    assert "goal cpu: topk fwd at seq 32768 >= 5x sdpa: not measured" in proc.stdout
+    assert "goal cpu: topk fwd at seq 32768 >= 5x sdpa: not measured" in stdout
     assert elapsed < 120, f"--quick took {elapsed:.0f} s"
 
 
@@ -167,15 +172,8 @@ def test_recall_batches_are_consistent(quality):
 
 
 def test_quality_quick_run_writes_json(quality, tmp_path):
-    if not quality.policy_available():
-        pytest.skip("attnfuse's options take no approximation policy ('families') yet")
     out = tmp_path / "q.json"
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--quick", "--threads", "1", "--out",
-                           str(out)], capture_output=True, text=True, timeout=300, env=CPU_ENV)
-    elapsed = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    doc = json.loads(out.read_text())
+    doc, stdout, elapsed = _run_quick("quality.py", out, "--threads", "1")
     assert doc["benchmark"] == "quality" and doc["setup"]["quick"] and doc["setup"]["policy_available"]
     assert doc["training"]["steps"] >= 1 and doc["training"]["history"]
     res = {r["variant"]: r for r in doc["results"]}
@@ -190,7 +188,7 @@ def test_quality_quick_run_writes_json(quality, tmp_path):
         assert all(0 < s["error"] < 0.99 for s in r["sites"])
         assert len(r["attn_rel_err"]) == 2 and all(0 < e < 1 for e in r["attn_rel_err"])
         assert math.isfinite(r["logits_rel_err"])
-    assert "topk" in proc.stdout and "wrote" in proc.stdout
+    assert "topk" in stdout and "wrote" in stdout
     assert elapsed < 120, f"--quick took {elapsed:.0f} s"
 
 
