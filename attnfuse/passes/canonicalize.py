@@ -133,7 +133,9 @@ def _softmax(node: fx.Node) -> COp:
     n = name(node)
     x = arg(node, 0, "input", arg(node, 0, "self"))
     dim = arg(node, 1, "dim")
-    return COp("softmax", (x, dim if n != "softmax" or dim is not None else -1))
+    if dim is None and n == "softmax":  # F.softmax(x): PyTorch's implicit dim (torch.nn.functional._get_softmax_dim)
+        dim = 0 if _ndim(x) in (0, 1, 3) else 1
+    return COp("softmax", (x, dim))
 
 
 def _cast_or_identity(node: fx.Node) -> COp:

@@ -31,6 +31,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .canonicalize import arg, canon, scalar, val
+from .effects import Effects
 
 
 class Miss:
@@ -110,11 +111,17 @@ def _compose(outer: tuple[int, ...], inner: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(inner[i] for i in outer)
 
 
-def _peel(node: fx.Node, scales: bool) -> tuple[fx.Node, tuple[int, ...], float, list]:
-    """Walk up through permutes (and scalar scales): node == base.permute(perm) * c * runtime."""
+def _peel(node: fx.Node, scales: bool, effects: Effects | None = None) -> tuple[fx.Node, tuple[int, ...], float, list]:
+    """Walk up through permutes (and scalar scales): node == base.permute(perm) * c * runtime.
+
+    The walk stops at a tensor written in place (``q = q.clone(); q.mul_(s)``): its value is the one
+    after the write, not its source's.
+    """
     perm = tuple(range(val(node).dim()))
     c, runtime = 1.0, []
     while True:
+        if effects is not None and effects.written(node):
+            return node, perm, c, runtime
         op = canon(node)
         if op.kind == "permute":
             perm = _compose(perm, op.args[1])
@@ -174,6 +181,7 @@ class _Graph:
 
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
+        self.effects = Effects(gm.graph)
 
     @staticmethod
     def ancestors(node: fx.Node) -> set:
@@ -186,8 +194,17 @@ class _Graph:
         return out
 
     def learned_only(self, node: fx.Node) -> bool:
-        """True if ``node`` depends on no model input (only parameters, buffers, constants)."""
-        leaves = [n for n in self.ancestors(node) | {node} if n.op in ("placeholder", "get_attr")]
+        """True if ``node`` depends on no model input (only parameters, buffers, constants), counting what is
+        written into it in place (a static KV cache made by ``zeros`` and filled by ``index_copy_``)."""
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+            stack.extend(self.effects.written(n))
+        leaves = [n for n in seen if n.op in ("placeholder", "get_attr")]
         return all(n.op == "get_attr" or _is_state(n) for n in leaves
                    if isinstance(val(n), torch.Tensor))
 
@@ -266,6 +283,58 @@ def _walk_up(sm: fx.Node, x: fx.Node, region: set, g: _Graph) -> dict | Miss:
             continue
         return Miss(sm, "{} ({}) between the scores and the softmax is not part of the attention pattern",
                     x.name, x.target)
+
+
+def _written_miss(sm: fx.Node, g: _Graph, region: set, output: fx.Node, reads: list) -> Miss | None:
+    """A `Miss` if an in-place write makes the fused op (which reads its inputs where the region ends)
+    see other values than eager (which read them on the way into the region), else None.
+
+    * a region intermediate written by a node outside the region (``s.masked_fill_(m, -inf)``);
+    * an input (q/k/v, a mask, a run-time scale) whose storage is written between eager's first
+      read of it and the end of the region.
+    """
+    for n in region - {output}:  # the output is the op's: later writes to it are the user's business
+        for w in g.effects.written(n):
+            if w not in region:
+                return Miss(sm, "{} ({}) writes an intermediate of the attention region in place", w.name, w.target)
+    upstream = _Graph.ancestors(output) | region
+    position = g.effects.position
+    for node in reads:
+        if not isinstance(node, fx.Node) or not g.effects.written(node):
+            continue
+        readers = [u for u in node.users if u in upstream]
+        start = min(readers, key=position.__getitem__, default=output)
+        w = g.effects.written_between(node, start, output)
+        if w is not None:
+            return Miss(sm, "{} ({}) writes {} in place inside the attention region, after eager read it",
+                        w.name, w.target, node.name)
+    return None
+
+
+def _heads_miss(sm: fx.Node, qs: list, ks: list, vs: list, groups: int) -> Miss | None:
+    """A `Miss` unless K/V's batch dims broadcast against Q's the ways the op reads them.
+
+    K and V must agree; each K batch dim equals Q's or is 1, and a 1 only on the heads axis
+    (multi-query: every head reads the one K/V head) or, for 4-D, on the batch axis (expanded).
+    """
+    qb, kb, vb = qs[:-2], ks[:-2], vs[:-2]
+    if len(vs) != len(qs) or len(ks) != len(qs):
+        return Miss(sm, "q/k/v have ranks {} / {} / {}: the values do not line up with the scores", len(qs),
+                    len(ks), len(vs))
+    if not all(_eq(a, b) for a, b in zip(kb, vb)):
+        return Miss(sm, "K has batch/head dims {} and V {}: the op needs K and V to share their heads",
+                    [_hint(x) for x in kb], [_hint(x) for x in vb])
+    if groups > 1:  # K/V were un-repeated: head j of q reads K/V head j // groups (or j % heads)
+        kb = [*kb[:-1], kb[-1] * groups]
+    broadcast = [i for i, (a, b) in enumerate(zip(qb, kb)) if not _eq(a, b)]
+    if any(not _eq(kb[i], 1) for i in broadcast):
+        return Miss(sm, "q batch/head dims {} and k {} do not line up", [_hint(x) for x in qb], [_hint(x) for x in kb])
+    heads = len(qb) - 1
+    allowed = {heads} | ({0} if len(qs) == 4 else set())
+    if not set(broadcast) <= allowed or (groups > 1 and heads in broadcast):
+        return Miss(sm, "K/V broadcast over q's batch dims {}: only the heads axis (or the batch axis of 4-D "
+                        "tensors) may broadcast", broadcast)
+    return None
 
 
 def _reaches_matmul(node: Any, depth: int = 12) -> bool:
@@ -376,12 +445,12 @@ def _match_softmax(sm: fx.Node, g: _Graph) -> AttentionMatch | Miss:
                         "this is a classifier or router, not attention")
     if val(a).dim() < 2 or val(b).dim() < 2 or val(a).dim() != val(b).dim():
         return Miss(sm, "the scores matmul has operands of rank {} and {}", val(a).dim(), val(b).dim())
-    qbase, qperm, qc, qrt = _peel(a, scales=True)
-    kbase, kperm, kc, krt = _peel(b, scales=True)
+    qbase, qperm, qc, qrt = _peel(a, scales=True, effects=g.effects)
+    kbase, kperm, kc, krt = _peel(b, scales=True, effects=g.effects)
     swap = list(range(len(kperm)))
     swap[-1], swap[-2] = swap[-2], swap[-1]
     kperm = _compose(tuple(swap), kperm)
-    vbase, vperm, _, _ = _peel(canon(pv).args[1], scales=False)
+    vbase, vperm, _, _ = _peel(canon(pv).args[1], scales=False, effects=g.effects)
     for term in up["masks"]:
         if term.node is qk or qk in g.ancestors(term.node):
             return Miss(sm, "the mask depends on the scores, so it cannot be applied inside a fused kernel")
@@ -398,8 +467,15 @@ def _match_softmax(sm: fx.Node, g: _Graph) -> AttentionMatch | Miss:
     qs, ks, vs = _shape(q), _shape(k), _shape(v)
     if not (_eq(ks[-1], qs[-1]) and _eq(vs[-2], ks[-2])):
         return Miss(sm, "q/k/v shapes {} / {} / {} do not line up as attention", qs, ks, vs)
-    if len(qs) == 4 and groups == 1 and _eq(ks[1], 1) and not _eq(qs[1], 1):
-        groups = _hint(qs[1])
+    bad = _heads_miss(sm, qs, ks, vs, groups)
+    if bad is not None:
+        return bad
+    if groups == 1 and len(qs) >= 3 and _eq(ks[-3], 1) and not _eq(qs[-3], 1):
+        groups = _hint(qs[-3])  # one K/V head for every query head (after folding, the last batch dim)
+    reads = [q.node, k.node, v.node, *(t.node for t in up["masks"]), *(f for f, _ in up["runtime"] + qrt + krt)]
+    bad = _written_miss(sm, g, region, pv, reads)
+    if bad is not None:
+        return bad
     if not (val(q.node).dtype == val(k.node).dtype == val(v.node).dtype):
         return Miss(sm, "q, k, v have different dtypes ({}, {}, {})", val(q.node).dtype, val(k.node).dtype,
                     val(v.node).dtype)

@@ -12,7 +12,17 @@ Entry point: `rewrite(gm, matches) -> GraphModule` (in place).  For each
 * the op call, and the views that give the output the original layout.
 
 ``multi_head_attention_forward`` nodes are re-pointed at `attnfuse._mha.forward`,
-which has the same signature and calls the op.  Dead nodes are removed.
+which has the same signature and calls the op.
+
+Soundness rules (docs/architecture.md, "Soundness"):
+
+* only the replaced region's nodes are removed, and with them the functional nodes that fed
+  nothing but the region; never a node that writes a tensor, draws random numbers or is
+  impure (an unused ``cache.index_copy_(...)`` is the program's point, not dead code);
+* the op writes its output as (B, Lq, H, D) in memory; where a consumer depends on strides
+  (views, ``as_strided``, in-place ops, graph outputs, anything not known to be
+  layout-agnostic) the output is first given the layout eager gave it;
+* masks keep eager's semantics on rows that see no key (`mask_semantics`).
 """
 
 from __future__ import annotations
@@ -22,8 +32,9 @@ import operator
 import torch
 import torch.fx as fx
 
-from .canonicalize import val
-from .match import AttentionMatch, Operand, _eq, _shape
+from .canonicalize import name, val
+from .effects import mutations, removable
+from .match import AttentionMatch, Operand, _eq, _hint, _shape
 
 
 def _op(graph: fx.Graph, fn, *args, **kwargs) -> fx.Node:
@@ -78,28 +89,72 @@ def _per_head_mask_rank(m: AttentionMatch) -> int:
     return 0
 
 
+def _absorbs(fill: float, dtype: torch.dtype) -> bool:
+    """Whether ``s + fill == fill`` for every score ``s`` of magnitude below 1e29 in ``dtype``."""
+    return fill == float("-inf") or (fill <= -1e38 and dtype in (torch.float32, torch.bfloat16, torch.float64))
+
+
+def mask_semantics(m: AttentionMatch) -> str:
+    """How the op reproduces the match's mask terms, or why it cannot (a sentence starting "the mask").
+
+    The terms apply to the scores in order: ``add`` is ``s + B``, ``keep`` is ``where(K, s, fill)``.
+
+    * ``"none"``: no term;
+    * ``"keep"``: only keep terms, one fill: ``where(K1 & K2 & ..., s, fill)``, the op's bool mask,
+      exact on every row (a row with no visible key is uniform for a finite fill, NaN for -inf), and
+      in the gradient (a replaced score gets none);
+    * ``"add"``: the terms folded over a zero score into one additive tensor ``M`` and ``s + M``.  Exact
+      for adds (the same sums; ``finfo.min + finfo.min`` still saturates to -inf).  A keep term folds
+      as ``where(K, x, fill)`` with ``s + fill == fill``, which holds for a fill that swallows every
+      score (-inf; ``finfo.min`` of fp32/bf16), and then only in value: ``s + fill`` passes a gradient
+      to ``s`` on a row with no visible key where eager's ``where`` passes none (0 where eager's is 0,
+      NaN for -inf), so a keep term folds only where nothing needs a gradient.
+    """
+    if not m.masks or m.form == "mha":
+        return "none"
+    keeps = [t for t in m.masks if t.kind == "keep"]
+    if len(keeps) == len(m.masks) and len({t.fill for t in keeps}) == 1:
+        return "keep"
+    if m.form == "sdpa":
+        return "add"
+    dtype = val(m.q.node).dtype
+    loose = sorted({t.fill for t in keeps if not _absorbs(t.fill, dtype)})
+    if loose:
+        return (f"the mask combines fills ({', '.join(f'{f:g}' for f in loose)} with "
+                f"{'other fills' if len(keeps) > 1 else 'an additive mask'}) whose value on a row with no visible "
+                "key depends on the scores in eager; attnfuse fuses such a mix only with -inf or finfo.min fills")
+    grad = any(getattr(val(n), "requires_grad", False) for n in (m.q.node, m.k.node, m.v.node))
+    if grad and keeps:
+        return ("the mask mixes where/masked_fill terms with other mask terms; on a row with no visible key "
+                "eager's gradient is 0 there, which one fused mask cannot reproduce in training")
+    return "add"
+
+
 def _mask(graph: fx.Graph, m: AttentionMatch) -> tuple[fx.Node | None, float | None]:
-    keeps, adds, fill = [], [], None
+    """The op's ``mask`` and ``mask_fill`` for the match's terms (see `mask_semantics`)."""
+    kind = mask_semantics(m)
+    if kind == "none":
+        return None, None
+    if kind not in ("keep", "add"):
+        raise ValueError(f"attnfuse: {kind}")  # analyze() skips such sites before the rewrite
+    dtype = val(m.q.node).dtype
+    x = None
     for term in m.masks:
         if term.kind == "add":
-            adds.append(term.node)
+            x = term.node if x is None else _op(graph, operator.add, x, term.node)
             continue
-        node = term.node
-        if val(node).dtype != torch.bool:
-            node = _op(graph, torch.ne, node, 0)
-        keeps.append(_op(graph, torch.logical_not, node) if term.negate else node)
-        fill = term.fill if fill is None else min(fill, term.fill)
-    keep = None
-    for k in keeps:
-        keep = k if keep is None else _op(graph, torch.logical_and, keep, k)
-    bias = None
-    for a in adds:
-        bias = a if bias is None else _op(graph, operator.add, bias, a)
-    if bias is None:
-        return keep, fill
-    if keep is None:
-        return bias, None
-    return _op(graph, torch.where, keep, bias, fill), None
+        keep = term.node
+        if val(keep).dtype != torch.bool:
+            keep = _op(graph, torch.ne, keep, 0)
+        if term.negate:
+            keep = _op(graph, torch.logical_not, keep)
+        if kind == "keep":
+            x = keep if x is None else _op(graph, torch.logical_and, x, keep)
+        elif x is None:
+            x = graph.call_method("to", (_op(graph, torch.where, keep, 0.0, term.fill), dtype))
+        else:
+            x = _op(graph, torch.where, keep, x, term.fill)
+    return x, (m.masks[0].fill if kind == "keep" else None)
 
 
 def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
@@ -153,16 +208,74 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
         if tile:
             out = _heads_group_to_tile(graph, out, m.kv_groups)
         out = _from_4d(graph, out, qs[:-2])
+        if _stride_sensitive(m.output):
+            out = _eager_layout(graph, out, val(m.output))
     m.output.replace_all_uses_with(out)
 
 
-def _impure(node: fx.Node) -> bool:
-    """Dead-code removal must keep vmap's nesting brackets (HF builds masks with ``torch.vmap``): they have
-    no users, yet dropping them leaves the batch-dim nodes between them unbalanced."""
-    return node.is_impure() or getattr(node.target, "__name__", "") in _VMAP_NESTING
+# consumers that read values only and return a fresh tensor in the default layout
+_LAYOUT_FREE = frozenset(("matmul", "bmm", "mm", "linear", "baddbmm", "addmm", "addbmm", "contiguous", "size", "dim",
+                          "numel", "layer_norm"))
+# consumers whose result may keep the input's layout: their own consumers decide
+_LAYOUT_CARRY = frozenset((
+    "transpose", "swapaxes", "swapdims", "permute", "t", "movedim", "moveaxis", "unsqueeze", "squeeze", "reshape",
+    "flatten", "unflatten", "getitem", "select", "narrow", "expand", "to", "float", "half", "bfloat16", "double",
+    "type", "type_as", "clone", "detach", "add", "sub", "mul", "truediv", "div", "neg", "abs", "exp", "tanh", "gelu",
+    "relu", "silu", "sigmoid", "dropout", "pow", "rsqrt", "sqrt", "where", "masked_fill", "_to_copy", "einsum",
+    "sum", "mean", "amax", "amin", "softmax", "log_softmax",
+))
+_SHAPE_ATTRS = ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad")
 
 
-_VMAP_NESTING = ("_vmap_increment_nesting", "_vmap_decrement_nesting")
+def _stride_sensitive(node: fx.Node, depth: int = 16) -> bool:
+    """Whether some consumer of ``node`` (directly, or through ops that carry its layout) depends on its
+    strides: a view, ``as_strided``, an in-place op, a graph output, or an op not known to be layout-free."""
+    for u in node.users:
+        n = name(u)
+        if u.op == "output" or mutations(u) or depth == 0:
+            return True
+        if n == "getattr" and len(u.args) > 1 and u.args[1] in _SHAPE_ATTRS:
+            continue
+        if n in _LAYOUT_FREE and not any(mutations(w) for w in u.users):
+            continue
+        if (n in _LAYOUT_CARRY or (n == "getattr" and len(u.args) > 1 and u.args[1] in ("T", "mT"))) \
+                and not _stride_sensitive(u, depth - 1):
+            continue
+        return True
+    return False
+
+
+def _eager_layout(graph: fx.Graph, out: fx.Node, eager: torch.Tensor) -> fx.Node:
+    """``out`` with the memory layout (dim order) eager's output had; free when it already has it."""
+    strides = [_hint(s) for s in eager.stride()]
+    order = sorted(range(eager.dim()), key=lambda d: (-strides[d], d))
+    if order == list(range(eager.dim())):
+        return graph.call_method("contiguous", (out,))
+    inverse = [order.index(d) for d in range(eager.dim())]
+    x = graph.call_method("contiguous", (_op(graph, torch.permute, out, order),))
+    return _op(graph, torch.permute, x, inverse)
+
+
+def _remove_replaced(graph: fx.Graph, replaced: set) -> None:
+    """Erase the replaced regions' nodes that nothing reads any more, then the functional nodes that only
+    fed them (mask construction, K/V repeats), walking up.  Nothing else is touched: a node that writes a
+    tensor, draws random numbers or is impure stays even when its result is unused, and so does vmap's
+    nesting bracket (`effects.removable`).
+
+    A region node is erased even where FX calls it impure (export's aten SDPA and dropout are
+    "nondeterministic_seeded"): the op replaced it.
+    """
+    freed: set = set()
+    for node in reversed(list(graph.nodes)):
+        if node.users:
+            continue
+        if node in replaced:
+            if any(w not in replaced for w in mutations(node)):
+                continue
+        elif node not in freed or not removable(node):
+            continue
+        freed.update(node.all_input_nodes)
+        graph.erase_node(node)
 
 
 def describe(node: fx.Node) -> str:
@@ -202,10 +315,7 @@ def rewrite(gm: fx.GraphModule, matches: list[AttentionMatch]) -> fx.GraphModule
         _rewrite_one(gm.graph, m)
         new = [n for n in gm.graph.nodes if n not in seen] or [m.anchor]
         emitted.append(new)
-    # a replaced region is dead even where FX calls its ops impure (export's aten SDPA and dropout are
-    # "nondeterministic_seeded")
-    replaced = {n for m in matches if m.form != "mha" for n in (*m.region, m.anchor, m.output)}
-    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n not in replaced and _impure(n))
+    _remove_replaced(gm.graph, {n for m in matches if m.form != "mha" for n in (*m.region, m.anchor, m.output)})
     gm.graph.lint()
     gm.recompile()
     gm.meta["attnfuse_emitted"] = [[describe(n) for n in nodes if n.graph is gm.graph] for nodes in emitted]
