@@ -24,11 +24,12 @@ def audit(model: Any, *args: Any, options: Any = None, **kwargs: Any) -> Report:
     """Trace ``model(*args, **kwargs)`` once and report what attnfuse would fuse, and why not.
 
     Runs the canonicalize / match / mask / plan passes on every graph dynamo
-    captures; compiles no kernel (the captured graphs run eagerly).
+    captures; compiles no kernel (the captured graphs run eagerly).  Each fused site is verified against
+    its original region on the example inputs unless ``options={"verify": False}``.
     """
     from .backend import transform
 
-    config = Config.from_options(options)
+    config = Config.from_options(options if isinstance(options, Config) else {"verify": True, **(options or {})})
     combined = Report(device=config.device_spec().name)
 
     def _audit_backend(gm, example_inputs):

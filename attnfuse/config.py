@@ -7,6 +7,7 @@ values.  Environment variables are read here and nowhere else:
 
 * ``ATTNFUSE_STRICT=1``  -- default for ``strict``.
 * ``ATTNFUSE_REPORT=path`` -- default for ``report``.
+* ``ATTNFUSE_VERIFY=1|forward`` -- default for ``verify`` (``attnfuse.audit`` verifies unless told not to).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .device import PRESETS, DeviceSpec
 KERNEL_FAMILIES = ("flash", "window", "blocksparse", "topk", "lsh")
 EXACT_FAMILIES = ("flash", "window", "blocksparse")
 INNER_COMPILERS = ("inductor", "eager")
+VERIFY_MODES = (False, True, "forward")  # see attnfuse/passes/verify.py
 APPROXIMATE_FAMILIES = ("topk", "lsh")
 _APPROX_KEYS = ("max_rel_error", "families", "topk", "lsh", "calibration")
 _FAMILY_SETTINGS = {"topk": TOPK_DEFAULTS, "lsh": LSH_DEFAULTS}
@@ -42,6 +44,7 @@ class Config:
     inner: str = "inductor"
     report: str | None = None
     strict: bool = False
+    verify: bool | str = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | Config | None = None) -> Config:
@@ -53,6 +56,7 @@ class Config:
             if key not in fields:
                 raise ValueError(f"attnfuse: unknown option {key!r}; allowed options: {', '.join(fields)}")
         env_strict = os.environ.get("ATTNFUSE_STRICT", "") not in ("", "0")
+        env_verify = os.environ.get("ATTNFUSE_VERIFY", "")
         return cls(
             kernels=_kernels(options.get("kernels", "auto")),
             approximate=_approximate(options.get("approximate", False)),
@@ -60,6 +64,7 @@ class Config:
             inner=_choice("inner", options.get("inner", "inductor"), INNER_COMPILERS),
             report=_report(options.get("report", os.environ.get("ATTNFUSE_REPORT"))),
             strict=_bool("strict", options.get("strict", env_strict)),
+            verify=_verify(options.get("verify", _ENV_VERIFY.get(env_verify, env_verify))),
         )
 
     def device_spec(self) -> DeviceSpec:
@@ -80,6 +85,17 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
 def _bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise _bad(key, value, "True | False")
+    return value
+
+
+_ENV_VERIFY = {"": False, "0": False, "1": True, "forward": "forward"}
+
+
+def _verify(value: Any) -> bool | str:
+    """True: check each rewritten site's output (and, in training graphs, its gradients) on the example inputs
+    and revert a site that disagrees; "forward": outputs only; False: no check."""
+    if not any(value is mode for mode in VERIFY_MODES[:2]) and value != VERIFY_MODES[2]:
+        raise _bad("verify", value, " | ".join(repr(m) for m in VERIFY_MODES))
     return value
 
 

@@ -36,6 +36,7 @@ class Site:
     error: float | None = None
     table: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # dynamic lengths: range -> kernel
     subgraph: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # "before" / "after": one line a node
+    verify: dict[str, Any] | None = None  # options["verify"]: errors vs float64, grads, sampled, passed (passes/verify)
 
 
 @dataclasses.dataclass
