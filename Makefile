@@ -31,3 +31,9 @@ bench: $(BIN)/.ready
 	$(BIN)/python benchmarks/bench_models.py
 
 .PHONY: venv demo test bench browser
+
+# the differential fuzzer's long mode: 5,000 seeded cases with a progress bar, counts and wall time
+fuzz-long: $(BIN)/.ready
+	$(BIN)/python tests/passes/_fuzz.py --long
+
+.PHONY: fuzz-long
