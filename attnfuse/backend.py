@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import re
+import sys
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +26,7 @@ import torch.fx as fx
 
 from . import costmodel, ops  # noqa: F401 - ops registers torch.ops.attnfuse
 from .config import Config
-from .passes import approximate, canonicalize, masks, match, rewrite
+from .passes import approximate, canonicalize, masks, match, rewrite, verify
 from .passes.canonicalize import val
 from .passes.match import _eq, _hint, _shape
 from .report import Report, Site, _set_last
@@ -85,11 +88,13 @@ def _mha_shape(m: match.AttentionMatch) -> dict[str, Any]:
 def _unsupported(m: match.AttentionMatch) -> str | None:
     if m.form == "graph" and len(_shape(m.q)) > 4 and m.masks:
         return "a mask on attention with more than 2 batch dims is not supported"
-    return None
+    semantics = rewrite.mask_semantics(m)
+    return semantics if semantics.startswith("the mask") else None
 
 
-_DEAD_ROWS = ("key padding can leave a query row with no visible key, which eager makes uniform over all keys "
-              "(finite fill); the band stays in the dense mask so those rows stay exact")
+_DEAD_ROWS = ("another mask term can leave a query row with no visible key, where eager's value depends on every "
+              "fill (a finite fill outside the band, or a later finite fill over it); the band stays in the dense "
+              "mask so those rows stay exact")
 
 
 def _sdpa_key_vector(m: match.AttentionMatch) -> bool:
@@ -105,14 +110,19 @@ def _with_structure(before: match.AttentionMatch, m: match.AttentionMatch,
                     info: masks.MaskInfo) -> tuple[match.AttentionMatch, dict[str, Any], dict[str, Any]]:
     """The match the rewriter emits, the report's mask entry and the cost model's ``structure``.
 
-    A band (window or a folded causal mask) skips tiles; with key padding a padded row can then see
-    no key at all.  SDPA gives such a row 0, which `ops.attention_sdpa` reproduces from the key
-    vector; elsewhere eager makes it uniform over every key (a finite fill), which a band kernel
-    cannot, so such a site keeps its dense mask (the analysis is still reported).
+    A band (window or a folded causal mask) skips tiles: its out-of-band scores are -inf in the kernels.
+    That is exact on every row the band alone decides.  With another mask term a row can see no key
+    at all, and eager's value there depends on the fills: out of the band it had the band's own fill
+    (uniform over all keys for a finite one), and a later finite fill overrides an earlier -inf.  So a
+    band folded from a finite fill, or any band next to a remaining finite-fill term, keeps the dense
+    mask (the analysis is still reported).  SDPA gives such a row 0, which `ops.attention_sdpa`
+    reproduces from a key vector.
     """
     mask_report = info.report()
     band = info.window_left >= 0 or info.window_right >= 0
-    if (band or (info.causal and not before.causal)) and "padding" in info.kinds and not _sdpa_key_vector(m):
+    finite = info.params.get("fill", float("-inf")) != float("-inf") or any(
+        t.kind == "keep" and t.fill != float("-inf") for t in m.masks)
+    if (band or (info.causal and not before.causal)) and m.masks and finite and not _sdpa_key_vector(m):
         mask_report["kept_dense"] = _DEAD_ROWS
         return before, mask_report, {}
     m = dataclasses.replace(m, window_left=info.window_left, window_right=info.window_right, alibi=info.alibi,
@@ -131,16 +141,17 @@ def _before(gm: fx.GraphModule, m: match.AttentionMatch) -> list[str]:
 
 
 def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Config,
-            report: Report, keep: Any = None) -> list[tuple[match.AttentionMatch, Site]]:
+            report: Report, keep: Any = None, canonical: frozenset[str] | None = None
+            ) -> list[tuple[match.AttentionMatch, Site]]:
     """Canonicalize + match + mask analysis + approximation policy + plan on ``gm`` (in place); fills
     ``report``.  Returns the sites to fuse with their report entries.
 
     ``keep(match, site)``, if given, is asked about every site the plan fuses; a reason (a sentence, not
     None) leaves that site as it is, skipped with the reason (the export formats use this for what they
-    cannot express).
+    cannot express).  ``canonical`` limits the spelling rewrites (`canonicalize.canonicalize`'s ``only``).
     """
     spec = config.device_spec()
-    canonicalize.canonicalize(gm)
+    canonicalize.canonicalize(gm, canonical)
     found, misses = match.match(gm)
     sites = [_with_structure(found_m, *masks.analyze(gm, found_m, example_inputs)) for found_m in found]
     verdicts = approximate.verdicts(gm, [(m, {**structure, "causal": m.causal}) for m, _, structure in sites],
@@ -174,6 +185,50 @@ def _dynamic(m: match.AttentionMatch) -> bool:
     return any(isinstance(_shape(o)[-2], torch.SymInt) for o in (m.q, m.k) if len(_shape(o)) >= 2)
 
 
+def _analyze_exactly(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Config, report: Report,
+                     keep: Any) -> tuple[fx.GraphModule, list[tuple[match.AttentionMatch, Site]]]:
+    """`analyze` (and `verify.verify` when asked) on a copy of ``gm`` whose only spelling rewrites
+    (`canonicalize`) are those of fused regions.
+
+    A rewrite outside every fused region would change what a site attnfuse leaves alone computes, so the
+    analysis runs again on a fresh copy with just the used rewrites (rarely more than twice; the last try
+    rewrites nothing).  ``report`` gets the sites of the analysis that is kept.
+    """
+    canonical, first = None, None
+    for attempt in range(3):
+        work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        work.meta = {k: v for k, v in getattr(gm, "meta", {}).items() if not k.startswith("attnfuse_")}
+        scratch = Report(device=report.device)
+        chosen = analyze(work, example_inputs, config, scratch, keep, canonical)
+        if chosen and config.verify:
+            chosen = verify.verify(work, chosen, example_inputs, scratch, config)
+        first = first or scratch
+        names, all_used = canonicalize.used(work, [set(m.region) | {m.anchor, m.output} for m, _ in chosen])
+        if all_used:
+            break
+        canonical = names if attempt == 0 else frozenset()
+    for site in _with_lost_sites(first, scratch):
+        report.add(site)
+    report.notes.extend(scratch.notes)
+    return work, chosen
+
+
+def _with_lost_sites(first: Report, last: Report) -> list[Site]:
+    """``last``'s sites, in ``first``'s order, plus the skipped sites of ``first`` that ``last`` no longer sees
+    (a spelling only a dropped rewrite made recognizable: its reason is still the user's answer)."""
+    pending: dict[tuple[str, str], list[Site]] = {}
+    for site in last.sites:
+        pending.setdefault((site.module, site.source), []).append(site)
+    out = []
+    for site in first.sites:
+        same = pending.get((site.module, site.source))
+        if same:
+            out.append(same.pop(0))
+        elif site.status == "skipped":
+            out.append(site)
+    return out + [s for rest in pending.values() for s in rest]
+
+
 def transform(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Config,
               report: Report, rewrite_graph: bool = True, keep: Any = None) -> fx.GraphModule:
     """The rewritten copy of ``gm``, or ``gm`` itself if any pass fails (unless strict).
@@ -181,10 +236,8 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: 
     With ``rewrite_graph=False`` (audit) the report is filled (the rewrite still runs on the copy, for the
     report's "after" subgraphs) and ``gm`` is returned.  ``keep`` is `analyze`'s.
     """
-    work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    work.meta = dict(getattr(gm, "meta", {}))
     try:
-        chosen = analyze(work, example_inputs, config, report, keep)
+        work, chosen = _analyze_exactly(gm, example_inputs, config, report, keep)
         if chosen:
             rewrite.rewrite(work, [m for m, _ in chosen])
             for (_, site), lines in zip(chosen, work.meta.pop("attnfuse_emitted")):
@@ -211,14 +264,109 @@ def _publish(report: Report, config: Config) -> None:
     )
 
 
+_HIDDEN_EXP = "attnfuse_hidden_exp"
+
+
+@functools.cache
+def _exp_spelling_passes() -> tuple[Any, Any]:
+    """The pair of Inductor joint-graph custom passes that keeps its SDPA patterns off one graph.
+
+    Every one of Inductor's attention patterns (``fx_passes/fuse_attention.py``, ``_sfdp_*``) contains
+    the ``aten.exp.default`` of a decomposed softmax, and none of its other joint-graph patterns does
+    (tests/test_inductor_patterns.py checks both on the installed torch).  The pre pass respells each
+    floating ``aten.exp`` as ``prims.exp`` (same value, same meta), so no ``_sfdp_*`` pattern can match;
+    the post pass, which runs right after the pattern passes, restores exactly the nodes it respelled,
+    so post-grad passes and lowering see the graph as it was.  Built lazily: Inductor is imported only
+    when it compiles.
+    """
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    aten_exp, prims_exp = torch.ops.aten.exp.default, torch.ops.prims.exp.default
+
+    class _ExpSpelling(CustomGraphPass):
+        def __init__(self, hide: bool) -> None:
+            self.hide = hide
+
+        def __call__(self, graph: fx.Graph) -> None:
+            for node in list(graph.find_nodes(op="call_function", target=aten_exp if self.hide else prims_exp)):
+                if self.hide:
+                    value = node.meta.get("val")
+                    if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
+                        node.target, node.meta[_HIDDEN_EXP] = prims_exp, True
+                elif node.meta.pop(_HIDDEN_EXP, False):
+                    node.target = aten_exp
+
+        def uuid(self) -> str:
+            return f"attnfuse.exp_spelling.{'hide' if self.hide else 'restore'}.v1"
+
+    return _ExpSpelling(True), _ExpSpelling(False)
+
+
+def inductor_patches() -> dict[str, Any]:
+    """``config_patches`` for the inner `compile_fx`: Inductor's SDPA patterns off for this graph only.
+
+    A site attnfuse declined must run as eager computes it, and Inductor's ``_sfdp_*`` patterns are not
+    sound (they ignore the softmax axis: a softmax over the query axis becomes key-axis SDPA).  Sites
+    attnfuse fused are already ``attnfuse::`` ops, so nothing is lost for them.  Only the joint custom
+    passes are set (appended to any the user configured); `compile_fx` applies the patch to the lazily
+    compiled backward too.  No global torch config is changed.
+    """
+    from torch._inductor import config as inductor_config
+    from torch._inductor.custom_graph_pass import get_custom_graph_passes
+
+    hide, restore = _exp_spelling_passes()
+    return {
+        "joint_custom_pre_pass": [*get_custom_graph_passes(inductor_config.joint_custom_pre_pass), hide],
+        "joint_custom_post_pass": [restore, *get_custom_graph_passes(inductor_config.joint_custom_post_pass)],
+    }
+
+
+# one `torch.compile(...)` call -> its graphs' reports by dynamo frame id (graph breaks compile several)
+# (keyed by id: the wrapper defines __eq__ without __hash__; the entry goes with the wrapper)
+_CALLS: dict[int, dict[int, Report]] = {}
+
+
+def _compile_call() -> Any:
+    """The ``torch.compile`` call that dynamo is compiling a graph for (its ``_TorchCompileWrapper``), or None
+    when the backend is called directly.  One call's graphs share it, whatever breaks the graph."""
+    frame = sys._getframe(1)
+    for _ in range(12):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch._TorchCompileWrapper):
+            return owner
+    return None
+
+
+def _call_report(report: Report) -> Report:
+    """``report`` (one graph) merged with the other graphs of the same ``torch.compile`` call, as `audit` merges
+    them: graphs in the order dynamo first compiled their frames (execution order), sites renumbered; a
+    recompiled frame (new shapes or guards) replaces its earlier graph."""
+    call = _compile_call()
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    if call is None or compile_id is None or compile_id.frame_id is None:
+        return report
+    if id(call) not in _CALLS:
+        _CALLS[id(call)] = {}
+        weakref.finalize(call, _CALLS.pop, id(call), None)
+    graphs = _CALLS[id(call)]
+    graphs[compile_id.frame_id] = report
+    merged = Report(device=report.device)
+    for frame_id in sorted(graphs):
+        merged.merge(graphs[frame_id])
+    return merged
+
+
 def attnfuse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Any = None):
     """The ``torch.compile`` backend (registered as "attnfuse" through an entry point)."""
     config = Config.from_options(options)
     report = Report(device=config.device_spec().name, graphs=1)
     new_gm = transform(gm, example_inputs, config, report)
-    _publish(report, config)
+    _publish(_call_report(report), config)
     if config.inner == "eager":
         return new_gm
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(new_gm, example_inputs)
+    return compile_fx(new_gm, example_inputs, config_patches=inductor_patches())

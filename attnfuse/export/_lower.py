@@ -122,8 +122,9 @@ def for_onnx(gm: torch.fx.GraphModule, example_inputs: list) -> None:
         if node.op != "call_function" or node.target not in PLAIN:
             continue
         q, k, _, mask, seed, alibi = (*node.args, None, None, None)[:6]
+        # not with causal: onnxruntime aligns is_causal to the non-padded length (rows past it differ)
         plain = all(node.kwargs.get(key, default) == default for key, default in _PLAIN_DEFAULTS.items()) \
-            and node.kwargs.get("mask_fill") in (None, -math.inf)
+            and node.kwargs.get("mask_fill") in (None, -math.inf) and not node.kwargs.get("causal", False)
         lengths = kv_lengths(mask, _shape(q)[0], _shape(k)[-2]) if plain and seed is None and alibi is None \
             and mask is not None and _shape(q) and _shape(k) else None
         if lengths is None:

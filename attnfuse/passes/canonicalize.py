@@ -336,6 +336,7 @@ def _exp_rule(graph: fx.Graph, node: fx.Node) -> bool:
     with graph.inserting_before(node):
         out = graph.call_function(torch.softmax, (x, dim))
     _copy_meta(node, x, None, out)
+    out.meta[LOGSUMEXP] = True  # not softmax on a row of huge finite scores: the matcher checks the masks
     node.replace_all_uses_with(out)
     for dead in (node, sub, lse):
         if not dead.users:
@@ -343,21 +344,40 @@ def _exp_rule(graph: fx.Graph, node: fx.Node) -> bool:
     return True
 
 
+# meta key of a softmax read from exp(x - logsumexp(x)): on a row of huge finite scores (a finite mask fill on
+# every key) logsumexp rounds to the row's value and the "probabilities" are all 1, in any precision
+LOGSUMEXP = "attnfuse_logsumexp"
 _MATMUL_RULES = {"einsum": _einsum_rule, "baddbmm": _baddbmm_rule}
 _SOFTMAX_RULES = {"exp": _exp_rule}
 
 
-def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite matmul-hiding spellings next to a softmax into plain matmuls (in place)."""
-    changed = False
-    for node in list(gm.graph.nodes):
-        rule = _SOFTMAX_RULES.get(name(node))
-        if rule and rule(gm.graph, node):
-            changed = True
-    for node in list(gm.graph.nodes):
-        rule = _MATMUL_RULES.get(name(node))
-        if rule and _near_softmax(node) and rule(gm.graph, node):
-            changed = True
-    if changed:
+def canonicalize(gm: fx.GraphModule, only: frozenset[str] | None = None) -> fx.GraphModule:
+    """Rewrite matmul-hiding spellings next to a softmax into plain matmuls (in place).
+
+    ``only``: rewrite just the nodes of these names (None: every one a rule applies to).  Each rewrite is
+    recorded in ``gm.meta["attnfuse_canonical"]`` as (the original node's name, the new nodes), so that
+    the backend can keep only the rewrites a fused region replaced (`used`): the others are not
+    bit-identical (``exp(s - logsumexp(s))`` is not ``softmax(s)`` on a row of huge finite values), and a
+    site attnfuse does not fuse must run exactly as written.
+    """
+    applied = gm.meta.setdefault("attnfuse_canonical", [])
+    for rules, near in ((_SOFTMAX_RULES, False), (_MATMUL_RULES, True)):
+        for node in list(gm.graph.nodes):
+            rule = rules.get(name(node))
+            if rule is None or (only is not None and node.name not in only) or (near and not _near_softmax(node)):
+                continue
+            before, original = set(gm.graph.nodes), node.name
+            if rule(gm.graph, node):
+                applied.append((original, frozenset(set(gm.graph.nodes) - before)))
+    if applied:
         gm.recompile()
     return gm
+
+
+def used(gm: fx.GraphModule, regions: list[set]) -> tuple[frozenset[str], bool]:
+    """The names of the rewrites (`canonicalize`) whose new nodes lie in one of ``regions``, and whether
+    every rewrite did."""
+    applied = gm.meta.get("attnfuse_canonical", [])
+    inside = set().union(*regions) if regions else set()
+    names = frozenset(n for n, new in applied if new & inside)
+    return names, len(names) == len({n for n, _ in applied})

@@ -26,7 +26,7 @@ import torch.fx as fx
 from .canonicalize import name
 
 # ops whose result shares storage with their first argument
-_VIEWS = frozenset((
+VIEWS = frozenset((
     "view", "reshape", "_unsafe_view", "transpose", "swapaxes", "swapdims", "permute", "t", "T", "mT", "mH", "H",
     "getitem", "select", "narrow", "unsqueeze", "squeeze", "expand", "expand_as", "view_as", "flatten", "unflatten",
     "unfold", "as_strided", "diagonal", "movedim", "moveaxis", "split", "chunk", "unbind", "tensor_split",
@@ -77,7 +77,7 @@ def mutations(node: fx.Node) -> list[fx.Node]:
 def root(node: fx.Node) -> fx.Node:
     """The node at the base of ``node``'s chain of views (a conservative storage identity)."""
     seen = 0
-    while node.op in ("call_function", "call_method") and name(node) in _VIEWS and seen < 256:
+    while node.op in ("call_function", "call_method") and name(node) in VIEWS and seen < 256:
         src = node.args[0] if node.args else None
         if not isinstance(src, fx.Node):
             break

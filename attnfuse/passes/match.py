@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .canonicalize import arg, canon, scalar, val
+from .canonicalize import LOGSUMEXP, arg, canon, scalar, val
 from .effects import Effects
 
 
@@ -451,6 +451,9 @@ def _match_softmax(sm: fx.Node, g: _Graph) -> AttentionMatch | Miss:
     swap[-1], swap[-2] = swap[-2], swap[-1]
     kperm = _compose(tuple(swap), kperm)
     vbase, vperm, _, _ = _peel(canon(pv).args[1], scales=False, effects=g.effects)
+    if sm.meta.get(LOGSUMEXP) and any(t.kind == "add" or t.fill != float("-inf") for t in up["masks"]):
+        return Miss(sm, "exp(s - logsumexp(s)) with an additive or finite-fill mask is not softmax on a row whose "
+                        "every key is masked (all its 'probabilities' are 1); fused only with -inf masks")
     for term in up["masks"]:
         if term.node is qk or qk in g.ancestors(term.node):
             return Miss(sm, "the mask depends on the scores, so it cannot be applied inside a fused kernel")

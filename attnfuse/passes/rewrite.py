@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from .canonicalize import name, val
-from .effects import mutations, removable
+from .effects import VIEWS, mutations, removable
 from .match import AttentionMatch, Operand, _eq, _hint, _shape
 
 
@@ -209,7 +209,7 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
             out = _heads_group_to_tile(graph, out, m.kv_groups)
         out = _from_4d(graph, out, qs[:-2])
         if _stride_sensitive(m.output):
-            out = _eager_layout(graph, out, val(m.output))
+            out = _eager_layout(graph, out, val(m.output), copy=_written(m.output))
     m.output.replace_all_uses_with(out)
 
 
@@ -245,15 +245,32 @@ def _stride_sensitive(node: fx.Node, depth: int = 16) -> bool:
     return False
 
 
-def _eager_layout(graph: fx.Graph, out: fx.Node, eager: torch.Tensor) -> fx.Node:
-    """``out`` with the memory layout (dim order) eager's output had; free when it already has it."""
+def _written(node: fx.Node) -> bool:
+    """Whether ``node``, or a view of it, is written in place later."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if n in mutations(u):
+                return True
+            if name(u) in VIEWS and u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return False
+
+
+def _eager_layout(graph: fx.Graph, out: fx.Node, eager: torch.Tensor, copy: bool) -> fx.Node:
+    """``out`` with the memory layout (dim order) eager's output had; free when it already has it, unless
+    ``copy``: a consumer writes it in place, and the op's autograd saved its output for the backward."""
     strides = [_hint(s) for s in eager.stride()]
     order = sorted(range(eager.dim()), key=lambda d: (-strides[d], d))
-    if order == list(range(eager.dim())):
-        return graph.call_method("contiguous", (out,))
     inverse = [order.index(d) for d in range(eager.dim())]
-    x = graph.call_method("contiguous", (_op(graph, torch.permute, out, order),))
-    return _op(graph, torch.permute, x, inverse)
+    x = out if order == list(range(eager.dim())) else _op(graph, torch.permute, out, order)
+    if copy:
+        x = graph.call_method("clone", (x,), {"memory_format": torch.contiguous_format})
+    else:
+        x = graph.call_method("contiguous", (x,))
+    return x if order == list(range(eager.dim())) else _op(graph, torch.permute, x, inverse)
 
 
 def _remove_replaced(graph: fx.Graph, replaced: set) -> None:

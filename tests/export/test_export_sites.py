@@ -200,8 +200,9 @@ class LengthsAttention(torch.nn.Module):
         return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, mm.DIM)
 
 
-# causal + key padding keeps its dense mask (`backend._with_structure`: a padded row may see no key),
-# so only the plain right padding reaches the op as a key vector built from the lengths
+# right padding from lengths reaches the op as a key vector, with or without causal (every fill is -inf, so a
+# row that saw no key is NaN with the band too: `backend._with_structure`); with causal the mask stays an input
+# (onnxruntime aligns is_causal to the non-padded length); left padding is not a prefix of the keys
 @pytest.mark.parametrize(("left", "causal", "nonpad"), [(False, False, True), (False, True, False),
                                                         (True, False, False)])
 def test_key_padding_lengths_become_nonpad_kv_seqlen(left, causal, nonpad, tmp_path):

@@ -457,8 +457,16 @@ def mask_bias_and_bool(q, k, v, bias, keep):
 
 
 def test_mask_bias_and_bool():
-    res = check(mask_bias_and_bool, (*qkv(lk=LK), rnd(1, H, 1, LK), keep_mask(B, 1, L, LK)))
+    with torch.no_grad():
+        res = check(mask_bias_and_bool, (*qkv(lk=LK), rnd(1, H, 1, LK), keep_mask(B, 1, L, LK)), grad=[])
     fused(res, scale=S, mask="bias+dense")
+
+
+def test_mask_bias_and_bool_twin_training():
+    # where(keep, s + bias, -inf) with gradients: a row the keep empties has eager gradient 0 for q, k and the
+    # bias, which one fused mask cannot give (docs/architecture.md, "the no-visible-key rule")
+    res = check(mask_bias_and_bool, (*qkv(lk=LK), rnd(1, H, 1, LK), keep_mask(B, 1, L, LK)))
+    skipped(res, "cannot reproduce in training")
 
 
 def mask_from_scores(q, k, v):

@@ -15,7 +15,7 @@ import math
 import hypothesis.strategies as st
 import torch
 import torch.nn.functional as F
-from _harness import check, fused
+from _harness import check, fused, skipped
 from hypothesis import HealthCheck, event, given, settings
 
 NEG = float("-inf")
@@ -331,6 +331,18 @@ def test_any_combination_is_fused_and_exact(p: Program):
     if p.dtype == torch.float32 and p.mask in ("add", "bias_and_bool"):
         grad.append(3)  # the additive bias gets a gradient too
     res = check(fn, args, grad=grad)
+    finite = p.mask in ("add", "hf_padding", "hf_causal", "bias_and_bool") or (
+        p.mask in ("masked_fill", "where") and p.fill != NEG)
+    if p.softmax == "lse" and p.upcast != "dtype_kw" and finite:
+        skipped(res, "logsumexp")  # exp(s - logsumexp(s)) is not softmax on a row of huge finite scores
+        return
+    swallows = p.fill == NEG or (p.fill == "min" and p.dtype == torch.float32)
+    if p.mask == "bias_and_bool" and (grad or not swallows):
+        # where(keep, s + bias, fill): on a row the keep masks entirely, eager's gradient is 0 and, for a fill
+        # that does not swallow the scores, its value is uniform; one fused mask can give neither
+        # (docs/architecture.md, "the no-visible-key rule"): exact, unfused
+        skipped(res, "no visible key")
+        return
     site = fused(res, kv_groups=expected_groups(p), mask=expected_mask(p), dtype=str(p.dtype)[6:])
     # exact up to the order in which the pass multiplies the factors
     assert abs(site.scale - expected_scale(p)) <= 2 * math.ulp(expected_scale(p)), (site.scale, expected_scale(p))
