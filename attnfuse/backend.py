@@ -71,7 +71,7 @@ def _plan_shape(m: match.AttentionMatch) -> dict[str, Any]:
     batch = 1
     for s in qs[:-3]:
         batch *= s
-    return {"batch": batch, "heads": qs[-3], "kv_heads": ks[-3], "q_len": qs[-2], "kv_len": ks[-2],
+    return {"batch": batch, "heads": qs[-3], "kv_heads": max(ks[-3], vs[-3]), "q_len": qs[-2], "kv_len": ks[-2],
             "head_dim": qs[-1], "v_head_dim": vs[-1], "elem": val(m.q.node).element_size()}
 
 

@@ -82,6 +82,7 @@ class AttentionMatch:
     causal: bool = False
     kv_groups: int = 1
     kv_layout: str = "interleave"  # "interleave": head h reads kv h // g; "tile": kv h % n_kv
+    kv_expand: str = ""  # "k" / "v": that one has a single head, broadcast to the other's heads
     dropout_p: float = 0.0
     pattern: str = ""
     region: frozenset = frozenset()
@@ -311,19 +312,27 @@ def _written_miss(sm: fx.Node, g: _Graph, region: set, output: fx.Node, reads: l
     return None
 
 
-def _heads_miss(sm: fx.Node, qs: list, ks: list, vs: list, groups: int) -> Miss | None:
-    """A `Miss` unless K/V's batch dims broadcast against Q's the ways the op reads them.
+def _heads_miss(sm: fx.Node, qs: list, ks: list, vs: list, groups: int) -> Miss | str:
+    """A `Miss` unless K/V's batch dims broadcast against Q's the ways the op reads them; else which of K
+    and V (``"k"``, ``"v"`` or ``""``) the rewrite expands over the heads to the other's count.
 
-    K and V must agree; each K batch dim equals Q's or is 1, and a 1 only on the heads axis
-    (multi-query: every head reads the one K/V head) or, for 4-D, on the batch axis (expanded).
+    K and V agree, or differ only on the heads axis where one of them has a single head (it
+    broadcasts to every head of the other, as matmul broadcasting did).  Each K/V batch dim equals
+    Q's or is 1, and a 1 only on the heads axis (multi-query: every head reads the one K/V head) or,
+    for 4-D, on the batch axis (expanded).
     """
     qb, kb, vb = qs[:-2], ks[:-2], vs[:-2]
     if len(vs) != len(qs) or len(ks) != len(qs):
         return Miss(sm, "q/k/v have ranks {} / {} / {}: the values do not line up with the scores", len(qs),
                     len(ks), len(vs))
+    expand = ""
     if not all(_eq(a, b) for a, b in zip(kb, vb)):
-        return Miss(sm, "K has batch/head dims {} and V {}: the op needs K and V to share their heads",
-                    [_hint(x) for x in kb], [_hint(x) for x in vb])
+        same = all(_eq(a, b) for a, b in zip(kb[:-1], vb[:-1]))
+        expand = "k" if same and _eq(kb[-1], 1) and groups == 1 else "v" if same and _eq(vb[-1], 1) else ""
+        if not expand or groups > 1:
+            return Miss(sm, "K has batch/head dims {} and V {}: they neither match nor broadcast over the heads",
+                        [_hint(x) for x in kb], [_hint(x) for x in vb])
+        kb = vb if expand == "k" else kb
     if groups > 1:  # K/V were un-repeated: head j of q reads K/V head j // groups (or j % heads)
         kb = [*kb[:-1], kb[-1] * groups]
     broadcast = [i for i, (a, b) in enumerate(zip(qb, kb)) if not _eq(a, b)]
@@ -334,7 +343,7 @@ def _heads_miss(sm: fx.Node, qs: list, ks: list, vs: list, groups: int) -> Miss 
     if not set(broadcast) <= allowed or (groups > 1 and heads in broadcast):
         return Miss(sm, "K/V broadcast over q's batch dims {}: only the heads axis (or the batch axis of 4-D "
                         "tensors) may broadcast", broadcast)
-    return None
+    return expand
 
 
 def _reaches_matmul(node: Any, depth: int = 12) -> bool:
@@ -470,10 +479,11 @@ def _match_softmax(sm: fx.Node, g: _Graph) -> AttentionMatch | Miss:
     qs, ks, vs = _shape(q), _shape(k), _shape(v)
     if not (_eq(ks[-1], qs[-1]) and _eq(vs[-2], ks[-2])):
         return Miss(sm, "q/k/v shapes {} / {} / {} do not line up as attention", qs, ks, vs)
-    bad = _heads_miss(sm, qs, ks, vs, groups)
-    if bad is not None:
-        return bad
-    if groups == 1 and len(qs) >= 3 and _eq(ks[-3], 1) and not _eq(qs[-3], 1):
+    expand = _heads_miss(sm, qs, ks, vs, groups)
+    if not isinstance(expand, str):
+        return expand
+    kv_heads = vs[-3] if expand == "k" else ks[-3] if len(ks) >= 3 else 1
+    if groups == 1 and len(qs) >= 3 and _eq(kv_heads, 1) and not _eq(qs[-3], 1):
         groups = _hint(qs[-3])  # one K/V head for every query head (after folding, the last batch dim)
     reads = [q.node, k.node, v.node, *(t.node for t in up["masks"]), *(f for f, _ in up["runtime"] + qrt + krt)]
     bad = _written_miss(sm, g, region, pv, reads)
@@ -491,7 +501,7 @@ def _match_softmax(sm: fx.Node, g: _Graph) -> AttentionMatch | Miss:
     return AttentionMatch(
         form="graph", anchor=sm, output=pv, q=q, k=k, v=v, scale=scale, scale_nodes=tuple(runtime),
         softcap=up["softcap"], masks=tuple(reversed(up["masks"])), kv_groups=groups, kv_layout=layout,
-        dropout_p=dropout_p, pattern="·".join(parts), region=frozenset(region))
+        dropout_p=dropout_p, pattern="·".join(parts), region=frozenset(region), kv_expand=expand)
 
 
 def _match_sdpa(node: fx.Node) -> AttentionMatch | Miss:

@@ -168,7 +168,13 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
     qs = _shape(m.q)
     rank = len(qs)
     with graph.inserting_before(m.output):
-        q, k, v = (_to_4d(graph, _operand(graph, o), rank) for o in (m.q, m.k, m.v))
+        q, k, v = (_operand(graph, o) for o in (m.q, m.k, m.v))
+        if m.kv_expand:  # one K (or V) head broadcast to every head of the other, as matmul broadcasting did
+            one, other = (k, v) if m.kv_expand == "k" else (v, k)
+            heads = graph.call_method("size", (other, rank - 3))
+            one = graph.call_method("expand", (one, *[-1] * (rank - 3), heads, -1, -1))
+            k, v = (one, other) if m.kv_expand == "k" else (other, one)
+        q, k, v = (_to_4d(graph, x, rank) for x in (q, k, v))
         for node, divide in m.scale_nodes:
             q = _op(graph, operator.truediv if divide else operator.mul, q, node)
         ks = _shape(m.k)

@@ -482,7 +482,7 @@ def generate(seed: int, inductor_rate: float = 0.0) -> Case:  # noqa: C901 - one
         src("o2 = out.unsqueeze(0)", "o2.mul_(3.0)")
     if neg == "score_used":
         if r.random() < 0.5:
-            src("out = out + s.amax(-1, keepdim=True)")
+            src("out = out + s.amax()")  # a scalar: broadcasts against any layout of out
         else:
             extra += ", s"
     elif neg == "prob_used":
@@ -635,6 +635,9 @@ def _compare(ours: list[dict[str, Any]], eager: list[dict[str, Any]], ref: list[
     for call, (o, e, r) in enumerate(zip(ours, eager, ref)):
         if len(o["out"]) != len(e["out"]):
             return f"call {call}: {len(o['out'])} outputs, eager {len(e['out'])}"
+        for i, (a, b) in enumerate(zip(o["out"], e["out"])):
+            if isinstance(a, torch.Tensor) and _layout(a) != _layout(b):  # a consumer may view it (DESIGN: layout)
+                return f"call {call} output {i}: strides {a.stride()}, eager {b.stride()}"
         checks = [(f"call {call} output {i}", a, b, c) for i, (a, b, c) in enumerate(zip(o["out"], e["out"], r["out"]))]
         checks += [(f"call {call} state of {n}", o["state"][n], e["state"][n], r["state"][n]) for n in e["state"]]
         checks += [(f"call {call} grad of {n}", o["grads"].get(n), e["grads"][n], r["grads"][n]) for n in e["grads"]
@@ -644,6 +647,11 @@ def _compare(ours: list[dict[str, Any]], eager: list[dict[str, Any]], ref: list[
             if msg:
                 return msg
     return None
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    """The strides that matter: those of the dims longer than 1."""
+    return tuple((d, st) for d, (n, st) in enumerate(zip(t.shape, t.stride())) if n > 1)
 
 
 def _short(exc: BaseException) -> str:

@@ -187,15 +187,30 @@ def test_standard_layout_where_a_view_needs_it():
 # --------------------------------------------------------------------------- 4. K/V head counts
 
 
-def test_one_key_head_with_per_head_values_is_skipped():
-    report = run(lambda q, k, v: attend(q @ k.mT, v), (rnd(B, H, L, D), rnd(B, 1, L, D), rnd(B, H, L, D)))
-    assert status(report) == "skipped"
-    assert "share their heads" in report.sites[0].reason
+@pytest.mark.parametrize(("hk", "hv"), [(1, H), (H, 1)], ids=["one_key_head", "one_value_head"])
+def test_one_key_or_value_head_broadcast_over_the_other(hk, hv):
+    # matmul broadcasting reads the single head for every head of the other: fused with it expanded
+    report = run(lambda q, k, v: attend(q @ k.mT / 3, v), (rnd(B, H, L, D), rnd(B, hk, 17, D), rnd(B, hv, 17, D)),
+                 grad=(0, 1, 2))
+    assert status(report) == "fused"
+    assert report.sites[0].kv_groups == 1
 
 
-def test_per_head_keys_with_one_value_head_is_skipped():
-    report = run(lambda q, k, v: attend(q @ k.mT, v), (rnd(B, H, L, D), rnd(B, H, L, D), rnd(B, 1, L, D)))
+def test_five_d_key_broadcast_over_value_heads():
+    def fn(q, k, v):  # K (B, 2, 1, ...) broadcasts over V's 3 heads in each of 2 groups
+        return attend(q.view(B, 2, 3, L, D) @ k.unsqueeze(2).mT, v.view(B, 2, 3, 17, D)).flatten(1, 2)
+
+    report = run(fn, (rnd(B, 6, L, D), rnd(B, 2, 17, D), rnd(B, 6, 17, D)), grad=(0, 1, 2))
+    assert status(report) == "fused"
+
+
+def test_key_and_value_broadcast_on_different_axes_is_skipped():
+    def fn(q, k, v):  # K (B, 1, 3, ...) and V (B, 2, 1, ...): neither one head for all, nor the same heads
+        return attend(q @ k.mT, v)
+
+    report = run(fn, (rnd(B, 2, 3, L, D), rnd(B, 1, 3, 17, D), rnd(B, 2, 1, 17, D)))
     assert status(report) == "skipped"
+    assert "neither match nor broadcast" in report.sites[0].reason
 
 
 def test_grouped_five_d_broadcast_is_fused():
