@@ -214,16 +214,17 @@ def _analyze_exactly(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, c
 
 
 def _with_lost_sites(first: Report, last: Report) -> list[Site]:
-    """``last``'s sites, in ``first``'s order, plus the skipped sites of ``first`` that ``last`` no longer sees
-    (a spelling only a dropped rewrite made recognizable: its reason is still the user's answer)."""
+    """``last``'s sites in ``first``'s order; where ``first`` skipped a site, its entry (it read the spelling
+    a dropped rewrite made recognizable, so its reason is the user's answer), unless ``last`` fused it."""
     pending: dict[tuple[str, str], list[Site]] = {}
     for site in last.sites:
         pending.setdefault((site.module, site.source), []).append(site)
     out = []
     for site in first.sites:
         same = pending.get((site.module, site.source))
-        if same:
-            out.append(same.pop(0))
+        again = same.pop(0) if same else None
+        if again is not None and (again.status == "fused" or site.status == "fused"):
+            out.append(again)
         elif site.status == "skipped":
             out.append(site)
     return out + [s for rest in pending.values() for s in rest]

@@ -298,11 +298,10 @@ def _written_miss(sm: fx.Node, g: _Graph, region: set, output: fx.Node, reads: l
         for w in g.effects.written(n):
             if w not in region:
                 return Miss(sm, "{} ({}) writes an intermediate of the attention region in place", w.name, w.target)
-    upstream = _Graph.ancestors(output) | region
+    written = [n for n in reads if isinstance(n, fx.Node) and g.effects.written(n)]
+    upstream = _Graph.ancestors(output) | region if written else set()
     position = g.effects.position
-    for node in reads:
-        if not isinstance(node, fx.Node) or not g.effects.written(node):
-            continue
+    for node in written:
         readers = [u for u in node.users if u in upstream]
         start = min(readers, key=position.__getitem__, default=output)
         w = g.effects.written_between(node, start, output)
