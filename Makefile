@@ -24,8 +24,8 @@ browser:
 test: $(BIN)/.ready browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests --ignore=tests/interpret
-	# the Triton kernels on the CPU: their own tests, the model tests and the matcher tests through them
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests/interpret tests/passes/test_match.py
+	# the Triton kernels on the CPU: their own tests, the model tests, the matcher and soundness tests through them
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests/interpret tests/passes/test_match.py tests/passes/test_soundness.py
 
 bench: $(BIN)/.ready
 	$(BIN)/python benchmarks/bench_models.py
