@@ -205,6 +205,8 @@ def generate(seed: int, inductor_rate: float = 0.0) -> Case:  # noqa: C901 - one
     if pre and pre.startswith("cache"):
         n_new = ch([1, 2, 3])
         lk = max(lk, n_new + 2)
+        if neg == "p_transposed":  # p.mT @ v needs Lq == Lk
+            lq = lk
     post = ch([None] * 5 + ["view", "as_strided", "mul_", "setitem", "transpose_reshape", "transpose_contig_view",
                             "two_views", "add_view", "unsqueeze_mul_"] + (["transpose_view"] if h == 1 else []))
     if rank == 2 and post in ("transpose_reshape", "transpose_contig_view", "transpose_view", "two_views"):
@@ -311,7 +313,7 @@ def generate(seed: int, inductor_rate: float = 0.0) -> Case:  # noqa: C901 - one
         inputs.append(("buf", _randn(3, 5)))
         buf = "self.buf" if module else "buf"
         src({"side_add_": f"{buf}.add_(q.flatten()[0])", "side_fill_": f"{buf}.fill_(0.75)",
-             "side_copy_": f"{buf}.copy_(k.flatten()[:5] * 2)", "side_setitem": f"{buf}[1] = 2.5",
+             "side_copy_": f"{buf}.copy_(k.flatten()[0] * 2)", "side_setitem": f"{buf}[1] = 2.5",
              "side_dep_": f"{buf}.mul_(0.5)"}[pre])
         mutated.append("buf")
     if form == "folded":
