@@ -14,8 +14,8 @@ approximate kernel runs on a sample of the K/V heads (``calibration.max_heads``,
 the whole sequence, and its output on a sample of query rows (``calibration.max_rows``, spread over the
 sequence, the last row included) is compared with exact attention in float64.  The error is the relative
 Frobenius norm ``|approx - exact| / |exact|`` over those rows; above ``max_rel_error`` the family is rejected
-with both numbers in the reason.  Running the graph prefix executes the user's ops once more on the example
-inputs (in-place updates before an attention site happen twice).
+with both numbers in the reason.  The graph prefix runs through `effects.capture`, which
+clones every input an in-place op writes first, so the user's tensors are not updated twice.
 """
 
 from __future__ import annotations
@@ -27,27 +27,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .effects import capture
 from .match import AttentionMatch
-
-
-class _Captured(Exception):
-    pass
-
-
-class _Capture(fx.Interpreter):
-    """Runs the graph until every wanted node has a value."""
-
-    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
-        super().__init__(gm, garbage_collect_values=False)
-        self.wanted, self.values = wanted, {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        if n in self.wanted:
-            self.values[n] = result
-            if len(self.values) == len(self.wanted):
-                raise _Captured
-        return result
 
 
 def _eligible(m: AttentionMatch) -> str | None:
@@ -156,7 +137,7 @@ def verdicts(gm: fx.GraphModule, sites: Sequence[tuple[AttentionMatch, Mapping[s
     if not todo:
         return out
     try:
-        values = _capture(gm, {o.node for _, m, _, _ in todo for o in (m.q, m.k, m.v)}, example_inputs)
+        values = capture(gm, {o.node for _, m, _, _ in todo for o in (m.q, m.k, m.v)}, example_inputs)
     except Exception as exc:  # the user's graph must never break because calibration could not run
         for i, _, f, _ in todo:
             out[i]["rejected"][f] = f"calibration could not run the graph on the example inputs ({exc})"
@@ -187,22 +168,3 @@ def _shape_reason(family: str, m: AttentionMatch, causal: bool) -> str | None:
     return _module(family).unsupported(tuple(qs), tuple(ks), causal=causal)
 
 
-def _capture(gm: fx.GraphModule, wanted: set[fx.Node], example_inputs: Sequence[Any] | None):
-    if example_inputs is None:
-        raise RuntimeError("no example inputs")
-    if any(isinstance(x, torch._subclasses.FakeTensor) for x in example_inputs):
-        raise RuntimeError("the example inputs are fake tensors")
-    from .match import _hint
-
-    # a dynamic graph's size placeholders get their example values
-    inputs = [_hint(x) if isinstance(x, torch.SymInt) else x for x in example_inputs]
-    interp = _Capture(gm, wanted)
-    try:
-        with torch.no_grad():
-            interp.run(*inputs)
-    except _Captured:
-        pass
-    missing = wanted - set(interp.values)
-    if missing:
-        raise RuntimeError(f"{len(missing)} operand(s) were not computed")
-    return interp.values

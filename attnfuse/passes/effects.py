@@ -13,11 +13,16 @@ questions about them decide whether a rewrite is sound:
 
 `removable(node)` says whether a dead node may be erased: never one that writes a tensor, draws
 random numbers or is impure for FX.
+
+`capture(gm, wanted, example_inputs)` runs the graph on its example inputs up to the nodes a pass needs
+(calibration, verification) without side effects the user can see: every input or attribute an in-place
+op writes through is cloned first, and the random-number state is restored.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -118,3 +123,60 @@ class Effects:
             if lo <= self.position[w] < hi:
                 return w
         return None
+
+
+class _Done(Exception):
+    pass
+
+
+class _Capture(fx.Interpreter):
+    """Runs the graph until every wanted node has a value; attributes written in place are read as copies."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node], copied_attrs: set[str]) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.wanted, self.values, self.copied_attrs = wanted, {}, copied_attrs
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        return value.clone() if target in self.copied_attrs and isinstance(value, torch.Tensor) else value
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = result
+            if len(self.values) == len(self.wanted):
+                raise _Done
+        return result
+
+
+def capture(gm: fx.GraphModule, wanted: set[fx.Node], example_inputs: Sequence[Any] | None) -> dict[fx.Node, Any]:
+    """The values of ``wanted`` on the example inputs (the graph runs under ``no_grad`` until it has them all).
+
+    Placeholders and attributes that an in-place op of the graph writes through are cloned first (a KV
+    cache's ``index_copy_`` or a counter's ``add_`` must not happen twice to the user's tensors), and the
+    RNG state is restored afterwards.  Raises RuntimeError with a reason when it cannot run.
+    """
+    if example_inputs is None:
+        raise RuntimeError("no example inputs")
+    written = {root(w) for n in gm.graph.nodes for w in mutations(n)}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = []
+    for ph, x in zip(placeholders, example_inputs):
+        if isinstance(x, torch._subclasses.FakeTensor):
+            raise RuntimeError("the example inputs are fake tensors")
+        if isinstance(x, torch.SymInt):
+            if not x.node.has_hint():
+                raise RuntimeError("the example inputs hold a symbolic size without a value")
+            x = int(x.node.hint)
+        inputs.append(x.clone() if isinstance(x, torch.Tensor) and ph in written else x)
+    interp = _Capture(gm, wanted, {n.target for n in written if n.op == "get_attr"})
+    devices = sorted({x.device.index or 0 for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            interp.run(*inputs)
+    except _Done:
+        pass
+    missing = wanted - set(interp.values)
+    if missing:
+        raise RuntimeError(f"{len(missing)} value(s) the check needs were not computed")
+    return interp.values

@@ -51,40 +51,11 @@ import torch
 import torch.fx as fx
 
 from .canonicalize import val
-from .effects import mutations, root
+from .effects import capture
 from .match import AttentionMatch, _Graph
 
 SAMPLE_ELEMENTS = 1 << 20  # score elements a sampled site evaluates
 WHOLE_ELEMENTS = 1 << 24  # the most a site is evaluated whole when no sample can be taken
-
-
-class _Done(Exception):
-    pass
-
-
-class _Capture(fx.Interpreter):
-    """Runs the graph until every wanted node has a value; attributes written in place are cloned."""
-
-    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node], cloned_attrs: set[str]):
-        super().__init__(gm)
-        self.wanted, self.values, self.cloned_attrs = wanted, {}, cloned_attrs
-
-    def get_attr(self, target, args, kwargs):
-        value = super().get_attr(target, args, kwargs)
-        return value.clone() if target in self.cloned_attrs and isinstance(value, torch.Tensor) else value
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        if n in self.wanted:
-            self.values[n] = result
-            if len(self.values) == len(self.wanted):
-                raise _Done
-        return result
-
-
-def _written_roots(gm: fx.GraphModule) -> set[fx.Node]:
-    """The placeholders / attributes an in-place op of the graph writes through (a view chain's base)."""
-    return {root(w) for n in gm.graph.nodes for w in mutations(n)}
 
 
 def _nodes(obj: Any) -> list[fx.Node]:
@@ -383,25 +354,6 @@ def _elements(r: _Region, values: list[Any]) -> int:
     return math.prod(qs[:-1]) * ks[-2]
 
 
-def _inputs(gm: fx.GraphModule, example_inputs: Sequence[Any] | None) -> list[Any] | str:
-    if example_inputs is None:
-        return "no example inputs"
-    out = []
-    written = {n.target for n in _written_roots(gm) if n.op == "placeholder"}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for ph, x in zip(placeholders, example_inputs):
-        if isinstance(x, torch._subclasses.FakeTensor):
-            return "the example inputs are fake tensors"
-        if isinstance(x, torch.SymInt):
-            if not x.node.has_hint():
-                return "the example inputs hold a symbolic size without a value"
-            x = int(x.node.hint)
-        if isinstance(x, torch.Tensor) and ph.target in written:
-            x = x.clone()
-        out.append(x)
-    return out
-
-
 def _devices(inputs: list[Any]) -> list[int]:
     return sorted({x.device.index or 0 for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda})
 
@@ -410,31 +362,22 @@ def verify(gm: fx.GraphModule, chosen: list[tuple[AttentionMatch, Any]], example
            report: Any, config: Any) -> list[tuple[AttentionMatch, Any]]:
     """Check every chosen site (see the module docstring); returns the sites that stay fused."""
     start = time.perf_counter()
-    inputs = _inputs(gm, example_inputs)
-    if isinstance(inputs, str):
-        report.notes.append(f"verify: not run ({inputs}); the fused sites are unverified")
-        return chosen
     regions = [_region(m) for m, _ in chosen]
-    cloned = {n.target for n in _written_roots(gm) if n.op == "get_attr"}
-    interp = _Capture(gm, {s for r in regions for s in r.sources}, cloned)
     try:
-        with torch.random.fork_rng(devices=_devices(inputs)), torch.no_grad():
-            interp.run(*inputs)
-    except _Done:
-        pass
-    except Exception as exc:
-        report.notes.append(f"verify: the graph could not run on the example inputs ({type(exc).__name__}: "
-                            f"{exc}); the fused sites are unverified")
+        captured = capture(gm, {s for r in regions for s in r.sources}, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - the user's graph must never break because a check could not run
+        report.notes.append(f"verify: not run ({exc}); the fused sites are unverified")
         return chosen
+    devices = _devices(list(example_inputs))
     policy = getattr(config, "approximate", None)
     kept, reverted = [], 0
     for (m, site), r in zip(chosen, regions):
-        values = [interp.values.get(s) for s in r.sources]
+        values = [captured[s] for s in r.sources]
         backward = config.verify is True and any(
             isinstance(val(o.node), torch.Tensor) and val(o.node).requires_grad for o in (m.q, m.k, m.v))
         budget = policy["max_rel_error"] if m.approx and policy else None
         try:
-            with torch.random.fork_rng(devices=_devices(inputs)):
+            with torch.random.fork_rng(devices=devices):
                 record = _verify_site(gm, r, values, backward, budget)
         except Exception as exc:
             record = {"skipped": f"verification failed to run ({type(exc).__name__}: {exc})"[:300]}

@@ -105,6 +105,24 @@ def test_a_tight_budget_rejects_and_the_report_says_why():
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_calibration_does_not_repeat_the_graphs_in_place_writes():
+    # calibration runs the graph up to the site on the example inputs: a counter written in place before it
+    # must still be incremented once per call (effects.capture copies what in-place ops write)
+    model, x = _model(), _x(256)
+
+    def fn(x, counter):
+        counter.add_(1.0)
+        return model(x)
+
+    options = {"approximate": {"max_rel_error": 1e-4, "topk": TOPK, "lsh": LSH}}
+    counter = torch.zeros(3)
+    with torch.no_grad():
+        out = _compile(fn, options)(x, counter)
+    assert [c["kernel"] for c in attnfuse.last_report().sites[0].candidates if "error" in c]  # calibrated
+    torch.testing.assert_close(counter, torch.ones(3))
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_top_k_covering_every_key_is_exact_and_accepted_under_a_tiny_budget():
     model, x = _model(), _x(100)
     options = {"kernels": ["topk"], "approximate": {"max_rel_error": 1e-5, "families": ["topk"],
