@@ -11,6 +11,17 @@ $(BIN)/.ready: pyproject.toml constraints-cpu.txt
 	$(BIN)/pip install -q $(CONSTRAINT) -e ".[test]"
 	touch $@
 
+# The corpus libraries that import torchvision (tests/models/corpus.py), kept off the venv's path: PyPI's torchvision
+# is a CUDA build whose ops do not load beside the CPU torch, and a torchvision that fails to import breaks
+# transformers everywhere.  tests/conftest.py puts this folder on sys.path (after defining torchvision's schemas).
+CORPUS_LIBS := $(VENV)/corpus-libs
+TORCHVISION := $(if $(CONSTRAINT),torchvision==0.28.0,torchvision)
+
+$(CORPUS_LIBS)/.ready: $(BIN)/.ready Makefile
+	$(BIN)/pip install -q --no-deps --upgrade --target $(CORPUS_LIBS) $(TORCHVISION) "timm>=1.0.20" \
+		"open_clip_torch>=3.0" "vit-pytorch>=1.26" "segment-anything>=1.0"
+	touch $@
+
 venv: $(BIN)/.ready
 
 demo: $(BIN)/.ready
@@ -21,7 +32,7 @@ browser:
 	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "attnfuse: could not install chromium (not root?); the HTML report's browser test skips outside CI"
 
-test: $(BIN)/.ready browser
+test: $(BIN)/.ready $(CORPUS_LIBS)/.ready browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests --ignore=tests/interpret
 	# the Triton kernels on the CPU: their own tests, the model tests, the matcher and soundness tests through them

@@ -26,27 +26,105 @@ import torch.fx as fx
 
 from . import costmodel, ops  # noqa: F401 - ops registers torch.ops.attnfuse
 from .config import Config
-from .passes import approximate, canonicalize, masks, match, rewrite, verify
+from .passes import _local, approximate, canonicalize, masks, match, rewrite, verify
 from .passes.canonicalize import val
 from .passes.match import _eq, _hint, _shape
 from .report import Report, Site, _set_last
 
+# Source-name wrappers dynamo writes around a base: ``getattr(base, 'name')`` and friends, all ``(base, key)``.
+_SOURCE_CALLS = ("getattr(", "___odict_getitem(", "dict.__getitem__(", "list.__getitem__(")
+# Steps of a source name that are not module names: the storage of children, a compiled submodule's wrapper.
+_NOT_MODULES = frozenset(("__dict__", "_modules", "_orig_mod"))
+
+
+def _literal(s: str, i: int) -> tuple[str, int]:
+    """The quoted string or integer at ``s[i]`` (as text) and the index after it."""
+    if s[i] in "'\"":
+        j, out = i + 1, []
+        while s[j] != s[i]:
+            j += 1 if s[j] != "\\" else 2
+            out.append(s[j - 1])
+        return "".join(out), j + 1
+    m = re.compile(r"-?\d+").match(s, i)
+    if m is None:
+        raise ValueError(s)
+    return m.group(), m.end()
+
+
+def _source_steps(s: str, i: int = 0) -> tuple[list[str], int]:
+    """The attribute and item names dynamo's source name ``s`` walks from its root, and where it ends.
+
+    The root is a local or global (``L['self']``, ``G['model']``) with the items taken out of it (``L['args'][0]``:
+    a decorator's ``*args``); then ``.name``, ``[key]`` and the ``_SOURCE_CALLS`` wrappers, nested.
+    """
+    for call in _SOURCE_CALLS:
+        if s.startswith(call, i):
+            steps, i = _source_steps(s, i + len(call))
+            if not s.startswith(", ", i):
+                raise ValueError(s)
+            key, i = _literal(s, i + 2)
+            if s[i] != ")":
+                raise ValueError(s)
+            steps, i = [*steps, key], i + 1
+            break
+    else:
+        if s[i:i + 2] not in ("L[", "G["):
+            raise ValueError(s)
+        i, steps = i + 1, []
+        while i < len(s) and s[i] == "[":  # the root and the items taken out of it
+            _, i = _literal(s, i + 1)
+            i += 1
+    while i < len(s) and s[i] in ".[":
+        if s[i] == "[":
+            key, i = _literal(s, i + 1)
+            i += 1
+        else:
+            m = re.compile(r"[^.\[\],)]+").match(s, i + 1)
+            if m is None:
+                raise ValueError(s)
+            key, i = m.group(), m.end()
+        steps.append(key)
+    return steps, i
+
 
 def _module_path(node: fx.Node | None) -> str:
+    """The dotted path of the innermost module ``node`` was traced in, as ``model.get_submodule`` takes it.
+
+    Dynamo records how it reached each module (`_source_steps`).  Anything else is kept as written:
+    ``torch.export`` records the path itself (``layers.0``), and a source name with other steps (a key read
+    from ``dict.keys(...)``) names no path without the model.
+    """
     stack = (node.meta.get("nn_module_stack") or {}) if node is not None else {}
     if not stack:
         return ""
     path = str(list(stack.values())[-1][0])
-    path = re.sub(r"^[LG]\['[^']*'\]", "", path)
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
-    path = re.sub(r"\['([^']*)'\]|\[(\d+)\]", lambda m: "." + (m.group(1) or m.group(2)), path)
-    return path.strip(".")
+    try:
+        steps, end = _source_steps(path)
+    except (ValueError, IndexError):
+        return path
+    return ".".join(step for step in steps if step not in _NOT_MODULES) if end == len(path) else path
+
+
+# Library helpers that run attention on a model's behalf: a site's line is where the model calls them.
+_HELPER_PATHS = ("/transformers/integrations/", "/diffusers/models/attention_dispatch.py")
+_OWN_DIRS = tuple(os.path.join(os.path.dirname(os.path.abspath(f)), "") for f in (torch.__file__, __file__))
+
+
+def _library_frame(path: str) -> bool:
+    """Whether a stack frame's file is torch's, attnfuse's, or a library's attention helper (`_HELPER_PATHS`)."""
+    full = os.path.abspath(path)
+    return full.startswith(_OWN_DIRS) or any(part in full.replace(os.sep, "/") for part in _HELPER_PATHS)
 
 
 def _source(node: fx.Node | None) -> str:
+    """``file.py:line`` of the innermost frame of ``node``'s stack trace in the model's own code (the last
+    frame if every frame is a library's)."""
     trace = (node.meta.get("stack_trace") or "") if node is not None else ""
     found = re.findall(r'File "([^"]+)", line (\d+)', trace)
-    return f"{os.path.basename(found[-1][0])}:{found[-1][1]}" if found else ""
+    if not found:
+        return ""
+    file, line = next((f for f in reversed(found) if not _library_frame(f[0])), found[-1])
+    return f"{os.path.basename(file)}:{line}"
 
 
 def _fused_site(m: match.AttentionMatch, mask_info: dict, plan: costmodel.Plan) -> Site:
@@ -78,6 +156,8 @@ def _plan_shape(m: match.AttentionMatch) -> dict[str, Any]:
 def _mha_shape(m: match.AttentionMatch) -> dict[str, Any]:
     num_heads = m.anchor.args[4] if len(m.anchor.args) > 4 else 1
     qv, kv = val(m.q.node), val(m.k.node)
+    if m.pattern == "transformer_encoder_layer":  # (B, L, E) self-attention; num_heads is argument 2
+        num_heads, qv, kv = m.anchor.args[2], qv.transpose(0, 1), kv.transpose(0, 1)
     batch = _hint(qv.shape[1]) if qv.dim() == 3 else 1
     e = _hint(qv.shape[-1])
     return {"batch": batch, "heads": num_heads, "kv_heads": num_heads, "q_len": _hint(qv.shape[0]),
@@ -86,8 +166,6 @@ def _mha_shape(m: match.AttentionMatch) -> dict[str, Any]:
 
 
 def _unsupported(m: match.AttentionMatch) -> str | None:
-    if m.form == "graph" and len(_shape(m.q)) > 4 and m.masks:
-        return "a mask on attention with more than 2 batch dims is not supported"
     semantics = rewrite.mask_semantics(m)
     return semantics if semantics.startswith("the mask") else None
 
@@ -130,6 +208,8 @@ def _with_structure(before: match.AttentionMatch, m: match.AttentionMatch,
     structure: dict[str, Any] = {}
     if band:
         structure.update(window=(info.window_left, info.window_right), causal=m.causal)
+    if m.window_pad:  # the unfold spelling's zero keys: only the window kernels have them
+        structure["window_pad"] = True
     if info.block_sparse:
         structure.update(block_sparse=True, density=info.params.get("density", 1.0))
     return m, mask_report, structure
@@ -153,6 +233,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Co
     spec = config.device_spec()
     canonicalize.canonicalize(gm, canonical)
     found, misses = match.match(gm)
+    found = [_local.bucket_window(gm, m, example_inputs) or m for m in found]
     sites = [_with_structure(found_m, *masks.analyze(gm, found_m, example_inputs)) for found_m in found]
     verdicts = approximate.verdicts(gm, [(m, {**structure, "causal": m.causal}) for m, _, structure in sites],
                                     example_inputs, config.approximate, config.kernels)

@@ -208,8 +208,12 @@ def _candidate(family: str, est: Estimate | None, rejected: str | None, **extra:
     return row
 
 
-def _why(family: str, kernels: Sequence[str], band: bool, sparse: bool, approx: Mapping[str, Any] | None):
-    """Why ``family`` may not run the site (None: it may)."""
+def _why(family: str, kernels: Sequence[str], band: bool, sparse: bool, approx: Mapping[str, Any] | None,
+         padded: bool = False):
+    """Why ``family`` may not run the site (None: it may).  ``padded``: a padded window (``window_pad``), whose
+    zero keys only the window kernels add."""
+    if padded and family != "window":
+        return "the padded window's zero keys (the unfold spelling) run in the window kernel only"
     if family == "flash" and (band or sparse):
         return "the proven mask structure runs in the window / block-sparse mode of the same kernel"
     if family == "window" and not band:
@@ -231,6 +235,10 @@ def _candidates(shape, spec, kernels, structure, approx):
     structure = structure or {}
     causal = bool(structure.get("causal", shape.get("causal", False)))
     band, sparse = structure.get("window") is not None, bool(structure.get("block_sparse"))
+    padded = bool(structure.get("window_pad"))
+    if padded and not band:
+        raise ValueError("attnfuse costmodel: structure['window_pad'] needs the band it pads, structure['window'] "
+                         "= (left, right)")
     rows, configs = [], {}
     for family in (*EXACT, *APPROXIMATE, "eager"):
         extra: dict[str, Any] = {}
@@ -238,7 +246,7 @@ def _candidates(shape, spec, kernels, structure, approx):
             mib = shape["batch"] * shape["heads"] * shape["q_len"] * shape["kv_len"] * 4 / 2**20
             why = f"materializes {mib:.1f} MiB of scores"
         else:
-            why = _why(family, kernels, band, sparse, approx)
+            why = _why(family, kernels, band, sparse, approx, padded)
         if (family == "window" and not band) or (family == "blocksparse" and not sparse):
             rows.append(_candidate(family, None, why))
             continue
@@ -275,7 +283,8 @@ def plan(shape: Mapping[str, Any], device: DeviceSpec, kernels: Sequence[str], *
 
     ``shape``: ``batch, heads, kv_heads, q_len, kv_len, head_dim, v_head_dim, elem`` (example sizes when the
     graph is dynamic) and ``causal``.  ``structure``: what the mask analysis proved and the op will be told
-    (``window`` (left, right), ``causal``, ``block_sparse`` with ``density``).  ``approx``: None when the user
+    (``window`` (left, right), ``causal``, ``block_sparse`` with ``density``, ``window_pad``: a padded window,
+    the window family only, at the band's cost: its zero keys cost nothing).  ``approx``: None when the user
     did not opt in, else the approximation policy's verdict -- ``rejected`` {family: reason}, ``errors``
     {family: measured relative error}, ``params`` {family: settings}; a family without a ``rejected`` entry was
     calibrated within the budget.  ``dynamic``: also plan the table over key-length ranges (`Plan.table`).

@@ -1,8 +1,8 @@
 """``torch.ops.attnfuse.*``: the fused attention op the rewriter emits.
 
-``attnfuse::attention(q, k, v, mask=None, seed=None, alibi=None, *, scale=None, causal=False,
+``attnfuse::attention(q, k, v, mask=None, seed=None, alibi=None, sinks=None, *, scale=None, causal=False,
 softcap=0.0, kv_groups=1, dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1,
-block_sparse=False, approx="") -> (out, stats)``
+block_sparse=False, window_pad=False, approx="") -> (out, stats)``
 
 Tensors are ``(batch, heads, seqlen, head_dim)``; K/V have ``heads / kv_groups``
 heads.  ``mask`` broadcasts to ``(batch, heads, q_len, kv_len)``: bool means
@@ -13,7 +13,14 @@ Structured masks, proven by `attnfuse.passes.masks`, skip work instead of readin
 ``window_left``/``window_right`` (-1 = unbounded) keep key ``j`` for query ``i`` iff
 ``i - left <= j <= i + right`` (out-of-band scores are -inf); ``alibi`` (fp32, one slope per
 query head) adds ``slope[h] * (j - i)``; ``block_sparse`` says ``mask`` is a constant whose
-empty tiles the kernels skip.
+empty tiles the kernels skip.  ``window_pad`` (a finite band, ``q_len == kv_len``, no ALiBi or block-sparse):
+the textbook ``unfold`` spelling of local attention, whose zero-padded K/V rows are real keys: query ``i``
+also sees ``n_pad(i)`` keys of score 0 and value 0 at the band's positions outside ``[0, L)`` (constants:
+no gradient; `attnfuse.kernels.reference.phantom_keys`).
+``sinks`` (attention sinks: GPT-OSS, x-transformers' ``attn_sink``): one logit per query head, shape ``(H,)``
+or broadcastable to ``(B, H)``, float32 or the inputs' dtype; each row gets one more key of that score (not
+scaled, capped or masked) and value 0, i.e. ``softmax([s, sink])[..., :-1] @ v``; a row whose every real key is
+masked is 0.  It gets a gradient (`attnfuse.kernels.reference`).  Not with ``window_pad`` or ``approx``.
 ``approx``: "" (exact), or the cost model's per-call table (`attnfuse.costmodel.Plan.op_table`, JSON) of
 key-length ranges -> "exact" | "topk" | "lsh" with the approximate families' settings: each call looks its
 key length up and runs `attnfuse.kernels.topk` / `attnfuse.kernels.lsh` (forward and backward) where the
@@ -47,6 +54,7 @@ from typing import Any
 import torch
 
 from .kernels import flash, reference, tiled
+from .kernels.reference import sink_error, window_pad_error
 
 _NEG_INF = float("-inf")
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -133,12 +141,15 @@ def _structured(alibi, window_left, window_right, block_sparse) -> bool:
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              seed: torch.Tensor | None = None, alibi: torch.Tensor | None = None, *, scale: float | None = None,
+              seed: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
+              sinks: torch.Tensor | None = None, *, scale: float | None = None,
               causal: bool = False, softcap: float = 0.0, kv_groups: int = 1, dropout_p: float = 0.0,
               mask_fill: float | None = None, window_left: int = -1, window_right: int = -1,
-              block_sparse: bool = False, approx: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+              block_sparse: bool = False, window_pad: bool = False, approx: str = ""
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     _check(q, k, v, mask, kv_groups)
-    _check_structure(q, alibi, window_left, window_right, block_sparse, mask)
+    _check_structure(q, k, alibi, window_left, window_right, block_sparse, mask, causal, window_pad)
+    _check_sinks(q, sinks, window_pad, approx)
     family = _approx_family(approx, k.shape[-2])
     if family is not None:
         module, params = family
@@ -147,19 +158,47 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     if _use_flash(q, k, v):
         return flash.forward(q, k, v, mask, _seed_on(seed, q), scale=scale, causal=causal, softcap=softcap,
                              dropout_p=dropout_p, mask_fill=mask_fill, alibi=alibi,
-                             window_size=(window_left, window_right), block_sparse=block_sparse)
+                             window_size=(window_left, window_right), block_sparse=block_sparse,
+                             window_pad=window_pad, **_sink_kw(sinks))
     if _structured(alibi, window_left, window_right, block_sparse):
         out = tiled.forward(q, k, v, mask, _seed_int(seed), scale=_scale(q, scale), causal=causal, softcap=softcap,
                             kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=_fill(mask_fill), alibi=alibi,
-                            window_left=window_left, window_right=window_right, block_sparse=block_sparse)
+                            window_left=window_left, window_right=window_right, block_sparse=block_sparse,
+                            window_pad=window_pad, **_sink_kw(sinks))
+        return out, _no_stats(q)
+    if sinks is not None:  # PyTorch's fused CPU kernel has no sink: the blocked reference
+        out = reference.forward(q, k, v, mask, _seed_int(seed), scale=_scale(q, scale), causal=causal,
+                                softcap=softcap, kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=_fill(mask_fill),
+                                sinks=sinks)
         return out, _no_stats(q)
     return _cpu_forward(q, k, v, mask, seed, scale, causal, softcap, kv_groups, dropout_p, mask_fill), _no_stats(q)
 
 
-def _check_structure(q, alibi, window_left, window_right, block_sparse, mask):
+def _sink_kw(sinks: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return {} if sinks is None else {"sinks": sinks}
+
+
+def _check_sinks(q, sinks, window_pad, approx):
+    if sinks is None:
+        return
+    why = sink_error(sinks, q.shape[0], q.shape[1], q.dtype)
+    if why:
+        raise ValueError(f"attnfuse.attention: {why}")
+    if window_pad or approx:
+        what = "window_pad=True" if window_pad else "an approximate kernel table (approx)"
+        raise ValueError(f"attnfuse.attention: sinks do not combine with {what}; allowed with sinks: "
+                         f"window_pad=False and approx=''")
+
+
+def _check_structure(q, k, alibi, window_left, window_right, block_sparse, mask, causal, window_pad):
     if window_left < -1 or window_right < -1:
         raise ValueError(f"attnfuse.attention: window_left/window_right must be -1 (unbounded) or >= 0; "
                          f"got {window_left}, {window_right}")
+    if window_pad:
+        why = window_pad_error(window_left, window_right, causal, q.shape[-2], k.shape[-2],
+                               alibi=alibi is not None, block_sparse=block_sparse)
+        if why:
+            raise ValueError(f"attnfuse.attention: {why}")
     if alibi is not None and (alibi.dim() != 1 or alibi.shape[0] != q.shape[1]):
         raise ValueError(f"attnfuse.attention: alibi must hold one slope per query head, shape ({q.shape[1]},); "
                          f"got {tuple(alibi.shape)}")
@@ -239,8 +278,9 @@ def _cpu_forward(q, k, v, mask, seed, scale, causal, softcap, kv_groups, dropout
 
 
 @attention.register_fake
-def _(q, k, v, mask=None, seed=None, alibi=None, *, scale=None, causal=False, softcap=0.0, kv_groups=1,
-      dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1, block_sparse=False, approx=""):
+def _(q, k, v, mask=None, seed=None, alibi=None, sinks=None, *, scale=None, causal=False, softcap=0.0, kv_groups=1,
+      dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1, block_sparse=False, window_pad=False,
+      approx=""):
     if _use_flash(q, k, v):
         return output_like(q, v), q.new_empty(*q.shape[:3], 2, dtype=torch.float32)
     return output_like(q, v), _no_stats(q)
@@ -280,60 +320,66 @@ def _seed_on(seed, q):
 
 def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, stats: torch.Tensor, mask: torch.Tensor | None, seed: torch.Tensor | None,
-                       alibi: torch.Tensor | None, *, scale: float | None, causal: bool, softcap: float,
+                       alibi: torch.Tensor | None, sinks: torch.Tensor | None = None, *, scale: float | None,
+                       causal: bool, softcap: float,
                        kv_groups: int, dropout_p: float, mask_fill: float | None, window_left: int, window_right: int,
-                       block_sparse: bool, mask_grad: bool, approx: str = "") -> list[torch.Tensor]:
+                       block_sparse: bool, mask_grad: bool, window_pad: bool = False,
+                       approx: str = "") -> list[torch.Tensor]:
     family = _approx_family(approx, k.shape[-2])
     if family is not None:
         module, params = family
         with _autograd_below_the_op():  # the CPU paths recompute their forward under autograd
             dq, dk, dv = module.backward(grad_out, q, k, v, out, stats, scale=_scale(q, scale), causal=causal,
                                          **params)
-        return [dq.contiguous(), dk.contiguous(), dv.contiguous(), q.new_empty(0)]
+        return [dq.contiguous(), dk.contiguous(), dv.contiguous(), q.new_empty(0), q.new_empty(0)]
     if stats.numel():  # the forward ran the flash kernel
         # dQ in its own pass, not fp32 atomics: on an H100 the atomic variant was 5-9x slower
         # (benchmarks/results/bwd-sweep-h100-2026-11-23.json), and this one is also reproducible
-        dq, dk, dv, dm = flash.backward(
+        dq, dk, dv, dm, *ds = flash.backward(
             grad_out, q, k, v, out, stats, mask, _seed_on(seed, q), scale=scale, causal=causal, softcap=softcap,
             dropout_p=dropout_p, mask_fill=mask_fill, mask_grad=mask_grad, deterministic=True, alibi=alibi,
-            window_size=(window_left, window_right), block_sparse=block_sparse)
-        return [dq, dk, dv, dm if dm is not None else q.new_empty(0)]
+            window_size=(window_left, window_right), block_sparse=block_sparse, window_pad=window_pad,
+            **_sink_kw(sinks))
+        return [dq, dk, dv, dm if dm is not None else q.new_empty(0), ds[0] if ds else q.new_empty(0)]
     # PyTorch's CPU flash backward misses the 2x accuracy rule with masks (measured up to
     # ~5x eager's error in fp32), so the backward always recomputes softmax per block (the blocked
     # reference, or the tiled kernel for structured masks) and does not need ``out`` (flash-style
     # kernels use it for rowsum(dO * O)).
     structured = _structured(alibi, window_left, window_right, block_sparse)
     extra = dict(alibi=alibi, window_left=window_left, window_right=window_right,
-                 block_sparse=block_sparse) if structured else {}
-    dq, dk, dv, dm = (tiled if structured else reference).backward(
+                 block_sparse=block_sparse, window_pad=window_pad) if structured else {}
+    dq, dk, dv, dm, *ds = (tiled if structured else reference).backward(
         grad_out, q, k, v, mask, _seed_int(seed), scale=_scale(q, scale), causal=causal, softcap=softcap,
-        kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=_fill(mask_fill), mask_grad=mask_grad, **extra)
+        kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=_fill(mask_fill), mask_grad=mask_grad, **extra,
+        **_sink_kw(sinks))
     # contiguous, as the fake impl promises (the K/V head reduction of GQA makes new tensors anyway)
-    return [dq.contiguous(), dk.contiguous(), dv.contiguous(), dm.contiguous() if dm is not None else q.new_empty(0)]
+    return [dq.contiguous(), dk.contiguous(), dv.contiguous(), dm.contiguous() if dm is not None else q.new_empty(0),
+            ds[0] if ds else q.new_empty(0)]
 
 
 attention_backward = torch.library.custom_op("attnfuse::attention_backward", mutates_args=())(_attention_backward)
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, out, stats, mask, seed, alibi, *, scale, causal, softcap, kv_groups, dropout_p, mask_fill,
-      window_left, window_right, block_sparse, mask_grad, approx=""):
+def _(grad_out, q, k, v, out, stats, mask, seed, alibi, sinks=None, *, scale, causal, softcap, kv_groups, dropout_p,
+      mask_fill, window_left, window_right, block_sparse, mask_grad, window_pad=False, approx=""):
     dm = mask.new_empty(mask.shape) if mask_grad else q.new_empty(0)
-    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dm]
+    ds = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty(0)
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dm, ds]
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    q, k, v, mask, seed, alibi = inputs
-    ctx.save_for_backward(q, k, v, mask, seed, alibi, *output)
+    q, k, v, mask, seed, alibi, sinks = inputs
+    ctx.save_for_backward(q, k, v, mask, seed, alibi, sinks, *output)
     ctx.kwargs = keyword_only_inputs
 
 
 def _backward(ctx, grad, _grad_stats):
-    q, k, v, mask, seed, alibi, out, stats = ctx.saved_tensors
+    q, k, v, mask, seed, alibi, sinks, out, stats = ctx.saved_tensors
     mask_grad = mask is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dm = attention_backward(grad, q, k, v, out, stats, mask, seed, alibi, mask_grad=mask_grad,
-                                        **ctx.kwargs)
-    return dq, dk, dv, (dm if mask_grad else None), None, None
+    dq, dk, dv, dm, ds = attention_backward(grad, q, k, v, out, stats, mask, seed, alibi, sinks, mask_grad=mask_grad,
+                                            **ctx.kwargs)
+    return dq, dk, dv, (dm if mask_grad else None), None, None, (ds if sinks is not None else None)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -344,9 +390,10 @@ for _op in (attention, attention_backward):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-           seed: torch.Tensor | None = None, alibi: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+           seed: torch.Tensor | None = None, alibi: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+           **kwargs) -> torch.Tensor:
     """``attnfuse::attention``'s output without the row statistics."""
-    return attention(q, k, v, mask, seed, alibi, **kwargs)[0]
+    return attention(q, k, v, mask, seed, alibi, sinks, **kwargs)[0]
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -357,6 +404,9 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     keys are all masked, with no gradient, where eager softmax gives NaN.  Such rows attend to
     every key inside the op and are zeroed after it; no data-dependent branch, so it traces.
     """
+    if kwargs.get("window_pad", False) and mask is not None:
+        raise ValueError("attnfuse.attention_sdpa: window_pad=True (the unfold spelling's padded keys) has no SDPA "
+                         "form to zero dead rows of; call attnfuse.attention with window_pad=True instead")
     if mask is None:
         return attend(q, k, v, mask, seed, alibi, **kwargs)
     keep = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)

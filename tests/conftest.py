@@ -33,3 +33,48 @@ def _ensure_backend() -> None:
 
 
 _ensure_backend()
+
+
+def _corpus_libs() -> None:
+    """The corpus libraries that import torchvision live in ``.venv/corpus-libs`` (the Makefile installs them
+    there, off the venv's own path; ``$ATTNFUSE_CORPUS_LIBS`` overrides the folder)."""
+    default = pathlib.Path(__file__).resolve().parents[1] / ".venv" / "corpus-libs"
+    folder = pathlib.Path(os.environ.get("ATTNFUSE_CORPUS_LIBS", default))
+    if folder.is_dir() and str(folder) not in sys.path:
+        sys.path.append(str(folder))
+
+
+def _torchvision_schemas() -> None:
+    """torchvision's wheel here is a CUDA build whose C++ ops do not load on the CPU torch; its import then
+    fails registering fake kernels for ``torchvision::nms``.  Define the two schemas it needs, only when its
+    own library did not load (so nothing is defined twice where the ops do load).  timm and open_clip import
+    torchvision, the corpus tests (tests/models/corpus.py) use all three."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    libs = sorted(pathlib.Path(spec.submodule_search_locations[0]).glob("_C*.so"))
+    try:
+        if libs:
+            torch.ops.load_library(str(libs[0]))
+    except OSError:
+        pass
+    if _has_schema("torchvision::nms"):
+        return
+    lib = torch.library.Library("torchvision", "DEF")  # kept on the function: it lives as long as the process
+    for op in ("nms", "qnms"):
+        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _torchvision_schemas.lib = lib
+
+
+def _has_schema(name: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(name, "")
+    except RuntimeError:
+        return False
+    return True
+
+
+_corpus_libs()
+_torchvision_schemas()

@@ -34,6 +34,14 @@ def unsupported(fmt: str, m: Any, site: Any) -> str | None:
         return None
     if m.dropout_p > 0:
         return f"{target} has no dropout (export an eval() model); the site is exported as its original ops"
+    if getattr(m, "window_pad", False):
+        return (f"{target} has no zero-padded keys: the unfold spelling's padded window adds score-0 keys outside "
+                f"the sequence to each edge row's softmax, which no mask over the real keys expresses; the site is "
+                f"exported as its original ops")
+    if getattr(m, "sinks", None) is not None:
+        return (f"{target} has no attention sinks: the per-head sink adds one key of its own score and value 0 to "
+                f"every row's softmax, which no mask over the real keys expresses; the site is exported as its "
+                f"original ops")
     families = {site.kernel, *(row["kernel"] for row in site.table)} & set(APPROXIMATE)
     if families:
         return (f"{target} has no {'/'.join(sorted(families))} attention; the site is exported as its original "
@@ -80,11 +88,18 @@ def dense_mask(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, alib
     return mask, causal
 
 
+def _no_window_pad(window_pad: bool) -> None:
+    if window_pad:  # `unsupported` keeps such sites as their original ops: reaching here is a bug
+        raise ValueError("attnfuse export: an op with window_pad=True (padded keys no mask expresses) reached the "
+                         "lowering; such sites must be kept as their original ops")
+
+
 def _plain(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in kwargs.items() if key not in _STRUCTURE}
 
 
 def _onnx_mask(q, k, mask, alibi, kwargs):
+    _no_window_pad(kwargs.get("window_pad", False))
     mask, causal = dense_mask(q, k, mask, alibi, **kwargs)
     if mask is not None and mask.is_floating_point():
         # onnxruntime reads an additive entry equal to the dtype's lowest value as -inf, and gives a row of
@@ -108,7 +123,8 @@ def plain_attention_sdpa(q, k, v, mask=None, seed=None, alibi=None, **kwargs):
 
 
 PLAIN = {torch.ops.attnfuse.attention.default: plain_attention, ops.attention_sdpa: plain_attention_sdpa}
-_PLAIN_DEFAULTS = {"window_left": -1, "window_right": -1, "block_sparse": False, "dropout_p": 0.0, "approx": ""}
+_PLAIN_DEFAULTS = {"window_left": -1, "window_right": -1, "block_sparse": False, "dropout_p": 0.0, "approx": "",
+                   "window_pad": False}
 
 
 def for_onnx(gm: torch.fx.GraphModule, example_inputs: list) -> None:
@@ -143,10 +159,14 @@ def for_onnx(gm: torch.fx.GraphModule, example_inputs: list) -> None:
     gm.recompile()
 
 
-def sdpa_decomposition(q, k, v, mask=None, seed=None, alibi=None, *, scale=None, causal=False, softcap=0.0,
-                       kv_groups=1, dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1,
-                       block_sparse=False, approx=""):
-    """`attnfuse::attention` as ``aten.scaled_dot_product_attention`` (sites without softcap/dropout)."""
+def sdpa_decomposition(q, k, v, mask=None, seed=None, alibi=None, sinks=None, *, scale=None, causal=False,
+                       softcap=0.0, kv_groups=1, dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1,
+                       block_sparse=False, window_pad=False, approx=""):
+    """`attnfuse::attention` as ``aten.scaled_dot_product_attention`` (sites without softcap/dropout/sinks)."""
+    _no_window_pad(window_pad)
+    if sinks is not None:  # `unsupported` keeps such sites as their original ops: reaching here is a bug
+        raise ValueError("attnfuse export: an op with sinks reached the SDPA lowering; such sites must be kept as "
+                         "their original ops")
     mask, causal = dense_mask(q, k, mask, alibi, causal=causal, window_left=window_left,
                               window_right=window_right, mask_fill=mask_fill, fold_causal=True)
     if mask is None and not causal:

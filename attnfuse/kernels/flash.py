@@ -14,7 +14,9 @@ every device and across the split-K path, but not the CPU reference's stream.
 The same kernels also run ALiBi (``s += slope[h] * (j - i)`` after softcap),
 a sliding-window band (`attnfuse.kernels.window`) and constant block-sparse
 masks from a tile map (`attnfuse.kernels.blocksparse`): compile-time modes
-that change which tiles a program visits, not how a tile is computed.
+that change which tiles a program visits, not how a tile is computed.  A padded
+window (``window_pad``: the ``unfold`` spelling's zero keys, see
+`attnfuse.kernels.reference`) only changes a row's initial softmax state.
 
 Layout choices:
 
@@ -59,7 +61,7 @@ import triton.language as tl
 from ..costmodel import Estimate
 from ..device import PRESETS, DeviceSpec
 from . import blocksparse
-from .reference import sum_to
+from .reference import sink_error, sink_grad, sink_table, sum_to, window_pad_error
 
 _LOG2E = 1.4426950408889634
 _FLT_MAX = 3.4028234663852886e38
@@ -313,22 +315,22 @@ def _fwd_range(acc, l_i, m_i, lo, hi, Tiles, q, K, V, M, seed, b, rows, heads, b
 @triton.jit
 def _fwd_kernel(
     # pointers
-    Q, K, V, M, Seed, VBad, Alibi, TileMap, Out, Stats,
+    Q, K, V, M, Seed, VBad, Alibi, TileMap, Sinks, Out, Stats,
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_tb, stride_th, stride_tm,
+    stride_tb, stride_th, stride_tm, stride_sb, stride_sh,
     stride_os, stride_ob, stride_oh, stride_om, stride_od, stride_ls,
     # sizes and scalars
-    H, Lq, Lk, split_len, win_left, win_right, qk_scale, cap_scale, softcap2, fill2, dropout_p,
+    H, Lq, Lk, split_len, win_left, win_right, pad_keys, qk_scale, cap_scale, softcap2, fill2, dropout_p,
     # meta
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, BLOCK_SPARSE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr, HAS_SINKS: tl.constexpr = False,
 ):
     """One program: BLOCK_M packed (row, head-in-group) pairs of one K/V head, keys of one split.
 
@@ -338,6 +340,10 @@ def _fwd_kernel(
     ``[n_full, n_partial, full tile indices..., partial tile indices...]``.
     With a split grid it writes fp32 partial outputs (normalized) and partial row statistics at
     ``split * stride_os`` / ``split * stride_ls``; `_combine_kernel` merges them.
+    ``pad_keys`` (0 or 1, a padded window): each row also holds the band's n_pad keys outside [0, Lk), of score 0
+    and value 0, folded into the softmax state it starts from (split 0 only): m = 0, l = n_pad.
+    ``HAS_SINKS``: each row also holds one key of score ``Sinks[b, h]`` (natural units) and value 0, likewise
+    (split 0 only): m = sink, l = 1; the saved statistics then include it, and a row with no visible key is 0.
     """
     # float scalars may arrive as fp64 (Inductor's launches of user kernels): the math stays fp32
     qk_scale, cap_scale = _f32(qk_scale), _f32(cap_scale)
@@ -363,8 +369,16 @@ def _fwd_kernel(
         seed = tl.load(Seed)
     inv_keep = 1.0 / (1.0 - dropout_p)
     slope2 = _slopes(Alibi, heads, HAS_ALIBI)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    # a padded window's zero keys (score 0, value 0): n_pad of them start the row at m = 0, l = n_pad, acc = 0;
+    # the saved statistics then count them, so the backward needs nothing else (their dp is 0)
+    n_pad = (tl.maximum(win_left - rows, 0) + tl.maximum(rows + win_right + 1 - Lk, 0)) * tl.where(
+        split == 0, pad_keys, 0)
+    m_i = tl.where(n_pad > 0, 0.0, float("-inf")).to(tl.float32)
+    l_i = n_pad.to(tl.float32)
+    if HAS_SINKS:  # the sink key (score sink, value 0) starts the row: m = sink (log2 units), l = 1, acc = 0
+        sink2 = tl.load(Sinks + b * stride_sb + heads * stride_sh).to(tl.float32) * 1.4426950408889634
+        m_i = tl.where(split == 0, sink2, m_i)
+        l_i = tl.where(split == 0, 1.0, l_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     if BLOCK_SPARSE:
@@ -1212,7 +1226,7 @@ def _tile_maps(block_sparse, mask, b, h, hkv, lq, lk, cfg, left, right, tile_map
 def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=0.0, dropout_p=0.0,
             mask_fill=None, config: TileConfig | None = None, splits: int | None = None,
             alibi: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1), block_sparse: bool = False,
-            tile_map=None):
+            tile_map=None, window_pad: bool = False, sinks: torch.Tensor | None = None):
     """(out, stats): out is (B, H, Lq, Dv) laid out as (B, Lq, H, Dv); stats is (B, H, Lq, 2) fp32, each row's
     score max and the log2 of its sum of exp2(score - max), in log2 units (what the backward needs).
 
@@ -1222,8 +1236,13 @@ def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=
     its masked entries are -inf (see `_mask_args`) and the launch is never split.  ``tile_map``: instead of a
     mask's, a precomputed `blocksparse.TileMap` for ``config``'s tile, or a callable ``(TileConfig) -> TileMap``
     (used with mask=None; implies block_sparse; partial tiles get only the band, causal included).
+    ``window_pad``: a padded window (`attnfuse.kernels.reference`: the band's positions outside the sequence are
+    keys of score 0 and value 0); needs a finite band and ``q_len == kv_len``.  ``sinks``: attention sinks,
+    (H,) or broadcastable to (B, H) (`attnfuse.kernels.reference`), one key of that score and value 0 per row.
     """
     block_sparse = block_sparse or tile_map is not None
+    _check_window_pad(window_pad, window_size, causal, q, k, alibi, block_sparse)
+    sk, s_strides = _sink_args(sinks, q)
     b, h, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     # head dims and the group size are compile-time constants of the kernel: specialize on them (a guard)
@@ -1262,18 +1281,47 @@ def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=
     grid = (triton.cdiv(rows, cfg.block_m), b * hkv, n_split)
     _launch(_fwd_kernel)[grid](
         q, k, v, m, q if seed is None else seed, _nonfinite(v) if is_causal else q, _alibi_arg(alibi, q), tmap,
-        dst, dst_stats, *q.stride(), *k.stride(), *v.stride(), *m_strides, *t_strides, *o_strides, ls,
-        h, lq, lk, split_len, wl, wr, qk_scale, cap_scale, softcap2, fill2, float(dropout_p),
+        sk, dst, dst_stats, *q.stride(), *k.stride(), *v.stride(), *m_strides, *t_strides, *s_strides, *o_strides,
+        ls,
+        h, lq, lk, split_len, wl, wr, int(window_pad), qk_scale, cap_scale, softcap2, fill2, float(dropout_p),
         GROUPS=groups, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, IS_CAUSAL=is_causal, HAS_WINDOW=has_window, BLOCK_SPARSE=block_sparse,
         MASK_KIND=mask_kind, HAS_SOFTCAP=bool(softcap), HAS_ALIBI=alibi is not None, HAS_DROPOUT=dropout_p > 0,
         EVEN_M=rows % cfg.block_m == 0, EVEN_N=lk % cfg.block_n == 0, EVEN_D=(d == bd and dv == bdv),
-        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PRECISION=_precision(q.dtype), HAS_SINKS=sinks is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     if n_split > 1:
         _launch(_combine_kernel)[(b * h * lq,)](
             part, part_stats, out, stats, *out.stride(), h, lq, b * h * lq, n_split,
             HEAD_DIM_V=dv, BLOCK_DV=bdv, BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=4)
     return out, stats
+
+
+def _sink_args(sinks, q):
+    """(the sinks as an fp32 (1 | B, H) tensor on q's device, or q as a dummy pointer; its (batch, head) strides)."""
+    if sinks is None:
+        return q, (0, 0)
+    why = sink_error(sinks, q.shape[0], q.shape[1], q.dtype)
+    if why:
+        raise ValueError(f"attnfuse flash: {why}")
+    table = sink_table(sinks, q.shape[0], q.shape[1], torch.float32).to(q.device)
+    return table, (table.stride(0) if table.shape[0] > 1 else 0, table.stride(1))
+
+
+def _sink_grad(sinks, stats, delta):
+    """d sink = -sum_i P_sink(i) * delta_i, with P_sink = exp2(sink * log2(e) - m - log2(l)) from the saved
+    statistics (they include the sink) and delta_i = rowsum(dO * O)."""
+    table = sink_table(sinks, stats.shape[0], stats.shape[1], torch.float32).to(stats.device)
+    p_sink = torch.exp2(table[:, :, None] * _LOG2E - stats[..., 0] - stats[..., 1])
+    return sink_grad(-(p_sink * delta).sum(-1), sinks)
+
+
+def _check_window_pad(window_pad, window_size, causal, q, k, alibi, block_sparse) -> None:
+    if window_pad:
+        why = window_pad_error(*window_size, causal, q.shape[-2], k.shape[-2], alibi=alibi is not None,
+                               block_sparse=block_sparse)
+        if why:
+            raise ValueError(f"attnfuse flash: {why}")
 
 
 def _dead_rows_nan(stats, dv):
@@ -1289,11 +1337,15 @@ def backward(grad_out, q, k, v, out, stats, mask=None, seed=None, *, scale=None,
              dropout_p=0.0, mask_fill=None, mask_grad=False, deterministic=True,
              config: TileConfig | None = None, alibi: torch.Tensor | None = None,
              window_size: tuple[int, int] = (-1, -1),
-             block_sparse: bool = False, tile_map=None):
-    """(dq, dk, dv, dmask or None).  ``deterministic`` computes dQ in its own pass instead of fp32 atomics.
+             block_sparse: bool = False, tile_map=None, window_pad: bool = False, sinks: torch.Tensor | None = None):
+    """(dq, dk, dv, dmask or None[, dsinks]); ``dsinks`` (`_sink_grad`) only when ``sinks`` is given: ``stats``
+    include the sink, whose ``dp`` is 0, so the kernels' dS of every real key is unchanged.
+    ``deterministic`` computes dQ in its own pass instead of fp32 atomics.
     ``alibi``/``window``/``block_sparse``/``tile_map`` as in `forward` (a block-sparse mask is a constant: no
-    ``mask_grad``)."""
+    ``mask_grad``).  ``window_pad`` changes nothing here: ``stats`` already count the padded keys, whose
+    ``dp = dO . 0`` is 0, so ``delta = rowsum(O * dO)`` and every real key's dS are unchanged."""
     block_sparse = block_sparse or tile_map is not None
+    _check_window_pad(window_pad, window_size, causal, q, k, alibi, block_sparse)
     if block_sparse and mask_grad:
         raise ValueError("attnfuse flash: a block-sparse mask is a constant and gets no gradient (mask_grad=True)")
     b, h, lq, d = q.shape
@@ -1345,6 +1397,8 @@ def backward(grad_out, q, k, v, out, stats, mask=None, seed=None, *, scale=None,
         _dead_rows_nan(stats, dv)
     if dm is not None:
         dm = sum_to(dm, mask.shape).to(mask.dtype)
+    if sinks is not None:
+        return dq, dk, dv, dm, _sink_grad(sinks, stats, delta)
     return dq, dk, dv, dm
 
 

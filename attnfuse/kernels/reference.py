@@ -16,6 +16,21 @@ Semantics (shared by every attnfuse kernel), with ``s = scale * q @ k^T``:
    ``h`` reads K/V head ``h // kv_groups``.
 
 Only one block of ``block_q`` query rows of scores exists at a time.
+
+Padded windows (``window_pad=True``, the band kernels only: `attnfuse.kernels.tiled` and the Triton window
+kernels) reproduce the textbook ``unfold`` spelling of local attention, which pads K/V with zero rows and
+takes a window of ``left + right + 1`` keys per query: the window's zero rows are real keys of score 0
+(after scale and softcap: no mask, bias or ALiBi reaches them) and value 0.  So query ``i`` sees the band's
+real keys plus `phantom_keys` ``n_pad(i)`` keys at positions outside ``[0, L)``, each adding ``exp(0 - m)``
+to its softmax denominator and nothing to its output; they are constants (no gradient).  It needs a finite
+band (``causal`` caps its right side at 0) and ``q_len == kv_len``: `window_pad_error` says why not.
+
+Attention sinks (``sinks``: one learned logit per head, (H,) or broadcastable to (B, H); GPT-OSS,
+x-transformers' ``attn_sink``): each row has one more key, of score ``sinks[b, h]`` (not scaled, capped or
+masked) and value 0, so ``p = softmax([s, sink])[..., :-1]``: ``out_i = sum_j e^(s_ij - m) v_j / (sum_j
+e^(s_ij - m) + e^(sink - m))``.  A row whose every real key is -inf gives ``out = 0`` (not NaN), as eager.
+The sink's gradient is ``-sum_i P_sink(i) * delta_i`` with ``delta_i = sum_j p_ij dp_ij = dO_i . O_i`` (its
+own ``dp`` is 0: the value is 0).  `sink_table` checks and normalizes the argument.
 """
 
 from __future__ import annotations
@@ -23,6 +38,56 @@ from __future__ import annotations
 import torch
 
 _TILE_BYTES = 32 * 2**20
+
+
+def window_pad_error(window_left: int, window_right: int, causal: bool, q_len, kv_len, *,
+                     alibi: bool = False, block_sparse: bool = False) -> str | None:
+    """Why ``window_pad=True`` cannot apply to these settings (one sentence naming the allowed values), or None."""
+    right = (0 if window_right < 0 else min(window_right, 0)) if causal else window_right
+    if window_left < 0 or right < 0:
+        return (f"window_pad=True needs a finite band, window_left >= 0 and window_right >= 0 (or causal=True); "
+                f"got window_left={window_left}, window_right={window_right}, causal={causal}; pass "
+                f"window_pad=False for any other band")
+    if q_len != kv_len:
+        return (f"window_pad=True needs q_len == kv_len (its band is relative to one sequence's positions); got "
+                f"q_len={q_len}, kv_len={kv_len}")
+    if alibi or block_sparse:
+        return (f"window_pad=True does not combine with {'alibi' if alibi else 'block_sparse=True'} (the padded "
+                f"keys' scores are exactly 0); allowed: window_pad=False")
+    return None
+
+
+def sink_error(sinks, batch: int, heads: int, dtype: torch.dtype) -> str | None:
+    """Why ``sinks`` is not a valid per-head sink argument (one sentence naming the allowed values), or None."""
+    if sinks is None:
+        return None
+    shape = tuple(sinks.shape)
+    ok = (sinks.dim() == 1 and shape[0] == heads) or (
+        sinks.dim() == 2 and shape[0] in (1, batch) and shape[1] in (1, heads))
+    if not ok:
+        return (f"sinks must be one logit per head, shape ({heads},) or broadcastable to (batch, heads) = "
+                f"({batch}, {heads}); got {shape}")
+    if sinks.dtype not in (torch.float32, dtype):
+        return f"sinks must be float32 or the inputs' dtype {dtype}; got {sinks.dtype}"
+    return None
+
+
+def sink_table(sinks: torch.Tensor, batch: int, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """``sinks`` as a (1 | B, H) tensor of ``dtype`` (the compute dtype), for (B, H, L, ...) broadcasting."""
+    s = sinks.view(1, -1) if sinks.dim() == 1 else sinks
+    return s.to(dtype).expand(s.shape[0], heads)
+
+
+def sink_grad(grad: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """The (B, H) sink gradient summed back to ``sinks``' own shape and dtype."""
+    g = grad.sum(0) if sinks.dim() == 1 else sum_to(grad, sinks.shape)
+    return g.reshape(sinks.shape).to(sinks.dtype)
+
+
+def phantom_keys(rows: torch.Tensor, length: int, left: int, right: int) -> torch.Tensor:
+    """``n_pad(i)`` for each query row ``i`` of ``rows`` (any int tensor): the positions of the band
+    ``[i - left, i + right]`` outside ``[0, length)`` (``causal`` already folded into ``right``)."""
+    return (left - rows).clamp(min=0) + (rows + right + 1 - length).clamp(min=0)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,10 +134,19 @@ def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+def _softmax(s: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the keys, or over the keys and the sink column (dropped from the result)."""
+    if sink is None:
+        return torch.softmax(s, dim=-1)
+    col = sink[:, :, None, None].expand(*s.shape[:-1], 1)
+    return torch.softmax(torch.cat([s, col], dim=-1), dim=-1)
+
+
 def forward(q, k, v, mask=None, seed=0, *, scale, causal=False, softcap=0.0, kv_groups=1,
-            dropout_p=0.0, mask_fill=float("-inf")):
+            dropout_p=0.0, mask_fill=float("-inf"), sinks=None):
     """Blocked attention forward; see the module docstring for the semantics."""
     ct = _compute_dtype(q.dtype)
+    sink = None if sinks is None else sink_table(sinks, q.shape[0], q.shape[1], ct)
     qf, kf, vf = q.to(ct), _expand_kv(k, kv_groups).to(ct), _expand_kv(v, kv_groups).to(ct)
     # (B, H, Lq, Dv) laid out as (B, Lq, H, Dv): the layout every attnfuse kernel writes
     out = torch.empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
@@ -80,7 +154,8 @@ def forward(q, k, v, mask=None, seed=0, *, scale, causal=False, softcap=0.0, kv_
     for block, i0 in enumerate(range(0, q.shape[-2], step)):
         i1 = min(i0 + step, q.shape[-2])
         s, _ = _scores(qf[..., i0:i1, :], kf, _mask_rows(mask, i0, i1), i0, scale, causal, softcap, mask_fill)
-        p = torch.softmax(s, dim=-1)
+        p = _softmax(s, sink)
+        p = p if sink is None else p[..., :-1]
         if dropout_p > 0:
             p = p * _dropout_keep(seed, block, p.shape, dropout_p, p.device) / (1 - dropout_p)
         out[..., i0:i1, :] = torch.matmul(p, vf).to(q.dtype)
@@ -97,9 +172,12 @@ def sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softcap=0.0, kv_groups=1,
-             dropout_p=0.0, mask_fill=float("-inf"), mask_grad=False):
-    """Gradients (dq, dk, dv, dmask or None) of `forward`, recomputing scores per block."""
+             dropout_p=0.0, mask_fill=float("-inf"), mask_grad=False, sinks=None):
+    """Gradients (dq, dk, dv, dmask or None[, dsinks]) of `forward`, recomputing scores per block; ``dsinks``
+    (``sinks``' shape and dtype) is returned only when ``sinks`` is given."""
     ct = _compute_dtype(q.dtype)
+    sink = None if sinks is None else sink_table(sinks, q.shape[0], q.shape[1], ct)
+    dsink = None if sinks is None else torch.zeros(q.shape[0], q.shape[1], dtype=ct, device=q.device)
     qf, kf, vf = q.to(ct), _expand_kv(k, kv_groups).to(ct), _expand_kv(v, kv_groups).to(ct)
     do = grad_out.to(ct)
     dq = torch.empty_like(qf)
@@ -110,7 +188,8 @@ def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softc
         i1 = min(i0 + step, q.shape[-2])
         mask_blk = _mask_rows(mask, i0, i1)
         s, t = _scores(qf[..., i0:i1, :], kf, mask_blk, i0, scale, causal, softcap, mask_fill)
-        p = torch.softmax(s, dim=-1)
+        p_all = _softmax(s, sink)  # with the sink column, if any: the softmax backward needs it
+        p = p_all if sink is None else p_all[..., :-1]
         dp = torch.matmul(do[..., i0:i1, :], vf.transpose(-2, -1))
         if dropout_p > 0:
             keep = _dropout_keep(seed, block, p.shape, dropout_p, p.device) / (1 - dropout_p)
@@ -120,7 +199,12 @@ def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softc
             dv += torch.matmul(p.transpose(-2, -1), do[..., i0:i1, :])
         # softmax backward with eager's own kernel, p * (dp - rowsum(p * dp)): the flash-style
         # rowsum(dO * O) cancels badly in float32 (up to ~10x eager's gradient error on short rows)
-        ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
+        if sink is not None:  # the sink's value is 0: its dp is 0, and its ds is the sink's gradient
+            ds = torch.ops.aten._softmax_backward_data(torch.nn.functional.pad(dp, (0, 1)), p_all, -1, p.dtype)
+            dsink += ds[..., -1].sum(-1)
+            ds = ds[..., :-1]
+        else:
+            ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
         if mask_blk is not None and mask_blk.dtype == torch.bool:
             # masked scores are the constant mask_fill: no gradient (matters for finite fills, where a
             # fully masked row is uniform and p is not 0 at the masked keys)
@@ -140,4 +224,6 @@ def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softc
         dk = dk.unflatten(1, (k.shape[1], kv_groups)).sum(2)
         dv = dv.unflatten(1, (v.shape[1], kv_groups)).sum(2)
     dmask = None if dmask is None else dmask.to(mask.dtype)
+    if sinks is not None:
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, sink_grad(dsink, sinks)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask

@@ -8,7 +8,15 @@ of the mask-analysis issue, with ``s = scale * q @ k^T``:
 3. dense ``mask``: bool keep (``mask_fill`` elsewhere) or additive, any broadcastable shape;
 4. band: key ``j`` is visible from query ``i`` iff ``j >= i - window_left`` and ``j <= i + window_right``
    (-1 = unbounded; ``causal`` caps ``window_right`` at 0); other scores are -inf;
-5. softmax in fp32 (fp64 for fp64 inputs); a row without a visible key is NaN; dropout; ``p @ v``.
+5. softmax in fp32 (fp64 for fp64 inputs); a row without a visible key is NaN; dropout; ``p @ v``;
+6. ``window_pad=True`` (a finite band, ``q_len == kv_len``): the textbook ``unfold`` spelling's zero-padded
+   keys, `reference.phantom_keys` ``n_pad(i)`` keys of score 0 and value 0 per row (see
+   `attnfuse.kernels.reference`).  They are never materialized: the softmax of a row starts from
+   ``max(row max, 0)`` and adds ``n_pad * exp(-max)`` to its denominator; the backward is eager's softmax
+   backward on those probabilities (a phantom's ``dp`` is 0, so it adds nothing to ``rowsum(p * dp)``).
+7. ``sinks`` (one logit per head, see `attnfuse.kernels.reference`): one more key per row, of score
+   ``sink[b, h]`` and value 0, never materialized either: the row max starts from the sink and the
+   denominator adds ``exp(sink - max)``; a row with no visible key (a skipped tile included) is 0, not NaN.
 
 Why tiles and not the reference's query blocks: the reference multiplies every query block by every key,
 so a band of width w still costs O(N^2) time, and a long row block O(N) memory per query.  Here queries
@@ -46,6 +54,8 @@ import math
 import weakref
 
 import torch
+
+from .reference import phantom_keys, sink_grad, sink_table, window_pad_error
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -203,7 +213,16 @@ class _Ctx:
     """Inputs in tile layout and the per-call constants both passes need."""
 
     def __init__(self, q, k, v, mask, alibi, *, scale, causal, softcap, kv_groups, dropout_p, mask_fill,
-                 window_left, window_right, block_sparse):
+                 window_left, window_right, block_sparse, window_pad=False, sinks=None):
+        if window_pad and sinks is not None:
+            raise ValueError("attnfuse tiled attention: sinks do not combine with window_pad=True; allowed: one of "
+                             "them")
+        if window_pad:
+            why = window_pad_error(window_left, window_right, causal, q.shape[2], k.shape[2], alibi=alibi is not None,
+                                   block_sparse=block_sparse)
+            if why:
+                raise ValueError(f"attnfuse tiled attention: {why}")
+        self.window_pad = window_pad
         self.ct = ct = _compute_dtype(q.dtype)
         self.b, self.h, lq, self.d = q.shape
         self.hkv, lk, self.dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -220,6 +239,10 @@ class _Ctx:
                           self.block_sparse, q.dtype)
         self.q = self.by_tile(q).mul_(scale)
         self.k, self.v = self._tiles(k), self._tiles(v)
+        self.sink = None
+        if sinks is not None:  # (1 | B, H) -> (1 | B, H_kv, 1, groups, 1, 1), against the scores
+            table = sink_table(sinks, self.b, self.h, ct)
+            self.sink = table.reshape(table.shape[0], self.hkv, 1, self.g, 1, 1)
         self.alibi = None
         if alibi is not None:
             self.alibi = alibi.to(ct).view(1, self.hkv, 1, self.g, 1, 1)
@@ -324,6 +347,28 @@ class _Ctx:
         gen.manual_seed((seed * 1_000_003 + index) % (2**63))
         return torch.rand(shape, generator=gen) >= self.dropout_p
 
+    def softmax(self, s: torch.Tensor, c: _Chunk) -> torch.Tensor:
+        """softmax over the chunk's keys, plus a padded window's phantom keys (score 0, value 0) per row."""
+        if self.sink is not None:
+            return self.sunk_softmax(s)[0]
+        if not self.window_pad:
+            return torch.softmax(s, dim=-1)
+        qi, _ = self.positions(c)
+        n = phantom_keys(qi, self.plan.lq, self.plan.left, self.plan.right).to(self.ct)[:, None, :, None]
+        m = torch.amax(s, dim=-1, keepdim=True)
+        m = torch.where(n > 0, m.clamp(min=0.0), m)  # (n, 1, BLOCK_M, 1) broadcasts over (B, H_kv, n, g, M, 1)
+        p = s.sub_(m).exp_()
+        # rows with phantoms have m >= 0; the clamp keeps exp(-m) finite (0 * inf) in the others
+        return p.div_(p.sum(-1, keepdim=True).add_(n * torch.exp(-m.clamp(min=0.0))))
+
+    def sunk_softmax(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p over the chunk's keys, the sink's probability (..., M, 1)): softmax over ``[s, sink]``."""
+        m = torch.maximum(torch.amax(s, dim=-1, keepdim=True), self.sink)  # the sink is finite: so is m
+        p = s.sub_(m).exp_()
+        e = torch.exp(self.sink - m)
+        denom = p.sum(-1, keepdim=True).add_(e)
+        return p.div_(denom), e.div_(denom)
+
     def pad_rows(self, c: _Chunk) -> torch.Tensor | None:
         """(n, 1, BLOCK_M, 1) rows beyond lq, or None when the chunk has none."""
         if not c.pad_rows or self.plan.lq % BLOCK_M == 0:
@@ -340,19 +385,20 @@ def _unrows(ctx: _Ctx, x: torch.Tensor, lq: int) -> torch.Tensor:
 
 
 def forward(q, k, v, mask=None, seed=0, *, scale, causal=False, softcap=0.0, kv_groups=1, dropout_p=0.0,
-            mask_fill=float("-inf"), alibi=None, window_left=-1, window_right=-1, block_sparse=False):
+            mask_fill=float("-inf"), alibi=None, window_left=-1, window_right=-1, block_sparse=False,
+            window_pad=False, sinks=None):
     """Tiled attention forward; see the module docstring.  Returns (B, H, Lq, Dv) laid out as (B, Lq, H, Dv)."""
     ctx = _Ctx(q, k, v, mask, alibi, scale=scale, causal=causal, softcap=softcap, kv_groups=kv_groups,
                dropout_p=dropout_p, mask_fill=mask_fill, window_left=window_left, window_right=window_right,
-               block_sparse=block_sparse)
+               block_sparse=block_sparse, window_pad=window_pad, sinks=sinks)
     plan, b, lq = ctx.plan, q.shape[0], q.shape[2]
     # (B, tiles, BLOCK_M, H_kv, groups, Dv): the output layout, tiled
     out = q.new_empty(b, plan.nqt, BLOCK_M, ctx.hkv, ctx.g, ctx.dv, dtype=ctx.ct)
-    if plan.dead_tiles:
-        out.fill_(math.nan)
+    if plan.dead_tiles:  # rows that see no key: NaN as eager's softmax, or 0 next to a sink
+        out.fill_(math.nan if sinks is None else 0.0)
     for index, c in enumerate(plan.chunks):
         s, _, _ = ctx.scores(c, ctx.take(ctx.q, c), ctx.gather(ctx.k, c))
-        p = torch.softmax(s, dim=-1)
+        p = ctx.softmax(s, c)
         del s
         if dropout_p > 0:
             p = p * ctx.keep(seed, index, p.shape) / (1 - dropout_p)
@@ -370,11 +416,12 @@ def forward(q, k, v, mask=None, seed=0, *, scale, causal=False, softcap=0.0, kv_
 
 def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softcap=0.0, kv_groups=1,
              dropout_p=0.0, mask_fill=float("-inf"), alibi=None, window_left=-1, window_right=-1,
-             block_sparse=False, mask_grad=False):
-    """Gradients (dq, dk, dv, dmask or None) of `forward`, recomputing the scores chunk by chunk."""
+             block_sparse=False, mask_grad=False, window_pad=False, sinks=None):
+    """Gradients (dq, dk, dv, dmask or None[, dsinks]) of `forward`, recomputing the scores chunk by chunk;
+    ``dsinks`` (``sinks``' shape and dtype) only when ``sinks`` is given."""
     ctx = _Ctx(q, k, v, mask, alibi, scale=scale, causal=causal, softcap=softcap, kv_groups=kv_groups,
                dropout_p=dropout_p, mask_fill=mask_fill, window_left=window_left, window_right=window_right,
-               block_sparse=block_sparse)
+               block_sparse=block_sparse, window_pad=window_pad, sinks=sinks)
     plan = ctx.plan
     do = ctx.by_tile(grad_out)
     dq = torch.zeros_like(ctx.q)
@@ -383,15 +430,18 @@ def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softc
     if mask_grad:
         dmask = torch.zeros(ctx.mask.shape, dtype=ctx.ct)
         mb, mh, mq, mk = dmask.shape
+    dsink = None if sinks is None else torch.zeros(ctx.b, ctx.hkv, ctx.g, dtype=ctx.ct)
     for index, c in enumerate(plan.chunks):
         n, t = c.tiles.shape
         qc, kc, vc, doc = ctx.take(ctx.q, c), ctx.gather(ctx.k, c), ctx.gather(ctx.v, c), ctx.take(do, c)
         s, tanh, dead = ctx.scores(c, qc, kc)
-        p = torch.softmax(s, dim=-1)
+        p, p_sink = ctx.sunk_softmax(s) if ctx.sink is not None else (ctx.softmax(s, c), None)
         del s
         pad = ctx.pad_rows(c)
         if pad is not None:
             p.masked_fill_(pad, 0.0)  # padding rows may have no visible key: NaN must not reach dk / dv
+            if p_sink is not None:
+                p_sink = p_sink.masked_fill(pad, 0.0)
         dp = torch.matmul(doc, vc.transpose(-1, -2)).view(p.shape)
         if dropout_p > 0:
             keep = ctx.keep(seed, index, p.shape) / (1 - dropout_p)
@@ -399,7 +449,9 @@ def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softc
             dp.mul_(keep)
         else:
             dv_c = torch.matmul(p.flatten(3, 4).transpose(-1, -2), doc)
-        ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
+        ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)  # the sink's dp is 0: it adds nothing
+        if dsink is not None:  # d sink = -P_sink * rowsum(p * dp) (eager's softmax backward at the sink column)
+            dsink -= (p_sink.squeeze(-1) * (p * dp).sum(-1)).sum((2, 4))
         del dp, p
         for cols, m in dead:
             ds[..., cols].masked_fill_(m, 0.0)
@@ -428,4 +480,7 @@ def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softc
     dv = dv.view(ctx.b, ctx.hkv, -1, ctx.dv)[:, :, :plan.lk]
     if dmask is not None:
         dmask = dmask.view(mask.shape).to(mask.dtype)
+    if dsink is not None:
+        return (dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), dmask,
+                sink_grad(dsink.reshape(ctx.b, ctx.h), sinks))
     return (dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), dmask)

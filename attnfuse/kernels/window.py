@@ -12,6 +12,16 @@ band's keys over extra programs (flash-decoding).
 Differences from eager, beyond `flash`'s: NaN/Inf in V outside the band reaches the output only where a
 visited tile holds it (eager's ``0 * nan`` poisons every row; the plain causal path keeps that, a window does
 not).  Rows with no visible key are NaN, and their gradients carry eager's NaN pattern.
+
+``window_pad=True`` is the textbook ``unfold`` spelling of local attention, exactly::
+
+    kp, vp = F.pad(k, (0, 0, left, right)), F.pad(v, (0, 0, left, right))   # zero rows around the sequence
+    s = (q.unsqueeze(3) @ kp.unfold(2, W, 1)) * scale                        # W = left + right + 1 keys per row
+    out = (s.softmax(-1) @ vp.unfold(2, W, 1).transpose(-2, -1)).squeeze(3)
+
+whose zero rows are keys of score 0 and value 0: query i also sees the band's positions outside [0, L) (see
+`attnfuse.kernels.reference`).  The kernels start each such row's online softmax at m = 0, l = n_pad instead of
+(-inf, 0); the backward is unchanged.  It needs both widths (or ``causal``) and q_len == kv_len.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import torch
 
 from . import flash
 from .flash import tiles_visited
+from .reference import window_pad_error
 
 __all__ = ["attention", "tiles_visited"]
 
@@ -29,18 +40,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_size:
               alibi: torch.Tensor | None = None, mask: torch.Tensor | None = None, scale: float | None = None,
               softcap: float = 0.0, dropout_p: float = 0.0, seed: int | torch.Tensor | None = None,
               mask_fill: float | None = None, deterministic: bool | None = None,
-              config: flash.TileConfig | None = None) -> torch.Tensor:
+              config: flash.TileConfig | None = None, window_pad: bool = False) -> torch.Tensor:
     """Sliding-window attention on ``(batch, heads, seqlen, head_dim)`` tensors, with autograd.
 
     ``window_size=(left, right)``: the band's half-widths (-1: unbounded), ``causal`` caps right at 0.
     ``alibi``: (heads,) slopes adding ``slope[h] * (j - i)`` to the scores (a constant: no gradient).
     ``mask``, ``scale``, ``softcap``, ``dropout_p``, ``seed``, ``mask_fill``, ``deterministic``, ``config`` as in
-    `flash.attention`.
+    `flash.attention`.  ``window_pad``: the ``unfold`` spelling's zero-padded keys (module docstring): each row
+    also sees ``n_pad(i)`` keys of score 0 and value 0; needs a finite band and q_len == kv_len.
     """
     left, right = _window_size(window_size)
+    if not isinstance(window_pad, bool):
+        raise ValueError(f"attnfuse.kernels.window.attention: window_pad must be True or False; got {window_pad!r}")
+    if window_pad:
+        why = window_pad_error(left, right, causal, q.shape[-2], k.shape[-2], alibi=alibi is not None)
+        if why:
+            raise ValueError(f"attnfuse.kernels.window.attention: {why}")
     return flash.autograd_attention("window", q, k, v, mask, seed, deterministic, config, scale=scale,
                                     causal=causal, softcap=softcap, dropout_p=dropout_p, mask_fill=mask_fill,
-                                    alibi=alibi, window_size=(left, right))
+                                    alibi=alibi, window_size=(left, right), window_pad=window_pad)
 
 
 def _window_size(window_size) -> tuple[int, int]:

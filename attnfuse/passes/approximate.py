@@ -42,6 +42,8 @@ def _eligible(m: AttentionMatch) -> str | None:
         return "the site has dropout"
     if m.softcap:
         return "the site has a softcap"
+    if m.sinks is not None:
+        return "the site has attention sinks (one more key per row), which the approximate kernels do not add"
     if m.scale_nodes:
         return "the site's scale is computed at run time"
     return None

@@ -7,6 +7,8 @@ matmul inside another op, and only where they touch a softmax, into plain
 * ``einsum("...qd,...kd->...qk", a, b)``  = ``matmul(permute(a), permute(b))``
 * ``baddbmm(m, a, b, beta, alpha)``          = ``alpha * matmul(a, b) + beta * m``
 * ``exp(x - logsumexp(x, d, keepdim=True))``  = ``softmax(x, d)`` (when it weights a matmul)
+* ``exp(x - max) / sum``, ``log_softmax(x, d).exp()`` = ``softmax(x, d)`` (`_softmax_forms`)
+* ``(s + B) * c`` = ``s*c + B*c``, ``where(K, s, f) * c`` = ``where(K, s*c, f*c)`` (`_scale_forms`)
 
 Everything else is read in place through `canon(node)`, which maps Torch-IR
 (dynamo) and ATen spellings to one `COp` vocabulary: ``matmul, permute, scale,
@@ -126,7 +128,24 @@ def _binary(kind: str, node: fx.Node) -> COp | None:
     sa = scalar(a)
     if kind == "mul" and sa is not None and isinstance(b, fx.Node) and _ndim(b) > 0:
         return COp("scale", (b, sa, False))
+    for x, t in ((a, b), (b, a)) if kind == "mul" else ((a, b),):
+        if _row_scale(x, t, node):  # a per-head temperature: the factor node is kept, as a run-time scale
+            return COp("scale", (x, t, kind == "div"))
     return None
+
+
+def _row_scale(x: Any, t: Any, node: fx.Node) -> bool:
+    """Whether ``x * t`` multiplies each (..., i, j) matrix of x by one number: t has size 1 on x's last two
+    axes ((H, 1, 1), (1, H, 1, 1), (B, H, 1, 1)) and leaves x's shape and dtype as they are."""
+    xv, tv, out = val(x), val(t), val(node)
+    if not isinstance(x, fx.Node) or not all(isinstance(v, torch.Tensor) for v in (xv, tv, out)):
+        return False
+    if not 0 < tv.dim() <= xv.dim() or xv.dim() < 2 or out.dtype != xv.dtype or out.dim() != xv.dim():
+        return False
+    same = [a.node.expr == b.node.expr if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt)
+            else not isinstance(a, torch.SymInt) and not isinstance(b, torch.SymInt) and a == b
+            for a, b in zip(out.shape, xv.shape)]
+    return all(same) and all(not isinstance(d, torch.SymInt) and d == 1 for d in tv.shape[-2:])
 
 
 def _softmax(node: fx.Node) -> COp:
@@ -173,6 +192,8 @@ def _permute(node: fx.Node) -> COp:
     return COp("permute", (x, tuple(d % nd for d in _dims(node, 1))))
 
 
+# row-major reshapes: a softmax's chain may pass through them (`_views` folds them away)
+_RESHAPES = frozenset(("view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "flatten", "unflatten"))
 _CASTS = ("float", "half", "bfloat16", "double", "to", "type", "type_as", "_to_copy", "_to_dtype")
 _IDENTITY = ("contiguous", "clone", "alias", "lift_fresh_copy")
 
@@ -198,6 +219,7 @@ _RULES = {
     "repeat": lambda n: COp("repeat", (n.args[0], _dims(n, 1))),
     "scaled_dot_product_attention": lambda n: COp("sdpa", ()),
     "multi_head_attention_forward": lambda n: COp("mha", ()),
+    "_transformer_encoder_layer_fwd": lambda n: COp("mha", ()),  # nn.TransformerEncoderLayer's fast path
 }
 
 
@@ -222,54 +244,91 @@ def _near_softmax(node: fx.Node, hops: int = 10) -> bool:
                 seen.add(m)
                 if canon(m).kind == "softmax":
                     return True
-                if canon(m).kind in ("cast", "identity", "scale", "add", "masked_fill", "where", "dropout", "tanh"):
+                # cat / getitem: attention sinks (softmax over cat([scores, sink]), then [..., :-1])
+                if canon(m).kind in ("cast", "identity", "scale", "add", "masked_fill", "where", "dropout", "tanh") \
+                        or name(m) in _RESHAPES or name(m) in ("cat", "getitem", "sub"):
                     nxt.append(m)
         frontier = nxt
     return False
 
 
-def _einsum_as_matmul(eq: str) -> tuple[str, str, str] | None:
-    """Split ``'xa,yb->z'`` into batch-matmul roles, or None if it is not one."""
+def _einsum_as_matmul(eq: str, ranks: tuple[int, int]) -> tuple[str, str, str] | None:
+    """Split ``'xa,yb->z'`` into its operand and output letters (``...`` spelled out as letters the equation
+    does not use, aligned from the right as broadcasting does), or None if it is not two operands with an
+    explicit output."""
     eq = eq.replace(" ", "")
-    if "->" not in eq or "." in eq:
+    if "->" not in eq:
         return None
     lhs, out = eq.split("->")
     parts = lhs.split(",")
-    if len(parts) != 2 or any(len(set(p)) != len(p) for p in (*parts, out)):
+    if len(parts) != 2:
+        return None
+    spans = []
+    for part, rank in zip(parts, ranks):
+        if part.count("...") > 1 or "." in part.replace("...", ""):
+            return None
+        spans.append(rank - len(part.replace("...", "")) if "..." in part else 0)
+    if min(spans) < 0 or "." in out.replace("...", "", 1):
+        return None
+    wide = max(spans)
+    ell = "".join(c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)[:wide]
+    parts = [p.replace("...", ell[wide - n:]) for p, n in zip(parts, spans)]
+    out = out.replace("...", ell)
+    if any(len(set(p)) != len(p) for p in (*parts, out)):
         return None
     return parts[0], parts[1], out
 
 
 def _einsum_rule(graph: fx.Graph, node: fx.Node) -> bool:
-    # einsum(a, b) = permute_out(matmul(permute(a) to [batch, m, c], permute(b) to [batch, c, n]))
+    """einsum(a, b) = permute_out(matmul(a', b')) with a' = [batch, m, c] and b' = [batch, c, n].
+
+    One contracted letter; m (n) is the last output letter only ``a`` (``b``) has.  Output letters only one
+    operand has besides m and n are batch dims the other operand lacks: it gets a size-1 axis there, which
+    matmul broadcasts exactly as einsum does (``'bhij,bjd->bhid'``: multi-query V without a heads axis).
+    """
     eq = node.args[0]
     ops = node.args[1:] if len(node.args) > 2 else tuple(node.args[1])
-    roles = _einsum_as_matmul(eq) if isinstance(eq, str) and len(ops) == 2 else None
+    if not isinstance(eq, str) or len(ops) != 2 or not all(isinstance(o, fx.Node) for o in ops):
+        return False
+    roles = _einsum_as_matmul(eq, (_ndim(ops[0]), _ndim(ops[1])))
     if roles is None:
         return False
     sa, sb, so = roles
     contracted = [c for c in sa if c in sb and c not in so]
-    batch = [c for c in so if c in sa and c in sb]
-    m = [c for c in so if c in sa and c not in sb]
-    n = [c for c in so if c in sb and c not in sa]
-    if len(contracted) != 1 or len(m) != 1 or len(n) != 1 or len(so) != len(batch) + 2:
+    a_only = [c for c in so if c in sa and c not in sb]
+    b_only = [c for c in so if c in sb and c not in sa]
+    if len(contracted) != 1 or not a_only or not b_only or any(c not in sa and c not in sb for c in so):
         return False
-    if set(sa) != set(batch + m + contracted) or set(sb) != set(batch + n + contracted):
+    m, n = a_only[-1], b_only[-1]
+    batch = [c for c in so if c not in (m, n)]
+    if set(sa) != set(batch + [m] + contracted) - set(b_only[:-1]) or \
+            set(sb) != set(batch + [n] + contracted) - set(a_only[:-1]):
         return False
-    a_order = [sa.index(c) for c in batch + m + contracted]
-    b_order = [sb.index(c) for c in batch + contracted + n]
-    mm_out = batch + m + n
-    out_order = [mm_out.index(c) for c in so]
     with graph.inserting_before(node):
-        a = ops[0] if a_order == sorted(a_order) else graph.call_function(torch.permute, (ops[0], a_order))
-        b = ops[1] if b_order == sorted(b_order) else graph.call_function(torch.permute, (ops[1], b_order))
+        a = _einsum_operand(graph, ops[0], sa, [*batch, m, *contracted])
+        b = _einsum_operand(graph, ops[1], sb, [*batch, *contracted, n])
         out = graph.call_function(torch.matmul, (a, b))
+        mm_out = [*batch, m, n]
+        out_order = [mm_out.index(c) for c in so]
         if out_order != sorted(out_order):
             out = graph.call_function(torch.permute, (out, out_order))
     _copy_meta(node, a, b, out)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
     return True
+
+
+def _einsum_operand(graph: fx.Graph, x: fx.Node, letters: str, want: list[str]) -> fx.Node:
+    """``x`` (axes named by ``letters``) permuted to the order of ``want``, with a size-1 axis for each wanted
+    letter it lacks."""
+    have = [c for c in want if c in letters]
+    order = [letters.index(c) for c in have]
+    if order != sorted(order):
+        x = graph.call_function(torch.permute, (x, order))
+    for i, c in enumerate(want):
+        if c not in letters:
+            x = graph.call_function(torch.unsqueeze, (x, i))
+    return x
 
 
 def _baddbmm_rule(graph: fx.Graph, node: fx.Node) -> bool:
@@ -315,7 +374,7 @@ def _feeds_left_matmul(node: fx.Node) -> bool:
         if name(user) == "einsum":  # p @ v still spelled as einsum: the matmul rules run after this one
             operands = user.args[1:] if len(user.args) > 2 else tuple(user.args[1])
             return len(operands) == 2 and operands[0] is node
-        if op.kind not in ("cast", "identity", "dropout"):
+        if op.kind not in ("cast", "identity", "dropout") and name(user) not in _RESHAPES:
             return False
         node = user
     return False
@@ -347,8 +406,71 @@ def _exp_rule(graph: fx.Graph, node: fx.Node) -> bool:
 # meta key of a softmax read from exp(x - logsumexp(x)): on a row of huge finite scores (a finite mask fill on
 # every key) logsumexp rounds to the row's value and the "probabilities" are all 1, in any precision
 LOGSUMEXP = "attnfuse_logsumexp"
+def _sub_rule(graph: fx.Graph, node: fx.Node) -> bool:
+    # s - m == s + (-m), bit for bit (and in the gradient): XLNet's ``scores - 1e30 * mask`` is an additive mask
+    a, b = arg(node, 0, "input"), arg(node, 1, "other")
+    if arg(node, 2, "alpha", 1) != 1 or not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+        return False
+    av, bv, out = val(a), val(b), val(node)
+    if not all(isinstance(x, torch.Tensor) for x in (av, bv, out)) or bv.dim() == 0 or out.shape != av.shape:
+        return False
+    with graph.inserting_before(node):
+        neg = graph.call_function(torch.neg, (b,))
+        add = graph.call_function(operator.add, (a, neg))
+    _copy_meta(node, a, b, add)
+    node.replace_all_uses_with(add)
+    graph.erase_node(node)
+    return True
+
+
+def _as_rule(graph: fx.Graph, node: fx.Node) -> bool:
+    # x.reshape_as(s) == x.reshape(*s.shape): a term that read the scores only for their shape no longer reads them
+    from ._views import _Decline, _refresh, _Sizes
+
+    x, y = node.args[:2] if len(node.args) >= 2 else (None, None)
+    if not isinstance(x, fx.Node) or not isinstance(y, fx.Node) or not isinstance(val(y), torch.Tensor):
+        return False
+    before = set(graph.nodes)
+    try:
+        with graph.inserting_before(node):
+            sizes = [_Sizes(graph)(s) for s in val(y).shape]
+            new = graph.call_method(name(node)[:-3], (x, *sizes))
+    except _Decline:
+        return False
+    for n in [n for n in graph.nodes if n not in before]:  # the size products too
+        _refresh(n)
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in node.meta:
+            new.meta[key] = node.meta[key]
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return True
+
+
+def _zero_add_rule(graph: fx.Graph, node: fx.Node) -> bool:
+    # s + 0 == s (XLNet's ``ac + bd + ef`` with ``ef = 0``): the same values (up to the sign of a zero, which no
+    # softmax sees) and gradient
+    a, b = arg(node, 0, "input"), arg(node, 1, "other")
+    if arg(node, 2, "alpha", 1) != 1:
+        return False
+    x = a if isinstance(a, fx.Node) and not isinstance(b, fx.Node) and b == 0 and not isinstance(b, bool) else \
+        b if isinstance(b, fx.Node) and not isinstance(a, fx.Node) and a == 0 and not isinstance(a, bool) else None
+    if x is None or not isinstance(val(x), torch.Tensor) or val(x).shape != val(node).shape \
+            or val(x).dtype != val(node).dtype:
+        return False
+    node.replace_all_uses_with(x)
+    graph.erase_node(node)
+    return True
+
+
 _MATMUL_RULES = {"einsum": _einsum_rule, "baddbmm": _baddbmm_rule}
-_SOFTMAX_RULES = {"exp": _exp_rule}
+# bit-identical rewrites: always kept, never recorded (a site left alone computes exactly what it did)
+_EXACT_RULES = {"sub": _sub_rule, "add": _zero_add_rule,
+                **dict.fromkeys(("reshape_as", "view_as", "expand_as"), _as_rule)}
+# the spellings of `_softmax_forms` and `_scale_forms` (bound at the end of this module: they import it)
+_SOFTMAX_RULES = {"exp": lambda g, n: _exp_rule(g, n) or _softmax_forms.exp_rule(g, n),
+                  **dict.fromkeys(("div", "truediv"), lambda g, n: _softmax_forms.div_rule(g, n))}
+_SCALE_RULES = dict.fromkeys(("mul", "div", "truediv"), lambda g, n: _scale_forms.rule(g, n))
 
 
 def canonicalize(gm: fx.GraphModule, only: frozenset[str] | None = None) -> fx.GraphModule:
@@ -360,16 +482,27 @@ def canonicalize(gm: fx.GraphModule, only: frozenset[str] | None = None) -> fx.G
     bit-identical (``exp(s - logsumexp(s))`` is not ``softmax(s)`` on a row of huge finite values), and a
     site attnfuse does not fuse must run exactly as written.
     """
+    from . import _views
+
     applied = gm.meta.setdefault("attnfuse_canonical", [])
-    for rules, near in ((_SOFTMAX_RULES, False), (_MATMUL_RULES, True)):
+    exact = False
+    for node in list(gm.graph.nodes):
+        rule = _EXACT_RULES.get(name(node))
+        if rule is not None and _near_softmax(node):
+            exact = rule(gm.graph, node) or exact
+    view_rules = dict.fromkeys(("softmax", "_softmax"), _views.rule)
+    for rules, near in ((_SOFTMAX_RULES, False), (_MATMUL_RULES, True), (_SCALE_RULES, False),
+                        (view_rules, False)):
         for node in list(gm.graph.nodes):
             rule = rules.get(name(node))
             if rule is None or (only is not None and node.name not in only) or (near and not _near_softmax(node)):
                 continue
             before, original = set(gm.graph.nodes), node.name
-            if rule(gm.graph, node):
-                applied.append((original, frozenset(set(gm.graph.nodes) - before)))
-    if applied:
+            done = rule(gm.graph, node)
+            if done:  # a rule may also return the existing nodes it changed
+                changed = done if isinstance(done, (set, frozenset)) else set()
+                applied.append((original, frozenset((set(gm.graph.nodes) - before) | changed)))
+    if applied or exact:
         gm.recompile()
     return gm
 
@@ -381,3 +514,6 @@ def used(gm: fx.GraphModule, regions: list[set]) -> tuple[frozenset[str], bool]:
     inside = set().union(*regions) if regions else set()
     names = frozenset(n for n, new in applied if new & inside)
     return names, len(names) == len({n for n, _ in applied})
+
+
+from . import _scale_forms, _softmax_forms  # noqa: E402 - they read this module's helpers

@@ -92,14 +92,37 @@ def root(node: fx.Node) -> fx.Node:
 
 def removable(node: fx.Node) -> bool:
     """Whether erasing ``node`` (once nothing reads it) cannot change what the program does."""
-    if node.op not in ("call_function", "call_method") or node.users:
-        return False
-    if mutations(node) or node.is_impure() or name(node) in _VMAP_NESTING:
+    return not node.users and _pure(node)
+
+
+def _pure(node: fx.Node) -> bool:
+    if node.op not in ("call_function", "call_method") or mutations(node) or node.is_impure():
         return False
     target = node.target
     if isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags:
         return False
-    return name(node) not in _RANDOM
+    return name(node) not in _VMAP_NESTING and name(node) not in _RANDOM
+
+
+def dead(node: fx.Node, memo: dict | None = None) -> bool:
+    """Whether nothing the program does depends on ``node``: it and every transitive user are side-effect free
+    and reach no output (a ``clone``/``cat``/``view`` of the scores that library code keeps for an optional
+    return nobody asked for)."""
+    memo = {} if memo is None else memo
+    stack = [(node, False)]
+    while stack:  # post-order over the users (a DAG)
+        n, expanded = stack.pop()
+        if n in memo:
+            continue
+        if not expanded:
+            if not _pure(n):
+                memo[n] = False
+                continue
+            stack.append((n, True))
+            stack.extend((u, False) for u in n.users if u not in memo)
+        else:
+            memo[n] = all(memo.get(u, False) for u in n.users)
+    return memo[node]
 
 
 class Effects:

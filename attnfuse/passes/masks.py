@@ -85,8 +85,18 @@ def analyze(gm: fx.GraphModule, m: AttentionMatch, example_inputs: Sequence[Any]
     if m.form == "mha":  # (L, N, E) inputs: `_mha.forward` applies these masks itself
         return m, _mha_info(m)
     site = _Site(gm, m, example_inputs)
-    left = right = alibi = None
+    alibi = None
+    left, right = (m.window_left, m.window_right) if m.window_pad or m.bucketed else (None, None)
     terms, kinds, proof, params, sparse = [], set(), ["is_causal=True"] if m.causal else [], {}, False
+    if m.window_pad:
+        proof.append(f"window ({left}, {right}): F.pad + unfold windows over the sequence; the padded rows are "
+                     "keys with score 0 and value 0 (window_pad)")
+    if m.sinks is not None:
+        proof.append("attention sink: one more key per row, of score sinks[b, h] and value 0 (a row whose every "
+                     "real key is masked is 0, as eager's softmax over the sink alone)")
+    if m.bucketed:
+        proof.append(f"window ({left}, {right}) by value: bucketed blocks gathered by reshape/pad/unfold, and their "
+                     "position masks leave each query exactly this band of its sequence")
     for term in m.masks:
         r = _cached(site, term)
         if r.alibi is not None and alibi is not None:
@@ -126,6 +136,11 @@ def _describe(term: MaskTerm) -> dict:
 
 def _mha_info(m: AttentionMatch) -> MaskInfo:
     kinds, proof = set(), []
+    if m.pattern == "transformer_encoder_layer" and m.masks:
+        padding = arg(m.anchor, 19, "mask_type") == 1
+        return MaskInfo(("padding",) if padding else ("dense",), proof=(
+            f"{'key padding ' if padding else ''}mask of _transformer_encoder_layer_fwd, read as bool (nonzero hides "
+            "the key) as the native op reads it",))
     for term in m.masks:
         padding = arg(m.anchor, 14, "key_padding_mask") is term.node
         kinds.add("padding" if padding else "dense")
@@ -141,7 +156,10 @@ class _Site:
         self.gm = gm
         qs, ks = _shape(m.q), _shape(m.k)
         q4 = [1] * (4 - len(qs)) + qs
-        self.extents = (q4[0], q4[1], q4[2], ks[-2]) if len(qs) <= 4 else None
+        # rank > 4: a term is read over the last four score axes (its own rank is at most 4); only what it says
+        # about the (query, key) axes is kept (`_cached`)
+        self.extents = (q4[-4], q4[-3], q4[-2], ks[-2])
+        self.wide = len(qs) > 4
         self.square = self.extents is not None and _eq(qs[-2], ks[-2])
         self.fake = val(m.q.node)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -150,7 +168,7 @@ class _Site:
         self.sizes = {val(p).node.expr: p for p in placeholders if isinstance(val(p), torch.SymInt)}
 
     def key(self) -> tuple:
-        return self.square, self.fake.dtype, tuple(str(e) for e in self.extents or ())
+        return self.square, self.fake.dtype, self.wide, tuple(str(e) for e in self.extents or ())
 
 
 def _cached(site: _Site, term: MaskTerm) -> _Result:
@@ -158,12 +176,18 @@ def _cached(site: _Site, term: MaskTerm) -> _Result:
     cache = site.gm.meta.setdefault("attnfuse_masks", {})
     key = (term.node, term.kind, term.negate, term.fill, site.key())
     if key not in cache:
-        cache[key] = _term(site, term)
+        res = _term(site, term)
+        if site.wide and (res.alibi is not None or any(t is not term for t in res.terms)):
+            # new tensors (a key vector, ALiBi slopes) are laid out for 4-D scores: the term stays as written
+            res = _Result([term], kinds={"bias" if term.kind == "add" else "dense"},
+                          proof=["dense: attention with more than 2 batch dims keeps this term as written"])
+        cache[key] = res
     return cache[key]
 
 
 def _term(site: _Site, term: MaskTerm) -> _Result:
-    e = Builder().final(term.node) if site.extents is not None else None
+    # rank > 4: no expression reading (its new tensors would be laid out for 4-D scores); by value only
+    e = Builder().final(term.node) if site.extents is not None and not site.wide else None
     parts = _Parts(site, term, e) if e is not None else None
     res = parts.emit() if parts is not None and not parts.residual else None
     if res is not None:

@@ -45,26 +45,79 @@ def _operand(graph: fx.Graph, op: Operand) -> fx.Node:
     return op.node if op.perm is None else _op(graph, torch.permute, op.node, list(op.perm))
 
 
-def _to_4d(graph: fx.Graph, x: fx.Node, rank: int) -> fx.Node:
+def _to_4d(graph: fx.Graph, x: fx.Node, rank: int, split: int = 0) -> fx.Node:
+    """``x`` (batch dims, L, D) as (B, H, L, D): rank < 4 gains leading unit dims; rank > 4 merges the batch dims
+    before ``split`` into B and the rest into H (``split`` 0: all into H)."""
     if rank == 4:
         return x
     if rank > 4:
-        return _op(graph, torch.unsqueeze, _op(graph, torch.flatten, x, 0, rank - 3), 0)
+        x = _op(graph, torch.flatten, x, split, rank - 3)
+        return _op(graph, torch.flatten, x, 0, split - 1) if split else _op(graph, torch.unsqueeze, x, 0)
     for _ in range(4 - rank):
         x = _op(graph, torch.unsqueeze, x, 0)
     return x
 
 
-def _from_4d(graph: fx.Graph, x: fx.Node, batch_shape: list) -> fx.Node:
+def _from_4d(graph: fx.Graph, x: fx.Node, batch_shape: list, split: int = 0) -> fx.Node:
     rank = len(batch_shape) + 2
     if rank == 4:
         return x
-    x = _op(graph, torch.squeeze, x, 0)
     if rank > 4:
-        return _op(graph, torch.unflatten, x, 0, list(batch_shape))
+        x = _op(graph, torch.unflatten, x, 1, list(batch_shape[split:]))
+        if not split:
+            return _op(graph, torch.squeeze, x, 0)
+        return _op(graph, torch.unflatten, x, 0, list(batch_shape[:split]))
+    x = _op(graph, torch.squeeze, x, 0)
     for _ in range(3 - rank):
         x = _op(graph, torch.squeeze, x, 0)
     return x
+
+
+def _mask_shape(m: AttentionMatch, batch: list) -> list:
+    """The combined mask's shape (hints), left-padded to the scores' rank."""
+    shapes = [[_hint(s) for s in val(t.node).shape] for t in m.masks]
+    shape = list(torch.broadcast_shapes(*[torch.Size(s) for s in shapes]))
+    return [1] * (len(batch) + 2 - len(shape)) + shape
+
+
+def _split(m: AttentionMatch, batch: list) -> int:
+    """Where a rank > 4 site's batch dims divide into the op's B and H: the split that materializes the fewest
+    mask elements (a group of dims the mask broadcasts over entirely, or matches entirely, folds for free)."""
+    n = len(batch)
+    if not m.masks:
+        return n - 1
+    shape = _mask_shape(m, batch)
+
+    def cost(split):
+        total = 1
+        for lo, hi in ((0, split), (split, n)):
+            dims = range(lo, hi)
+            free = all(shape[i] == 1 for i in dims) or all(shape[i] == _hint(batch[i]) for i in dims)
+            for i in dims:
+                total *= shape[i] if free else _hint(batch[i])
+        return total
+
+    return min(range(n - 1, 0, -1), key=cost)
+
+
+def _fold_mask(graph: fx.Graph, mask: fx.Node, m: AttentionMatch, q: fx.Node, batch: list, split: int) -> fx.Node:
+    """The combined mask of a rank > 4 site folded like q (`_to_4d`): a group of batch dims the mask neither
+    broadcasts over entirely nor matches entirely is expanded to the scores' sizes first."""
+    n = len(batch)
+    shape = _mask_shape(m, batch)
+    rank = len([_hint(s) for s in torch.broadcast_shapes(*[val(t.node).shape for t in m.masks])])
+    for _ in range(n + 2 - rank):
+        mask = _op(graph, torch.unsqueeze, mask, 0)
+    sizes: list = [-1] * (n + 2)
+    for lo, hi in ((0, split), (split, n)):
+        dims = range(lo, hi)
+        if not (all(shape[i] == 1 for i in dims) or all(shape[i] == _hint(batch[i]) for i in dims)):
+            for i in dims:
+                sizes[i] = graph.call_method("size", (q, i))
+    if any(s != -1 for s in sizes):
+        mask = graph.call_method("expand", (mask, *sizes))
+    mask = _op(graph, torch.flatten, mask, split, n - 1)
+    return _op(graph, torch.flatten, mask, 0, split - 1)
 
 
 def _heads_tile_to_group(graph: fx.Graph, x: fx.Node, groups: int) -> fx.Node:
@@ -161,7 +214,7 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
     if m.form == "mha":
         from .. import _mha
 
-        m.anchor.target = _mha.forward
+        m.anchor.target = _mha.encoder_layer if m.pattern == "transformer_encoder_layer" else _mha.forward
         return
     from .. import ops
 
@@ -174,14 +227,18 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
             heads = graph.call_method("size", (other, rank - 3))
             one = graph.call_method("expand", (one, *[-1] * (rank - 3), heads, -1, -1))
             k, v = (one, other) if m.kv_expand == "k" else (other, one)
-        q, k, v = (_to_4d(graph, x, rank) for x in (q, k, v))
-        for node, divide in m.scale_nodes:
+        for node, divide in m.scale_nodes:  # before the batch dims are folded: a tensor scale broadcasts over them
             q = _op(graph, operator.truediv if divide else operator.mul, q, node)
+        split = _split(m, qs[:-2]) if rank > 4 else 0
+        q_full = q
+        q, k, v = (_to_4d(graph, x, rank, split) for x in (q, k, v))
         ks = _shape(m.k)
         if rank == 4 and len(ks) == 4 and _eq(ks[0], 1) and not _eq(qs[0], 1):  # K/V broadcast over batch
             k = graph.call_method("expand", (k, qs[0], -1, -1, -1))
             v = graph.call_method("expand", (v, qs[0], -1, -1, -1))
         mask, fill = _mask(graph, m)
+        if mask is not None and rank > 4:
+            mask = _fold_mask(graph, mask, m, q_full, qs[:-2], split)
         tile = m.kv_layout == "tile" and m.kv_groups > 1
         if tile:
             q = _heads_tile_to_group(graph, q, m.kv_groups)
@@ -197,23 +254,33 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
             if tile:
                 alibi = _op(graph, torch.flatten, _op(graph, torch.transpose, _op(
                     graph, torch.unflatten, alibi, 0, [m.kv_groups, -1]), 0, 1))
+        sinks = None
+        if m.sinks is not None:  # the (B, H, Lq, 1) column is constant along the queries (`match._sink_form`)
+            col = _heads_tile_to_group(graph, m.sinks, m.kv_groups) if tile else m.sinks
+            sinks = graph.call_method("float", (_op(graph, operator.getitem, col, (slice(None), slice(None), 0, 0)),))
         structure = {}
         if m.window_left >= 0 or m.window_right >= 0 or m.block_sparse:
             structure = {"window_left": m.window_left, "window_right": m.window_right,
-                         "block_sparse": m.block_sparse}
+                         "block_sparse": m.block_sparse, **({"window_pad": True} if m.window_pad else {})}
         if m.approx:
             structure["approx"] = m.approx
         # SDPA zeroes fully masked rows where a softmax makes them NaN
         sdpa = m.form == "sdpa" and mask is not None
         fn = ops.attention_sdpa if sdpa else torch.ops.attnfuse.attention.default
-        out = _op(graph, fn, q, k, v, mask, seed, alibi, scale=m.scale,
+        out = _op(graph, fn, q, k, v, mask, seed, alibi, *([sinks] if sinks is not None else []), scale=m.scale,
                   causal=m.causal, softcap=m.softcap, kv_groups=m.kv_groups, dropout_p=m.dropout_p,
                   mask_fill=fill, **structure)
         if not sdpa:  # the op returns (out, stats)
             out = _op(graph, operator.getitem, out, 0)
         if tile:
             out = _heads_group_to_tile(graph, out, m.kv_groups)
-        out = _from_4d(graph, out, qs[:-2])
+        batch = [int(b) if not isinstance(b, torch.SymInt) else graph.call_method("size", (q_full, i))
+                 for i, b in enumerate(qs[:-2])]  # symbolic sizes are read from q at run time
+        out = _from_4d(graph, out, batch, split)
+        if m.window_pad:  # the unfold spelling's output has one query per window: (B, H, L, 1, Dv)
+            out = _op(graph, torch.unsqueeze, out, -2)
+        if m.bucketed:  # back to the query blocks (static shapes: `_local.bucket_window` proves by value)
+            out = graph.call_method("reshape", (out, *[int(s) for s in val(m.output).shape]))
         if _stride_sensitive(m.output):
             out = _eager_layout(graph, out, val(m.output), copy=_written(m.output))
     m.output.replace_all_uses_with(out)

@@ -348,6 +348,8 @@ def _elements(r: _Region, values: list[Any]) -> int:
         return 0
     if m.form == "mha":  # (L, B, E) or (L, E)
         heads = m.anchor.args[4] if len(m.anchor.args) > 4 and isinstance(m.anchor.args[4], int) else 1
+        if m.pattern == "transformer_encoder_layer":  # (B, L, E), heads in argument 2
+            return q.shape[0] * q.shape[1] ** 2 * m.anchor.args[2]
         return q.shape[0] * k.shape[0] * (q.shape[1] if q.dim() == 3 else 1) * heads
     qs = [q.shape[p] for p in (m.q.perm or range(q.dim()))]
     ks = [k.shape[p] for p in (m.k.perm or range(k.dim()))]

@@ -94,8 +94,10 @@ def _inputs(dt: str, mask: str | None, variant: str | None = None, **ptrs) -> di
 
 
 def compile_fwd(cfg: TileConfig, cc: int, dt: str, hd: int, mask: str | None = None, variant: str | None = None):
-    ptrs = _inputs(dt, mask, variant, VBad="*i1" if mask else f"*{dt}", Out=f"*{dt}", Stats="*fp32")
-    return _compile(flash._fwd_kernel, cc, ptrs, dict(_meta(cfg, hd, mask, variant), EVEN_D=True), cfg.num_warps,
+    ptrs = _inputs(dt, mask, variant, VBad="*i1" if mask else f"*{dt}", Sinks="*fp32" if mask else f"*{dt}",
+                   Out=f"*{dt}", Stats="*fp32")
+    meta = dict(_meta(cfg, hd, mask, variant), EVEN_D=True, HAS_SINKS=mask is not None)  # heavy: with sinks
+    return _compile(flash._fwd_kernel, cc, ptrs, meta, cfg.num_warps,
                     cfg.num_stages, _UNIT | _MASK_UNIT if mask else _UNIT)
 
 

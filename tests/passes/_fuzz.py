@@ -9,7 +9,8 @@ on float64 copies of the inputs -- and classifies it:
   fused-equal / skipped-equal   attnfuse's result meets the rule (below), fused or skipped per the report
   wrong                         a value, NaN/inf pattern, gradient or mutated input/buffer breaks the rule
   crash                         the compiled call raised where eager did not
-  negative-fused                a program that is not attention (a negative) was reported fused
+  negative-fused                a program that is not attention (a negative) was reported fused; a "twin" (a near
+                                miss that is still the plain attention it spells) may be fused, and must be equal
 
 Rule (DESIGN.md): NaN and inf patterns exactly eager's; over the entries eager and the float64
 reference both give finite, ``|ours - ref| <= 2 |eager - ref| + 4 eps max(|ref|, 1e-3)``; entries
@@ -21,12 +22,19 @@ A wrong or crashing case is re-run with the stock ``aot_eager`` backend; if that
 way the case is counted as ``torch-wrong`` / ``torch-crash`` (PyTorch's problem, not attnfuse's).
 Cases whose eager run raises count as ``invalid`` (a generator bug, shown in the table).
 
-Replay one case:  ``python tests/passes/_fuzz.py --seed N``.  Long mode: ``--long`` (5,000 cases).
+Each seed belongs to one generator family (`FAMILIES`): "core" (the original decision list: forms, masks, in-place
+writes, consumers) or one family of third-party spellings (views inside the chain, einsum with multi-query K/V,
+dead users, softmax by hand, learned temperatures and late scales, 5-D batches, local attention by hand), each
+with its twins.  The summary counts fused / skipped per family and variant: the matcher's reach on each spelling.
+
+Replay one case:  ``python tests/passes/_fuzz.py --seed N``.  Long mode: ``--long`` (5,000 cases).  One family:
+``--family views -n 200``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import random
@@ -65,7 +73,7 @@ def _ensure_backend() -> None:
 @dataclasses.dataclass
 class Case:
     seed: int
-    expect: str  # "pos" (fused or skipped, equal either way) | "neg" (must be skipped)
+    expect: str  # "pos" / "twin" (fused or skipped, equal either way; a twin is a near miss) | "neg" (skipped)
     tags: dict[str, Any]
     src: str
     dtype: torch.dtype
@@ -76,6 +84,9 @@ class Case:
     mutated: list[str]
     dynamic: Any  # False | True | None (automatic) | "mark"
     inner: str
+    family: str = "core"  # the generator family (FAMILIES), for the per-spelling breakdown
+    variant: str = ""  # the spelling within the family
+    params: list[str] = dataclasses.field(default_factory=list)  # inputs that are module nn.Parameters
 
     def describe(self) -> str:
         tags = " ".join(f"{k}={v}" for k, v in self.tags.items())
@@ -136,7 +147,7 @@ class _Src:
 FILLS = ("NEG_INF", "MIN", "-1e4", "-1e9", "-10000.0")
 
 
-def generate(seed: int, inductor_rate: float = 0.0) -> Case:  # noqa: C901 - one decision list, read top to bottom
+def _generate_core(seed: int, inductor_rate: float = 0.0) -> Case:  # noqa: C901 - one decision list, read top to bottom
     r = random.Random(seed)
     ch = r.choice
     dtype = r.choices([F32, F16, BF16], weights=[6, 2, 2])[0]
@@ -503,7 +514,461 @@ def generate(seed: int, inductor_rate: float = 0.0) -> Case:  # noqa: C901 - one
         code = f"def f({', '.join(args)}):\n{body}\n"
     grads = [n for n in ("q", "k", "v", "bias") if grad and n in args and not (n == "bias" and pre == "bias_mul_")]
     return Case(seed=seed, expect="neg" if neg else "pos", tags=tags, src=code, dtype=dtype, dims=dims,
-                inputs=inputs, buffers=buffers, grad=grads, mutated=mutated, dynamic=dynamic, inner=inner)
+                inputs=inputs, buffers=buffers, grad=grads, mutated=mutated, dynamic=dynamic, inner=inner,
+                variant=form)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generator families: the third-party spellings, each with its twins.  A twin is "neg" where the program is not
+# attention (it must be skipped) and "twin" where fusing it as the plain attention it spells is still exact (it may
+# be fused, never into the structure it imitates: the comparison with eager decides).
+
+
+def _pos(*shape, lo: float = 0.5, hi: float = 2.0):
+    return lambda g, d, dt: (lo + (hi - lo) * torch.rand(*[d.get(s, s) for s in shape], generator=g)).to(dt)
+
+
+def _swin(*shape):
+    """A Swin shifted-window mask (..., nW, w, w): 0 where query and key lie in the same region of the window,
+    else -100 (each query sees its own region, never a row of -100 only)."""
+    def build(g, d, dt):
+        size = [d.get(s, s) for s in shape]
+        region = torch.randint(0, 3, (*size[:-1], 1), generator=g)
+        return torch.where(region == region.transpose(-2, -1), 0.0, -100.0).to(dt)
+    return build
+
+
+class _Fam:
+    """One family program under construction: seeded choices, inputs, source lines, then `case`."""
+
+    def __init__(self, seed: int, family: str, inductor_rate: float) -> None:
+        self.seed, self.family = seed, family
+        self.r = r = random.Random(seed)
+        self.dtype = r.choices([F32, F16, BF16], weights=[6, 2, 2])[0]
+        self.inner = "inductor" if r.random() < inductor_rate else "eager"
+        self.grad = self.dtype == F32 and r.random() < 0.35
+        self.second = r.random() < 0.25
+        self.inputs: list[tuple[str, Callable]] = []
+        self.params: list[str] = []
+        self.tags: dict[str, Any] = {"family": family}
+        self.src = _Src()
+        self.min_len = 1  # 3 for twins and negatives: at length 1 a negative can coincide with attention
+
+    def ch(self, seq):
+        return self.r.choice(seq)
+
+    def inp(self, name: str, build: Callable) -> None:
+        self.inputs.append((name, build))
+
+    def fill(self) -> str:
+        f = self.ch([x for x in FILLS if not (self.dtype == F16 and x == "-1e9")])
+        return "MIN" if f == "MIN" else "float('-inf')" if f == "NEG_INF" else f
+
+    def mask(self, lead: tuple, kinds: tuple = ("none", "none", "bias", "fill", "fill", "causal")) -> str:
+        """Source lines masking ``s`` (..., Lq, Lk); masks are ``lead + (Lq, Lk)``.  Returns the kind."""
+        kind, empty = self.ch(kinds), self.r.random() < 0.4
+        if kind == "bias":
+            self.inp("bias", _randn(*lead, "Lq", "Lk"))
+            self.src("s = s + bias")
+        elif kind == "fill":
+            self.inp("keep", _keep(*lead, "Lq", "Lk", empty=empty))
+            fill = self.fill()
+            self.src(self.ch([f"s = s.masked_fill(~keep, {fill})", f"s = torch.where(keep, s, {fill})"]))
+            kind += f" {fill}" + (" empty" if empty else "")
+        elif kind == "causal":
+            self.src("s = s.masked_fill(torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, "
+                     f"device=s.device).triu(1), {self.fill()})")
+        self.tags["mask"] = kind
+        return kind
+
+    def case(self, variant: str, expect: str, make_dims: Callable[[], dict[str, int]], args: list[str],
+             grad: tuple[str, ...] = ("q", "k", "v")) -> Case:
+        self.min_len = 1 if expect == "pos" else 3
+        dims = [make_dims()]
+        if self.second:
+            dims.append(make_dims())
+            self.tags["second"] = "len"
+        self.tags["variant"] = variant + ("" if expect == "pos" else f" ({expect})")
+        if not self.src.lines[-1].startswith("return"):
+            self.src("return out")
+        names = [n for n, _ in self.inputs]
+        body = "\n".join("    " + line for text in self.src.lines for line in text.splitlines())
+        if self.params:
+            body = "\n".join("    " + line for line in body.splitlines())
+            code = f"class M(torch.nn.Module):\n    def forward(self, {', '.join(args)}):\n{body}\n"
+        else:
+            code = f"def f({', '.join(args)}):\n{body}\n"
+        assert set(args) | set(self.params) == set(names), (args, names)
+        grads = [n for n in dict.fromkeys((*grad, *self.params)) if self.grad and n in names]
+        return Case(seed=self.seed, expect=expect, tags=self.tags, src=code, dtype=self.dtype, dims=dims,
+                    inputs=self.inputs, buffers=[], grad=grads, mutated=[], dynamic=None if self.second else False,
+                    inner=self.inner, family=self.family, variant=variant, params=list(self.params))
+
+    def sizes(self, **fixed: Any) -> Callable[[], dict[str, int]]:
+        """Per-call sizes: B, H, Lq, Lk, D drawn per call unless fixed (a size the source spells as a literal)."""
+        def make() -> dict[str, int]:
+            d = {"B": self.ch([1, 2]), "H": self.ch([1, 2, 3]), "Lq": self.ch([1, 3, 5, 7, 11][self.min_len // 2:]),
+                 "D": self.ch([3, 5, 8])}
+            d["Lk"] = d["Lq"] if self.r.random() < 0.35 else self.ch([1, 3, 6, 7, 13][self.min_len // 2:])
+            d.update(fixed)
+            d["BH"] = d["B"] * d["H"]
+            return d
+        return make
+
+
+_QKV4 = (("q", _randn("B", "H", "Lq", "D", scale="qk")), ("k", _randn("B", "H", "Lk", "D", scale="qk")),
+         ("v", _randn("B", "H", "Lk", "D")))
+
+
+def _softmax_line(f: _Fam, x: str = "s") -> str:
+    return f.ch([f"p = F.softmax({x}, dim=-1)", f"p = {x}.softmax(-1)",
+                 f"p = F.softmax({x}, dim=-1, dtype=F32).to(q.dtype)"])
+
+
+def _fam_views(f: _Fam) -> Case:
+    """Views inside the chain: heads folded into the batch around a 4-D mask, 5-D relative-position biases,
+    size-1 axes moved.  Negatives: a view mixing the key axis into the rows, scores transposed between views."""
+    v = f.ch(["baddbmm", "bmm", "bmm", "prob_view", "relpos5d", "unit_axes", "unit_axes", "key_into_rows",
+              "transpose_between"])
+    src, sizes = f.src, f.sizes()
+    if v == "relpos5d":  # SAM: (B*H, qh*qw, kh*kw) scores viewed as (B*H, qh, qw, kh, kw) for two decomposed biases
+        # kh, kw >= 2: a bias constant along every key of a row has gradient exactly 0 (both sides compare noise)
+        qh, qw, kh, kw = f.ch([1, 2, 3]), f.ch([1, 2, 3]), f.ch([2, 3]), f.ch([2, 3])
+        sizes = f.sizes(Lq=qh * qw, Lk=kh * kw)
+        f.inputs += [("q", _randn("BH", "Lq", "D", scale="qk")), ("k", _randn("BH", "Lk", "D", scale="qk")),
+                     ("v", _randn("BH", "Lk", "D"))]
+        src("BH, Lq, D = q.shape", f"s = (q * {f.ch(['D ** -0.5', '0.37'])}) @ k.transpose(-2, -1)")
+        if f.r.random() < 0.5:
+            f.inputs += [("rh", _randn(qh, kh, "D")), ("rw", _randn(qw, kw, "D"))]
+            src(f"rq = q.view(BH, {qh}, {qw}, D)", "rel_h = torch.einsum('bhwc,hkc->bhwk', rq, rh)",
+                "rel_w = torch.einsum('bhwc,wkc->bhwk', rq, rw)")
+        else:
+            f.inputs += [("rel_h", _randn("BH", qh, qw, kh)), ("rel_w", _randn("BH", qh, qw, kw))]
+        src(f"s = (s.view(BH, {qh}, {qw}, {kh}, {kw}) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :])"
+            f".view(BH, {qh * qw}, {kh * kw})", _softmax_line(f), "out = p @ v")
+        return f.case(v, "pos", sizes, [n for n, _ in f.inputs], ("q", "k", "v", "rel_h", "rel_w", "rh", "rw"))
+    if v == "key_into_rows":  # Lk even: the softmax runs over half rows, or over everything of a batch
+        sizes = f.sizes(Lk=f.ch([2, 4, 6, 10]))
+    if v == "transpose_between" and f.r.random() < 0.5:
+        sizes, v = f.sizes(Lq=7, Lk=7), "transpose_reshape"
+    f.inputs += _QKV4
+    src("B, H, Lq, D = q.shape", "Lk = k.shape[2]")
+    if v in ("baddbmm", "bmm", "key_into_rows", "transpose_between", "transpose_reshape"):
+        src("q3, k3, v3 = q.reshape(B * H, Lq, D), k.reshape(B * H, Lk, D), v.reshape(B * H, Lk, D)")
+        if v == "baddbmm":  # BLOOM: alibi (B*H, 1, Lk) added by baddbmm, the mask on a (B, H, Lq, Lk) view
+            f.inp("alibi", _randn(f.ch(["BH", 1]), f.ch([1, "Lq"]), "Lk"))
+            src(f"s = torch.baddbmm(alibi, q3, k3.transpose(1, 2), beta={f.ch(['1.0', '0.5'])}, "
+                f"alpha={f.ch(['1 / math.sqrt(D)', '0.37'])})")
+        else:
+            src(f"s = torch.bmm(q3, k3.transpose(1, 2)){f.ch([' * 0.37', ' / math.sqrt(D)', ''])}")
+        if v == "key_into_rows":
+            src(f.ch(["s = s.view(B * H, Lq * 2, Lk // 2)", "s = s.view(B, H * Lq * Lk)"]),
+                "p = s.softmax(-1).view(B * H, Lq, Lk)", "out = torch.bmm(p, v3).view(B, H, Lq, D)")
+            return f.case(v, "neg", sizes, ["q", "k", "v"])
+        src(f.ch(["s = s.view(B, H, Lq, Lk)", "s = s.view(B, H, Lq, -1)"]))
+        if v == "transpose_between":  # the softmax runs over the queries
+            src("p = F.softmax(s.transpose(-2, -1), dim=-1).transpose(-2, -1).reshape(B * H, Lq, Lk)",
+                "out = torch.bmm(p, v3).view(B, H, Lq, D)")
+            return f.case(v, "neg", sizes, ["q", "k", "v"])
+        if v == "transpose_reshape":  # Lq == Lk: the transposed scores read back as (B*H, Lq, Lk)
+            src(f"s = s.transpose({f.ch(['2, 3', '-1, -2'])}).reshape(B * H, Lq, Lk)", "p = s.softmax(-1)",
+                "out = torch.bmm(p, v3).view(B, H, Lq, D)")
+            return f.case(v, "neg", sizes, ["q", "k", "v"])
+        f.mask((f.ch(["B", 1]), 1))
+        src(_softmax_line(f), f.ch(["p = p.view(B * H, Lq, Lk)", "p = p.reshape(-1, Lq, Lk)"]),
+            f.ch(["out = torch.bmm(p, v3).view(B, H, Lq, D)", "out = (p @ v3).reshape(B, H, Lq, D)"]))
+        return f.case(v, "pos", sizes, [n for n, _ in f.inputs], ("q", "k", "v", "bias", "alibi"))
+    if v == "prob_view":  # 4-D scores, probabilities viewed to (B*H, Lq, Lk) for bmm; or 3-D scores viewed back
+        if f.r.random() < 0.5:
+            src("s = (q @ k.mT) * 0.37")
+            f.mask((f.ch(["B", 1]), f.ch(["H", 1])))
+            src(_softmax_line(f), "out = torch.bmm(p.view(B * H, Lq, Lk), v.reshape(B * H, Lk, D)).view(B, H, Lq, D)")
+        else:
+            src("s = (q @ k.mT).view(B * H, Lq, Lk) * 0.37", _softmax_line(f), "out = p.view(B, H, Lq, Lk) @ v")
+        return f.case(v, "pos", sizes, [n for n, _ in f.inputs], ("q", "k", "v", "bias"))
+    # unit_axes: unsqueeze / squeeze / flatten that move only size-1 axes
+    src(f.ch(["s = (q.unsqueeze(2) @ k.unsqueeze(2).mT).squeeze(2) * 0.37",
+              "s = (q @ k.mT * 0.37)[:, :, None].flatten(2, 3)", "s = (q @ k.mT * 0.37).unsqueeze(0).squeeze(0)"]))
+    f.mask((f.ch(["B", 1]), 1))
+    src(f.ch(["p = F.softmax(s.unsqueeze(1), dim=-1).squeeze(1)", "p = s.softmax(-1).unsqueeze(0).flatten(0, 1)",
+              _softmax_line(f)]),
+        f.ch(["out = (p.unsqueeze(2) @ v.unsqueeze(2)).squeeze(2)", "out = p @ v"]))
+    return f.case(v, "pos", sizes, [n for n, _ in f.inputs], ("q", "k", "v", "bias"))
+
+
+def _fam_einsum(f: _Fam) -> Case:
+    """einsum with multi-query K/V (3-D, no heads axis), spaced and '...' spellings.  Twins: a 3-D K or V
+    whose leading axis is the heads; negatives: the contraction over the queries."""
+    v = f.ch(["mqa_v", "mqa_k", "mqa_kv", "ellipsis4", "v_heads", "k_heads", "pv_query", "qk_transposed"])
+    sizes = f.sizes(Lk=7, Lq=7) if v in ("pv_query", "qk_transposed") else f.sizes()
+    k3 = v in ("mqa_k", "mqa_kv", "qk_transposed")
+    v3 = v in ("mqa_v", "mqa_kv", "pv_query")
+    f.inputs += [("q", _randn("B", "H", "Lq", "D", scale="qk")),
+                 ("k", _randn(*(("B", "Lk", "D") if k3 else ("H", "Lk", "D") if v == "k_heads" else
+                                ("B", "H", "Lk", "D")), scale="qk")),
+                 ("v", _randn(*(("B", "Lk", "D") if v3 else ("H", "Lk", "D") if v == "v_heads" else
+                                ("B", "H", "Lk", "D"))))]
+
+    def es(eq: str, a: str, b: str) -> str:
+        if f.r.random() < 0.5:  # the spaced spelling: 'b h i d, b j d -> b h i j'
+            def spaced(term: str) -> str:
+                return " ".join((["..."] if term.startswith("...") else []) + list(term.removeprefix("...")))
+            ins, out = eq.split("->")
+            eq = ", ".join(spaced(t) for t in ins.split(",")) + " -> " + spaced(out)
+        return f.ch([f"torch.einsum('{eq}', {a}, {b})", f"torch.einsum('{eq}', [{a}, {b}])",
+                     f"torch.einsum('{eq}', ({a}, {b}))"])
+
+    qk = {"mqa_k": f.ch(["bhid,bjd->bhij", "...hid,...jd->...hij"]), "mqa_kv": "bhid,bjd->bhij",
+          "qk_transposed": "bhid,bjd->bhji", "k_heads": "bhid,hjd->bhij",
+          "ellipsis4": "...id,...jd->...ij"}.get(v, f.ch(["bhid,bhjd->bhij", "...id,...jd->...ij"]))
+    pv = {"mqa_v": f.ch(["bhij,bjd->bhid", "...hij,...jd->...hid"]), "mqa_kv": "bhij,bjd->bhid",
+          "pv_query": "bhij,bid->bhjd", "v_heads": "bhij,hjd->bhid",
+          "ellipsis4": "...ij,...jd->...id"}.get(v, f.ch(["bhij,bhjd->bhid", "...ij,...jd->...id"]))
+    # a 3-D (H, L, D) K or V spelled with matmul broadcasts over the heads too, never over the batch
+    mm = v in ("v_heads", "k_heads") and f.r.random() < 0.4
+    f.src(f"s = {'q @ k.mT' if mm and v == 'k_heads' else es(qk, 'q', 'k')} * "
+          f"{f.ch(['0.37', 'q.shape[-1] ** -0.5'])}")
+    if v not in ("qk_transposed",):
+        f.mask((f.ch(["B", 1]), 1))
+    f.src(_softmax_line(f), f"out = {'p @ v' if mm and v == 'v_heads' else es(pv, 'p', 'v')}")
+    expect = {"v_heads": "twin", "k_heads": "twin", "pv_query": "neg", "qk_transposed": "neg"}.get(v, "pos")
+    return f.case(v, expect, sizes, [n for n, _ in f.inputs], ("q", "k", "v", "bias"))
+
+
+def _fam_dead(f: _Fam) -> Case:
+    """Intermediates with a second user that nothing reads (dead) or that is returned / used (negative)."""
+    dead = f.ch(["s.clone()", "torch.cat([s, s])", "p.view(B * H, Lq, Lk)", "p.detach()", "s.max(-1).values",
+                 "p.sum(-1)", "s.to(F32)"])
+    used = f.r.random() < 0.35
+    f.inputs += _QKV4
+    f.src("B, H, Lq, D = q.shape", "Lk = k.shape[2]", "s = q @ k.mT * 0.37")
+    early = dead.startswith(("s", "torch")) and f.r.random() < 0.5
+    if early:
+        f.src(f"x = {dead}")
+    f.mask((f.ch(["B", 1]), 1))
+    if dead.startswith(("s", "torch")) and not early:
+        f.src(f"x = {dead}")
+    f.src(_softmax_line(f))
+    if dead.startswith("p"):
+        f.src(f"x = {dead}")
+    f.src("out = p @ v")
+    how = f.ch(["return", "add"]) if used else "dead"
+    if how == "return":
+        f.src("return out, x")
+    elif how == "add":
+        f.src("out = out + x.mean()")
+    f.tags["dead"] = f"x = {dead}" + ("" if how == "dead" else f" ({how})")
+    return f.case(dead.split("(")[0].split(".")[-1] + ("_used" if used else ""), "neg" if used else "pos",
+                  f.sizes(), [n for n, _ in f.inputs], ("q", "k", "v", "bias"))
+
+
+def _fam_softmax(f: _Fam) -> Case:
+    """Softmax by hand: exp(s - max) / sum, log_softmax(...).exp().  Negatives: max or sum over another axis,
+    no max subtraction (overflows as eager does), a global max, log_softmax over the queries."""
+    v = f.ch(["amax", "max_values", "max_detach", "log_softmax", "log_softmax", "max_axis", "sum_axis", "no_max",
+              "no_max", "global_max", "log_softmax_axis"])
+    f.inputs += _QKV4
+    big = v == "no_max" and f.r.random() < 0.6
+    f.src(f"s = q @ k.mT * {f.ch(['60.0', '12.0']) if big else '0.37'}")
+    f.mask((f.ch(["B", 1]), 1), ("none", "bias", "fill", "causal"))
+    up = f.r.random() < 0.3
+    if up:
+        f.src("s = s.to(F32)")
+    m = {"amax": f.ch(["s.amax(-1, keepdim=True)", "torch.amax(s, dim=-1, keepdim=True)"]),
+         "max_values": f.ch(["s.max(-1, keepdim=True).values", "torch.max(s, dim=-1, keepdim=True)[0]"]),
+         "max_detach": f.ch(["s.amax(-1, keepdim=True).detach()", "s.max(dim=-1, keepdim=True).values.detach()"]),
+         "max_axis": f.ch(["s.amax(-2, keepdim=True)", "s.amax(1, keepdim=True)"]), "global_max": "s.amax()",
+         "sum_axis": "s.amax(-1, keepdim=True)"}.get(v)
+    total = "-2" if v == "sum_axis" else "-1"
+    if v.startswith("log_softmax"):
+        dim = "-2" if v == "log_softmax_axis" else "-1"
+        f.src(f.ch([f"p = F.log_softmax(s, {dim}).exp()", f"p = torch.exp(torch.log_softmax(s, dim={dim}))",
+                    f"p = s.log_softmax({dim}).exp()"]))
+    else:
+        e = f"torch.exp(s - {m})" if m else "torch.exp(s)"
+        f.src(f.ch([f"e = {e}\np = e / e.sum({total}, keepdim=True)",
+                    f"p = {e} / {e}.sum({total}, keepdim=True)",
+                    f"e = {e}\np = e.div(torch.sum(e, dim={total}, keepdim=True))"]))
+    if up:
+        f.src("p = p.to(q.dtype)")
+    f.src("out = p @ v")
+    expect = "pos" if v in ("amax", "max_values", "max_detach", "log_softmax") else "neg"
+    return f.case(v, expect, f.sizes(), [n for n, _ in f.inputs], ("q", "k", "v", "bias"))
+
+
+def _fam_scale(f: _Fam) -> Case:
+    """Learned per-head temperatures (H,1,1) / (1,H,1,1) and scales applied after the mask.  Negatives: a
+    tensor scale varying along the queries or keys, a negative scale after a fill."""
+    v = f.ch(["temp", "temp", "temp_swinv2", "after_mask", "after_mask", "neg_scalar", "temp_varying",
+              "neg_after_fill"])
+    f.inputs += _QKV4
+    src, sizes = f.src, f.sizes()
+    if v != "temp_swinv2":
+        src("s = q @ k.mT")
+    if v.startswith("temp"):
+        shape = {"temp_varying": f.ch([("H", "Lq", 1), (1, "H", 1, "Lk"), ("H", 1, "Lk"), ("Lq", 1)]),
+                 "temp_swinv2": ("H", 1, 1)}.get(v, f.ch([("H", 1, 1), (1, "H", 1, 1)]))
+        f.inp("temp", _pos(*shape, lo=1.5, hi=3.0) if v == "temp_swinv2" else _pos(*shape))  # swin: log scale
+        if f.r.random() < 0.5 and v != "temp_varying":  # a module parameter: its H is the same in every call
+            f.params.append("temp")
+            sizes = f.sizes(H=f.ch([1, 2, 3]))
+        t = "self.temp" if f.params else "temp"
+        if v == "temp_swinv2":
+            src("s = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)",
+                f"s = s * torch.clamp({t}, max=math.log(100.0)).exp()")
+        else:
+            src(f.ch([f"s = s * {t}", f"s = {t} * s", f"s = s / {t}", f"s = torch.div(s, {t})"]))
+        f.mask((f.ch(["B", 1]), 1))
+        f.tags["temp"] = str(shape)
+    elif v == "neg_scalar":
+        src("s = s * -0.5")
+        f.mask((f.ch(["B", 1]), 1))
+    else:
+        f.mask((f.ch(["B", 1]), 1), ("bias", "fill", "fill", "causal") if v == "after_mask" else ("fill",))
+        c = f.ch(["-0.5", "-2.0"]) if v == "neg_after_fill" else f.ch(["0.125", "0.37", "2.0", "(D ** -0.5)"])
+        if v == "after_mask":
+            src("D = q.shape[-1]", f.ch([f"s = s * {c}", f"s = {c} * s"]))
+        else:
+            src(f"s = s * {c}")
+        f.tags["scale"] = c
+    src(_softmax_line(f), "out = p @ v")
+    expect = "neg" if v in ("temp_varying", "neg_after_fill") else "pos"
+    return f.case(v, expect, sizes, [n for n, _ in f.inputs if n not in f.params],
+                  ("q", "k", "v", "bias", "temp"))
+
+
+def _fam_5d(f: _Fam) -> Case:
+    """More than two batch dims: grouped GQA (B, Hkv, g, L, L) scores, Swin windows (B, nW, H, w, w) with a
+    per-window mask (plain 5-D or viewed from (B*nW, H, w, w)).  Negatives: softmax over a batch axis; twin:
+    K/V broadcast along the group axis instead of the K/V heads."""
+    v = f.ch(["grouped", "grouped", "windowed", "swin_view", "sm_group", "kv_on_groups"])
+    src = f.src
+    if v in ("windowed", "swin_view"):
+        nw, w = f.ch([1, 2, 3]), f.ch([2, 3, 4])
+        sizes = f.sizes(Lq=w, Lk=w, nW=nw)
+        lead = ("BnW", "H") if v == "swin_view" else ("B", "nW", "H")
+
+        def sizes_nw() -> dict[str, int]:
+            d = sizes()
+            d["BnW"] = d["B"] * nw
+            return d
+        f.inputs += [("q", _randn(*lead, "Lq", "D", scale="qk")), ("k", _randn(*lead, "Lk", "D", scale="qk")),
+                     ("v", _randn(*lead, "Lk", "D")), ("rpb", _randn("H", "Lq", "Lk"))]
+        swin = f.r.random() < 0.5
+        f.inp("mask", (_swin if swin else _randn)("nW", "Lq", "Lk") if v == "swin_view" else
+              (_swin if swin else _randn)(1, "nW", 1, "Lq", "Lk"))
+        src("s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)", "s = s + rpb.unsqueeze(0)")
+        if v == "swin_view":
+            src("nW, N = mask.shape[0], q.shape[-2]", "H = q.shape[1]",
+                "s = s.view(-1, nW, H, N, N) + mask.unsqueeze(1).unsqueeze(0)", "s = s.view(-1, H, N, N)")
+        else:
+            src("s = s + mask")
+        src(_softmax_line(f), "out = p @ v")
+        return f.case(v, "pos", sizes_nw, [n for n, _ in f.inputs], ("q", "k", "v", "rpb", "mask"))
+    hkv, g = f.ch([(1, 2), (2, 2), (2, 1), (1, 3)])
+    sizes = f.sizes(H=hkv * g, Hkv=hkv, g=g)
+    direct = f.r.random() < 0.5
+    f.inputs += [("q", _randn(*(("B", "Hkv", "g", "Lq", "D") if direct else ("B", "H", "Lq", "D")), scale="qk")),
+                 ("k", _randn(*(("B", "Hkv", 1, "Lk", "D") if direct else ("B", "Hkv", "Lk", "D")), scale="qk")),
+                 ("v", _randn(*(("B", "Hkv", 1, "Lk", "D") if direct else ("B", "Hkv", "Lk", "D"))))]
+    if not direct:
+        src("B, H, Lq, D = q.shape", f"q = q.view(B, {hkv}, {g}, Lq, D)",
+            "k, v = k.unsqueeze(1), v.unsqueeze(1)" if v == "kv_on_groups" else "k, v = k.unsqueeze(2), v.unsqueeze(2)")
+    elif v == "kv_on_groups":
+        src("k, v = k.transpose(1, 2), v.transpose(1, 2)")
+    if v == "kv_on_groups" and hkv != g and hkv != 1:
+        v = "grouped"  # not a broadcast eager accepts
+        src("k, v = k.transpose(1, 2), v.transpose(1, 2)")
+    src(f"s = q @ k.transpose(-2, -1) * {f.ch(['0.37', 'q.shape[-1] ** -0.5'])}")
+    f.mask((f.ch(["B", 1]), 1, 1))
+    src("p = s.softmax(2)" if v == "sm_group" else f.ch([_softmax_line(f), "p = F.softmax(s, dim=4)"]),
+        "out = p @ v")
+    if not direct and f.r.random() < 0.5:
+        src("out = out.reshape(B, H, Lq, D)")
+    expect = {"sm_group": "neg", "kv_on_groups": "twin"}.get(v, "pos")
+    return f.case(v, expect, sizes, [n for n, _ in f.inputs], ("q", "k", "v", "bias"))
+
+
+def _fam_local(f: _Fam) -> Case:
+    """Local attention by hand: zero-padded K/V unfolded into per-query windows, and local-attention's bucketed
+    look-around (positions padded with -1 mask the pad slots).  Twins (exact only as the plain attention they
+    spell): pads that are not zero or not masked, an unfold step of 2."""
+    v = f.ch(["unfold", "unfold", "unfold_masked", "buckets", "buckets", "pad_value", "step2", "buckets_unmasked"])
+    src = f.src
+    f.inputs += _QKV4
+    if v.startswith("buckets"):
+        ws, back, fwd = f.ch([2, 3, 4]), 1, f.ch([0, 1])
+        causal = fwd == 0 and f.r.random() < 0.7
+        n = back + fwd + 1
+
+        def sizes() -> dict[str, int]:
+            d = f.sizes()()
+            d["Lq"] = d["Lk"] = ws * f.ch([1, 2, 3])
+            return d
+        src("B, H, N, D = q.shape", f"nb = N // {ws}", f"bq = q.reshape(B * H, nb, {ws}, D)",
+            f"bk, bv = k.reshape(B * H, nb, {ws}, D), v.reshape(B * H, nb, {ws}, D)",
+            f"t = torch.arange(N, device=q.device).reshape(1, nb, {ws})")
+        pad = f"(0, 0, 0, 0, {back}, {fwd})"
+        if f.r.random() < 0.5:  # look_around by slices + cat
+            src(f"bk = torch.cat([F.pad(bk, {pad}, value=-1.0)[:, i:i + nb] for i in range({n})], dim=2)",
+                f"bv = torch.cat([F.pad(bv, {pad}, value=-1.0)[:, i:i + nb] for i in range({n})], dim=2)",
+                f"tk = torch.cat([F.pad(t, (0, 0, {back}, {fwd}), value=-1)[:, i:i + nb] for i in range({n})], dim=2)")
+        else:  # by unfold over the bucket axis
+            look = f".unfold(1, {n}, 1).permute(0, 1, 4, 2, 3).reshape(B * H, nb, {n * ws}, D)"
+            src(f"bk = F.pad(bk, {pad}, value=-1.0){look}", f"bv = F.pad(bv, {pad}, value=-1.0){look}",
+                f"tk = F.pad(t, (0, 0, {back}, {fwd}), value=-1).unfold(1, {n}, 1).transpose(-2, -1)"
+                f".reshape(1, nb, {n * ws})")
+        src(f"s = torch.einsum('b h i e, b h j e -> b h i j', bq, bk) * {f.ch(['D ** -0.5', '0.37'])}",
+            "mask_value = -torch.finfo(s.dtype).max")
+        if causal:
+            src("s = s.masked_fill(t[..., :, None] < tk[..., None, :], mask_value)")
+            if f.r.random() < 0.5:  # exact_windowsize
+                src(f"s = s.masked_fill(t[..., :, None] > tk[..., None, :] + {ws * back}, mask_value)")
+        if v == "buckets":
+            src("s = s.masked_fill((tk == -1)[..., None, :], mask_value)")
+        src("p = s.softmax(dim=-1)", "out = torch.einsum('b h i j, b h j e -> b h i e', p, bv).reshape(B, H, N, D)")
+        f.tags["local"] = f"w={ws} back={back} fwd={fwd} causal={causal}"
+        return f.case(v, "pos" if v == "buckets" else "twin", sizes, ["q", "k", "v"])
+    wl, wr = f.ch([(1, 0), (2, 0), (1, 1), (2, 1), (0, 2), (3, 3)])
+    w, step = wl + wr + 1, 2 if v == "step2" else 1
+
+    def sizes() -> dict[str, int]:
+        d = f.sizes()()
+        d["Lk"] = d["Lq"]
+        return d
+    val = ", value=1.0" if v == "pad_value" else ""
+    src("B, H, L, D = q.shape", f"kp, vp = F.pad(k, (0, 0, {wl}, {wr}){val}), F.pad(v, (0, 0, {wl}, {wr}){val})",
+        f"vw = vp.unfold(2, {w}, {step}).transpose(-2, -1)")
+    if step > 1:
+        src("q = q[:, :, ::2]")
+    src(f.ch([f"s = q.unsqueeze(3) @ kp.unfold(2, {w}, {step})",
+              f"kw = kp.unfold(2, {w}, {step}).transpose(-2, -1)\ns = q.unsqueeze(3) @ kw.transpose(-2, -1)"]),
+        "s = s * 0.37")
+    if v == "unfold_masked":
+        src(f"pos = torch.arange(L + {wl + wr}, device=q.device).unfold(0, {w}, 1)",
+            f"s = s.masked_fill(((pos < {wl}) | (pos >= L + {wl}))[:, None, :], {f.fill()})")
+    src(_softmax_line(f), "out = (p @ vw).squeeze(3)")
+    f.tags["local"] = f"wl={wl} wr={wr} step={step}"
+    return f.case(v, "twin" if v in ("pad_value", "step2") else "pos", sizes, ["q", "k", "v"])
+
+
+# family -> (generator, weight); "core" is `_generate_core`.  A seed's family is drawn from its own stream, so a
+# core seed replays the same program it always did.
+FAMILIES: dict[str, tuple[Callable[[_Fam], Case] | None, float]] = {
+    "core": (None, 60.0), "views": (_fam_views, 6.0), "einsum": (_fam_einsum, 5.0), "dead": (_fam_dead, 5.0),
+    "softmax": (_fam_softmax, 6.0), "scale": (_fam_scale, 6.0), "5d": (_fam_5d, 5.0), "local": (_fam_local, 7.0),
+}
+
+
+def family_of(seed: int) -> str:
+    names = list(FAMILIES)
+    return random.Random(seed * 7919 + 17).choices(names, weights=[FAMILIES[n][1] for n in names])[0]
+
+
+def generate(seed: int, inductor_rate: float = 0.0) -> Case:
+    family = family_of(seed)
+    gen = FAMILIES[family][0]
+    return _generate_core(seed, inductor_rate) if gen is None else gen(_Fam(seed, family, inductor_rate))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -515,7 +980,8 @@ def _namespace(dtype: torch.dtype, ref: bool) -> dict[str, Any]:
             "F32": torch.float64 if ref else torch.float32}
 
 
-def _instantiate(case: Case, ref: bool, buffers: dict[str, torch.Tensor]) -> Callable:
+def _instantiate(case: Case, ref: bool, buffers: dict[str, torch.Tensor],
+                 params: dict[str, torch.Tensor] | None = None) -> Callable:
     ns = _namespace(case.dtype, ref)
     exec(compile(case.src, f"<fuzz case {case.seed}>", "exec"), ns)  # noqa: S102 - our own generated source
     if "M" not in ns:
@@ -523,6 +989,8 @@ def _instantiate(case: Case, ref: bool, buffers: dict[str, torch.Tensor]) -> Cal
     mod = ns["M"]()
     for name, t in buffers.items():
         mod.register_buffer(name, t)
+    for name, t in (params or {}).items():
+        mod.register_parameter(name, torch.nn.Parameter(t.detach(), requires_grad=t.requires_grad))
     return mod
 
 
@@ -595,7 +1063,7 @@ def _run(case: Case, mode: str, backend: str = "attnfuse",
     ref = mode == "ref"
     base0 = _build_inputs(case, 0)
     buffers = {n: _copies({n: base0[n]}, case, ref)[n] for n in case.buffers}
-    fn = _instantiate(case, ref, buffers)
+    fn = mod = _instantiate(case, ref, buffers, {n: _copies({n: base0[n]}, case, ref)[n] for n in case.params})
     if mode == "compiled":
         opts = {"backend": backend, "dynamic": case.dynamic if case.dynamic != "mark" else None}
         if backend == "attnfuse":
@@ -607,7 +1075,7 @@ def _run(case: Case, mode: str, backend: str = "attnfuse",
     for call in range(len(case.dims)):
         base = base0 if call == 0 else _build_inputs(case, call)
         vals = _copies(base, case, ref)
-        args = [vals[n] for n, _ in case.inputs if n not in case.buffers]
+        args = [vals[n] for n, _ in case.inputs if n not in case.buffers and n not in case.params]
         if mode == "compiled" and case.dynamic == "mark":
             for n in ("q", "k", "v"):
                 t = vals[n]
@@ -627,7 +1095,9 @@ def _run(case: Case, mode: str, backend: str = "attnfuse",
         if case.grad and diff:
             cot = [torch.randn(o.shape, generator=gen_grad) for o in diff]
             sum((o * c.to(o.dtype)).sum() for o, c in zip(diff, cot)).backward()
-            grads = {n: vals[n].grad for n in case.grad}
+            grads = {n: vals[n].grad for n in case.grad if n not in case.params}
+            for n in case.params:  # read, then cleared: the next call's gradient starts from zero
+                grads[n], getattr(mod, n).grad = getattr(mod, n).grad, None
         records.append({"out": [o.detach() if isinstance(o, torch.Tensor) else o for o in out],
                         "state": state, "grads": grads})
     return records, reports
@@ -700,9 +1170,12 @@ def run_case(case: Case) -> Outcome:
 
 
 def fuzz(seeds: range | list[int], *, inductor_rate: float = 0.0, progress: bool = False, reset_every: int = 1,
-         log: Callable[[str], None] | None = None) -> tuple[Counter, list[Outcome], float]:
+         log: Callable[[str], None] | None = None) -> tuple[Counter, list[Outcome], float, Counter]:
+    """Run every seed's case.  Returns the counts per class, the failures (and invalid / uncompiled cases), the
+    wall time, and the counts per spelling: ``(family, variant, expect, class) -> n`` (see `table`)."""
     _ensure_backend()
     counts: Counter = Counter()
+    spellings: Counter = Counter()
     failures: list[Outcome] = []
     t0 = time.perf_counter()
     it: Any = seeds
@@ -722,6 +1195,7 @@ def fuzz(seeds: range | list[int], *, inductor_rate: float = 0.0, progress: bool
             case = generate(seed, inductor_rate)
             out = run_case(case)
             counts[out.cls] += 1
+            spellings[case.family, case.variant, case.expect, out.cls] += 1
             if any("raised" in n for n in out.notes):
                 counts["(pass fell back)"] += 1
             if out.cls in FAILURES or out.cls in ("invalid", "uncompiled"):
@@ -733,13 +1207,41 @@ def fuzz(seeds: range | list[int], *, inductor_rate: float = 0.0, progress: bool
             elif log and (i + 1) % 100 == 0:
                 log(f"{i + 1} cases, {time.perf_counter() - t0:.0f} s: {dict(counts)}")
     torch._dynamo.reset()
-    return counts, failures, time.perf_counter() - t0
+    return counts, failures, time.perf_counter() - t0, spellings
 
 
-def table(counts: Counter, seconds: float) -> str:
-    total = sum(counts.values())
+def table(counts: Counter, seconds: float, spellings: Counter | None = None, variants: bool = False) -> str:
+    """The counts per class; with ``spellings`` (from `fuzz`), a row per generator family (and per variant with
+    ``variants``): how many of its positives and twins attnfuse fused or skipped, its negatives skipped, and its
+    failures (wrong, crash, negative-fused) -- the matcher's reach on each spelling."""
+    total = sum(counts[c] for c in CLASSES)
     rows = [f"{c:<17} {counts[c]:>6}" for c in (*CLASSES, "(pass fell back)") if counts[c] or c in FAILURES]
-    return "\n".join([f"attnfuse fuzz: {total} cases in {seconds:.1f} s", *rows])
+    lines = [f"attnfuse fuzz: {total} cases in {seconds:.1f} s", *rows]
+    if spellings:
+        lines += ["", f"{'spelling':<24}{'cases':>6}{'pos fused/skip':>16}{'twin fused/skip':>17}{'neg skip':>10}"
+                      f"{'bad':>5}{'other':>7}"]
+        for fam in FAMILIES:
+            keys = sorted({v for f, v, _, _ in spellings if f == fam})
+            if keys:
+                lines.append(_spelling_row(fam, spellings, lambda f, v, fam=fam: f == fam))
+            for var in keys if variants else []:
+                lines.append(_spelling_row("  " + var, spellings, lambda f, v, fam=fam, var=var: (f, v) == (fam, var)))
+    return "\n".join(lines)
+
+
+def _spelling_row(label: str, spellings: Counter, pick: Callable[[str, str], bool]) -> str:
+    n = Counter()
+    for (fam, var, expect, cls), k in spellings.items():
+        if pick(fam, var):
+            n["cases"] += k
+            n[expect, cls] += k
+            n["bad" if cls in FAILURES else "other" if cls not in ("fused-equal", "skipped-equal") else ""] += k
+
+    def pair(expect: str) -> str:
+        return f"{n[expect, 'fused-equal']}/{n[expect, 'skipped-equal']}" if n[expect, "fused-equal"] + n[
+            expect, "skipped-equal"] else "-"
+    return (f"{label:<24}{n['cases']:>6}{pair('pos'):>16}{pair('twin'):>17}{n['neg', 'skipped-equal']:>10}"
+            f"{n['bad']:>5}{n['other']:>7}")
 
 
 def reproducer(out: Outcome) -> str:
@@ -761,6 +1263,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, action="append", help="replay one case (repeatable); prints details")
     ap.add_argument("--inductor", action="store_true", help="with --seed: run the case with the inner Inductor")
     ap.add_argument("--inductor-rate", type=float, default=None, help="fraction of cases with inner Inductor")
+    ap.add_argument("--family", action="append", choices=list(FAMILIES),
+                    help="only the seeds of this generator family (repeatable): the first N such seeds from --start")
     a = ap.parse_args(argv)
     # as tests/conftest.py does: a private Inductor cache, never code compiled against an older fake op
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="attnfuse-fuzz-inductor-"))
@@ -783,12 +1287,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if bad else 0
     n = a.n if a.n is not None else 5000 if a.long else 300
     rate = a.inductor_rate if a.inductor_rate is not None else (0.03 if a.long else 0.0)
-    counts, failures, secs = fuzz(range(a.start, a.start + n), inductor_rate=rate, progress=a.long,
-                                  log=None if a.long else print)
+    seeds: range | list[int] = range(a.start, a.start + n)
+    if a.family:
+        seeds = list(itertools.islice((s for s in itertools.count(a.start) if family_of(s) in a.family), n))
+    counts, failures, secs, spellings = fuzz(seeds, inductor_rate=rate, progress=a.long,
+                                             log=None if a.long else print)
     if a.long:
         for f in failures:
             print(reproducer(f))
-    print(table(counts, secs))
+    print(table(counts, secs, spellings, variants=True))
     return 1 if any(counts[c] for c in FAILURES) else 0
 
 

@@ -4,7 +4,8 @@ compiled with attnfuse and classified against eager and a float64 copy (see `_fu
 CI runs 300 cases (seeds 0..299, about 3 minutes on 2 cores).  Long mode runs 5,000 with a progress
 bar: ``make fuzz-long``, ``ATTNFUSE_FUZZ_LONG=1 pytest -s tests/passes/test_fuzz.py`` or
 ``python tests/passes/_fuzz.py --long``.  ``ATTNFUSE_FUZZ_CASES`` / ``ATTNFUSE_FUZZ_START`` pick
-another range; one failing case replays with ``python tests/passes/_fuzz.py --seed N``.
+another range; one failing case replays with ``python tests/passes/_fuzz.py --seed N``.  The summary has a row per
+generator family (per variant in long mode): fused / skipped counts, i.e. the matcher's reach on each spelling.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ INDUCTOR_RATE = float(os.environ.get("ATTNFUSE_FUZZ_INDUCTOR", 0.03 if LONG else
 def test_fuzz_zero_wrong_crash_or_negative_fused(monkeypatch):
     # dynamo's structured-trace DEBUG records would fill pytest's captured log with thousands of blank lines
     monkeypatch.setattr(logging.getLogger("torch.__trace"), "propagate", False)
-    counts, failures, seconds = fuzz(range(START, START + CASES), inductor_rate=INDUCTOR_RATE, progress=LONG)
-    summary = table(counts, seconds)
+    counts, failures, seconds, spellings = fuzz(range(START, START + CASES), inductor_rate=INDUCTOR_RATE,
+                                                progress=LONG)
+    summary = table(counts, seconds, spellings, variants=LONG)
     print("\n" + summary)
     bad = [f for f in failures if f.cls in FAILURES]
     for f in bad:

@@ -264,12 +264,12 @@ def sc_runtime_tensor(q, k, v, c):
     return attend((q @ k.transpose(-2, -1)) * c, v)
 
 
-def sc_per_head_tensor(q, k, v, temperature):  # a learned per-head temperature is not one scalar
+def sc_per_head_tensor(q, k, v, temperature):  # varies along the queries: not a scale (temperatures: test_spellings)
     return attend((q @ k.transpose(-2, -1)) * temperature, v)
 
 
 def test_scale_twin_per_head_tensor():
-    skipped(check(sc_per_head_tensor, (*qkv(), torch.rand(H, 1, 1) + 0.5)), "not part of the attention pattern")
+    skipped(check(sc_per_head_tensor, (*qkv(), torch.rand(H, L, 1) + 0.5)), "not part of the attention pattern")
 
 
 def test_scale_runtime_tensor():
@@ -478,12 +478,12 @@ def test_mask_twin_depends_on_scores():
     skipped(check(mask_from_scores, qkv()), "depends on the scores")
 
 
-def mask_before_scale(q, k, v, bias):
-    return attend(((q @ k.transpose(-2, -1)) + bias) * S, v)
+def mask_before_scale(q, k, v, keep, c):  # a constant c > 0 moves below the mask (test_spellings); run-time c not
+    return attend((q @ k.transpose(-2, -1)).masked_fill(~keep, NEG) * c, v)
 
 
 def test_mask_twin_applied_before_scale():
-    skipped(check(mask_before_scale, (*qkv(), rnd(L, L))), "before the scale")
+    skipped(check(mask_before_scale, (*qkv(), torch.rand(L, L) > 0.3, torch.tensor(0.4))), "applied before a scale")
 
 
 def scalar_shift(q, k, v):
