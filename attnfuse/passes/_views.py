@@ -330,22 +330,14 @@ def _rewrite(graph, sm, mm, up, down, pv, T, M, P, R) -> set:
         graph.erase_node(mm)
         mm = mm2
     prev = _redo(mm, touched)
-    for n in up:
+    for n in (*up, sm, *down):  # each reads the previous one, now in T's shape; its terms are mapped to T
         if is_reshape(n):
             n.replace_all_uses_with(prev)
             graph.erase_node(n)
             continue
-        inp = _chain_input(n)
+        inp = _chain_input(n) if n in up else n.args[0]
         n.args = fx.node.map_arg(n.args, lambda y, n=n, inp=inp: prev if y is inp else terms.get((n, y), y))
         n.kwargs = fx.node.map_arg(n.kwargs, lambda y, n=n: terms.get((n, y), y))
-        prev = _redo(n, touched)
-    sm.args = (prev, *sm.args[1:])
-    prev = _redo(sm, touched)
-    for n in down:
-        if is_reshape(n):
-            n.replace_all_uses_with(prev)
-            graph.erase_node(n)
-            continue
         prev = _redo(n, touched)
     with graph.inserting_before(pv):
         out2 = graph.call_function(torch.matmul, (prev, v2))

@@ -26,7 +26,8 @@ def _meta(cfg, hd, groups):
 def test_topk_launches_compile_and_fit(spec_name, hd, groups):
     rep = _Report(spec_name, "fp16", hd)
     base = dict(Q="*fp16", K="*fp16", V="*fp16", M="*fp16", Seed="*fp16", Alibi="*fp16", TileMap="*i32")
-    kernels = {"fwd": [("fwd", flash._fwd_kernel, dict(VBad="*fp16", Out="*fp16", Stats="*fp32"), dict(EVEN_D=True))],
+    kernels = {"fwd": [("fwd", flash._fwd_kernel, dict(VBad="*fp16", Sinks="*fp16", Out="*fp16", Stats="*fp32"),
+                        dict(EVEN_D=True, HAS_SINKS=False))],
                "bwd": [("dkdv", flash._bwd_dkdv_kernel, dict(DO="*fp16", Stats="*fp32", Delta="*fp32", DQ="*fp32",
                                                             DK="*fp16", DV="*fp16"), dict(ATOMIC_DQ=False)),
                        ("dq", flash._bwd_dq_kernel, dict(DO="*fp16", Stats="*fp32", Delta="*fp32", DQ="*fp16",
