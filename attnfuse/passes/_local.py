@@ -16,6 +16,7 @@ kernel on the original (B, H, L, D) tensors, O(L·W), and the output gets its si
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch.fx as fx
 
@@ -154,12 +155,12 @@ def bucket_window(gm, m, example_inputs):
             val(qseq.args[0]).dim() < val(qseq).dim():
         qseq = qseq.args[0]
     shape = list(val(qseq).shape)
-    if qseq is m.q.node or len(shape) < 2 or math_prod(shape) > _MAX_CELLS:
+    if qseq is m.q.node or len(shape) < 2 or math.prod(shape) > _MAX_CELLS:
         return None
     kseq, vseq = _source(m.k.node, shape), _source(m.v.node, shape[:-1] + [_shape(m.v)[-1]])
     if kseq is None or vseq is None:
         return None
-    length, rows = shape[-2], math_prod(shape[:-1])
+    length, rows = shape[-2], math.prod(shape[:-1])
     probe = (torch.arange(rows, dtype=torch.float64) + 1).reshape(*shape[:-1], 1)
     maps = []
     for shift in (0.0, 2.0 ** 30):  # a padded slot keeps its pad value when the positions shift
@@ -220,9 +221,3 @@ def bucket_window(gm, m, example_inputs):
                                window_left=left, window_right=right, bucketed=True,
                                pattern="bucketed·" + m.pattern)
 
-
-def math_prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= int(x)
-    return out

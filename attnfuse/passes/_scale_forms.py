@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .canonicalize import _copy_meta, canon, name, scalar, val
+from .canonicalize import _copy_meta, canon, name, reaches_matmul, scalar, val
 
 _MASKS = ("add", "masked_fill", "where")
 _CHAIN = ("cast", "identity", "scale", "add", "masked_fill", "where")
@@ -58,21 +58,6 @@ def _to_softmax(node: fx.Node, hops: int = 16) -> bool:
         if op.kind not in _CHAIN and name(user) not in _VIEWS:
             return False
         node = user
-    return False
-
-
-def _reaches_matmul(node: Any, depth: int = 16) -> bool:
-    while isinstance(node, fx.Node) and depth > 0:
-        op = canon(node)
-        if op.kind == "matmul":
-            return True
-        if op.kind == "add":
-            return any(_reaches_matmul(a, depth - 1) for a in op.args)
-        if op.kind == "where":
-            return any(_reaches_matmul(a, depth - 1) for a in op.args[1:])
-        if op.kind not in _CHAIN + ("tanh",) and name(node) not in _VIEWS:
-            return False
-        node, depth = node.args[0] if op.kind == "other" else op.args[0], depth - 1
     return False
 
 
@@ -110,8 +95,8 @@ def _plan(x: fx.Node, c: Any, divide: bool, factor: Any) -> tuple[list, fx.Node]
             return None
         if op.kind == "add":
             a, b = op.args
-            chain, bias = (a, b) if _reaches_matmul(a) else (b, a)
-            if not _reaches_matmul(chain) or not isinstance(bias, fx.Node) or scalar(bias) is not None \
+            chain, bias = (a, b) if reaches_matmul(a) else (b, a)
+            if not reaches_matmul(chain) or not isinstance(bias, fx.Node) or scalar(bias) is not None \
                     or getattr(val(bias), "dtype", None) != dtype:
                 return None
             steps.append(("add", x, (bias, chain is a, None)))
@@ -124,9 +109,9 @@ def _plan(x: fx.Node, c: Any, divide: bool, factor: Any) -> tuple[list, fx.Node]
             first = None
         else:
             keep, a, b = op.args
-            chain, value, first = (a, b, True) if _reaches_matmul(a) else (b, a, False)
+            chain, value, first = (a, b, True) if reaches_matmul(a) else (b, a, False)
         fill = scalar(value)
-        if not isinstance(fill, float) or not _reaches_matmul(chain):
+        if not isinstance(fill, float) or not reaches_matmul(chain):
             return None
         device = val(x).device
         new = None if on_gpu and math.isfinite(fill) else scaled_fill(fill, c, divide, dtype, device)

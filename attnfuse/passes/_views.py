@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .canonicalize import _RESHAPES, canon, name, scalar, val
+from .match import _eq, _hint
 
 _ELEMENTWISE = ("cast", "identity", "dropout", "tanh")
 _MASKS = ("add", "masked_fill", "where", "scale")
@@ -53,17 +53,7 @@ def is_reshape(node: Any) -> bool:
         return False
     src, out = val(node.args[0]), val(node)
     return isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dtype == out.dtype \
-        and _same(src.numel(), out.numel())
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return bool(statically_known_true(a == b))
-    return a == b
-
-
-def _hint(x: Any) -> int:
-    return int(x.node.hint) if isinstance(x, torch.SymInt) else int(x)
+        and _eq(src.numel(), out.numel())
 
 
 def _chain_input(node: fx.Node) -> fx.Node | None:
@@ -111,7 +101,7 @@ def _blocks(src: list, dst: list) -> list[tuple[range, range]] | None:
             i += 1  # size-1 axes join the group before them
         while j < len(dst) and _hint(dst[j]) == 1 and (i == len(src) or _hint(src[i]) != 1):
             j += 1
-        if not _same(math.prod(src[i0:i]), math.prod(dst[j0:j])):
+        if not _eq(math.prod(src[i0:i]), math.prod(dst[j0:j])):
             return None  # equal at these sizes only: not a proof for every size
         out.append((range(i0, i), range(j0, j)))
     return out
@@ -162,7 +152,7 @@ def _to_shape(graph: fx.Graph, sizes: _Sizes, t: fx.Node, src: list, dst: list) 
     expand, target, dims, need_expand = [], [], [], False
     for s_axes, d_axes in blocks:
         ones = all(_hint(shape[i]) == 1 for i in s_axes)
-        full = all(_same(shape[i], src[i]) for i in s_axes)
+        full = all(_eq(shape[i], src[i]) for i in s_axes)
         if ones and not full:
             expand += [-1] * len(s_axes)
             target += [1] * len(d_axes)
@@ -172,7 +162,7 @@ def _to_shape(graph: fx.Graph, sizes: _Sizes, t: fx.Node, src: list, dst: list) 
             expand += [-1 if full else sizes(src[i]) for i in s_axes]
             target += [sizes(dst[i]) for i in d_axes]
             dims += [dst[i] for i in d_axes]
-    if len(dims) == tv.dim() and all(_same(a, b) for a, b in zip(dims, tv.shape)):
+    if len(dims) == tv.dim() and all(_eq(a, b) for a, b in zip(dims, tv.shape)):
         return t
     x = graph.call_method("expand", (t, *expand)) if need_expand else t
     return graph.call_method("reshape", (x, *target))
@@ -279,11 +269,11 @@ def _chain(graph: fx.Graph, sm: fx.Node) -> set | bool:
         return False
     T = list(t_val.shape)
     M, P = list(val(mm).shape), list(val(pv.args[0]).shape)
-    if len(M) < 2 or not all(_same(a, b) for a, b in zip(M[-2:], T[-2:])) or not all(
-            _same(a, b) for a, b in zip(P[-2:], T[-2:])) or not _same(math.prod(M), math.prod(T)):
+    if len(M) < 2 or not all(_eq(a, b) for a, b in zip(M[-2:], T[-2:])) or not all(
+            _eq(a, b) for a, b in zip(P[-2:], T[-2:])) or not _eq(math.prod(M), math.prod(T)):
         return False
     R = list(val(pv).shape)
-    if len(R) != len(P) or not all(_same(a, b) for a, b in zip(R[:-2], P[:-2])):
+    if len(R) != len(P) or not all(_eq(a, b) for a, b in zip(R[:-2], P[:-2])):
         return False  # V widens the batch: not a reshape of the chain's rows
     try:
         return _rewrite(graph, sm, mm, list(reversed(up)), down, pv, T, M, P, R)

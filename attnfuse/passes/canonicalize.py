@@ -232,6 +232,27 @@ def canon(node: Any) -> COp:
     return op or COp("other", ())
 
 
+def reaches_matmul(node: Any, depth: int = 16) -> bool:
+    """Whether ``node`` is the scores chain: a matmul reached through chain ops and reshapes (an ``add`` or
+    ``where`` through either operand)."""
+    while isinstance(node, fx.Node) and depth > 0:
+        op = canon(node)
+        if op.kind == "matmul":
+            return True
+        if op.kind == "add":
+            return any(reaches_matmul(a, depth - 1) for a in op.args)
+        if op.kind == "where":
+            return any(reaches_matmul(a, depth - 1) for a in op.args[1:])
+        if op.kind in ("cast", "identity", "scale", "masked_fill", "tanh"):
+            node = op.args[0]
+        elif name(node) in _RESHAPES and node.args:
+            node = node.args[0]
+        else:
+            return False
+        depth -= 1
+    return False
+
+
 def _near_softmax(node: fx.Node, hops: int = 10) -> bool:
     """Whether a softmax is reachable from ``node`` (either direction) within a few elementwise hops."""
     frontier, seen = [node], set()
@@ -423,7 +444,7 @@ def _sub_rule(graph: fx.Graph, node: fx.Node) -> bool:
     return True
 
 
-def _as_rule(graph: fx.Graph, node: fx.Node) -> bool:
+def _as_rule(graph: fx.Graph, node: fx.Node) -> set | bool:
     # x.reshape_as(s) == x.reshape(*s.shape): a term that read the scores only for their shape no longer reads them
     from ._views import _Decline, _refresh, _Sizes
 
@@ -442,29 +463,43 @@ def _as_rule(graph: fx.Graph, node: fx.Node) -> bool:
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in node.meta:
             new.meta[key] = node.meta[key]
+    users = set(node.users)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
-    return True
+    return users  # the chain node that reads the term: it lies in the region when the site is fused
 
 
-def _zero_add_rule(graph: fx.Graph, node: fx.Node) -> bool:
-    # s + 0 == s (XLNet's ``ac + bd + ef`` with ``ef = 0``): the same values (up to the sign of a zero, which no
-    # softmax sees) and gradient
+def _only_softmax_reads(node: fx.Node, depth: int = 16) -> bool:
+    """Whether ``node``'s value reaches nothing but a softmax, through single-user chain ops."""
+    while depth > 0 and len(node.users) == 1:
+        node, depth = next(iter(node.users)), depth - 1
+        kind = canon(node).kind
+        if kind == "softmax":
+            return True
+        if kind not in ("cast", "identity", "scale", "add", "masked_fill", "where", "tanh"):
+            return False
+    return False
+
+
+def _zero_add_rule(graph: fx.Graph, node: fx.Node) -> set | bool:
+    # s + 0 == s (XLNet's ``ac + bd + ef`` with ``ef = 0``): the same values up to the sign of a zero, so only
+    # where the sum reaches nothing but a softmax, which cannot see that sign; the same gradient
     a, b = arg(node, 0, "input"), arg(node, 1, "other")
     if arg(node, 2, "alpha", 1) != 1:
         return False
     x = a if isinstance(a, fx.Node) and not isinstance(b, fx.Node) and b == 0 and not isinstance(b, bool) else \
         b if isinstance(b, fx.Node) and not isinstance(a, fx.Node) and a == 0 and not isinstance(a, bool) else None
     if x is None or not isinstance(val(x), torch.Tensor) or val(x).shape != val(node).shape \
-            or val(x).dtype != val(node).dtype:
+            or val(x).dtype != val(node).dtype or not _only_softmax_reads(node):
         return False
+    users = set(node.users)
     node.replace_all_uses_with(x)
     graph.erase_node(node)
-    return True
+    return users
 
 
 _MATMUL_RULES = {"einsum": _einsum_rule, "baddbmm": _baddbmm_rule}
-# bit-identical rewrites: always kept, never recorded (a site left alone computes exactly what it did)
+# rewrites that change no value a program can observe: always kept, never recorded (later rules build on them)
 _EXACT_RULES = {"sub": _sub_rule, "add": _zero_add_rule,
                 **dict.fromkeys(("reshape_as", "view_as", "expand_as"), _as_rule)}
 # the spellings of `_softmax_forms` and `_scale_forms` (bound at the end of this module: they import it)
@@ -489,7 +524,7 @@ def canonicalize(gm: fx.GraphModule, only: frozenset[str] | None = None) -> fx.G
     for node in list(gm.graph.nodes):
         rule = _EXACT_RULES.get(name(node))
         if rule is not None and _near_softmax(node):
-            exact = rule(gm.graph, node) or exact
+            exact = bool(rule(gm.graph, node)) or exact
     view_rules = dict.fromkeys(("softmax", "_softmax"), _views.rule)
     for rules, near in ((_SOFTMAX_RULES, False), (_MATMUL_RULES, True), (_SCALE_RULES, False),
                         (view_rules, False)):

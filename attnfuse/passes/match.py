@@ -32,7 +32,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import _local
 from ._softmax_forms import SPELLING_MISSES
-from .canonicalize import LOGSUMEXP, arg, canon, name, scalar, val
+from .canonicalize import LOGSUMEXP, arg, canon, name, reaches_matmul, scalar, val
 from .effects import Effects, dead
 
 
@@ -105,7 +105,6 @@ class AttentionMatch:
 
 
 _LARGE_NEGATIVE = -1e4
-_CHAIN = ("cast", "identity", "scale", "add", "masked_fill", "where", "tanh")
 
 
 def _eq(a: Any, b: Any) -> bool:
@@ -395,7 +394,7 @@ def _sink_form(sm: fx.Node, x: fx.Node, region: set) -> tuple[fx.Node, fx.Node, 
     dim = arg(c, 1, "dim", 0)
     if not isinstance(dim, int) or dim % nd != nd - 1:
         return None
-    reach = [_reaches_matmul(t) for t in parts]
+    reach = [reaches_matmul(t) for t in parts]
     if reach == [True, False]:
         chain, col, side = parts[0], parts[1], "last"
     elif reach == [False, True]:
@@ -520,21 +519,6 @@ def _heads_miss(sm: fx.Node, qs: list, ks: list, vs: list, groups: int) -> Miss 
     return expand
 
 
-def _reaches_matmul(node: Any, depth: int = 12) -> bool:
-    while isinstance(node, fx.Node) and depth > 0:
-        op = canon(node)
-        if op.kind == "matmul":
-            return True
-        if op.kind not in _CHAIN:
-            return False
-        if op.kind == "add":
-            return any(_reaches_matmul(a, depth - 1) for a in op.args)
-        if op.kind == "where":
-            return any(_reaches_matmul(a, depth - 1) for a in op.args[1:])
-        node, depth = op.args[0], depth - 1
-    return False
-
-
 def _fill(x: Any) -> float | None:
     f = scalar(x)
     return f if isinstance(f, float) else None
@@ -545,7 +529,7 @@ def _mask_term(sm: fx.Node, op, g: _Graph) -> tuple[MaskTerm, fx.Node] | Miss:
         a, b = op.args
         if isinstance(b, (int, float)) or scalar(b) is not None:
             return Miss(sm, "a scalar is added to the scores; attnfuse does not fold constant shifts")
-        chain, mask = (a, b) if _reaches_matmul(a) else (b, a)
+        chain, mask = (a, b) if reaches_matmul(a) else (b, a)
         return MaskTerm("add", mask), chain
     if op.kind == "masked_fill":
         chain, mask, value = op.args
@@ -555,7 +539,7 @@ def _mask_term(sm: fx.Node, op, g: _Graph) -> tuple[MaskTerm, fx.Node] | Miss:
         return MaskTerm("keep", mask, negate=True, fill=fill), chain
     cond, a, b = op.args
     for chain, other, negate in ((a, b, False), (b, a, True)):
-        if _reaches_matmul(chain):
+        if reaches_matmul(chain):
             fill = _fill(other)
             if fill is None or fill > _LARGE_NEGATIVE:
                 return Miss(sm, "where(..., {}) is not a mask (needs -inf, finfo.min or a value <= -1e4)", other)
