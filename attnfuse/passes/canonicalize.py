@@ -476,7 +476,7 @@ def _only_softmax_reads(node: fx.Node, depth: int = 16) -> bool:
         kind = canon(node).kind
         if kind == "softmax":
             return True
-        if kind not in ("cast", "identity", "scale", "add", "masked_fill", "where", "tanh"):
+        if kind not in ("cast", "identity", "scale", "add", "masked_fill", "where", "tanh") and name(node) != "sub":
             return False
     return False
 

@@ -291,3 +291,15 @@ def test_a_nonzero_constant_added_to_the_scores_is_not_a_mask():
         return ((q @ k.transpose(-1, -2)) + 0.5).softmax(-1) @ v
 
     skipped(check(fn, [rnd(B, H, L, D), rnd(B, H, L, D), rnd(B, H, L, D)]), "scalar is added")
+
+
+def test_zero_added_to_a_value_the_user_reads_stays():
+    def fn(q, k, v):
+        s0 = (q @ k.transpose(-1, -2)) * 0.0 + 0  # -0.0 + 0 is +0.0: the user sees the sign
+        return s0.softmax(-1) @ v, s0
+
+    args = [rnd(B, H, L, D), -rnd(B, H, L, D).abs(), rnd(B, H, L, D)]
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend="attnfuse", options={"inner": "eager"})(*args)[1]
+    want = fn(*args)[1]
+    assert torch.equal(torch.signbit(out), torch.signbit(want))
