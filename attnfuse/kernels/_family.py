@@ -1,5 +1,23 @@
-"""Autograd for the approximate kernel families: any module with ``forward(q, k, v, **kw) -> (out, stats)`` and
-``backward(grad, q, k, v, out, stats, **kw) -> (dq, dk, dv)`` (`attnfuse.kernels.topk`, `attnfuse.kernels.lsh`)."""
+"""Where a kernel family's ``attention`` runs, and autograd for the approximate families.
+
+Every ``attnfuse.kernels.<family>.attention`` asks `triton_runs` where its tensors go:
+
+* CUDA tensors: the Triton kernels (fp16/bf16/fp32, head dims up to 256; others raise ValueError);
+* CPU tensors under ``TRITON_INTERPRET=1``: the Triton kernels in Triton's interpreter (same limits);
+* every other CPU tensor (no interpreter, or a dtype / head dim the Triton kernels do not take): the CPU
+  implementation the registered op ``torch.ops.attnfuse.attention`` runs on CPU tensors.  For the exact
+  families (`flash`, `window`, `blocksparse`) `exact_on_cpu` calls that op itself (PyTorch's fused CPU
+  kernel or the blocked `reference`; `tiled` for bands, ALiBi and block-sparse masks); the approximate ones
+  (`topk`, `lsh`) run their own CPU paths, which are what the op runs for them.
+
+Each family's keywords mean the same on both sides, with two documented exceptions: dropout draws its keep
+mask from a different stream (Philox in the kernels, a seeded torch generator on CPU: same ``dropout_p`` and
+the same distribution, not the same mask), and the Triton-only tuning knobs (``config``, ``splits``,
+``deterministic``) do not apply on CPU (the CPU backward is always deterministic).
+
+Autograd for the approximate families: any module with ``forward(q, k, v, **kw) -> (out, stats)`` and
+``backward(grad, q, k, v, out, stats, **kw) -> (dq, dk, dv)`` (`attnfuse.kernels.topk`, `attnfuse.kernels.lsh`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +25,40 @@ from types import ModuleType
 from typing import Any
 
 import torch
+
+from . import flash
+
+
+def triton_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, who: str) -> bool:
+    """True: the Triton kernels run these tensors; False: CPU tensors that take the op's CPU implementation.
+    Raises ValueError (naming ``who`` and the fix) for non-CPU tensors the Triton kernels cannot take."""
+    why = flash.supported(q, k, v)
+    if why is None:
+        return True
+    if q.device.type == "cpu":
+        return False
+    raise ValueError(f"{who}: {why}; move the tensors to the CPU to run the CPU implementation")
+
+
+def exact_on_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 seed: torch.Tensor | None, *, window_size: tuple[int, int] = (-1, -1),
+                 alibi: torch.Tensor | None = None, block_sparse: bool = False, splits: int | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+    """An exact family's ``attention`` on CPU tensors: ``torch.ops.attnfuse.attention`` (its CPU path) with the
+    keywords of `flash.forward` (``splits`` is ignored), with autograd for q, k, v and an additive mask.
+
+    ``block_sparse``: the kernels read additive entries <= finfo(mask dtype).min as -inf (a row with none
+    left is NaN); the op's CPU path adds them, so such entries become -inf here first."""
+    from .. import ops  # ops imports this package
+
+    del splits  # a Triton launch choice
+    if block_sparse and mask is not None and mask.dtype != torch.bool:
+        floor = mask <= torch.finfo(mask.dtype).min
+        if bool((floor & ~torch.isneginf(mask)).any()):
+            mask = mask.masked_fill(floor, float("-inf"))
+    left, right = window_size
+    return ops.attend(q, k, v, mask, seed, alibi, kv_groups=q.shape[1] // k.shape[1], window_left=left,
+                      window_right=right, block_sparse=block_sparse, **kwargs)
 
 
 class _Family(torch.autograd.Function):

@@ -131,6 +131,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     ``mask``: bool (True keeps) or additive (entries <= finfo(dtype).min, -inf included, are masked), any shape
     broadcastable to (batch, heads, q_len, kv_len); a constant (no gradient).  ``causal``/``window_size``: a
     band on top (as `attnfuse.kernels.window`), ``alibi``: (heads,) slopes; the rest as `flash.attention`.
+    Runs where `flash.attention` does: the Triton kernels on CUDA tensors (and CPU ones under
+    ``TRITON_INTERPRET=1``), the op's tile-skipping CPU implementation (`attnfuse.kernels.tiled`) on other CPU
+    tensors, with the same -inf meaning of the masked entries.
     """
     if mask.requires_grad:
         raise ValueError("attnfuse.kernels.blocksparse.attention: the mask is a constant and gets no gradient; "

@@ -60,7 +60,7 @@ import triton.language as tl
 
 from ..costmodel import Estimate
 from ..device import PRESETS, DeviceSpec
-from . import blocksparse
+from . import _family, blocksparse
 from .reference import sink_error, sink_grad, sink_table, sum_to, window_pad_error
 
 _LOG2E = 1.4426950408889634
@@ -1424,11 +1424,10 @@ def autograd_attention(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.T
           seed: int | torch.Tensor | None, deterministic: bool | None, config: TileConfig | None,
           **kwargs) -> torch.Tensor:
     """Validate, settle the dropout seed and run `forward`/`backward` under autograd with ``kwargs``: the body of
-    every kernel family's ``attention`` (``family`` names it in error messages)."""
+    every exact kernel family's ``attention`` (``family`` names it in error messages).  CPU tensors outside the
+    Triton interpreter (or in a dtype / head dim the kernels do not take) run the op's CPU implementation
+    instead, with the same keywords (`attnfuse.kernels._family`)."""
     who = f"attnfuse.kernels.{family}.attention"
-    why = supported(q, k, v)
-    if why:
-        raise ValueError(f"{who}: {why}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{who}: q, k, v must be 4-D (batch, heads, seqlen, head_dim)")
     if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1] or k.shape[-1] != q.shape[-1]:
@@ -1448,6 +1447,8 @@ def autograd_attention(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.T
         seed = torch.tensor(int(torch.randint(0, 2**62, ())) if seed is None else seed, dtype=torch.int64)
     if isinstance(seed, torch.Tensor):
         seed = seed.to(device=q.device, dtype=torch.int64).reshape(())
+    if not _family.triton_runs(q, k, v, who):
+        return _family.exact_on_cpu(q, k, v, mask, seed, **kwargs)
     return _Flash.apply(q, k, v, mask, seed, kwargs, deterministic is not False, config)
 
 
@@ -1464,9 +1465,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.
     (default: drawn from torch's generator).  ``deterministic`` (default True) computes dQ in its own pass,
     bitwise reproducible and, on an H100, 5-9x faster than ``False``, which adds dQ with fp32 atomics inside
     the dK/dV pass (benchmarks/results/bwd-sweep-h100-2026-11-23.json).  ``config``/``splits``
-    override the tile choice and the number of key splits.  Runs on CUDA tensors, or on CPU ones under
-    ``TRITON_INTERPRET=1``.  Sliding windows and ALiBi: `attnfuse.kernels.window`; constant block-sparse
-    masks: `attnfuse.kernels.blocksparse`.
+    override the tile choice and the number of key splits.  Sliding windows and ALiBi:
+    `attnfuse.kernels.window`; constant block-sparse masks: `attnfuse.kernels.blocksparse`.
+
+    Where it runs (`attnfuse.kernels._family`): CUDA tensors run the Triton kernels; CPU tensors run the op's
+    CPU implementation (``torch.ops.attnfuse.attention``: PyTorch's fused CPU kernel or the blocked reference),
+    float64 and head dims above 256 included; CPU tensors under ``TRITON_INTERPRET=1`` run the Triton kernels in
+    the interpreter.  The keywords mean the same everywhere, except that CPU dropout draws another keep mask
+    (same ``dropout_p``) and ``deterministic``/``config``/``splits`` only tune the Triton launch.
     """
     return autograd_attention("flash", q, k, v, mask, seed, deterministic, config, scale=scale, causal=causal,
                               softcap=softcap, dropout_p=dropout_p, mask_fill=mask_fill, splits=splits)

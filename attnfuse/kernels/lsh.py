@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 
 from . import _family
-from .flash import _launch, interpreting
+from .flash import _launch
 
 __all__ = ["attention", "backward", "buckets", "forward", "unsupported"]
 
@@ -497,19 +497,22 @@ def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _self_scores(q, k, scale: float) -> torch.Tensor:
-    """s_ii in log2 units, fp32 (B, H, L)."""
-    return (q.float() * _expand_kv(k, q.shape[1]).float()).sum(-1) * (scale * _LOG2E)
+    """s_ii in log2 units, fp32 (fp64 for fp64 inputs) (B, H, L)."""
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (q.to(ct) * _expand_kv(k, q.shape[1]).to(ct)).sum(-1) * (scale * _LOG2E)
 
 
 def _merge(q, k, v, o_r, lse_r, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge the rounds (o_r (B, H, R, L, Dv), lse_r log2 (B, H, R, L)) and the self term by log-sum-exp:
-    (out fp32 (B, H, L, Dv), LSE2 (B, H, L)).  Differentiable (the CPU path's backward runs through it)."""
+    (out fp32 (fp64 for fp64 inputs) (B, H, L, Dv), LSE2 (B, H, L)).  Differentiable (the CPU path's backward
+    runs through it)."""
     s2 = _self_scores(q, k, scale)
     m = torch.maximum(lse_r.amax(dim=2), s2).detach()
     w_r = torch.exp2(lse_r - m[:, :, None])
     w_s = torch.exp2(s2 - m)
     total = w_r.sum(2) + w_s
-    out = ((w_r[..., None] * o_r).sum(2) + w_s[..., None] * _expand_kv(v, q.shape[1]).float()) / total[..., None]
+    vs = _expand_kv(v, q.shape[1]).to(w_s.dtype)
+    out = ((w_r[..., None] * o_r).sum(2) + w_s[..., None] * vs) / total[..., None]
     return out, m + torch.log2(total)
 
 
@@ -649,8 +652,9 @@ def _check_params(n_hashes, bucket_size, seed) -> None:
             raise ValueError(f"attnfuse.kernels.lsh: {name} must be {allowed}; got {val!r}")
 
 
-def _triton_path(q: torch.Tensor) -> bool:
-    return q.is_cuda or (q.device.type == "cpu" and interpreting())
+def _triton_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the Triton path runs (`attnfuse.kernels._family.triton_runs`); the CPU path takes CPU tensors."""
+    return _family.triton_runs(q, k, v, "attnfuse.kernels.lsh")
 
 
 def _validate(q, k, v, causal, n_hashes, bucket_size, seed, mask=None, softcap=0.0, dropout_p=0.0,
@@ -671,11 +675,7 @@ def _validate(q, k, v, causal, n_hashes, bucket_size, seed, mask=None, softcap=0
                          f" got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
         raise ValueError(f"{who}: q, k, v must share a floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if _triton_path(q):
-        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"{who}: the Triton kernels take float16, bfloat16 or float32, not {q.dtype}")
-        if max(q.shape[-1], v.shape[-1]) > 256:
-            raise ValueError(f"{who}: the Triton kernels take head dims up to 256, not {max(q.shape[-1], v.shape[-1])}")
+    _triton_path(q, k, v)  # raises for tensors neither path takes
 
 
 def _scale(q, scale) -> float:
@@ -690,7 +690,7 @@ def forward(q, k, v, *, scale=None, causal=False, n_hashes=4, bucket_size=64, se
     sc = _scale(q, scale)
     with torch.no_grad():
         plan = _plan(q, k, n_hashes, bucket_size, seed)
-        if _triton_path(q):
+        if _triton_path(q, k, v):
             out, lse2 = _merge(q, k, v, *_triton_rounds(q, k, v, plan, sc, causal), sc)
         else:
             out, lse2 = _cpu_forward(q, k, v, plan, sc, causal)
@@ -703,7 +703,7 @@ def backward(grad_out, q, k, v, out, stats, *, scale=None, causal=False, n_hashe
     """(dq, dk, dv) of `forward`'s output.  Recomputes the hashing; the Triton path reads the merged LSE from
     ``stats`` and ``Delta = rowsum(grad_out * out)``, the CPU path recomputes its forward under autograd."""
     sc = _scale(q, scale)
-    if not _triton_path(q):
+    if not _triton_path(q, k, v):
         with torch.enable_grad():
             qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
             o, _ = _cpu_forward(qq, kk, vv, _plan(qq, kk, n_hashes, bucket_size, seed), sc, causal)
@@ -734,7 +734,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
 
     K/V may have fewer heads (GQA).  ``n_hashes`` rounds, chunks of ``bucket_size`` sorted tokens, rotations
     from ``seed``.  ``mask``/``softcap``/``dropout_p``/``alibi`` exist only to raise a clear ValueError.  Runs the
-    Triton kernels on CUDA tensors (CPU ones under ``TRITON_INTERPRET=1``), torch ops on other CPU tensors.
+    Triton kernels on CUDA tensors (CPU ones under ``TRITON_INTERPRET=1``), torch ops (what
+    ``torch.ops.attnfuse.attention`` runs for LSH) on other CPU tensors, float64 included
+    (`attnfuse.kernels._family.triton_runs`).
     """
     _validate(q, k, v, causal, n_hashes, bucket_size, seed, mask, softcap, dropout_p, alibi)
     kwargs = dict(scale=scale, causal=causal, n_hashes=n_hashes, bucket_size=bucket_size, seed=seed)

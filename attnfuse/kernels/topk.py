@@ -601,11 +601,8 @@ def _cpu_backward(grad_out, q, k, v, chosen, scale, causal, block):
 
 
 def _triton(q, k, v) -> bool:
-    """Whether the Triton path runs; the CPU path takes CPU tensors only."""
-    why = flash.supported(q, k, v)
-    if why and q.device.type != "cpu":
-        raise ValueError(f"attnfuse.kernels.topk: {why}")
-    return why is None
+    """Whether the Triton path runs (`attnfuse.kernels._family.triton_runs`); the CPU path takes CPU tensors."""
+    return _family.triton_runs(q, k, v, "attnfuse.kernels.topk")
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, causal: bool = False,
@@ -650,8 +647,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     ``topk``: keys (tokens) each query block attends beyond its sink and local blocks, rounded up to whole
     blocks of ``block`` keys (a multiple of 32); ``sink``/``local``: the always-kept first keys and local
     window (module docstring).  GQA: K/V may have fewer heads.  Runs the Triton kernels on CUDA tensors (or CPU
-    ones under ``TRITON_INTERPRET=1``), plain torch on CPU tensors.  ``softcap``, ``mask``, ``dropout_p`` and
-    ``alibi`` are not supported: setting one raises ValueError.
+    ones under ``TRITON_INTERPRET=1``), the CPU path (torch ops, what ``torch.ops.attnfuse.attention`` runs for
+    top-k) on other CPU tensors, float64 included (`attnfuse.kernels._family.triton_runs`).  ``softcap``, ``mask``,
+    ``dropout_p`` and ``alibi`` are not supported: setting one raises ValueError.
     """
     who = "attnfuse.kernels.topk.attention"
     for name, is_set, off in (("softcap", bool(softcap), 0.0), ("mask", mask is not None, None),

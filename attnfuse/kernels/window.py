@@ -48,6 +48,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_size:
     ``mask``, ``scale``, ``softcap``, ``dropout_p``, ``seed``, ``mask_fill``, ``deterministic``, ``config`` as in
     `flash.attention`.  ``window_pad``: the ``unfold`` spelling's zero-padded keys (module docstring): each row
     also sees ``n_pad(i)`` keys of score 0 and value 0; needs a finite band and q_len == kv_len.
+    Runs where `flash.attention` does: the Triton kernels on CUDA tensors (and CPU ones under
+    ``TRITON_INTERPRET=1``), the op's band-tiled CPU implementation (`attnfuse.kernels.tiled`) on other CPU tensors.
     """
     left, right = _window_size(window_size)
     if not isinstance(window_pad, bool):
