@@ -64,6 +64,8 @@ import sys
 import time
 from typing import Any
 
+from tqdm import tqdm
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PEERS = ("attnfuse", "sdpa", "flex")
 MODES = ("fwd", "bwd", "fwd_bwd")
@@ -532,8 +534,8 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, t0: float) -> list[
         except Exception as e:
             err = _error(e)
             rows += [{**base, "mode": m, "flops": flops(case, m), "error": err} for m in args.modes]
-            print(f"[{time.perf_counter() - t0:7.1f} s] {peer:8s} d{case['head_dim']} {_kind(case)} "
-                  f"seq {case['seq']}: {err[:200]}", flush=True)
+            log(f"[{time.perf_counter() - t0:7.1f} s] {peer:8s} d{case['head_dim']} {_kind(case)} "
+                f"seq {case['seq']}: {err[:200]}")
             torch.cuda.empty_cache()
             continue
         check: dict[str, Any] = {"max_abs_diff": None}
@@ -569,9 +571,15 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, t0: float) -> list[
                 torch.cuda.empty_cache()
             zero_grads()
             rows.append(row)
-            print(f"[{time.perf_counter() - t0:7.1f} s] {peer:8s} d{case['head_dim']:<4d} {_kind(case):10s} "
-                  f"seq {case['seq']:6d} {mode:7s} {msg}", flush=True)
+            log(f"[{time.perf_counter() - t0:7.1f} s] {peer:8s} d{case['head_dim']:<4d} {_kind(case):10s} "
+                f"seq {case['seq']:6d} {mode:7s} {msg}")
     return rows
+
+
+def log(line: str) -> None:
+    """Print a progress line to stdout (flushed) without tearing the tqdm bar that stderr may be showing."""
+    with tqdm.external_write_mode():
+        print(line, flush=True)
 
 
 def _versions() -> dict[str, Any]:
@@ -639,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    for case in grid:
+    for case in tqdm(grid, desc="bench_attention", unit="config", disable=None):  # stderr, terminals only
         rows += run_case(case, args, t0)
     doc = {"benchmark": "bench_attention", "date": today, "device": gpu, "device_tag": device_tag(gpu),
            **_versions(),

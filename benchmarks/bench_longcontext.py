@@ -353,7 +353,7 @@ def plot(results: list[dict[str, Any]], title: str, path: pathlib.Path, device: 
 def _run(seq: int, peer: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     key = {"seq": seq, "peer": peer, "mode": mode}
     if peer in EXACT and args.exact_max_seq is not None and seq > args.exact_max_seq:
-        print(f"[   0.0 s] seq {seq:6d} {peer:8s} {mode:7s} skipped (seq > --exact-max-seq)", flush=True)
+        _bm.log(f"[   0.0 s] seq {seq:6d} {peer:8s} {mode:7s} skipped (seq > --exact-max-seq)")
         return {**key, "skipped": f"exact peers run up to seq {args.exact_max_seq} (--exact-max-seq)"}
     if args.wait_idle > 0:
         _bm.wait_for_idle(args.wait_idle)
@@ -366,7 +366,7 @@ def _run(seq: int, peer: str, mode: str, args: argparse.Namespace) -> dict[str, 
     r = _bm.run_worker(cmd, key, args.timeout)
     msg = r.get("error") or (f"median {r['median_s']:.4f} s, peak {r.get('alloc_peak_mb') or 0:.1f} MB, "
                              f"rel err rows {r['rel_err_rows']:.1e}, busy {r['others_busy_cores']:.1f}")
-    print(f"[{time.perf_counter() - t0:6.1f} s] seq {seq:6d} {peer:8s} {mode:7s} {msg}", flush=True)
+    _bm.log(f"[{time.perf_counter() - t0:6.1f} s] seq {seq:6d} {peer:8s} {mode:7s} {msg}")
     return r
 
 
@@ -438,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     name = f"longcontext-{tag}-{today}{'-quick' if args.quick else ''}.json"
     json_path = out if out.suffix == ".json" else out / name
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    results = [_run(seq, peer, mode, args) for mode in args.modes for seq in args.seqs for peer in args.peers]
+    configs = [(seq, peer, mode) for mode in args.modes for seq in args.seqs for peer in args.peers]
+    results = [_run(seq, peer, mode, args) for seq, peer, mode in _bm.progress(configs, "bench_longcontext")]
     saved = ("device", "seqs", "modes", "peers", "exact_max_seq", "batch", "heads", "kv_heads", "head_dim", "dtype",
              "retry_s", "timeout", *KNOBS)
     doc = {"benchmark": "bench_longcontext", "date": today, "device": tag, "machine": info,

@@ -57,6 +57,8 @@ import sys
 import time
 from typing import Any
 
+from tqdm import tqdm
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODELS = ("nanogpt", "gpt2", "llama")
 VARIANTS = ("eager", "inductor", "attnfuse", "sdpa")
@@ -510,8 +512,19 @@ def _run_one(model: str, seq: int, variant: str, reps: int, warmup: int, mem_rep
     msg = r.get("error") or (f"median {r['median_s']:.3f} s, forward tensors "
                              f"{r.get('forward_alloc_peak_mb') or 0:.0f} MB, RSS {r['forward_peak_delta_mb']:.0f} MB, "
                              f"peak delta {r['peak_delta_mb']:.0f} MB, busy {r.get('others_busy_cores', 0):.1f}")
-    print(f"[{time.perf_counter() - t0:6.1f} s] {model:8s} seq {seq:5d} {variant:9s} {msg}", flush=True)
+    log(f"[{time.perf_counter() - t0:6.1f} s] {model:8s} seq {seq:5d} {variant:9s} {msg}")
     return r
+
+
+def log(line: str) -> None:
+    """Print a progress line to stdout (flushed) without tearing the tqdm bar that stderr may be showing."""
+    with tqdm.external_write_mode():
+        print(line, flush=True)
+
+
+def progress(configs: list, desc: str) -> tqdm:
+    """A tqdm bar over a benchmark's configurations, on stderr and only where stderr is a terminal."""
+    return tqdm(configs, desc=desc, unit="config", disable=None)
 
 
 def add_common_args(p: argparse.ArgumentParser, worker: tuple[str, str, str]) -> None:
@@ -573,12 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(args.out)
     json_path = out if out.suffix == ".json" else out / f"models-{device_tag(info)}-{today}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    results = []
-    for model in args.models:
-        for seq in args.seqs:
-            for variant in args.variants:
-                results.append(_run_one(model, seq, variant, args.reps, args.warmup, args.mem_reps, args.procs,
-                                        args.wait_idle))
+    configs = [(model, seq, variant) for model in args.models for seq in args.seqs for variant in args.variants]
+    results = [_run_one(model, seq, variant, args.reps, args.warmup, args.mem_reps, args.procs, args.wait_idle)
+               for model, seq, variant in progress(configs, "bench_models")]
     doc = {"benchmark": "bench_models", "date": today, "device": device_tag(info), "machine": info,
            "setup": {"batch": 1, "dtype": "float32", "layers": 4, "width": 256, "heads": 4, "vocab": 512,
                      "llama_kv_heads": 2, "grad": "torch.no_grad()", "mode": "eval()", "reps": args.reps,

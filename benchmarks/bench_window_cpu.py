@@ -265,7 +265,7 @@ def _run(part: str, seq: int, variant: str, args: argparse.Namespace) -> dict[st
     r = run_in_subprocess(part, seq, variant, args)
     msg = r.get("error") or (f"median {r['median_s']:.3f} s, forward tensors {r.get('forward_alloc_peak_mb') or 0:.0f}"
                              f" MB, busy {r['others_busy_cores']:.1f}")
-    print(f"[{time.perf_counter() - t0:6.1f} s] {part:6s} seq {seq:5d} {variant:9s} {msg}", flush=True)
+    _bm.log(f"[{time.perf_counter() - t0:6.1f} s] {part:6s} seq {seq:5d} {variant:9s} {msg}")
     return r
 
 
@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(args.out)
     json_path = out if out.suffix == ".json" else out / f"window-cpu-{today}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    results = [_run(part, seq, variant, args) for part in args.parts for seq in args.seqs for variant in PARTS[part]]
+    configs = [(part, seq, variant) for part in args.parts for seq in args.seqs for variant in PARTS[part]]
+    results = [_run(part, seq, variant, args) for part, seq, variant in _bm.progress(configs, "bench_window_cpu")]
     doc = {"benchmark": "bench_window_cpu", "date": today, "device": _bm.device_tag(info), "machine": info,
            "setup": {"model": {**CONFIG, "sliding_window": args.window, "attn_implementation": args.attn,
                                "dtype": "float32", "batch": 1, "grad": "torch.no_grad()", "mode": "eval()"},

@@ -36,6 +36,8 @@ import sys
 import time
 from typing import Any
 
+from tqdm import tqdm
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_attention as _ba  # noqa: E402 - GPU name tags
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    for kind, shape in plan:
+    for kind, shape in tqdm(plan, desc="costmodel_sweep", unit="shape", disable=None):  # stderr, terminals only
         if time.perf_counter() - t0 > args.budget_s:
             rows.append({"kind": kind, "shape": shape_key(shape), **shape,
                          "skipped": f"time budget ({args.budget_s:.0f} s) spent"})
@@ -311,9 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         got = measure_shape(shape, kind, spec, args.rep_ms, args.warmup_ms)
         rows += got
         s = shape_summary(got)
-        print(f"[{time.perf_counter() - t0:6.1f} s] {kind} {shape_key(shape)}: chosen {s.get('chosen_config')}, "
-              f"pred/meas {s.get('pred_over_measured') or float('nan'):.2f}, chosen/best "
-              f"{s.get('chosen_over_best') or float('nan'):.3f}, {s['n_failed']} failed", flush=True)
+        _ba.log(f"[{time.perf_counter() - t0:6.1f} s] {kind} {shape_key(shape)}: chosen {s.get('chosen_config')}, "
+                f"pred/meas {s.get('pred_over_measured') or float('nan'):.2f}, chosen/best "
+                f"{s.get('chosen_over_best') or float('nan'):.3f}, {s['n_failed']} failed")
     doc = {"benchmark": "costmodel_sweep", "date": today, "device": gpu, "device_tag": _ba.device_tag(gpu),
            "spec": {k: str(v) for k, v in vars(spec).items()} if hasattr(spec, "__dict__") else str(spec),
            "torch": torch.__version__, "triton": triton.__version__,

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -153,7 +154,9 @@ def train(model: RecallModel, args: argparse.Namespace, log=print) -> dict[str, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 50))
     model.train()
     t0, step, history, seq, window = time.perf_counter(), 0, [], min(64, args.train_seq), []
+    bar = tqdm(total=round(args.minutes * 60), desc="quality: training", unit="s", disable=None, leave=False)
     while time.perf_counter() - t0 < args.minutes * 60 or step == 0:
+        bar.update(int(time.perf_counter() - t0) - bar.n)  # stderr, terminals only: wall seconds trained
         keys, values, target = make_batch(args.batch, seq, args.keys, args.values, gen)
         logits = model(keys, values)
         loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
@@ -173,6 +176,7 @@ def train(model: RecallModel, args: argparse.Namespace, log=print) -> dict[str, 
             if acc >= 0.8 and seq < args.train_seq:
                 seq = min(2 * seq, args.train_seq)
             window = []
+    bar.close()
     model.eval()
     return {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "final_seq": seq, "history": history}
 
@@ -339,10 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     model = RecallModel(args.keys, args.values, args.d_model, args.heads, args.layers)
     print(f"training {sum(p.numel() for p in model.parameters())} parameters for {args.minutes} min at seq "
           f"{args.train_seq} (chance {1 / args.values:.3f})", flush=True)
-    training = train(model, args, log=lambda s: print(s, flush=True))
+    training = train(model, args, log=_bm.log)
     batches = eval_batches(args)
     results, reference = [], None
-    for variant in args.variants:
+    for variant in _bm.progress(args.variants, "quality: variants"):
         t0 = time.perf_counter()
         try:
             res, logits = evaluate(model, variant, batches, reference, args)
@@ -353,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # an unavailable kernel or policy is a row, not a crash
             res = {"variant": variant, "route": args.route, "error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
         results.append(res)
-        print(f"[{time.perf_counter() - t0:6.1f} s] {variant:8s} "
-              + (res.get("error") or f"accuracy {res['accuracy']:.4f}"), flush=True)
+        _bm.log(f"[{time.perf_counter() - t0:6.1f} s] {variant:8s} "
+                + (res.get("error") or f"accuracy {res['accuracy']:.4f}"))
     today = datetime.date.today().isoformat()
     out = pathlib.Path(args.out)
     json_path = out if out.suffix == ".json" else out / f"quality-cpu-{today}{'-quick' if args.quick else ''}.json"
