@@ -5,19 +5,24 @@ Commands:
 * ``audit TARGET [--json FILE] [--html FILE] [--options JSON]``: trace TARGET's model once with
   `attnfuse.audit` and print the report table (which attention sites would be fused, with which kernel, and
   why the others are not); ``--json`` / ``--html`` also write the report (`Report.save`, `Report.to_html`).
-* ``export TARGET --format onnx|mlir|pt2 -o FILE [--options JSON] [--mlir-output torch|linalg-on-tensors]``:
-  rewrite TARGET's model with `attnfuse.export` and write it to FILE; prints the report table and
-  ``wrote FILE``.
+* ``export TARGET --format onnx|mlir|pt2 -o FILE [--options JSON] [--mlir-output torch|linalg-on-tensors]
+  [--dynamic | --dynamic-dims SPEC]``: rewrite TARGET's model with `attnfuse.export` and write it to FILE;
+  prints the report table (its note names the dynamic dims) and ``attnfuse: wrote FILE``.  ``--dynamic``:
+  every dim of every tensor input ``Dim.AUTO``; ``--dynamic-dims 0.0=batch,0.1=seq:1..4096``: the named
+  dims only (input.dim=name[:min..max]; the same name is the same size).  A long export on a terminal
+  shows a progress bar on stderr.
 * ``calibrate [-o FILE] [--device auto|cuda|cpu] [--quick]``: measure the present device (`attnfuse.calibrate`)
-  and write its `DeviceSpec` as JSON (usable as ``options={"device": FILE}``); prints the spec.
+  and write its `DeviceSpec` as JSON (usable as ``options={"device": FILE}``); prints the spec (JSON, stdout;
+  a progress bar on stderr where it is a terminal).  ``--quick``: the same measurements with fewer samples.
 
 TARGET is ``path/to/file.py:fn`` or ``pkg.module:fn``; ``fn()`` takes no arguments and returns
 ``(model, example_args)`` (a tuple, or one tensor) or ``(model, example_args, kwargs)`` (audit only).
 ``--options`` is a JSON object of attnfuse options (``'{"kernels": ["flash"]}'``) or ``@file.json``.
 
 Errors are one message on stderr, ``attnfuse <command>: ...``, no traceback.  Exit codes: 0 success,
-2 usage errors (TARGET's file, module or function, what ``fn()`` returned, ``--options``), 1 a model that
-fails to trace or export (the message gives torch's reason and the line of the model it points at).
+2 usage errors (TARGET's file, module or function, what ``fn()`` returned, ``--options``, ``--dynamic-dims``
+and dims torch.export cannot keep dynamic), 1 a model that fails to trace or export (the message gives torch's
+reason and the line of the model it points at).
 While tracing, torch's own log output is muted unless ``TORCH_LOGS`` is set.
 """
 
@@ -82,19 +87,30 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     import attnfuse
+    from attnfuse.export import _dims, _export
 
     if args.mlir_output is not None and args.format != "mlir":
         raise _Failure(2, f"--mlir-output applies to --format mlir only (got --format {args.format})")
+    if args.dynamic and args.dynamic_dims:
+        raise _Failure(2, "--dynamic and --dynamic-dims exclude each other: --dynamic makes every dim dynamic, "
+                          "--dynamic-dims only the dims it names")
     _check_outputs(output=args.output)
     target = _target(args.target)
     if target.kwargs:
         raise _Failure(2, f"{args.target}() returned keyword arguments ({', '.join(target.kwargs)}); export takes "
                           "positional example args only: return (model, example_args)")
     options = _options(args.options)
+    dynamic = "auto" if args.dynamic else None
+    if args.dynamic_dims:
+        try:
+            dynamic = _dims.parse(" ".join(args.dynamic_dims), target.args)
+        except ValueError as exc:
+            raise _Failure(2, str(exc)) from None
+    terminal = sys.stderr
     with _tracing():
         try:
-            path = attnfuse.export(target.model, target.args, args.output, format=args.format, options=options,
-                          mlir_output=args.mlir_output or "torch")
+            path = _export(target.model, target.args, args.output, args.format, options, dynamic_shapes=dynamic,
+                           mlir_output=args.mlir_output or "torch", progress=terminal)
         except ValueError as exc:
             raise _Failure(2, str(exc)) from None
         except ImportError as exc:  # a missing extra: the message names it (pip install attnfuse[onnx])
@@ -102,12 +118,36 @@ def _export(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise _Failure(1, f"cannot write {args.output}: {exc}") from None
         except Exception as exc:
+            if args.dynamic_dims and _is_constraint(exc):
+                raise _Failure(2, f"--dynamic-dims: {_constraint(exc)}") from None
             raise _Failure(1, f"the model failed to trace: {_reason(exc)}") from None
     report = attnfuse.last_report()
     if report is not None:
         print(report)
     print(f"attnfuse: wrote {path}")
     return 0
+
+
+def _is_constraint(exc: BaseException) -> bool:
+    """torch.export refusing the dims it was asked to keep dynamic (specialized, out of range, mismatched)."""
+    from torch._dynamo.exc import UserError
+    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+
+    return isinstance(exc, (UserError, ConstraintViolationError))
+
+
+def _constraint(exc: BaseException) -> str:
+    """torch's constraint error in one line: what it found and its suggested fixes."""
+    keep = []
+    for line in (ln.strip() for ln in str(exc).splitlines()):
+        if line.startswith(("The error above", "For more information")):
+            break
+        line = re.split(r" (?:For more information|If you're using)", line.removeprefix("- "))[0].rstrip(".:")
+        if line:
+            keep.append(line)
+    text = "; ".join(keep).replace("Suggested fixes;", "suggested fixes:")
+    return (f"torch.export cannot keep these dims dynamic: {text}; name only dims the model leaves free "
+            "(or use --dynamic, which keeps the others static)")
 
 
 def _target(spec: str) -> Any:
@@ -226,6 +266,22 @@ def _user_frame(exc: BaseException) -> str | None:
     return f"at {f.filename}:{f.lineno} in {f.name}" + (f": {f.line}" if f.line else "")
 
 
+_DIMS_HELP = ("INPUT.DIM=NAME[:MIN..MAX] entries separated by commas (or repeat the flag), e.g. "
+              "'0.0=batch,0.1=seq:1..4096'; INPUT is the position of a tensor in example_args and DIM its "
+              "dimension, both from 0; the same NAME is the same size; MIN or MAX may be left out; "
+              "other dims stay static")
+_EXPORT_EPILOG = """\
+shapes:
+  By default every size is fixed to the example args'. --dynamic makes every dim dynamic where the
+  model allows it; --dynamic-dims names them:
+
+    attnfuse export gpt.py:model --format onnx -o gpt.onnx --dynamic-dims 0.0=batch,0.1=seq:2..1024
+
+  makes input 0's dims 0 and 1 dynamic (dim 1 between 2 and 1024). Name input 1's dims the same
+  (1.0=batch,1.1=seq) when it must match input 0, e.g. an attention mask.
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnfuse", description="attnfuse command-line tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -239,19 +295,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     aud.add_argument("--options", metavar="JSON", help=options_help)
     aud.set_defaults(run=_audit)
 
-    exp = commands.add_parser("export", help="rewrite a model's attention and export it (pt2, ONNX, MLIR)")
+    exp = commands.add_parser("export", help="rewrite a model's attention and export it (pt2, ONNX, MLIR)",
+                              epilog=_EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     exp.add_argument("target", metavar="TARGET", help=target_help)
     exp.add_argument("--format", required=True, choices=("pt2", "onnx", "mlir"))
     exp.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the exported model")
     exp.add_argument("--options", metavar="JSON", help=options_help)
     exp.add_argument("--mlir-output", choices=("torch", "linalg-on-tensors"),
                      help="the MLIR dialect level for --format mlir (default: torch)")
+    exp.add_argument("--dynamic", action="store_true",
+                     help="make every dim of every tensor input dynamic (torch.export.Dim.AUTO): the file runs at "
+                          "other batch sizes and lengths; dims the model fixes (e.g. head_dim) stay static, and "
+                          "the report's note lists the dynamic ones")
+    exp.add_argument("--dynamic-dims", metavar="SPEC", action="append",
+                     help="make only the named dims dynamic: " + _DIMS_HELP)
     exp.set_defaults(run=_export)
 
     cal = commands.add_parser("calibrate", help="measure this device and write a DeviceSpec JSON file")
     cal.add_argument("-o", "--output", help="where to write the spec JSON")
     cal.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    cal.add_argument("--quick", action="store_true", help="smaller, fewer measurements (seconds, less accurate)")
+    cal.add_argument("--quick", action="store_true",
+                     help="the same measurements, fewer samples (under a second on a CPU; noisier)")
     cal.set_defaults(run=_calibrate)
     args = parser.parse_args(argv)
     try:

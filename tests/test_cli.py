@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -198,6 +199,23 @@ USAGE_ERRORS = {
                         '{"kernal": "flash"}'], "unknown option 'kernal'"),
     "export kwargs": (["export", "{t}/cli_models.py:with_kwargs", "--format", "pt2", "-o", "{t}/x.pt2"],
                       "returned keyword arguments (gain); export takes positional example args only"),
+    "dynamic dims syntax": (["export", "{t}/cli_models.py:model", "--format", "pt2", "-o", "{t}/x.pt2",
+                             "--dynamic-dims", "x.1=seq"],
+                            "--dynamic-dims: cannot read 'x.1=seq'; expected INPUT.DIM=NAME[:MIN..MAX] entries"),
+    "dynamic dims input": (["export", "{t}/cli_models.py:model", "--format", "pt2", "-o", "{t}/x.pt2",
+                            "--dynamic-dims", "0.0=batch,1.0=batch"],
+                           "--dynamic-dims '1.0=batch': there is no input 1; the example args are inputs 0..0"),
+    "dynamic dims dim": (["export", "{t}/cli_models.py:model", "--format", "pt2", "-o", "{t}/x.pt2",
+                          "--dynamic-dims", "0.3=d"], "input 0 has 3 dims (shape (2, 7, 24)), so DIM must be 0..2"),
+    "dynamic dims range": (["export", "{t}/cli_models.py:model", "--format", "pt2", "-o", "{t}/x.pt2",
+                            "--dynamic-dims", "0.1=seq:8..64"], "seq's range 8..64 excludes the example size of 0.1"),
+    "dynamic both": (["export", "{t}/cli_models.py:model", "--format", "pt2", "-o", "{t}/x.pt2", "--dynamic",
+                      "--dynamic-dims", "0.0=b"], "--dynamic and --dynamic-dims exclude each other"),
+    "dynamic dims fixed by the model": (["export", "{t}/cli_models.py:model", "--format", "pt2", "-o", "{t}/x.pt2",
+                                         "--dynamic-dims", "0.1=seq,0.2=hidden"],
+                                        "--dynamic-dims: torch.export cannot keep these dims dynamic: Constraints "
+                                        "violated (hidden)!; You marked hidden as dynamic but your code specialized "
+                                        "it to be a constant (24); suggested fixes: hidden = 24"),
 }
 
 
@@ -214,11 +232,20 @@ def test_usage_errors(targets, case):
 # --- export ----------------------------------------------------------------------------------------------------
 
 
+def _clean(proc, out) -> None:
+    """No library warnings, and the written file named once (``attnfuse: wrote FILE``)."""
+    text = proc.stdout + proc.stderr
+    assert "FutureWarning" not in text and "LeafSpec" not in text, text
+    assert text.count(str(out)) == 1 and f"attnfuse: wrote {out}\n" in proc.stdout, text
+
+
 def test_export_pt2_loads_back_and_matches_eager(targets):
     out = targets / "model.pt2"
     proc = cli("export", targets / "cli_models.py:model", "--format", "pt2", "-o", out, cwd=targets / "cwd")
     assert proc.returncode == 0, proc.stderr
-    assert "attnfuse: 1 of 1 attention sites fused" in proc.stdout and f"wrote {out}" in proc.stdout
+    assert "attnfuse: 1 of 1 attention sites fused" in proc.stdout
+    assert "note: exported as pt2, static shapes\n" in proc.stdout
+    _clean(proc, out)
     ep = torch.export.load(out)
     assert any("attnfuse" in str(n.target) for n in ep.graph.nodes)
     model, args = load_models(targets).model()
@@ -233,6 +260,52 @@ def test_export_onnx(targets):
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stdout
     assert onnx.load(str(out)).graph.node
+
+
+def test_export_onnx_dynamic_runs_at_other_sizes(targets):
+    """``--dynamic``: every dim Dim.AUTO; the model fixes the hidden size (24), batch and length stay dynamic."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    out = targets / "dyn.onnx"
+    proc = cli("export", targets / "cli_models.py:one_tensor", "--format", "onnx", "-o", out, "--dynamic",
+               cwd=targets / "cwd")
+    assert proc.returncode == 0, proc.stderr
+    _clean(proc, out)
+    assert re.search(r"^note: exported as onnx, dynamic dims: x \((s\d+), (s\d+), 24\); \1 2\.\., \2 2\.\.$",
+                     proc.stdout, re.M), proc.stdout
+    model, _ = load_models(targets).model()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for shape in ((3, 11, 24), (5, 29, 24)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            eager = model(x)
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), eager, rtol=1e-4,
+                                   atol=2e-5)
+
+
+def test_export_pt2_dynamic_dims_named_with_a_range(targets):
+    out = targets / "dyn.pt2"
+    proc = cli("export", targets / "cli_models.py:model", "--format", "pt2", "-o", out, "--dynamic-dims",
+               "0.0=batch", "--dynamic-dims", "0.1=seq:2..64", cwd=targets / "cwd")
+    assert proc.returncode == 0, proc.stderr
+    _clean(proc, out)
+    assert "\nnote: exported as pt2, dynamic dims: x (batch, seq, 24); batch 0.., seq 2..64\n" in proc.stdout
+    ep = torch.export.load(out)
+    model, _ = load_models(targets).model()
+    for shape in ((3, 11, 24), (5, 29, 24)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(AssertionError, match=re.escape("x.size()[1] <= 64")):
+        ep.module()(torch.randn(2, 65, 24))
+
+
+def test_export_help_documents_dynamic_dims():
+    proc = subprocess.run([sys.executable, "-m", "attnfuse", "export", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "--dynamic " in text and "INPUT.DIM=NAME[:MIN..MAX]" in text and "0.0=batch,0.1=seq:1..4096" in text
 
 
 def test_export_mlir(targets):
