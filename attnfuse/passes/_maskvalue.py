@@ -7,26 +7,32 @@ on no parameters (they train).  Two uses:
 
 * `buffer_band`: a condition reading constant buffers by (q, kv) is evaluated on the
   buffers' whole extent; a band there is the band of every top-left T x T slice, so
-  the proof holds for every length (nanoGPT's ``bias[:, :, :T, :T]``, dynamic T included);
+  the proof holds for every length (nanoGPT's ``bias[:, :, :T, :T]``, dynamic T included).
+  It is evaluated one slab of rows at a time (`_maskslab.grid_band`: O(N) memory beside the
+  buffers), once per condition and buffer values (`_shared_band`: layers with equal buffers
+  share it, buffers with other values never do);
 * `whole`: a constant term of static size, compared with a band and else cut into
-  64 x 64 tiles (empty / full / partial) for the block-sparse kernel.
+  64 x 64 tiles (empty / full / partial) for the block-sparse kernel.  The term is
+  evaluated once (at most `_MAX_CELLS` cells) and then read in stripes of tile rows.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from ._maskexpr import KEY, QUERY, evaluate, reads, show
+from ._maskexpr import KEY, QUERY, And, Ite, Not, Op, Or, Read, evaluate, reads, show
 from ._maskread import written
+from ._maskslab import ProofCache, Rows, digest, grid_band, slab_rows
 from .canonicalize import name, val
 from .match import _Graph, _hint, _is_state
 
 _SHAPE_READS = ("size", "sym_size", "dim", "numel", "getattr", "sym_numel")
 _MAX_CELLS = 2**26  # a larger constant is left unproven rather than evaluated
-_MAX_BUFFER_CELLS = 2**30  # a band over buffers is evaluated in slabs of _MAX_CELLS (32k x 32k at most)
+_MAX_BUFFER_CELLS = 2**30  # a band over buffers is evaluated in slabs of rows (32k x 32k at most)
 TILE = 64
 
 
@@ -68,15 +74,15 @@ def constant_value(gm: fx.GraphModule, inputs: dict, node: fx.Node) -> torch.Ten
 
 
 def band_of(keep: torch.Tensor) -> tuple[int, int] | None:
-    """(lo, hi) if the 2-D ``keep`` is exactly ``lo <= j - i <= hi`` with the diagonal inside, else None."""
+    """(lo, hi) if the 2-D ``keep`` is exactly ``lo <= j - i <= hi`` with the diagonal inside, else None
+    (read in slabs of rows: O(rows) memory beside ``keep``)."""
     ni, nj = keep.shape
-    d = torch.arange(nj)[None, :] - torch.arange(ni)[:, None]
-    if not bool(keep.any()):
+    if not ni or not nj:
         return None
-    lo, hi = int(d[keep].min()), int(d[keep].max())
-    if lo > 0 or hi < 0 or not torch.equal(keep, (d >= lo) & (d <= hi)):
-        return None
-    return lo, hi
+    rows, step = Rows(ni, nj), slab_rows(nj)
+    for i0 in range(0, ni, step):
+        rows.add(i0, keep[i0:i0 + step])
+    return rows.band()
 
 
 def bounds(lo: int, hi: int, ni: int, nj: int) -> tuple[int | None, int | None]:
@@ -85,29 +91,51 @@ def bounds(lo: int, hi: int, ni: int, nj: int) -> tuple[int | None, int | None]:
 
 
 def _slab_band(cond: Any, ni: int, nj: int, values: dict) -> tuple[int, int] | None:
-    """`band_of` of ``cond`` on the (ni, nj) grid, evaluated in slabs of query rows (memory O(_MAX_CELLS)):
-    a first pass finds the extreme diagonals that keep, a second checks that exactly that band keeps."""
-    rows = max(1, _MAX_CELLS // max(1, nj))
-    lo, hi = None, None
-    for check in (False, True):
-        for i0 in range(0, ni, rows):
-            n = min(rows, ni - i0)
-            keep = evaluate(cond, {QUERY: n, KEY: nj}, values, {QUERY: i0})
-            if keep.dtype != torch.bool:
-                return None
-            keep = keep.expand(*keep.shape[:2], n, nj).reshape(-1, n, nj)
-            if keep.shape[0] != 1:
-                return None
-            d = torch.arange(nj)[None, :] - torch.arange(i0, i0 + n)[:, None]
-            if check:
-                if not torch.equal(keep[0], (d >= lo) & (d <= hi)):
-                    return None
-            elif bool(keep.any()):
-                lo = min(lo, int(d[keep[0]].min())) if lo is not None else int(d[keep[0]].min())
-                hi = max(hi, int(d[keep[0]].max())) if hi is not None else int(d[keep[0]].max())
-        if lo is None or lo > 0 or hi < 0:
-            return None
-    return lo, hi
+    """`band_of` of ``cond`` on the (ni, nj) grid, evaluated one slab of query rows at a time (`grid_band`): the
+    memory is O(SLAB_CELLS + ni), and a buffer read by plain (shifted) indices is read in place."""
+
+    def slab(i0: int, n: int) -> torch.Tensor:
+        keep = evaluate(cond, {QUERY: n, KEY: nj}, values, {QUERY: i0})
+        if keep.dtype != torch.bool or any(s != 1 for s in keep.shape[:2]):
+            raise _NotBand
+        return keep[0, 0].expand(n, nj)
+
+    try:
+        return grid_band(slab, ni, nj)
+    except _NotBand:
+        return None
+
+
+class _NotBand(Exception):
+    """A slab that is not a 2-D bool grid."""
+
+
+def _relabel(e: Any, slots: dict) -> Any:
+    """``e`` with each `Read` node replaced by its number in ``slots`` (the same structure, built without
+    simplifying): two conditions with equal relabelings compute the same function of the read tensors."""
+    if isinstance(e, Read):
+        return Read(slots.setdefault(e.node, len(slots)), e.index)
+    if isinstance(e, (And, Or)):
+        return type(e)(frozenset(_relabel(p, slots) for p in e.parts))
+    if isinstance(e, Not):
+        return Not(_relabel(e.x, slots))
+    if isinstance(e, Ite):
+        return Ite(_relabel(e.cond, slots), _relabel(e.a, slots), _relabel(e.b, slots))
+    if isinstance(e, Op):
+        return Op(e.fn, tuple(_relabel(a, slots) for a in e.args))
+    return e
+
+
+_BANDS = ProofCache()  # (relabeled condition, grid, read tensors' digests) -> band or None
+
+
+def _shared_band(cond: Any, ni: int, nj: int, values: dict) -> tuple[int, int] | None:
+    """`_slab_band`, once per condition and values: layers whose buffers hold equal values (equal `digest`)
+    share one evaluation; different values never share one."""
+    slots: dict = {}
+    shape = _relabel(cond, slots)
+    key = (shape, ni, nj, tuple(digest(values[node]) for node in slots))
+    return _BANDS.get(key, lambda: _slab_band(cond, ni, nj, values))
 
 
 def buffer_band(gm: fx.GraphModule, inputs: dict, cond: Any) -> tuple[int | None, int | None, str] | None:
@@ -132,8 +160,10 @@ def buffer_band(gm: fx.GraphModule, inputs: dict, cond: Any) -> tuple[int | None
     if set(extents) != {QUERY, KEY} or extents[QUERY] * extents[KEY] > _MAX_BUFFER_CELLS:
         return None
     ni, nj = extents[QUERY], extents[KEY]
+    if ni < 1 or nj < 1:
+        return None
     try:
-        band = _slab_band(cond, ni, nj, values)
+        band = _shared_band(cond, ni, nj, values)
     except (IndexError, RuntimeError):
         return None
     if band is None:
@@ -146,57 +176,78 @@ def buffer_band(gm: fx.GraphModule, inputs: dict, cond: Any) -> tuple[int | None
     return left, right, proof
 
 
+def _keep_masked(value: torch.Tensor, kind: str, negate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a piece of a constant term keeps the score, and where it masks it (its fill swallows any score)."""
+    if kind == "keep":
+        keep = value if value.dtype == torch.bool else value != 0
+        keep = ~keep if negate else keep
+        return keep, ~keep
+    return value == 0, torch.isneginf(value) | (value <= torch.finfo(value.dtype).min)
+
+
 def whole(gm: fx.GraphModule, inputs: dict, kind: str, negate: bool, node: fx.Node, lq: Any, lk: Any,
           square: bool) -> tuple | None:
-    """A constant term of static size by value: ("band", left, right, proof) | ("blocksparse", blocks, proof)."""
+    """A constant term of static size by value: ("band", left, right, proof) | ("blocksparse", blocks, proof).
+
+    The term is evaluated once (at most `_MAX_CELLS` cells); it is then read in stripes of whole tiles of
+    rows, so what the reading adds is O(stripe + tiles)."""
     v = val(node)
     if not isinstance(lq, int) or not isinstance(lk, int) or any(isinstance(s, torch.SymInt) for s in v.shape):
         return None
-    if v.dim() < 2 or tuple(v.shape[-2:]) != (lq, lk) or v.numel() > _MAX_CELLS:
+    if v.dim() < 2 or tuple(v.shape[-2:]) != (lq, lk) or v.numel() > _MAX_CELLS or not lq or not lk:
         return None
     value = constant_value(gm, inputs, node)
     if value is None:
         return None
-    if kind == "keep":
-        keep = value if value.dtype == torch.bool else value != 0
-        keep = ~keep if negate else keep
-        masked = ~keep
-    else:
-        keep = value == 0
-        masked = torch.isneginf(value) | (value <= torch.finfo(value.dtype).min)
+    lead, step = tuple(value.shape[:-2]), max(TILE, slab_rows(lk) // TILE * TILE)
+    rows, defined, same, dead = Rows(lq, lk), True, True, False
+    empty = torch.zeros(*lead, -(-lq // TILE), -(-lk // TILE), dtype=torch.bool)
+    full = torch.zeros_like(empty)
+    for at in itertools.product(*map(range, lead)):
+        for i0 in range(0, lq, step):
+            keep, masked = _keep_masked(value[at][i0:i0 + step], kind, negate)
+            defined = defined and bool((keep | masked).all())
+            if any(at):  # a band needs every leading slice (head) to equal the first
+                first = value[(0,) * len(at)][i0:i0 + step]
+                same = same and torch.equal(keep, _keep_masked(first, kind, negate)[0])
+            else:
+                rows.add(i0, keep)
+            dead = dead or bool(masked.all(-1).any())
+            empty[at][i0 // TILE:(i0 + step) // TILE], full[at][i0 // TILE:(i0 + step) // TILE] = _tile(keep, masked)
     shape = "x".join(map(str, value.shape))
-    flat = keep.reshape(-1, lq, lk)
-    if square and bool((keep | masked).all()) and all(torch.equal(f, flat[0]) for f in flat[1:]):
-        band = band_of(flat[0])
-        if band is not None:
-            left, right = bounds(*band, lq, lk)
-            return "band", left, right, (f"by value: constant {shape} mask equals band(left="
-                                         f"{-1 if left is None else left}, right={-1 if right is None else right})")
-    if bool(masked.all(-1).any()):
-        # a row with no visible key is NaN or uniform in eager depending on the fill; skipped tiles give NaN
+    band = rows.band() if square and defined and same else None
+    if band is not None:
+        left, right = bounds(*band, lq, lk)
+        return "band", left, right, (f"by value: constant {shape} mask equals band(left="
+                                     f"{-1 if left is None else left}, right={-1 if right is None else right})")
+    if dead:  # a row with no visible key is NaN or uniform in eager depending on the fill; skipped tiles give NaN
         return None
-    blocks = tiles(keep, masked)
+    blocks = tiles(empty, full)
     if not blocks["empty"]:
         return None
     return "blocksparse", blocks, (f"by value: constant {shape} mask has {blocks['empty']} empty, {blocks['full']} "
                                    f"full, {blocks['partial']} partial {TILE}x{TILE} tiles")
 
 
-def tiles(keep: torch.Tensor, masked: torch.Tensor) -> dict[str, Any]:
-    """Count the (TILE x TILE) tiles of the last two dims: all masked / all kept / mixed (edges padded).
+def _tile(keep: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which (TILE x TILE) tiles of a stripe of rows are all masked, and which all kept (edges padded)."""
+    n, lk = keep.shape
+    pq, pk = -(-n // TILE) * TILE, -(-lk // TILE) * TILE
+    k = torch.ones(pq, pk, dtype=torch.bool)
+    mk = torch.ones(pq, pk, dtype=torch.bool)
+    k[:n, :lk], mk[:n, :lk] = keep, masked
+    shape = (pq // TILE, TILE, pk // TILE, TILE)
+    return mk.reshape(shape).all(-1).all(-2), k.reshape(shape).all(-1).all(-2)
+
+
+def tiles(empty: torch.Tensor, full: torch.Tensor) -> dict[str, Any]:
+    """Count the tiles, given which are all masked (``empty``) and all kept (``full``), over (..., tq, tk): empty /
+    full / partial (mixed).
 
     ``layout`` (for the report's picture, up to 64 x 64 tiles) is one string per tile row, a character
     per tile: ``.`` empty, ``#`` full, ``+`` partial; over leading dims (heads), a tile is empty or full
     only if it is in all of them.
     """
-    *lead, lq, lk = keep.shape
-    pq, pk = -(-lq // TILE) * TILE, -(-lk // TILE) * TILE
-    k = torch.ones(*lead, pq, pk, dtype=torch.bool)
-    mk = torch.ones(*lead, pq, pk, dtype=torch.bool)
-    k[..., :lq, :lk], mk[..., :lq, :lk] = keep, masked
-    shape = (*lead, pq // TILE, TILE, pk // TILE, TILE)
-    empty = mk.reshape(shape).all(-1).all(-2)
-    full = k.reshape(shape).all(-1).all(-2)
     n = empty.numel()
     out = {"empty": int(empty.sum()), "full": int((full & ~empty).sum()),
            "partial": n - int(empty.sum()) - int((full & ~empty).sum()), "tile": [TILE, TILE]}
@@ -207,4 +258,3 @@ def tiles(keep: torch.Tensor, masked: torch.Tensor) -> dict[str, Any]:
         out["layout"] = ["".join("." if e else "#" if f else "+" for e, f in zip(er.tolist(), fr.tolist()))
                          for er, fr in zip(all_empty, all_full)]
     return out
-
