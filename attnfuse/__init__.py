@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -16,6 +17,9 @@ from .config import Config
 from .costmodel import DeviceSpec
 from .export import export, rewrite
 from .report import Report, Site, last_report
+
+# A library adds no handler that prints: the application (or TORCH_LOGS="+attnfuse") decides (README, "Logging").
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = ["Config", "DeviceSpec", "Report", "Site", "audit", "export", "last_report", "rewrite"]
 
@@ -29,7 +33,7 @@ def audit(model: Any, *args: Any, options: Any = None, **kwargs: Any) -> Report:
     """
     from .backend import transform
 
-    config = Config.from_options(options if isinstance(options, Config) else {"verify": True, **(options or {})})
+    config = Config.from_options(options, defaults={"verify": True})
     combined = Report(device=config.device_spec().name)
 
     def _audit_backend(gm, example_inputs):

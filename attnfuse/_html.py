@@ -5,10 +5,13 @@ nothing from anywhere.  Every string from the report is escaped.  Per site it sh
 report, the mask as a query x key grid (like attention-gym's mask plots), the matched subgraph before
 and after the rewrite, the cost model's candidates and the dynamic-length table.
 
-The grid draws only what the report knows: the band (causal / window) is exact; a part decided by a
-tensor (key padding, bias, an unproven dense mask, a block-sparse layout the report does not record)
-is hatched, never guessed.  Grids larger than 64 cells a side are sampled: a cell stands for a square
-of positions and is shaded if any of them is visible.
+The grid draws only what the report knows, one class a cell: ``masked`` (solid grey) where the static
+part (causal / window band) hides the key, ``runtime`` (hatched) where the band keeps it but a part decided
+by a tensor (key padding, bias, an unproven dense mask, a block-sparse layout the report does not record)
+can still hide or weight it, ``kept`` (solid blue) where nothing else decides; a block-sparse layout adds
+``partial`` tiles.  So a causal + key-padding mask (HF GPT-2 / LLaMA with an ``attention_mask``) is a solid
+upper triangle and a hatched lower one, never a guess.  Grids larger than 64 cells a side are sampled: a cell
+stands for a square of positions and counts as kept if any of them is.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ from typing import Any
 _MAX_CELLS = 64  # per side of a mask grid
 _GRID_PX = 256  # the largest side of a mask grid, in pixels
 _TENSOR_KINDS = ("padding", "bias", "dense", "blocksparse")  # parts the report holds no values for
-_TILE_CELL = {".": "off", "#": "on", "+": "partial"}  # a block-sparse layout's tiles: empty / full / partial
+_TILE_CELL = {".": "masked", "#": "kept", "+": "partial"}  # a block-sparse layout's tiles: empty / full / partial
+# the cell classes, in legend order: (a grid's legend, the summary's legend)
+_STATES = {"kept": ("kept", "kept"), "masked": ("masked", "masked (by the causal / window band; an empty tile)"),
+           "runtime": ("decided at run time", "decided at run time (by a tensor the report holds no values for)"),
+           "partial": ("partly masked tile", "partly masked tile")}
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#1f2933;background:#f7f8fa;margin:0}
@@ -49,11 +56,12 @@ text-transform:uppercase;margin-right:6px;vertical-align:1px}
 pre{background:#f4f6f8;border:1px solid #e1e6eb;border-radius:6px;padding:8px 10px;margin:0;white-space:pre-wrap;
 overflow-wrap:anywhere}
 ul.proof{margin:4px 0;padding-left:18px} ul.proof li{font-family:ui-monospace,Menlo,monospace;font-size:12px}
-svg.mask rect.on{fill:#2f6fbf} svg.mask rect.off{fill:#eef1f5} svg.mask rect.runtime{fill:url(#hatch)}
+svg.mask rect.kept{fill:#2f6fbf} svg.mask rect.masked{fill:#c3cbd5} svg.mask rect.runtime{fill:url(#hatch)}
 svg.mask rect.partial{fill:#9dbbe0}
 svg.mask text{font-size:11px;fill:#52606d}
 .legend span{display:inline-block;width:12px;height:12px;vertical-align:-2px;margin:0 4px 0 12px;
-border:1px solid #c5ccd4} .legend .on{background:#2f6fbf} .legend .off{background:#eef1f5}
+border:1px solid #c5ccd4} .legend .kept{background:#2f6fbf} .legend .masked{background:#c3cbd5}
+.legend .partial{background:#9dbbe0}
 .legend .runtime{background:repeating-linear-gradient(45deg,#f2b36b 0 2px,#fff3e0 2px 5px)}
 .caption{color:#52606d;font-size:12.5px;margin:4px 0}
 nav button{border:1px solid #c5ccd4;background:#fff;border-radius:4px;padding:2px 10px;margin-right:4px;
@@ -114,7 +122,12 @@ def _band(site) -> tuple[float, float]:
 
 
 def mask_cells(site) -> tuple[int, list[list[str]]] | None:
-    """(step, rows of cell classes "on" | "off" | "runtime") for ``site``'s mask, or None if lengths are unknown."""
+    """(step, rows of cell classes) for ``site``'s mask, or None if its lengths are unknown.
+
+    A class is "masked" (the band hides every position of the cell), "runtime" (the band keeps one, and a
+    tensor part of the mask decides it at run time), "kept", or for a recorded block-sparse layout (one
+    cell a tile) "kept" / "partial" / "masked".
+    """
     q, k = (site.shapes.get(t, [])[-2] if len(site.shapes.get(t, [])) >= 2 else None for t in "qk")
     if not (isinstance(q, int) and isinstance(k, int) and q > 0 and k > 0):
         return None
@@ -130,7 +143,7 @@ def mask_cells(site) -> tuple[int, list[list[str]]] | None:
         for j0 in range(0, k, step):
             j1 = min(j0 + step, k) - 1  # kv - q over the cell spans [j0 - i1, j1 - i0]
             visible = j0 - i1 <= hi and j1 - i0 >= lo
-            row.append("off" if not visible else "runtime" if tensor else "on")
+            row.append("masked" if not visible else "runtime" if tensor else "kept")
         rows.append(row)
     return step, rows
 
@@ -152,13 +165,24 @@ def _mask_svg(site) -> str:
         out += [f'<rect class="{c}" x="{pad + j * px}" y="{pad + r * px}" width="{px - gap}" height="{px - gap}"/>'
                 for j, c in enumerate(row)]
     q, k = site.shapes["q"][-2], site.shapes["k"][-2]
-    cell = f"; one cell = {step}×{step} positions, shaded if any is visible" if step > 1 else ""
-    return "".join(out) + f'</svg><p class="caption">{q} queries × {k} keys{_e(cell)}</p>'
+    cell = f"; one cell = {step}×{step} positions, kept if any is" if step > 1 else ""
+    return "".join(out) + f'</svg>{_legend({c for row in rows for c in row})}' \
+        f'<p class="caption">{q} queries × {k} keys{_e(cell)}</p>'
+
+
+def _legend(states, long: bool = False) -> str:
+    """The swatches of the cell classes in ``states``, in `_STATES` order."""
+    return '<p class="legend">' + "".join(f'<span class="{c}"></span>{_e(text[long])}' for c, text in _STATES.items()
+                                          if c in states) + "</p>"
 
 
 def _mask_caption(mask: dict) -> str:
     """What the hatching means for this mask, and the parts the picture cannot show."""
     kinds, lines = mask.get("kind", "none").split("+"), []
+    band = [k for k in ("causal", "window") if k in kinds]
+    if band and any(k in _TENSOR_KINDS for k in kinds) and not mask.get("blocks", {}).get("layout"):
+        lines.append(f"the {' / '.join(band)} part is exact: what it masks is solid, and the run-time part "
+                     "decides what it keeps (hatched)")
     if "padding" in kinds:
         lines.append("key padding: which keys are hidden is known only at run time (hatched)")
     if "bias" in kinds:
@@ -168,7 +192,7 @@ def _mask_caption(mask: dict) -> str:
     if "blocksparse" in kinds:
         b, d = mask.get("blocks", {}), mask.get("density")
         tiles = ", ".join(f"{b[t]} {t}" for t in ("empty", "full", "partial") if t in b)
-        shown = ("one cell per tile: dark = full, light = partial, pale = empty (skipped)" if b.get("layout")
+        shown = ("one cell per tile: blue = full, light blue = partial, grey = empty (skipped)" if b.get("layout")
                  else "its tile layout is not in the report (hatched)")
         lines.append(f"block-sparse constant mask; {shown}. {b.get('tile', [64])[0]}×{b.get('tile', [64])[-1]} "
                      f"tiles: {tiles}" + (f"; density {d:.1%}" if isinstance(d, (int, float)) else ""))
@@ -215,9 +239,10 @@ def _site(s) -> str:
                f'<h3>mask: <span class="mono">{_e(s.mask.get("kind", "none"))}</span></h3>{_mask_svg(s)}'
                f'{_mask_caption(s.mask)}{_mask_params(s.mask)}</div></div>')
     if s.subgraph:
+        before = ("matched subgraph (before)" if s.status == "fused" else "matched subgraph (left as it is)"
+                  if s.pattern else "nodes the matcher looked at (left as they are)")
         cols = "".join(f'<div><h3>{label}</h3><pre class="{key}">{_e(chr(10).join(s.subgraph[key]))}</pre></div>'
-                       for key, label in (("before", "matched subgraph (before)"), ("after", "after the rewrite"))
-                       if key in s.subgraph)
+                       for key, label in (("before", before), ("after", "after the rewrite")) if key in s.subgraph)
         out.append(f'<div class="cols subgraph">{cols}</div>')
     if s.candidates:
         rows = []
@@ -248,9 +273,7 @@ def render(report) -> str:
         (s.status, [f'<a href="#site-{s.id}">{s.id}</a>', f"<code>{_e(s.module)}</code>", _e(s.source),
                     _e(s.status), _e(s.kernel or "–"), _e(s.mask.get("kind", "none")), _e(s.reason or "")])
         for s in report.sites], "grid overview")
-    legend = ('<p class="legend">mask cells:<span class="on"></span>visible'
-              '<span class="off"></span>masked<span class="runtime"></span>decided by a tensor known only at run '
-              'time (or not recorded)</p>')
+    legend = _legend(_STATES, long=True).replace('class="legend">', 'class="legend">mask cells:', 1)
     summary = (f'<header id="summary" data-fused="{fused}" data-total="{total}"><h1>attnfuse audit report</h1>'
                f'<p class="headline"><b>{fused}</b> of <b>{total}</b> attention sites fused</p>'
                f'<table class="facts"><tr><th>device</th><td class="mono">{_e(report.device or "–")}</td></tr>'

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import costmodel, ops  # noqa: F401 - ops registers torch.ops.attnfuse
+from . import _logs, costmodel, ops  # noqa: F401 - ops registers torch.ops.attnfuse
 from .config import Config
-from .passes import _local, approximate, canonicalize, masks, match, rewrite, verify
+from .passes import _local, _nearmiss, approximate, canonicalize, masks, match, rewrite, verify
 from .passes.canonicalize import val
 from .passes.match import _eq, _hint, _shape
-from .report import Report, Site, _set_last
+from .report import Report, Site, _set_last, in_source_order
 
 # Source-name wrappers dynamo writes around a base: ``getattr(base, 'name')`` and friends, all ``(base, key)``.
 _SOURCE_CALLS = ("getattr(", "___odict_getitem(", "dict.__getitem__(", "list.__getitem__(")
@@ -237,14 +237,15 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Co
     sites = [_with_structure(found_m, *masks.analyze(gm, found_m, example_inputs)) for found_m in found]
     verdicts = approximate.verdicts(gm, [(m, {**structure, "causal": m.causal}) for m, _, structure in sites],
                                     example_inputs, config.approximate, config.kernels)
-    chosen = []
+    chosen, entries = [], []  # entries: (anchor, site) of every site, numbered in source order at the end
     for (m, mask_info, structure), verdict in zip(sites, verdicts):
         shape = _mha_shape(m) if m.form == "mha" else _plan_shape(m)
         plan = costmodel.plan({**shape, "causal": m.causal}, spec, config.kernels, structure=structure,
                               approx=verdict, dynamic=_dynamic(m))
         if plan.kernel != "eager":
             m = dataclasses.replace(m, approx=plan.op_table(verdict["params"] if verdict else None))
-        site = report.add(_fused_site(m, mask_info, plan))
+        site = _fused_site(m, mask_info, plan)
+        entries.append((m.anchor, site))
         if plan.kernel in costmodel.APPROXIMATE:
             site.config = dict(verdict["params"][plan.kernel])
         site.error = (verdict or {}).get("errors", {}).get(plan.kernel)
@@ -255,9 +256,15 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Co
             site.status, site.reason, site.kernel = "skipped", why, None
         if site.status == "fused":
             chosen.append((m, site))
-    for miss in misses:
-        report.add(Site(id=0, module=_module_path(miss.anchor), source=_source(miss.anchor), status="skipped",
-                        reason=str(miss)))
+    for miss in misses:  # the nodes the matcher looked at stand for the region it could not match
+        near = _nearmiss.region(miss.anchor)
+        entries.append((miss.anchor, Site(
+            id=0, module=_module_path(miss.anchor), source=_source(miss.anchor), status="skipped",
+            reason=str(miss), subgraph={"before": [rewrite.describe(n) for n in gm.graph.nodes if n in near]})))
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    entries.sort(key=lambda e: position.get(e[0], len(position)))
+    for site in in_source_order([site for _, site in entries]):
+        report.add(site)
     return chosen
 
 
@@ -288,7 +295,7 @@ def _analyze_exactly(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, c
         if all_used:
             break
         canonical = names if attempt == 0 else frozenset()
-    for site in _with_lost_sites(first, scratch):
+    for site in in_source_order(_with_lost_sites(first, scratch)):
         report.add(site)
     report.notes.extend(scratch.notes)
     return work, chosen
@@ -316,15 +323,16 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: 
     """The rewritten copy of ``gm``, or ``gm`` itself if any pass fails (unless strict).
 
     With ``rewrite_graph=False`` (audit) the report is filled (the rewrite still runs on the copy, for the
-    report's "after" subgraphs) and ``gm`` is returned.  ``keep`` is `analyze`'s.
+    report's "after" subgraphs) and ``gm`` is returned.  ``keep`` is `analyze`'s.  What was decided goes to
+    the ``attnfuse`` logger (`_logs`).
     """
+    index = _logs.next_graph()
     try:
         work, chosen = _analyze_exactly(gm, example_inputs, config, report, keep)
         if chosen:
             rewrite.rewrite(work, [m for m, _ in chosen])
             for (_, site), lines in zip(chosen, work.meta.pop("attnfuse_emitted")):
                 site.subgraph["after"] = lines
-        return work if rewrite_graph else gm
     except Exception as exc:
         if config.strict:
             raise
@@ -332,7 +340,11 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: 
             site.status, site.kernel = "skipped", None
             site.reason = site.reason or "a pass failed on this graph; it runs unchanged"
         report.notes.append(f"a pass raised {type(exc).__name__}: {exc}; the graph runs unchanged")
+        _logs.fell_back(index, exc)
+        _logs.graph(index, report, audit=not rewrite_graph, failed=True)
         return gm
+    _logs.graph(index, report, audit=not rewrite_graph)
+    return work if rewrite_graph else gm
 
 
 def _publish(report: Report, config: Config) -> None:

@@ -2,8 +2,8 @@
 
 `Config.from_options(options)` turns the ``options=`` dict of
 ``torch.compile(model, backend="attnfuse", options=...)`` into a `Config`.
-Unknown keys and bad values raise `ValueError` naming the key and the allowed
-values.  Environment variables are read here and nowhere else:
+Options that are not a mapping, unknown keys and bad values raise `ValueError`
+naming attnfuse, the key and the allowed values.  Environment variables are read here and nowhere else:
 
 * ``ATTNFUSE_STRICT=1``  -- default for ``strict``.
 * ``ATTNFUSE_REPORT=path`` -- default for ``report``.
@@ -13,6 +13,7 @@ values.  Environment variables are read here and nowhere else:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -28,10 +29,13 @@ APPROXIMATE_FAMILIES = ("topk", "lsh")
 _APPROX_KEYS = ("max_rel_error", "families", "topk", "lsh", "calibration")
 _FAMILY_SETTINGS = {"topk": TOPK_DEFAULTS, "lsh": LSH_DEFAULTS}
 _CALIBRATION_DEFAULTS = {"max_heads": 4, "max_rows": 256, "seed": 0}
+# (settings key, name) -> (least value, multiple of): the top-k kernel's key blocks are whole 32-key tiles
+_SETTING_RULES = {("approximate.topk", "block"): (32, 32)}
 
 
-def _bad(key: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"attnfuse option {key!r}: got {value!r}; allowed: {allowed}")
+def _bad(key: str, value: Any, allowed: str, source: str = "") -> ValueError:
+    """The one shape of an option error: ``attnfuse option 'key'[ (from $ENV)]: got VALUE; allowed: ...``."""
+    return ValueError(f"attnfuse option {key!r}{source}: got {value!r}; allowed: {allowed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,14 +51,22 @@ class Config:
     verify: bool | str = False
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any] | Config | None = None) -> Config:
+    def from_options(cls, options: Mapping[str, Any] | Config | None = None, *,
+                     defaults: Mapping[str, Any] | None = None) -> Config:
+        """Validate ``options`` (None, a mapping of option names to values, or a Config, returned as is);
+        ``defaults`` (validated alike) fill the options it leaves out, ahead of the environment variables.
+
+        Every bad input raises `ValueError` naming attnfuse, the option and what it accepts.
+        """
         if isinstance(options, Config):
             return options
-        options = dict(options or {})
         fields = [f.name for f in dataclasses.fields(cls)]
+        options = {**_mapping(defaults, fields), **_mapping(options, fields)}
         for key in options:
             if key not in fields:
-                raise ValueError(f"attnfuse: unknown option {key!r}; allowed options: {', '.join(fields)}")
+                close = difflib.get_close_matches(key, fields, n=1) if isinstance(key, str) else []
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"attnfuse: unknown option {key!r}; {hint}allowed options: {', '.join(fields)}")
         env_strict = os.environ.get("ATTNFUSE_STRICT", "") not in ("", "0")
         env_verify = os.environ.get("ATTNFUSE_VERIFY", "")
         return cls(
@@ -62,9 +74,11 @@ class Config:
             approximate=_approximate(options.get("approximate", False)),
             device=_device(options.get("device", "auto")),
             inner=_choice("inner", options.get("inner", "inductor"), INNER_COMPILERS),
-            report=_report(options.get("report", os.environ.get("ATTNFUSE_REPORT"))),
+            report=_report(options["report"]) if "report" in options else _report(
+                os.environ.get("ATTNFUSE_REPORT"), " (from $ATTNFUSE_REPORT)"),
             strict=_bool("strict", options.get("strict", env_strict)),
-            verify=_verify(options.get("verify", _ENV_VERIFY.get(env_verify, env_verify))),
+            verify=_verify(options["verify"]) if "verify" in options else _verify(
+                _ENV_VERIFY.get(env_verify, env_verify), " (from $ATTNFUSE_VERIFY)"),
         )
 
     def device_spec(self) -> DeviceSpec:
@@ -76,8 +90,19 @@ class Config:
         return PRESETS[self.device]
 
 
+def _mapping(options: Any, fields: list[str]) -> dict[Any, Any]:
+    """``options`` as a dict: None is no options; anything but a mapping is an error that says what to pass."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"attnfuse: options must be a dict of option names to values (allowed options: "
+                         f"{', '.join(fields)}), got {type(options).__name__} {options!r}; "
+                         "e.g. options={'kernels': ['flash']}")
+    return dict(options)
+
+
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise _bad(key, value, " | ".join(repr(a) for a in allowed))
     return value
 
@@ -91,17 +116,17 @@ def _bool(key: str, value: Any) -> bool:
 _ENV_VERIFY = {"": False, "0": False, "1": True, "forward": "forward"}
 
 
-def _verify(value: Any) -> bool | str:
+def _verify(value: Any, source: str = "") -> bool | str:
     """True: check each rewritten site's output (and, in training graphs, its gradients) on the example inputs
     and revert a site that disagrees; "forward": outputs only; False: no check."""
-    if not any(value is mode for mode in VERIFY_MODES[:2]) and value != VERIFY_MODES[2]:
-        raise _bad("verify", value, " | ".join(repr(m) for m in VERIFY_MODES))
+    if not any(value is mode for mode in VERIFY_MODES[:2]) and not (isinstance(value, str) and value == "forward"):
+        raise _bad("verify", value, " | ".join(repr(m) for m in VERIFY_MODES), source)
     return value
 
 
 def _kernels(value: Any) -> tuple[str, ...]:
     allowed = '"auto" or a list of ' + ", ".join(repr(k) for k in KERNEL_FAMILIES)
-    if value == "auto":
+    if isinstance(value, str) and value == "auto":
         return KERNEL_FAMILIES
     if isinstance(value, str):
         value = (value,)
@@ -126,7 +151,7 @@ def _approximate(value: Any) -> Mapping[str, Any] | None:
         raise _bad("approximate", value, allowed)
     for key in value:
         if key not in _APPROX_KEYS:
-            raise _bad(f"approximate.{key}", value[key], ", ".join(_APPROX_KEYS))
+            raise _bad(f"approximate.{key}", value[key], "one of the keys " + ", ".join(_APPROX_KEYS))
     err = value.get("max_rel_error")
     if not isinstance(err, (int, float)) or isinstance(err, bool) or not 0 < err < 1:
         raise _bad("approximate.max_rel_error", err, "a float in (0, 1)")
@@ -149,24 +174,36 @@ def _settings(key: str, value: Any, defaults: Mapping[str, int]) -> dict[str, in
     out = dict(defaults)
     for name, v in value.items():
         if name not in defaults:
-            raise _bad(f"{key}.{name}", v, ", ".join(defaults))
-        low = 0 if name in ("seed", "sink", "local") else 1
-        if not isinstance(v, int) or isinstance(v, bool) or v < low:
-            raise _bad(f"{key}.{name}", v, f"an int >= {low}")
+            raise _bad(f"{key}.{name}", v, "one of the keys " + ", ".join(defaults))
+        low, step = _SETTING_RULES.get((key, name), (0 if name in ("seed", "sink", "local") else 1, 1))
+        if not isinstance(v, int) or isinstance(v, bool) or v < low or v % step:
+            raise _bad(f"{key}.{name}", v, f"an int >= {low}" + (f", a multiple of {step}" if step > 1 else ""))
         out[name] = v
     return out
 
 
 def _device(value: Any) -> str | DeviceSpec:
-    if isinstance(value, DeviceSpec) or value == "auto" or value in PRESETS:
+    allowed = '"auto", a DeviceSpec, a spec JSON file, or one of ' + ", ".join(repr(p) for p in PRESETS)
+    if isinstance(value, DeviceSpec) or (isinstance(value, str) and (value == "auto" or value in PRESETS)):
         return value
     if isinstance(value, (str, os.PathLike)) and (os.fspath(value).endswith(".json") or os.path.isfile(value)):
-        return DeviceSpec.load(value)  # a calibrated spec (python -m attnfuse calibrate); raises if bad
-    raise _bad("device", value, '"auto", a DeviceSpec, a spec JSON file, or one of ' + ", ".join(
-        repr(p) for p in PRESETS))
+        try:  # a calibrated spec (python -m attnfuse calibrate)
+            return DeviceSpec.load(value)
+        except (OSError, TypeError, ValueError) as exc:
+            raise ValueError(f"attnfuse option 'device': {exc}; allowed: {allowed}") from None
+    raise _bad("device", value, allowed)
 
 
-def _report(value: Any) -> str | None:
-    if value is None or isinstance(value, (str, os.PathLike)):
-        return None if value is None else os.fspath(value)
-    raise _bad("report", value, "None or a file path (str / os.PathLike)")
+def _report(value: Any, source: str = "") -> str | None:
+    """None, or the path the JSON report is written to: a file (new or not) in a directory that exists."""
+    allowed = "None or a file path (str / os.PathLike) in an existing directory"
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise _bad("report", value, allowed, source)
+    path = os.fspath(value)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        what = "is a directory" if os.path.isdir(path) else f"directory {folder!r} does not exist"
+        raise _bad("report", value, f"{allowed} ({path!r} {what})", source)
+    return path

@@ -1,14 +1,16 @@
 """The audit report: one `Site` per attention region found, fused or not.
 
 `Report.to_json()` / `Report.load()` round-trip exactly; `str(report)` is a
-table.  The backend also emits the report as a ``trace_structured`` artifact
-named ``attnfuse_report`` so it shows in tlparse output.
+table.  Site ids follow the user's source (`in_source_order`), graph by graph.
+The backend also emits the report as a ``trace_structured`` artifact named
+``attnfuse_report`` so it shows in tlparse output.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 from typing import Any
 
@@ -35,7 +37,9 @@ class Site:
     candidates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     error: float | None = None
     table: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # dynamic lengths: range -> kernel
-    subgraph: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # "before" / "after": one line a node
+    # "before": one line a node of the region (a skipped site's too: the matched region, or for a near miss the
+    # nodes the matcher looked at, `passes._nearmiss`); "after": the fused site's rewrite
+    subgraph: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     verify: dict[str, Any] | None = None  # options["verify"]: errors vs float64, grads, sampled, passed (passes/verify)
 
 
@@ -114,6 +118,26 @@ class Report:
         if self.device:
             summary += f" (device: {self.device})"
         return "\n".join([summary, *lines, *(f"note: {n}" for n in self.notes)])
+
+
+def _source_key(source: str) -> tuple[str, float]:
+    """``"file.py:57"`` -> ("file.py", 57); a source without a line -> (source, inf)."""
+    file, _, line = source.rpartition(":")
+    return (file, int(line)) if file and line.isdigit() else (source, math.inf)
+
+
+def in_source_order(sites: list[Site]) -> list[Site]:
+    """``sites`` of one graph, given in graph order, sorted into the order of the user's source.
+
+    Files come in the order the graph first reaches them (a ``Site.source`` names a file, not its path, so
+    no order between files is better defined), lines ascend within a file, and sites on the same line (the
+    layers of a model share one attention line) or with no source keep graph order.  Sites of several
+    graphs (graph breaks) are numbered graph by graph (`Report.merge`), so the graph comes first.
+    """
+    rank: dict[str, int] = {}
+    for s in sites:
+        rank.setdefault(_source_key(s.source)[0], len(rank))
+    return sorted(sites, key=lambda s: (rank[_source_key(s.source)[0]], _source_key(s.source)[1]))
 
 
 def last_report() -> Report | None:

@@ -210,12 +210,14 @@ def _mask(graph: fx.Graph, m: AttentionMatch) -> tuple[fx.Node | None, float | N
     return x, (m.masks[0].fill if kind == "keep" else None)
 
 
-def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
+def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> fx.Node | None:
+    """Emit the op for ``m`` before its output and send the output's users to it; the op's result node (None
+    for an MHA call, whose target is swapped in place)."""
     if m.form == "mha":
         from .. import _mha
 
         m.anchor.target = _mha.encoder_layer if m.pattern == "transformer_encoder_layer" else _mha.forward
-        return
+        return None
     from .. import ops
 
     qs = _shape(m.q)
@@ -284,6 +286,7 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> None:
         if _stride_sensitive(m.output):
             out = _eager_layout(graph, out, val(m.output), copy=_written(m.output))
     m.output.replace_all_uses_with(out)
+    return out
 
 
 # consumers that read values only and return a fresh tensor in the default layout
@@ -399,12 +402,18 @@ def rewrite(gm: fx.GraphModule, matches: list[AttentionMatch]) -> fx.GraphModule
     """
     from .. import ops  # noqa: F401 - registers torch.ops.attnfuse
 
-    emitted = []
+    emitted, outs = [], []
     for m in matches:
         seen = set(gm.graph.nodes)
-        _rewrite_one(gm.graph, m)
+        outs.append(_rewrite_one(gm.graph, m))
         new = [n for n in gm.graph.nodes if n not in seen] or [m.anchor]
         emitted.append(new)
+    # A later site may read an earlier one's output as an operand (``q = attention(q, k, v)``): its op was
+    # emitted after that output's users were redirected, so it still reads the replaced node.  Each op sits
+    # just before its own output, and a reader of that output comes after it, so redirecting again is sound.
+    for m, out in zip(matches, outs):
+        if out is not None and m.output.users:
+            m.output.replace_all_uses_with(out)
     _remove_replaced(gm.graph, {n for m in matches if m.form != "mha" for n in (*m.region, m.anchor, m.output)})
     gm.graph.lint()
     gm.recompile()
