@@ -196,3 +196,20 @@ def test_torch_logs_switches_the_logger_on(tmp_path, torch_logs):
         ("I", "attnfuse: graph 1: 0 of 1 attention sites fused; a pass failed, the graph runs unchanged"),
         ("I", f"attnfuse: graph 1: skipped site 0 in <top-level module> at logged.py:{_line(SCRIPT, '@ v')}: a pass "
               "failed on this graph; it runs unchanged")]
+
+
+def test_verify_that_cannot_run_warns(caplog, monkeypatch):
+    """verify=True on a graph it cannot replay: the site stays fused, unverified, with a WARNING (not silent)."""
+    from attnfuse.passes import verify
+
+    caplog.set_level(logging.INFO, logger="attnfuse")
+    monkeypatch.setattr(verify, "capture", _boom)
+    q, k, v = _inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(Attn(), backend="attnfuse", options={"inner": "eager", "verify": True})
+    torch.testing.assert_close(compiled(q, k, v), Attn()(q, k, v), rtol=1e-12, atol=1e-12)
+    (warning,) = [r for r in _records(caplog, logging.WARNING)]
+    assert warning.name == "attnfuse.passes.verify"
+    assert warning.getMessage() == ("attnfuse: verify could not run the graph on the example inputs (RuntimeError: "
+                                    "injected pass bug\nsecond line); its 1 fused site(s) are unverified")
+    assert len(attnfuse.last_report().fused) == 1

@@ -20,6 +20,7 @@ clones every input an in-place op writes first, so the user's tensors are not up
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,6 +30,8 @@ import torch.fx as fx
 
 from .effects import capture
 from .match import AttentionMatch
+
+log = logging.getLogger(__name__)
 
 
 def _eligible(m: AttentionMatch) -> str | None:
@@ -143,6 +146,8 @@ def verdicts(gm: fx.GraphModule, sites: Sequence[tuple[AttentionMatch, Mapping[s
     except Exception as exc:  # the user's graph must never break because calibration could not run
         for i, _, f, _ in todo:
             out[i]["rejected"][f] = f"calibration could not run the graph on the example inputs ({exc})"
+        log.warning("attnfuse: calibrating the approximate kernels could not run the graph on the example inputs "
+                    "(%s: %s); %d site(s) stay exact", type(exc).__name__, str(exc)[:300], len({i for i, *_ in todo}))
         return out
     for i, m, f, causal in todo:
         q, k, v = _op_inputs(m, values)

@@ -42,6 +42,7 @@ padding mask with an empty row that the example does not have), values that over
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -53,6 +54,8 @@ import torch.fx as fx
 from .canonicalize import val
 from .effects import capture
 from .match import AttentionMatch, _Graph
+
+log = logging.getLogger(__name__)
 
 SAMPLE_ELEMENTS = 1 << 20  # score elements a sampled site evaluates
 WHOLE_ELEMENTS = 1 << 24  # the most a site is evaluated whole when no sample can be taken
@@ -369,6 +372,8 @@ def verify(gm: fx.GraphModule, chosen: list[tuple[AttentionMatch, Any]], example
         captured = capture(gm, {s for r in regions for s in r.sources}, example_inputs)
     except Exception as exc:  # noqa: BLE001 - the user's graph must never break because a check could not run
         report.notes.append(f"verify: not run ({exc}); the fused sites are unverified")
+        log.warning("attnfuse: verify could not run the graph on the example inputs (%s: %s); its %d fused "
+                    "site(s) are unverified", type(exc).__name__, str(exc)[:300], len(chosen))
         return chosen
     devices = _devices(list(example_inputs))
     policy = getattr(config, "approximate", None)
@@ -383,6 +388,8 @@ def verify(gm: fx.GraphModule, chosen: list[tuple[AttentionMatch, Any]], example
                 record = _verify_site(gm, r, values, backward, budget)
         except Exception as exc:
             record = {"skipped": f"verification failed to run ({type(exc).__name__}: {exc})"[:300]}
+            log.warning("attnfuse: verify could not check the site in %s at %s: %s; it stays fused, unverified",
+                        site.module or "<top-level module>", site.source or "<unknown line>", record["skipped"])
         why = record.pop("why", None)
         record["passed"] = None if "skipped" in record else why is None
         if backward and "skipped" not in record:
