@@ -39,7 +39,9 @@ Device dispatch:
   (no softcap, no dropout, equal q/v head dims, finite inputs) and the blocked
   reference otherwise; the backward is the blocked reference.  Structured masks
   run `attnfuse.kernels.tiled` (band tiles only: O(N*w) time and memory), forward
-  and backward.
+  and backward.  Under ``torch.compile`` the fused-kernel path is traced into the graph
+  (`attnfuse._cpu_graph`: ``torch.cond`` of SDPA and the op, on finite inputs), so a
+  compiled call pays no Python dispatch.
 * float64 and head dims above 256 take the reference on every device.
 """
 
@@ -84,8 +86,8 @@ def _dead_rows(mask, causal, lq, lk):
         return None
     if causal:
         keep = keep & torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril()
-    dead = ~keep.any(-1, keepdim=True)
-    return dead if bool(dead.any()) else None
+    alive = keep.any(-1, keepdim=True)
+    return None if bool(alive.all()) else ~alive
 
 
 def _fast_ok(q, k, v, mask, softcap, dropout_p) -> bool:
@@ -104,7 +106,7 @@ def _all_finite(x: torch.Tensor) -> bool:
     # One reduction, no temporary: NaN/Inf anywhere make the sum non-finite. An overflowing sum
     # of finite values is a false alarm that only sends the call to the (exact) reference path.
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return bool(torch.isfinite(x.sum(dtype=acc)))
+    return math.isfinite(float(x.sum(dtype=acc)))  # a host float: no isfinite kernel per call
 
 
 def _sdpa_mask(mask, causal, lq, lk):
@@ -288,15 +290,23 @@ def _(q, k, v, mask=None, seed=None, alibi=None, sinks=None, *, scale=None, caus
 
 def _traceable_cuda(mode, op, types, args, kwargs):
     """Under ``FunctionalTensorMode`` (AOTAutograd), run the CUDA implementation itself so that its
-    Triton launches are traced (``wrap_triton``) and Inductor sees the kernels; elsewhere (CPU,
-    ``torch.export``) the op stays one opaque node.  This is what ``torch.library.triton_op`` does,
-    for the CUDA path only."""
+    Triton launches are traced (``wrap_triton``) and Inductor sees the kernels; on the CPU, trace the
+    fused-SDPA path as graph ops where it applies (`attnfuse._cpu_graph`: no per-call Python); elsewhere
+    (``torch.export``, the CPU's other paths) the op stays one opaque node.  This is what
+    ``torch.library.triton_op`` does, for the CUDA path."""
     try:
         from torch.export._trace import custom_triton_ops_decomposition_disabled
     except ImportError:  # older torch: export has no such switch
         custom_triton_ops_decomposition_disabled = lambda: False
 
     plain = (torch.Tensor, torch._subclasses.FakeTensor, torch._subclasses.functional_tensor.FunctionalTensor)
+    if (op is not _BWD and not args[0].is_cuda and not custom_triton_ops_decomposition_disabled()
+            and all(issubclass(t, plain) for t in types)):
+        from . import _cpu_graph  # CPU: the fused-SDPA path as graph ops where it applies (no per-call Python)
+
+        traced = _cpu_graph.forward(mode, args, kwargs)
+        if traced is not None:
+            return traced
     if (custom_triton_ops_decomposition_disabled() or any(not issubclass(t, plain) for t in types)
             or not args[0].is_cuda or not (args[5].numel() if op is _BWD else _use_flash(*args[:3]))
             or kwargs.get("approx")):  # a per-call kernel table: the op stays whole and chooses at run time
@@ -409,6 +419,12 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
                          "form to zero dead rows of; call attnfuse.attention with window_pad=True instead")
     if mask is None:
         return attend(q, k, v, mask, seed, alibi, **kwargs)
+    if alibi is None:  # compiling for CPU: PyTorch's SDPA itself where it applies (`attnfuse._cpu_graph`)
+        from . import _cpu_graph
+
+        traced = _cpu_graph.attention_sdpa(q, k, v, mask, kwargs)
+        if traced is not None:
+            return traced
     keep = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
     left, right = kwargs.get("window_left", -1), kwargs.get("window_right", -1)
     if kwargs.get("causal", False):
