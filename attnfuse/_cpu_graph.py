@@ -45,7 +45,18 @@ def _static_fast(a: dict[str, Any]) -> bool:
                                                             a["block_sparse"])
             and a["softcap"] == 0 and a["dropout_p"] == 0 and q.shape[-1] == v.shape[-1]
             and q.dtype in ops._FAST_DTYPES
-            and (mask is None or mask.dtype == torch.bool or mask.dtype == q.dtype))
+            and (mask is None or mask.dtype == torch.bool or mask.dtype == q.dtype) and _plain_sizes(q, k, v, mask))
+
+
+def _plain_sizes(*xs: torch.Tensor | None) -> bool:
+    """Every size of ``xs`` is an int or a bare symbol.  A size that is an expression of symbols (``s0*s1``, a
+    folded batch) is declined: Inductor (torch 2.13) fails to generate a cond subgraph whose operand sizes are
+    such products ("expected [s0, s1] to have been codegen-ed"); the op then stays one node."""
+    for x in xs:
+        for size in () if x is None else x.shape:
+            if isinstance(size, torch.SymInt) and not size.node.expr.is_Symbol:
+                return False
+    return True
 
 
 def _finite(*xs: torch.Tensor) -> torch.Tensor:

@@ -251,3 +251,23 @@ def test_decode_step_through_the_backend_calls_sdpa_in_the_inductor_code():
     assert "_scaled_dot_product_flash_attention_for_cpu" in code and ".item()" in main
     assert "torch.ops.attnfuse.attention.default" not in main
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_folded_symbolic_sizes_keep_the_op_whole():
+    """Heads folded into a symbolic batch (``B * H`` with dynamic sizes): Inductor cannot generate a cond whose
+    operand sizes are products of symbols, so the op stays whole there, and the compiled function equals eager
+    (a differential-fuzzer case that crashed Inductor)."""
+    def f(q, k, v, keep):
+        B, H, Lq, D = q.shape
+        q, k, v = q.reshape(B * H, Lq, D), k.reshape(B * H, -1, D), v.reshape(B * H, -1, D)
+        s = torch.where(keep, torch.bmm(q, k.transpose(1, 2)), float("-inf"))
+        return torch.bmm(s.softmax(-1), v).view(B, H, Lq, D)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="attnfuse", dynamic=True)
+    for lq in (1, 13):
+        q, k, v = torch.randn(2, 3, lq, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+        keep = torch.rand(lq, 7) > 0.3
+        keep[:, 0] = True
+        torch.testing.assert_close(compiled(q, k, v, keep), f(q, k, v, keep), rtol=2e-6, atol=2e-6)
+    assert len(attnfuse.last_report().fused) == 1

@@ -99,8 +99,15 @@ def test_backward_traces_to_the_triton_kernels():
     assert _ops(gm) == []
 
 
-def test_cpu_stays_one_opaque_op():
+def test_cpu_traces_sdpa_with_the_opaque_op_as_fallback():
+    """On CPU no Triton kernel is traced: the fused-SDPA path becomes graph ops (`attnfuse._cpu_graph`), a
+    ``cond`` on the inputs' finiteness whose fallback branch is the op kept whole."""
     q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
     gm = make_fx(dispatch_functionalize(lambda q, k, v: ops.attend(q, k, v)))(q, k, v)
-    assert _ops(gm) == ["attnfuse.attention.default"]
     assert _kernels(gm) == []
+    assert _ops(gm) == []
+    assert [n.target for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond] == [
+        torch.ops.higher_order.cond]
+    assert _ops(gm.false_graph_0) == ["attnfuse.attention.default"]
+    assert any("scaled_dot_product" in str(n.target) for n in gm.true_graph_0.graph.nodes)
+    torch.testing.assert_close(gm(q, k, v), ops.attend(q, k, v))
