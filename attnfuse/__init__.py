@@ -14,7 +14,7 @@ import torch
 
 from . import ops  # noqa: F401 - registers torch.ops.attnfuse.*
 from .config import Config
-from .costmodel import DeviceSpec
+from .device import DeviceSpec
 from .export import export, rewrite
 from .report import Report, Site, last_report
 

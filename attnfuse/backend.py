@@ -24,8 +24,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import _logs, costmodel, ops  # noqa: F401 - ops registers torch.ops.attnfuse
+from . import _logs, ops  # noqa: F401 - ops registers torch.ops.attnfuse
 from .config import Config
+from .costmodel import plan as planner
 from .passes import _local, _nearmiss, approximate, canonicalize, masks, match, rewrite, verify
 from .passes.canonicalize import val
 from .passes.match import _eq, _hint, _shape
@@ -127,7 +128,7 @@ def _source(node: fx.Node | None) -> str:
     return f"{os.path.basename(file)}:{line}"
 
 
-def _fused_site(m: match.AttentionMatch, mask_info: dict, plan: costmodel.Plan) -> Site:
+def _fused_site(m: match.AttentionMatch, mask_info: dict, plan: planner.Plan) -> Site:
     qs, ks, vs = (_shape(o) for o in (m.q, m.k, m.v))
     dtype = val(m.q.node).dtype
     return Site(
@@ -240,13 +241,13 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Co
     chosen, entries = [], []  # entries: (anchor, site) of every site, numbered in source order at the end
     for (m, mask_info, structure), verdict in zip(sites, verdicts):
         shape = _mha_shape(m) if m.form == "mha" else _plan_shape(m)
-        plan = costmodel.plan({**shape, "causal": m.causal}, spec, config.kernels, structure=structure,
+        plan = planner.plan({**shape, "causal": m.causal}, spec, config.kernels, structure=structure,
                               approx=verdict, dynamic=_dynamic(m))
         if plan.kernel != "eager":
             m = dataclasses.replace(m, approx=plan.op_table(verdict["params"] if verdict else None))
         site = _fused_site(m, mask_info, plan)
         entries.append((m.anchor, site))
-        if plan.kernel in costmodel.APPROXIMATE:
+        if plan.kernel in planner.APPROXIMATE:
             site.config = dict(verdict["params"][plan.kernel])
         site.error = (verdict or {}).get("errors", {}).get(plan.kernel)
         site.table = plan.table

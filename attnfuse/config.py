@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .costmodel import LSH_DEFAULTS, TOPK_DEFAULTS
+from .costmodel.plan import LSH_DEFAULTS, TOPK_DEFAULTS
 from .device import PRESETS, DeviceSpec
 
 KERNEL_FAMILIES = ("flash", "window", "blocksparse", "topk", "lsh")

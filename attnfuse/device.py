@@ -16,6 +16,7 @@ Every field is validated on construction; a bad value raises ``ValueError`` nami
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -137,7 +138,7 @@ class DeviceSpec:
         """The spec of the current CUDA device (properties measured by the driver, rates from the preset of
         its family), or the CPU preset with this machine's core count."""
         if torch.cuda.is_available():
-            return _cuda_spec(torch.cuda.current_device())
+            return cuda_spec(torch.cuda.current_device())
         return dataclasses.replace(PRESETS["cpu"], sms=max(1, os.cpu_count() or 1))
 
 
@@ -174,7 +175,9 @@ def _family(name: str, major: int) -> DeviceSpec:
     return PRESETS["h100"] if major >= 9 else PRESETS["a100"]
 
 
-def _cuda_spec(index: int) -> DeviceSpec:
+@functools.cache
+def cuda_spec(index: int) -> DeviceSpec:
+    """The spec of CUDA device ``index``: its measured properties, the rates of its family's preset."""
     props = torch.cuda.get_device_properties(index)
     base = _family(props.name, props.major)
     per_block = int(getattr(props, "shared_memory_per_block_optin", 0) or base.smem_per_block)
@@ -185,3 +188,11 @@ def _cuda_spec(index: int) -> DeviceSpec:
         base, name=props.name, sms=props.multi_processor_count, smem_per_block=min(per_block, max(per_sm, 1)),
         smem_per_sm=max(per_sm, 1), l2_bytes=l2, matmul_flops=tuple((k, r * scale) for k, r in base.matmul_flops),
         exp_per_s=base.exp_per_s * scale)
+
+
+def spec_for(t: torch.Tensor) -> DeviceSpec:
+    """The spec a launch on ``t``'s device runs under: its CUDA device's, else the CPU preset (the interpreter,
+    or fake CUDA tensors in tests: any tile fits)."""
+    if t.is_cuda and torch.cuda.is_available():
+        return cuda_spec(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return PRESETS["cpu"]

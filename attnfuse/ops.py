@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from .kernels import flash, reference, tiled
+from .kernels import _launch, flash, reference, tiled
 from .kernels.reference import sink_error, window_pad_error
 
 _NEG_INF = float("-inf")
@@ -317,7 +317,7 @@ def _traceable_cuda(mode, op, types, args, kwargs):
 
 def _use_flash(q, k, v) -> bool:
     """Whether the Triton kernels run these tensors (CUDA, or CPU under the Triton interpreter)."""
-    return q.dtype != torch.float64 and flash.supported(q, k, v) is None
+    return q.dtype != torch.float64 and _launch.supported(q, k, v) is None
 
 
 def _no_stats(q):

@@ -7,7 +7,7 @@ Shapes: bf16, batch 4, 4096 tokens, model dim 2048 (d128: 16 heads, d64: 32), ca
 `attnfuse.kernels.flash.backward` (median of `triton.testing.do_bench`) for one (deterministic, config); the
 config marked ``*`` is the launcher's own pick.  SDPA's flash backward on the same inputs is the yardstick.
 This sweep is where the launcher's backward defaults come from: dQ in its own pass (``deterministic=True``)
-and the backward register budget in `flash._REGS_PER_THREAD`.
+and the backward register budget in `tiles._REGS_PER_THREAD`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import datetime
 import itertools
 import json
 import pathlib
+
+from attnfuse.costmodel import tiles
+from attnfuse.kernels import _launch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHAPES = [(128, False), (128, True), (64, False)]
@@ -40,8 +43,8 @@ def measure() -> dict:
         o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
         sdpa[f"d{d} causal={causal}"] = do_bench(lambda: torch.autograd.grad(o, (qs, ks, vs), g, retain_graph=True),
                                                  return_mode="median")
-        default = flash.pick("bwd", n, n, b * h, d, d, 2, flash._spec_for(q))
-        for det, cfg in itertools.product((False, True), [None] + [flash.TileConfig(*c) for c in CONFIGS]):
+        default = tiles.pick("bwd", n, n, b * h, d, d, 2, _launch.spec_for(q))
+        for det, cfg in itertools.product((False, True), [None] + [tiles.TileConfig(*c) for c in CONFIGS]):
             def run():
                 return flash.backward(g, q, k, v, out, stats, causal=causal, deterministic=det, config=cfg)
 

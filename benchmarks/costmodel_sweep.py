@@ -8,14 +8,14 @@ Shapes (40): bf16 at seq 512..32k, head dim 64/128, causal and not, model dim 20
 tokens per batch (batch = max(1, 16384 // seq)); fp16 at seq 1k/4k/16k, head dim 64/128, causal and not, model
 dim 1024 and 8k tokens (fewer programs: wave quantization matters).  ``--smoke`` runs 2 shapes.
 
-For each shape and each config of ``flash.kept_configs(kind, d, d, elem, spec)`` (``spec =
+For each shape and each config of ``tiles.kept_configs(kind, d, d, elem, spec)`` (``spec =
 DeviceSpec.detect()``): the measured time (``triton.testing.do_bench``, median, ``--rep-ms`` of repetitions)
 of ``flash.forward(q, k, v, causal=..., config=cfg, splits=1)`` (``--bwd`` adds ``flash.backward(...,
-config=cfg)`` on the bf16 shapes), and the cost model's prediction ``flash.estimate_s(cfg, kind, rows, kv_len,
-bh_kv, d, d, elem, spec, groups=groups, window=flash.band((-1, -1), causal))`` (rows = q_len * groups,
+config=cfg)`` on the bf16 shapes), and the cost model's prediction ``tiles.estimate_s(cfg, kind, rows, kv_len,
+bh_kv, d, d, elem, spec, groups=groups, window=tiles.band((-1, -1), causal))`` (rows = q_len * groups,
 bh_kv = batch * kv heads; a causal launch visits the tiles on and below the diagonal, as
 `attnfuse.costmodel` estimates a site).  ``predicted_dense_s`` is the same call without the band.  The chosen
-config is ``flash.pick(kind, rows, kv_len, bh_kv, d, d, elem, spec, 0, groups, band)``, what the launcher runs
+config is ``tiles.pick(kind, rows, kv_len, bh_kv, d, d, elem, spec, 0, groups, band)``, what the launcher runs
 (it ranks a causal launch by the tiles it visits).  A config that fails to compile or run is
 recorded with its error.  Shapes left when ``--budget-s`` runs out are recorded as skipped.
 
@@ -41,6 +41,8 @@ from tqdm import tqdm
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_attention as _ba  # noqa: E402 - GPU name tags
+
+from attnfuse.costmodel import tiles  # noqa: E402
 
 PRED_TOL, PICK_TOL, SHARE = 0.25, 0.10, 0.90
 NEEDS_GPU = "costmodel_sweep.py needs a CUDA GPU"
@@ -242,15 +244,15 @@ def measure_shape(shape: dict[str, Any], kind: str, spec, rep_ms: float, warmup_
     q = torch.randn(b, h, n, d, device="cuda", dtype=dtype, generator=gen)
     k, v = (torch.randn(b, hk, n, d, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
     grad = torch.randn_like(q) if kind == "bwd" else None
-    visits = flash.band((-1, -1), causal)
-    chosen = flash.pick(kind, rows, n, bh_kv, d, d, elem, spec, 0, groups, visits)
+    visits = tiles.band((-1, -1), causal)
+    chosen = tiles.pick(kind, rows, n, bh_kv, d, d, elem, spec, 0, groups, visits)
     fwd = flash.forward(q, k, v, causal=causal, splits=1) if kind == "bwd" else None  # what the backward reads
     out_rows = []
-    for cfg in flash.kept_configs(kind, d, d, elem, spec):
+    for cfg in tiles.kept_configs(kind, d, d, elem, spec):
         row = {"kind": kind, "shape": shape_key(shape), **shape, "config": str(cfg), "chosen": cfg == chosen,
-               "predicted_s": flash.estimate_s(cfg, kind, rows, n, bh_kv, d, d, elem, spec, groups=groups,
+               "predicted_s": tiles.estimate_s(cfg, kind, rows, n, bh_kv, d, d, elem, spec, groups=groups,
                                                window=visits),
-               "predicted_dense_s": flash.estimate_s(cfg, kind, rows, n, bh_kv, d, d, elem, spec)}
+               "predicted_dense_s": tiles.estimate_s(cfg, kind, rows, n, bh_kv, d, d, elem, spec)}
         try:
             if kind == "fwd":
                 fn = lambda cfg=cfg: flash.forward(q, k, v, causal=causal, config=cfg, splits=1)
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import triton
 
-    from attnfuse.costmodel import DeviceSpec
+    from attnfuse.device import DeviceSpec
 
     spec = DeviceSpec.detect()
     gpu = torch.cuda.get_device_name(0)
@@ -321,11 +323,11 @@ def main(argv: list[str] | None = None) -> int:
            "torch": torch.__version__, "triton": triton.__version__,
            "setup": {"rep_ms": args.rep_ms, "warmup_ms": args.warmup_ms, "budget_s": args.budget_s,
                      "bwd": args.bwd, "smoke": args.smoke, "splits": 1,
-                     "predicted": "flash.estimate_s(cfg, kind, rows, kv_len, bh_kv, d, d, elem, spec, groups, "
-                                  "window=flash.band((-1, -1), causal)); predicted_dense_s: without the band",
+                     "predicted": "tiles.estimate_s(cfg, kind, rows, kv_len, bh_kv, d, d, elem, spec, groups, "
+                                  "window=tiles.band((-1, -1), causal)); predicted_dense_s: without the band",
                      "measured": "triton.testing.do_bench median of flash.forward(..., config=cfg, splits=1) "
                                  "(bwd: flash.backward(..., config=cfg))",
-                     "chosen": "flash.pick(kind, rows, kv_len, bh_kv, d, d, elem, spec, 0, groups, band)"},
+                     "chosen": "tiles.pick(kind, rows, kv_len, bh_kv, d, d, elem, spec, 0, groups, band)"},
            "elapsed_s": round(time.perf_counter() - t0, 1), "rows": rows,
            "command": " ".join(["benchmarks/costmodel_sweep.py", *(argv if argv is not None else sys.argv[1:])])}
     png_path = json_path.with_suffix(".png")

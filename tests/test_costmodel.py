@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from attnfuse import Config, costmodel
+from attnfuse import Config
+from attnfuse.costmodel import plan as planner
+from attnfuse.costmodel import tiles
 from attnfuse.device import PRESETS, DeviceSpec
-from attnfuse.kernels import flash
 
 ALL = ("flash", "window", "blocksparse", "topk", "lsh")
 CALIBRATED = {"rejected": {}, "errors": {"topk": 0.01, "lsh": 0.01}, "params": {"topk": {}, "lsh": {}}}
@@ -33,7 +34,7 @@ def test_estimates_are_monotone_in_sequence_length(spec_name, family):
     structure = {"window": (256, 0), "causal": True, "block_sparse": True, "density": 0.3}
     prev = None
     for seq in SEQS:
-        _, est = costmodel.estimate_family(family, _shape(seq), spec, structure=structure, causal=True)
+        _, est = planner.estimate_family(family, _shape(seq), spec, structure=structure, causal=True)
         assert est.time_s > 0 and est.flops > 0 and est.hbm_bytes > 0
         if prev is not None:
             for field in ("time_s", "flops", "hbm_bytes", "exp_ops"):
@@ -42,10 +43,10 @@ def test_estimates_are_monotone_in_sequence_length(spec_name, family):
 
 
 @pytest.mark.parametrize("kind", ["fwd", "bwd"])
-@pytest.mark.parametrize("cfg", flash.CONFIGS[::3])
+@pytest.mark.parametrize("cfg", tiles.CONFIGS[::3])
 def test_tile_estimate_is_monotone_for_every_config(kind, cfg):
     spec = PRESETS["h100"]
-    times = [flash.estimate(cfg, kind, seq, seq, 16, 128, 128, 2, spec) for seq in SEQS]
+    times = [tiles.estimate(cfg, kind, seq, seq, 16, 128, 128, 2, spec) for seq in SEQS]
     assert all(b.time_s >= a.time_s and b.hbm_bytes >= a.hbm_bytes for a, b in zip(times, times[1:]))
     assert all(e.exp_ops == pytest.approx(e.flops / (4 * 128) / {"fwd": 1, "bwd": 3.5 / 2}[kind]) for e in times)
 
@@ -61,9 +62,9 @@ def test_larger_sram_never_raises_the_chosen_tiles_hbm_bytes(d, seq):
     prev = None
     for kib in (48, 64, 100, 164, 228):
         spec = _with_smem(PRESETS["h100"], kib)
-        cfg = flash.pick("fwd", seq, seq, 16, d, d, 2, spec)
-        assert flash.smem_bytes(cfg, "fwd", d, d, 2) <= spec.smem_per_block
-        hbm = flash.estimate(cfg, "fwd", seq, seq, 16, d, d, 2, spec).hbm_bytes
+        cfg = tiles.pick("fwd", seq, seq, 16, d, d, 2, spec)
+        assert tiles.smem_bytes(cfg, "fwd", d, d, 2) <= spec.smem_per_block
+        hbm = tiles.estimate(cfg, "fwd", seq, seq, 16, d, d, 2, spec).hbm_bytes
         if prev is not None:
             assert hbm <= prev, (kib, cfg)
         prev = hbm
@@ -74,8 +75,8 @@ def test_hbm_bytes_follow_the_io_bound():
     spec = dataclasses.replace(PRESETS["h100"], l2_bytes=1)  # no L2 reuse: every re-read from HBM
     n, d = 16384, 128
     once = 16 * 2 * n * 2 * d * 2
-    small = flash.estimate(flash.TileConfig(64, 64, 4, 2), "fwd", n, n, 16, d, d, 2, spec).hbm_bytes - once
-    large = flash.estimate(flash.TileConfig(128, 64, 8, 2), "fwd", n, n, 16, d, d, 2, spec).hbm_bytes - once
+    small = tiles.estimate(tiles.TileConfig(64, 64, 4, 2), "fwd", n, n, 16, d, d, 2, spec).hbm_bytes - once
+    large = tiles.estimate(tiles.TileConfig(128, 64, 8, 2), "fwd", n, n, 16, d, d, 2, spec).hbm_bytes - once
     assert small == pytest.approx(2 * large, rel=0.01)
 
 
@@ -84,7 +85,7 @@ def test_hbm_bytes_follow_the_io_bound():
 def test_the_cheapest_allowed_candidate_wins(spec_name, seq):
     spec = PRESETS[spec_name]
     for structure in ({}, {"window": (1024, 0), "causal": True}):
-        p = costmodel.plan(_shape(seq), spec, ALL, structure=structure, approx=CALIBRATED)
+        p = planner.plan(_shape(seq), spec, ALL, structure=structure, approx=CALIBRATED)
         allowed = [c for c in p.candidates if c["est_time_s"] is not None and (
             c["rejected"] is None or c["rejected"].startswith("estimated"))]
         best = min(allowed, key=lambda c: c["est_time_s"])
@@ -98,10 +99,10 @@ def test_window_and_topk_are_preferred_exactly_where_their_estimate_is_lower():
     spec = PRESETS["h100"]
     chose = {}
     for seq in SEQS:
-        window = costmodel.plan(_shape(seq), spec, ALL, structure={"window": (512, 0), "causal": True})
+        window = planner.plan(_shape(seq), spec, ALL, structure={"window": (512, 0), "causal": True})
         est = {c["kernel"]: c["est_time_s"] for c in window.candidates}
         assert (window.kernel == "window") == (est["window"] <= est["flash"])
-        topk = costmodel.plan(_shape(seq), spec, ALL, approx=CALIBRATED)
+        topk = planner.plan(_shape(seq), spec, ALL, approx=CALIBRATED)
         est = {c["kernel"]: c["est_time_s"] for c in topk.candidates}
         assert (topk.kernel == "topk") == (est["topk"] < min(est["flash"], est["lsh"]))
         chose[seq] = topk.kernel
@@ -110,26 +111,26 @@ def test_window_and_topk_are_preferred_exactly_where_their_estimate_is_lower():
 
 def test_approximate_kernels_need_the_opt_in_and_a_calibration():
     spec = PRESETS["h100"]
-    plain = costmodel.plan(_shape(65536), spec, ALL)
+    plain = planner.plan(_shape(65536), spec, ALL)
     assert plain.kernel == "flash"
     rows = {c["kernel"]: c for c in plain.candidates}
     assert "opt-in" in rows["topk"]["rejected"] and rows["topk"]["est_time_s"] < rows["flash"]["est_time_s"]
     too_big = {"rejected": {"topk": "calibrated error 0.3 exceeds max_rel_error 0.02", "lsh": "x"},
                "errors": {"topk": 0.3}, "params": {}}
-    p = costmodel.plan(_shape(65536), spec, ALL, approx=too_big)
+    p = planner.plan(_shape(65536), spec, ALL, approx=too_big)
     rows = {c["kernel"]: c for c in p.candidates}
     assert p.kernel == "flash" and rows["topk"]["error"] == 0.3 and "0.3" in rows["topk"]["rejected"]
 
 
 def test_excluded_kernels_fall_back_and_say_why():
-    p = costmodel.plan(_shape(1024), PRESETS["h100"], ("blocksparse",))
+    p = planner.plan(_shape(1024), PRESETS["h100"], ("blocksparse",))
     assert p.kernel == "eager" and p.candidates[0]["kernel"] == "flash"
     assert "not in options['kernels']" in p.candidates[0]["rejected"]
 
 
 def test_dynamic_lengths_get_a_table_that_the_op_reads():
     spec = PRESETS["h100"]
-    p = costmodel.plan(_shape(2048), spec, ALL, approx={**CALIBRATED, "params": {"topk": {"topk": 1024}}},
+    p = planner.plan(_shape(2048), spec, ALL, approx={**CALIBRATED, "params": {"topk": {"topk": 1024}}},
                        dynamic=True)
     kinds = [row["kernel"] for row in p.table]
     assert kinds[0] == "flash" and kinds[-1] == "topk" and p.table[-1]["kv_len"][1] is None
@@ -137,10 +138,10 @@ def test_dynamic_lengths_get_a_table_that_the_op_reads():
     table = json.loads(p.op_table({"topk": {"topk": 1024}}))
     assert table["table"][0][2] == "exact" and table["table"][-1] == [p.table[-1]["kv_len"][0], -1, "topk"]
     for row in p.table:  # each row's kernel is what a static plan at its representative length chooses
-        static = costmodel.plan(_shape(row["planned_at"]), spec, ALL,
+        static = planner.plan(_shape(row["planned_at"]), spec, ALL,
                                 approx={**CALIBRATED, "params": {"topk": {"topk": 1024}}})
         assert static.kernel == row["kernel"]
-    assert costmodel.plan(_shape(2048), spec, ALL, dynamic=True).op_table() == ""  # exact everywhere: no table
+    assert planner.plan(_shape(2048), spec, ALL, dynamic=True).op_table() == ""  # exact everywhere: no table
 
 
 def test_spec_json_round_trip(tmp_path):
@@ -194,7 +195,7 @@ def test_calibrate_cli_writes_a_usable_spec(tmp_path):
     spec = DeviceSpec.load(out)
     assert spec.hbm_bytes_per_s > 1e6 and spec.flops("float32") > 1e6 and spec.exp_per_s > 1e5
     assert json.loads(res.stdout)["name"] == spec.name
-    p = costmodel.plan(_shape(1024), spec, ALL)
+    p = planner.plan(_shape(1024), spec, ALL)
     assert p.kernel == "flash" and p.candidates[0]["est_time_s"] > 0
     bad = subprocess.run([sys.executable, "-m", "attnfuse", "calibrate", "--device", "cuda"], capture_output=True,
                          text=True, timeout=300)

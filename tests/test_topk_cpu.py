@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from attnfuse.kernels import flash, topk
+from attnfuse.costmodel import tiles
+from attnfuse.kernels import topk
 from tests.interpret.test_flash import _compare, _qkv, _seed
 
 DTYPES = [torch.float32, torch.float16]
@@ -213,8 +214,8 @@ def test_select_bound_is_upper_bound():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("cfg,groups", [(flash.TileConfig(64, 32, 4, 2), 2), (flash.TileConfig(16, 64, 4, 2), 1),
-                                        (flash.TileConfig(64, 64, 4, 2), 3), (flash.TileConfig(128, 64, 8, 2), 2)])
+@pytest.mark.parametrize("cfg,groups", [(tiles.TileConfig(64, 32, 4, 2), 2), (tiles.TileConfig(16, 64, 4, 2), 1),
+                                        (tiles.TileConfig(64, 64, 4, 2), 3), (tiles.TileConfig(128, 64, 8, 2), 2)])
 def test_tile_map_matches_selection(causal, cfg, groups):
     """Expanding the Triton tile map to (row, key) pairs gives the selection's token mask (and the causal band):
     every listed tile meets it, full tiles hold only visible pairs, and every visible pair is in a listed tile."""
@@ -253,7 +254,7 @@ def test_tile_map_matches_selection(causal, cfg, groups):
 def test_tile_map_rejects_tiles_that_straddle_blocks():
     chosen = torch.ones(1, 1, 4, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match="does not nest"):
-        topk.tile_map(chosen, flash.TileConfig(128, 64, 8, 2), q_len=256, kv_len=256, kv_groups=1, block=64,
+        topk.tile_map(chosen, tiles.TileConfig(128, 64, 8, 2), q_len=256, kv_len=256, kv_groups=1, block=64,
                       causal=False)
 
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import attnfuse  # noqa: F401 - registers the op
-from attnfuse import costmodel, ops
+from attnfuse import ops
+from attnfuse.costmodel import plan as planner
 from attnfuse.export import _lower
 from attnfuse.kernels import reference, tiled
 from tests._util import assert_2x
@@ -216,10 +217,10 @@ SHAPE = dict(batch=2, heads=8, kv_heads=8, q_len=4096, kv_len=4096, head_dim=64,
 
 
 def test_costmodel_plans_a_padded_window_as_the_window_family():
-    spec = costmodel.PRESETS["h100"]
+    spec = planner.PRESETS["h100"]
     band = {"window": (127, 128), "causal": False}
-    plain = costmodel.plan(SHAPE, spec, costmodel.EXACT, structure=band)
-    padded = costmodel.plan(SHAPE, spec, costmodel.EXACT, structure={**band, "window_pad": True})
+    plain = planner.plan(SHAPE, spec, planner.EXACT, structure=band)
+    padded = planner.plan(SHAPE, spec, planner.EXACT, structure={**band, "window_pad": True})
     assert plain.kernel == padded.kernel == "window"
     assert padded.config == plain.config
     row = {r["kernel"]: r for r in padded.candidates}
@@ -228,14 +229,14 @@ def test_costmodel_plans_a_padded_window_as_the_window_family():
 
 
 def test_costmodel_never_sends_a_padded_window_to_blocksparse():
-    spec = costmodel.PRESETS["h100"]
+    spec = planner.PRESETS["h100"]
     sparse = {"window": (2000, 2000), "causal": False, "block_sparse": True, "density": 0.01}
-    assert costmodel.plan(SHAPE, spec, costmodel.EXACT, structure=sparse).kernel == "blocksparse"
-    padded = costmodel.plan(SHAPE, spec, costmodel.EXACT, structure={**sparse, "window_pad": True})
+    assert planner.plan(SHAPE, spec, planner.EXACT, structure=sparse).kernel == "blocksparse"
+    padded = planner.plan(SHAPE, spec, planner.EXACT, structure={**sparse, "window_pad": True})
     assert padded.kernel == "window"
     assert "window kernel only" in {r["kernel"]: r for r in padded.candidates}["blocksparse"]["rejected"]
     with pytest.raises(ValueError, match="window_pad"):
-        costmodel.plan(SHAPE, spec, costmodel.EXACT, structure={"window_pad": True})
+        planner.plan(SHAPE, spec, planner.EXACT, structure={"window_pad": True})
 
 
 # --------------------------------------------------------------------------------------------- export

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..costmodel import APPROXIMATE
+from ..costmodel.plan import APPROXIMATE
 
 _STRUCTURE = ("window_left", "window_right", "block_sparse", "mask_fill")
 

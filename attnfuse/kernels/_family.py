@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
-from . import flash
+from . import _launch
 
 
 def triton_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, who: str) -> bool:
     """True: the Triton kernels run these tensors; False: CPU tensors that take the op's CPU implementation.
     Raises ValueError (naming ``who`` and the fix) for non-CPU tensors the Triton kernels cannot take."""
-    why = flash.supported(q, k, v)
+    why = _launch.supported(q, k, v)
     if why is None:
         return True
     if q.device.type == "cpu":

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import triton
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..costmodel import tiles
 from . import flash
 
 __all__ = ["TileMap", "attention", "tile_map"]
@@ -124,7 +125,7 @@ def _listing(full: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, causal: bool = False,
               window_size: tuple[int, int] = (-1, -1), alibi: torch.Tensor | None = None, scale: float | None = None,
               softcap: float = 0.0, dropout_p: float = 0.0, seed: int | torch.Tensor | None = None,
-              deterministic: bool | None = None, config: flash.TileConfig | None = None) -> torch.Tensor:
+              deterministic: bool | None = None, config: tiles.TileConfig | None = None) -> torch.Tensor:
     """Attention under a constant ``mask`` on ``(batch, heads, seqlen, head_dim)`` tensors, with autograd, skipping
     the mask's empty tiles and reading it only in partial ones.
 

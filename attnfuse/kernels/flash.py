@@ -49,28 +49,22 @@ rounding of ``delta`` where eager is exactly 0; the dropout offsets wrap when
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ..costmodel import Estimate
-from ..device import PRESETS, DeviceSpec
+from ..costmodel.tiles import TileConfig, band, num_splits, pick, widths
 from . import _family, blocksparse
+from ._launch import LOG2E, hint, launch, mask_elem, pow2, precision, spec_for
 from .reference import sink_error, sink_grad, sink_table, sum_to, window_pad_error
 
-_LOG2E = 1.4426950408889634
 _FLT_MAX = 3.4028234663852886e38
 # MASK_KIND: no mask, additive bias, bool mask filled with -inf, bool mask with a finite fill, block-sparse
 # additive mask (entries <= finfo.min are -inf).  The fill is a constexpr choice rather than a -inf scalar
 # argument so that a traced launch never carries an inf.
 MASK_NONE, MASK_BIAS, MASK_BOOL, MASK_BOOL_FILL, MASK_BIAS_FLOOR = 0, 1, 2, 3, 4
-# The kernels' band half-width for "unbounded": wider than any sequence, and no int32 overflow in their bounds.
-_UNBOUNDED = 2**30
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -878,278 +872,12 @@ def _bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------- launcher
 
 
-@dataclasses.dataclass(frozen=True)
-class TileConfig:
-    """One launch configuration; ``block_m`` counts packed (row, head-in-group) pairs."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-# Candidates are data: every (tile, warps, stages) combination, filtered per device and head dim by `keep`; 32x32
-# is the one backward tile that fits head dim 256 in an A100's shared memory.
-CONFIGS = [TileConfig(m, n, 8 if m == 128 else 4, s) for m in (128, 64, 16) for n in (128, 64, 32) for s in (2, 3)
-           if not (m == 16 and n == 32)] + [TileConfig(32, 32, 4, 2)]
-# fp32 accumulator + score tile values per thread a config may hold (of 255).  The backward's budget is the
-# measured one: its best H100 tile at d128, 64x64 with 4 warps, holds 192 (bwd-sweep-h100-2026-11-23.json)
-_REGS_PER_THREAD = {"fwd": 160, "bwd": 192}
-
-
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
-def smem_bytes(cfg: TileConfig, kind: str, head_dim: int, head_dim_v: int, elem: int, mask_elem: int = 0) -> int:
-    """Shared memory a config needs: an upper bound, for sm_80 and sm_90 and every feature combination, that
-    tests/kernels/test_flash_aot.py checks against what Triton allocates.  ``mask_elem``: the mask's element
-    size (0: no mask); its tiles are pipelined like the loads that feed the dots."""
-    d, dv = _pow2(head_dim), _pow2(head_dim_v)
-    bm, bn, stages = cfg.block_m, cfg.block_n, max(2, cfg.num_stages)
-    mask = (stages - 1) * bm * bn * mask_elem
-    if kind == "fwd":  # Q resident, K/V tiles multi-buffered, P staged for the second dot
-        return (bm * d + stages * bn * (d + dv) + bm * bn) * elem + mask
-    # dK/dV: K/V resident, Q/dO and their row statistics multi-buffered, P^T and dS^T staged for the transposed
-    # dots, and a transposed copy of K (mma v2) or an fp32 layout-conversion scratch (wgmma)
-    dkdv = ((bn * (d + dv) + stages * bm * (d + dv) + 2 * bm * bn) * elem + 16 * stages * bm
-            + max(bn * d * elem, 4 * bm * bn))
-    # dQ: Q/dO resident, K/V multi-buffered, dS staged; a bias's gradient adds an fp32 dS conversion scratch
-    dq = (bm * (d + dv) + stages * bn * (d + dv) + bm * bn) * elem + (4 * bm * bn if mask_elem >= 2 else 0)
-    return max(dkdv, dq) + mask
-
-
-def keep(cfg: TileConfig, kind: str, head_dim: int, head_dim_v: int, elem: int, spec: DeviceSpec,
-         mask_elem: int = 0) -> bool:
-    """Whether ``cfg`` fits the device's shared memory and a sane register budget."""
-    d, dv = _pow2(head_dim), _pow2(head_dim_v)
-    acc = cfg.block_m * dv if kind == "fwd" else cfg.block_n * (d + dv)
-    regs = (acc + 2 * cfg.block_m * cfg.block_n) / (32 * cfg.num_warps)
-    return (smem_bytes(cfg, kind, head_dim, head_dim_v, elem, mask_elem) <= spec.smem_per_block
-            and regs <= _REGS_PER_THREAD[kind])
-
-
-def estimate(cfg: TileConfig, kind: str, rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_v: int,
-             elem: int, spec: DeviceSpec, splits: int = 1, mask_elem: int = 0, groups: int = 1,
-             window: tuple[int, int] = (-1, -1)) -> Estimate:
-    """The cost model of one flash launch (``kind`` "fwd") or of the backward ("bwd": the dK/dV launch then the
-    dQ launch): FLOPs, HBM bytes, exponentials and a roofline time, stretched by wave quantization over the
-    SMs at the occupancy shared memory allows, plus the launch overhead.
-
-    IO-aware traffic (FlashAttention's analysis): every input once from HBM, plus the streamed operand (K/V per
-    query tile in the forward and dQ passes, Q/dO per key tile in the dK/dV pass) once per tile of the other
-    side, so the re-reads are ~N^2 d / BLOCK and the largest tile that fits the SRAM (BLOCK ~ M / d) gives
-    Theta(N^2 d^2 / M).  Re-reads come from L2 when the streamed operand of the heads in flight fits in it.
-    A sliding ``window`` (left, right) scales the tile FLOPs, exponentials, re-reads and streamed working set
-    by the fraction of tiles the band visits (`tiles_visited`: it depends on the tile shape, so it can change
-    the pick); the grid, and so the wave quantization, is the dense one.  A block-sparse launch is estimated
-    dense here (an upper bound: its map depends on the tile shape); the cost model scales it by the density.
-    """
-    d, dv = _pow2(head_dim), _pow2(head_dim_v)
-    m_tiles, n_tiles = triton.cdiv(rows, cfg.block_m), triton.cdiv(kv_len, cfg.block_n)
-    visited = 1.0
-    if window != (-1, -1):
-        pairs = tiles_visited(rows // groups, kv_len, *window, cfg.block_m, cfg.block_n, groups)
-        visited = pairs / (m_tiles * n_tiles)
-    smem = smem_bytes(cfg, kind, head_dim, head_dim_v, elem, mask_elem)
-    parts = ("dkdv", "dq") if kind == "bwd" else (kind,)
-    ests = [_launch_estimate(cfg, part, rows, kv_len, bh_kv, d, dv, elem, spec, splits if kind == "fwd" else 1,
-                             visited, m_tiles, n_tiles, smem) for part in parts]
-    fit = _TILE_FIT.get((cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages), 1.0) if kind == "fwd" else 1.0
-    host = host_s(spec)
-    time_s = sum(math.hypot(e.time_s / fit, host) for e in ests)
-    return Estimate(*(sum(getattr(e, f) for e in ests) for f in ("flops", "hbm_bytes", "exp_ops")), time_s)
-
-
-def host_s(spec: DeviceSpec) -> float:
-    """The host floor of one eager launch on ``spec`` (0 for a one-core CPU spec: the interpreter)."""
-    return _HOST_S if spec.sms > 1 else 0.0
-
-
-def estimate_s(cfg: TileConfig, kind: str, rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_v: int,
-               elem: int, spec: DeviceSpec, splits: int = 1, mask_elem: int = 0, groups: int = 1,
-               window: tuple[int, int] = (-1, -1)) -> float:
-    """`estimate`'s time in seconds."""
-    return estimate(cfg, kind, rows, kv_len, bh_kv, head_dim, head_dim_v, elem, spec, splits, mask_elem, groups,
-                    window).time_s
-
-
-_PRODUCTS = {"fwd": 1.0, "dkdv": 2.0, "dq": 1.5}  # tile matmuls per pass, in units of the forward's two
-# Measured correction per forward tile config (block_m, block_n, warps, stages): the analytic model's time over
-# the measured one, geometric mean over the shapes of an H100 sweep (bf16/fp16, d64/d128, seq 512..32k) where the
-# kernel runs over 1.5 ms (benchmarks/results/costmodel-h100-2026-11-23.json).  The 128-row tiles with 8 warps
-# reach ~60% of what the roofline credits them; 64-row tiles match it.  Unlisted configs (and backward passes)
-# keep the analytic model.
-_TILE_FIT = {
-    (16, 64, 4, 2): 0.97, (16, 64, 4, 3): 1.01, (16, 128, 4, 2): 1.09, (16, 128, 4, 3): 0.92,
-    (32, 32, 4, 2): 0.54, (64, 32, 4, 2): 1.05, (64, 32, 4, 3): 1.19, (64, 64, 4, 2): 0.94, (64, 64, 4, 3): 1.01,
-    (64, 128, 4, 2): 0.81, (64, 128, 4, 3): 0.89, (128, 32, 8, 2): 0.58, (128, 32, 8, 3): 0.80,
-    (128, 64, 8, 2): 0.61, (128, 64, 8, 3): 0.73, (128, 128, 8, 2): 0.50, (128, 128, 8, 3): 0.59,
-}
-# Host time of one eager flash launch (argument binding in Triton's launcher, allocations, the causal V check):
-# the floor of the second H100 sweep, after eager launches stopped going through wrap_triton
-# (costmodel-h100-2026-11-23-v2.json; 0.2-0.45 ms per call at tiny shapes, host-overhead-h100-2026-11-23.txt).
-# Device and host time overlap: the estimate is their root-sum-square (the form that fit the sweeps best).
-_HOST_S = 2.5e-4
-_EXPS = {"fwd": 1.0, "dkdv": 1.0, "dq": 1.0}  # exponentials per score per pass (the backward recomputes P)
-_DTYPE_OF = {2: "float16", 4: "float32", 8: "float64"}
-
-
-def _launch_estimate(cfg: TileConfig, kind: str, rows: int, kv_len: int, bh_kv: int, d: int, dv: int, elem: int,
-            spec: DeviceSpec, splits: int, visited: float, m_tiles: int, n_tiles: int, smem: int) -> Estimate:
-    """`estimate` for one launch: ``kind`` "fwd" and "dq" stream K/V past query tiles, "dkdv" Q/dO past key
-    tiles."""
-    scores = bh_kv * m_tiles * cfg.block_m * n_tiles * cfg.block_n * visited
-    flops = 2.0 * scores * (d + dv) * _PRODUCTS[kind]
-    exps = scores * _EXPS[kind]
-    tiles, other = (n_tiles, rows) if kind == "dkdv" else (m_tiles, kv_len)
-    once = bh_kv * (rows + kv_len) * (d + dv) * elem
-    rereads = bh_kv * max(0, tiles - 1) * other * (d + dv) * elem * visited
-    # small tiles under-use the tensor cores
-    eff = min(1.0, cfg.block_m / 128) ** 0.5 * min(1.0, cfg.block_n / 64) ** 0.5
-    programs = tiles * splits * bh_kv
-    per_sm = max(1, min(spec.smem_per_sm // smem, 16 // cfg.num_warps))
-    slots = spec.sms * per_sm
-    heads_in_flight = min(bh_kv, max(1, slots // max(1, tiles)))
-    in_l2 = heads_in_flight * other * visited * (d + dv) * elem <= spec.l2_bytes
-    memory = once / spec.hbm_bytes_per_s + rereads / (spec.l2_bytes_per_s if in_l2 else spec.hbm_bytes_per_s)
-    waves = math.ceil(programs / slots) * slots / programs
-    terms = sorted((flops / (spec.flops(_DTYPE_OF.get(elem, "float16")) * eff), exps / spec.exp_per_s, memory))
-    # overlap of compute, exponentials and memory is not perfect: the smaller terms still cost a little (and
-    # break ties toward less padding, e.g. 16-row tiles for decode)
-    time_s = (terms[2] + 0.1 * (terms[0] + terms[1])) * waves + spec.launch_s
-    return Estimate(flops, once + (0.0 if in_l2 else rereads), exps, time_s)
-
-
-def kept_configs(kind: str, head_dim: int, head_dim_v: int, elem: int, spec: DeviceSpec,
-                 mask_elem: int = 0) -> list[TileConfig]:
-    """The `CONFIGS` that `keep` accepts: every config `pick` can return for these sizes on ``spec``."""
-    return [c for c in CONFIGS if keep(c, kind, head_dim, head_dim_v, elem, spec, mask_elem)]
-
-
-@functools.lru_cache(maxsize=4096)  # every launch asks: keep the Python cost model off the hot path
-def pick(kind: str, rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_v: int, elem: int,
-         spec: DeviceSpec, mask_elem: int = 0, groups: int = 1, window: tuple[int, int] = (-1, -1)) -> TileConfig:
-    """The kept config with the lowest `estimate_s` (ties: earlier in `CONFIGS`); ``mask_elem`` is the mask's
-    element size (0: no mask); ``groups`` (rows = q_len * groups) and ``window`` matter for sliding windows."""
-    kept = kept_configs(kind, head_dim, head_dim_v, elem, spec, mask_elem)
-    if not kept:
-        raise ValueError(f"attnfuse flash: no tile config fits head_dim={head_dim} in {spec.name}'s "
-                         f"{spec.smem_per_block} bytes of shared memory per block")
-    return min(kept, key=lambda c: estimate_s(c, kind, rows, kv_len, bh_kv, head_dim, head_dim_v, elem, spec,
-                                              mask_elem=mask_elem, groups=groups, window=window))
-
-
-# Shapes `reachable_configs` tries: packed query rows (decode included), key lengths, batch * kv heads.
-_GRID_ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 100, 128, 256, 384, 512, 1000, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
-_GRID_KV = (1, 16, 100, 128, 256, 512, 1000, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-_GRID_BH = (1, 2, 4, 8, 12, 16, 32, 40, 64, 96, 128, 132, 256, 512, 1024)
-
-
-def reachable_configs(kind: str, head_dim: int, head_dim_v: int, elem: int, spec: DeviceSpec,
-                      mask_elem: int = 0) -> set[TileConfig]:
-    """The configs `pick` returns over a grid of realistic shapes (rows 1..64k, keys 1..128k, batch * kv heads
-    1..1024): what a device usually runs.  Other shapes can pick any of `kept_configs` (a superset)."""
-    return {pick(kind, r, n, bh, head_dim, head_dim_v, elem, spec, mask_elem)
-            for r in _GRID_ROWS for n in _GRID_KV for bh in _GRID_BH}
-
-
-def band(window: tuple[int, int], causal: bool) -> tuple[int, int]:
-    """The (left, right) band with ``causal`` folded in (right = 0) and every negative width as -1 (unbounded)."""
-    left, right = (w if w >= 0 else -1 for w in window)
-    return left, 0 if causal else right
-
-
-def _widths(left: int, right: int) -> tuple[int, int]:
-    """The band as the kernels take it: half-widths >= 0, `_UNBOUNDED` for -1."""
-    return tuple(_UNBOUNDED if w < 0 else min(w, _UNBOUNDED) for w in (left, right))
-
-
-def tiles_visited(lq: int, lk: int, left: int, right: int, block_m: int, block_n: int, groups: int = 1) -> int:
-    """Key tiles the forward and dQ programs of one (batch, kv head) visit under the band ``(left, right)``
-    (-1: unbounded), summed over their packed query tiles: each program's tiles from its first row's band start
-    to its last row's band end, so the work is O(q_len * (left + right + tiles)).  The dK/dV programs visit
-    the same (query tile, key tile) pairs up to the ragged edges.  Both unbounded: every tile."""
-    if left < 0 and right < 0:
-        return triton.cdiv(lq * groups, block_m) * triton.cdiv(lk, block_n)
-    wl, wr = _widths(left, right)
-    total = 0
-    for start in range(0, lq * groups, block_m):  # plain ints: `pick` also runs while torch.compile traces
-        first = max(start // groups - wl, 0) // block_n
-        end = min(min((start + block_m - 1) // groups, lq - 1) + wr + 1, lk)
-        total += max(0, triton.cdiv(end, block_n) - first)
-    return total
-
-
 def _band_mode(window: tuple[int, int], causal: bool, block_sparse: bool) -> tuple[bool, bool, int, int]:
     """(IS_CAUSAL, HAS_WINDOW, left, right): a plain causal band runs the causal path (the one that keeps
     eager's NaN from V right of the diagonal), any other band, or any band under block-sparse, the window path."""
     left, right = band(window, causal)
     is_causal = (left, right) == (-1, 0) and not block_sparse
     return is_causal, (left, right) != (-1, -1) and not is_causal, left, right
-
-
-def num_splits(cfg: TileConfig, rows: int, kv_len: int, bh_kv: int, spec: DeviceSpec) -> int:
-    """Key splits for the forward (flash-decoding): enough programs to fill the SMs when the query side
-    alone cannot, each split keeping at least two key tiles."""
-    programs = triton.cdiv(rows, cfg.block_m) * bh_kv
-    if programs >= spec.sms:
-        return 1
-    return max(1, min(triton.cdiv(spec.sms, programs), kv_len // (2 * cfg.block_n), 64))
-
-
-def _spec_for(t: torch.Tensor) -> DeviceSpec:
-    if t.is_cuda and torch.cuda.is_available():
-        return _cuda_spec(t.device.index if t.device.index is not None else torch.cuda.current_device())
-    return PRESETS["cpu"]  # the interpreter (or fake CUDA tensors in tests): any tile fits
-
-
-@functools.cache
-def _cuda_spec(index: int) -> DeviceSpec:
-    with torch.cuda.device(index):
-        return DeviceSpec.detect()
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels on the CPU (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """None when these tensors can run the Triton kernel here, else why not (one sentence)."""
-    if not (q.is_cuda or (q.device.type == "cpu" and interpreting())):
-        return f"the Triton kernel runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), not {q.device.type}"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"the Triton kernel takes float16, bfloat16 or float32, not {q.dtype}"
-    if max(q.shape[-1], v.shape[-1]) > 256:
-        return f"the Triton kernel takes head dims up to 256, not {max(q.shape[-1], v.shape[-1])}"
-    return None
-
-
-def _hint(n) -> int:
-    """An int for a size that may be symbolic (its example value; adds no guard)."""
-    if isinstance(n, torch.SymInt):
-        return n.node.hint if n.node.has_hint() else 4096
-    return int(n)
-
-
-def _launch(kernel):
-    """The kernel to launch: wrapped by ``wrap_triton`` while anything traces (torch.compile, fake tensors,
-    export), so the launch lands in the graph; the plain JIT function in eager mode, where the wrapper's
-    higher-order-op path cost ~0.5 ms of host time per launch (benchmarks/results/host-overhead-h100-*.txt).
-    Interpreted kernels always launch directly."""
-    if isinstance(kernel, triton.runtime.jit.JITFunction) and _tracing():
-        return torch.library.wrap_triton(kernel)
-    return kernel
-
-
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.utils._python_dispatch._get_current_dispatch_mode() is not None
-
-
-def _mask_elem(mask) -> int:
-    """The mask's element size for `pick` (its tiles take shared memory), 0 without one."""
-    return 0 if mask is None else mask.element_size()
 
 
 def _nonfinite(v: torch.Tensor) -> torch.Tensor:
@@ -1181,17 +909,13 @@ def _mask_args(mask, mask_fill, q, b, h, lq, lk, block_sparse=False):
     if block_sparse or mask_fill is None or mask_fill == float("-inf"):
         return m, tuple(m.stride()), MASK_BOOL, 0.0
     # finfo.min * log2(e) must stay finite: a fully masked row is uniform, as in eager
-    return m, tuple(m.stride()), MASK_BOOL_FILL, max(float(mask_fill) * _LOG2E, -_FLT_MAX)
+    return m, tuple(m.stride()), MASK_BOOL_FILL, max(float(mask_fill) * LOG2E, -_FLT_MAX)
 
 
 def _scalars(q, scale, softcap):
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    cap_scale = 2.0 * sm_scale / softcap * _LOG2E if softcap else 0.0
-    return sm_scale, sm_scale * _LOG2E, cap_scale, softcap * _LOG2E
-
-
-def _precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
+    cap_scale = 2.0 * sm_scale / softcap * LOG2E if softcap else 0.0
+    return sm_scale, sm_scale * LOG2E, cap_scale, softcap * LOG2E
 
 
 def _alibi_arg(alibi, q):
@@ -1249,18 +973,18 @@ def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=
     d, dv, groups = int(d), int(dv), int(h // hkv)
     elem = q.element_size()
     rows = lq * groups
-    spec = _spec_for(q)
+    spec = spec_for(q)
     is_causal, has_window, left, right = _band_mode(window_size, causal, block_sparse)
-    wl, wr = _widths(left, right)
+    wl, wr = widths(left, right)
     # the tile and split choice only affects speed: under dynamic shapes it uses the size hints (no guards)
-    hrows, hlk, hbh = _hint(rows), _hint(lk), _hint(b * hkv)
-    cfg = config or pick("fwd", hrows, hlk, hbh, d, dv, elem, spec, _mask_elem(mask), groups,
+    hrows, hlk, hbh = hint(rows), hint(lk), hint(b * hkv)
+    cfg = config or pick("fwd", hrows, hlk, hbh, d, dv, elem, spec, mask_elem(mask), groups,
                          (left, right) if has_window or is_causal else (-1, -1))
     # the keys one program visits, which splits share: a two-sided band bounds them whatever the shapes
     keys = lk
     if has_window and left >= 0 and right >= 0:
         keys = (cfg.block_m - 1) // groups + 1 + wl + wr + cfg.block_n
-    hkeys = min(hlk, _hint(keys))
+    hkeys = min(hlk, hint(keys))
     n_split = 1 if block_sparse else min(splits or num_splits(cfg, hrows, hkeys, hbh, spec),
                                          max(1, triton.cdiv(hkeys, cfg.block_n)))
     # splits past the end of a shorter K/V (or band) get no keys; the combine gives them weight 0
@@ -1277,9 +1001,9 @@ def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=
         dst, dst_stats, o_strides, ls = part, part_stats, part.stride(), part_stats.stride(0)
     else:
         dst, dst_stats, o_strides, ls = out, stats, (0, *out.stride()), 0
-    bd, bdv = _pow2(d), _pow2(dv)
+    bd, bdv = pow2(d), pow2(dv)
     grid = (triton.cdiv(rows, cfg.block_m), b * hkv, n_split)
-    _launch(_fwd_kernel)[grid](
+    launch(_fwd_kernel)[grid](
         q, k, v, m, q if seed is None else seed, _nonfinite(v) if is_causal else q, _alibi_arg(alibi, q), tmap,
         sk, dst, dst_stats, *q.stride(), *k.stride(), *v.stride(), *m_strides, *t_strides, *s_strides, *o_strides,
         ls,
@@ -1288,10 +1012,10 @@ def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=
         BLOCK_N=cfg.block_n, IS_CAUSAL=is_causal, HAS_WINDOW=has_window, BLOCK_SPARSE=block_sparse,
         MASK_KIND=mask_kind, HAS_SOFTCAP=bool(softcap), HAS_ALIBI=alibi is not None, HAS_DROPOUT=dropout_p > 0,
         EVEN_M=rows % cfg.block_m == 0, EVEN_N=lk % cfg.block_n == 0, EVEN_D=(d == bd and dv == bdv),
-        PRECISION=_precision(q.dtype), HAS_SINKS=sinks is not None, num_warps=cfg.num_warps,
+        PRECISION=precision(q.dtype), HAS_SINKS=sinks is not None, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     if n_split > 1:
-        _launch(_combine_kernel)[(b * h * lq,)](
+        launch(_combine_kernel)[(b * h * lq,)](
             part, part_stats, out, stats, *out.stride(), h, lq, b * h * lq, n_split,
             HEAD_DIM_V=dv, BLOCK_DV=bdv, BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=4)
     return out, stats
@@ -1312,7 +1036,7 @@ def _sink_grad(sinks, stats, delta):
     """d sink = -sum_i P_sink(i) * delta_i, with P_sink = exp2(sink * log2(e) - m - log2(l)) from the saved
     statistics (they include the sink) and delta_i = rowsum(dO * O)."""
     table = sink_table(sinks, stats.shape[0], stats.shape[1], torch.float32).to(stats.device)
-    p_sink = torch.exp2(table[:, :, None] * _LOG2E - stats[..., 0] - stats[..., 1])
+    p_sink = torch.exp2(table[:, :, None] * LOG2E - stats[..., 0] - stats[..., 1])
     return sink_grad(-(p_sink * delta).sum(-1), sinks)
 
 
@@ -1353,16 +1077,16 @@ def backward(grad_out, q, k, v, out, stats, mask=None, seed=None, *, scale=None,
     d, dv_, groups = int(d), int(dv_), int(h // hkv)
     elem = q.element_size()
     rows = lq * groups
-    spec = _spec_for(q)
+    spec = spec_for(q)
     is_causal, has_window, left, right = _band_mode(window_size, causal, block_sparse)
-    cfg = config or pick("bwd", _hint(rows), _hint(lk), _hint(b * hkv), d, dv_, elem, spec, _mask_elem(mask),
+    cfg = config or pick("bwd", hint(rows), hint(lk), hint(b * hkv), d, dv_, elem, spec, mask_elem(mask),
                          groups, (left, right) if has_window or is_causal else (-1, -1))
     m, m_strides, mask_kind, fill2 = _mask_args(mask, mask_fill, q, b, h, lq, lk, block_sparse)
     maps = _tile_maps(block_sparse, mask, b, h, hkv, lq, lk, cfg, left, right, tile_map)
     sm_scale, qk_scale, cap_scale, softcap2 = _scalars(q, scale, softcap)
-    bd, bdv = _pow2(d), _pow2(dv_)
+    bd, bdv = pow2(d), pow2(dv_)
     delta = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
-    _launch(_bwd_preprocess)[(triton.cdiv(lq, 64), b * h)](
+    launch(_bwd_preprocess)[(triton.cdiv(lq, 64), b * h)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), h, lq,
         HEAD_DIM_V=dv_, BLOCK_DV=bdv, BLOCK_M=64, num_warps=4)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -1374,12 +1098,12 @@ def backward(grad_out, q, k, v, out, stats, mask=None, seed=None, *, scale=None,
                   BLOCK_N=cfg.block_n, IS_CAUSAL=is_causal, HAS_WINDOW=has_window, BLOCK_SPARSE=block_sparse,
                   MASK_KIND=mask_kind, HAS_SOFTCAP=bool(softcap), HAS_ALIBI=alibi is not None,
                   HAS_DROPOUT=dropout_p > 0, EVEN_M=rows % cfg.block_m == 0, EVEN_N=lk % cfg.block_n == 0,
-                  PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  PRECISION=precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     sd = q if seed is None else seed
     al = _alibi_arg(alibi, q)
-    scalars = (h, lq, lk, *_widths(left, right), sm_scale, qk_scale, cap_scale, softcap2, fill2, float(dropout_p))
+    scalars = (h, lq, lk, *widths(left, right), sm_scale, qk_scale, cap_scale, softcap2, fill2, float(dropout_p))
     cmap, c_strides = _map_args(maps.cols if maps else None, q)
-    _launch(_bwd_dkdv_kernel)[(triton.cdiv(lk, cfg.block_n), b * hkv)](
+    launch(_bwd_dkdv_kernel)[(triton.cdiv(lk, cfg.block_n), b * hkv)](
         q, k, v, m, sd, al, cmap, grad_out, stats, delta, dq, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *c_strides, *grad_out.stride(), *dq.stride(),
         *dk.stride(), *dv.stride(), *scalars, ATOMIC_DQ=not separate_dq, **common)
@@ -1387,7 +1111,7 @@ def backward(grad_out, q, k, v, out, stats, mask=None, seed=None, *, scale=None,
     if separate_dq:
         dm = torch.zeros(b, h, lq, lk, dtype=torch.float32, device=q.device) if mask_grad else None
         rmap, r_strides = _map_args(maps.rows if maps else None, q)
-        _launch(_bwd_dq_kernel)[(triton.cdiv(rows, cfg.block_m), b * hkv)](
+        launch(_bwd_dq_kernel)[(triton.cdiv(rows, cfg.block_m), b * hkv)](
             q, k, v, m, sd, al, rmap, grad_out, stats, delta, dq, q if dm is None else dm,
             *q.stride(), *k.stride(), *v.stride(), *m_strides, *r_strides, *grad_out.stride(), *dq.stride(),
             *scalars, MASK_GRAD=mask_grad, **common)

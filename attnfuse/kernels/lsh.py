@@ -66,11 +66,10 @@ import triton
 import triton.language as tl
 
 from . import _family
-from .flash import _launch
+from ._launch import LOG2E, launch, pow2, precision
 
 __all__ = ["attention", "backward", "buckets", "forward", "unsupported"]
 
-_LOG2E = 1.4426950408889634
 _HASH_ELEMS = 2**20  # elements of one hashing projection block
 _BLOCK_ELEMS = 2**19  # scores in one group of block pairs of the CPU path
 _SUB = 32  # ranks in one block of the CPU path
@@ -348,28 +347,20 @@ class _Plan:
     n_chunks: int
 
 
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 def _config(bucket: int, head_dim: int, head_dim_v: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of every launch for ``bucket`` = min(bucket_size, L) (a joint
     chunk's mean number of queries and of keys): tiles of at most 64 rows (32 past head dim 128);
     test_lsh_aot.py compiles them for sm_90/sm_80 and checks their shared memory."""
     cap = 64 if max(head_dim, head_dim_v) <= 128 else 32
-    block = min(cap, _pow2(bucket))
+    block = min(cap, pow2(bucket))
     return block, block, 4, 2
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _meta(q, k, v, plan: _Plan, causal: bool) -> tuple[dict, tuple]:
     d, dv = q.shape[-1], v.shape[-1]
     block_m, block_n, warps, stages = _config(plan.chunk // 2, d, dv)
-    meta = dict(GROUPS=q.shape[1] // k.shape[1], HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
-                BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=bool(causal), PRECISION=_precision(q.dtype),
+    meta = dict(GROUPS=q.shape[1] // k.shape[1], HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=pow2(d), BLOCK_DV=pow2(dv),
+                BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=bool(causal), PRECISION=precision(q.dtype),
                 num_warps=warps, num_stages=stages)
     sizes = (q.shape[1], q.shape[2], plan.n_chunks, plan.qidx.shape[2])
     return meta, sizes
@@ -388,8 +379,8 @@ def _triton_rounds(q, k, v, plan: _Plan, scale: float, causal: bool) -> tuple[to
     o_r = torch.empty(b, h, rounds, n, v.shape[-1], dtype=torch.float32, device=q.device)
     lse_r = torch.empty(b, h, rounds, n, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(n, meta["BLOCK_M"]), b * h * rounds)
-    _launch(_fwd_kernel)[grid](q, k, v, *_index_args(plan), o_r, lse_r, *q.stride(), *k.stride(), *v.stride(),
-                               *sizes, scale * _LOG2E, **meta)
+    launch(_fwd_kernel)[grid](q, k, v, *_index_args(plan), o_r, lse_r, *q.stride(), *k.stride(), *v.stride(),
+                               *sizes, scale * LOG2E, **meta)
     return o_r, lse_r
 
 
@@ -404,10 +395,10 @@ def _triton_grads(grad_out, q, k, v, stats, delta, plan: _Plan, scale: float, ca
     dk = torch.empty(b, hkv, rounds, n, d, dtype=torch.float32, device=q.device)
     dv = torch.empty(b, hkv, rounds, n, dv_, dtype=torch.float32, device=q.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    scalars = (*sizes, scale * _LOG2E, scale)
-    _launch(_bwd_dq_kernel)[(triton.cdiv(n, meta["BLOCK_M"]), b * h * rounds)](
+    scalars = (*sizes, scale * LOG2E, scale)
+    launch(_bwd_dq_kernel)[(triton.cdiv(n, meta["BLOCK_M"]), b * h * rounds)](
         q, k, v, grad_out, stats, delta, *idx, dq, *strides, *scalars, **meta)
-    _launch(_bwd_dkdv_kernel)[(triton.cdiv(n, meta["BLOCK_N"]), b * hkv * rounds)](
+    launch(_bwd_dkdv_kernel)[(triton.cdiv(n, meta["BLOCK_N"]), b * hkv * rounds)](
         q, k, v, grad_out, stats, delta, *idx, dk, dv, *strides, *scalars, **meta)
     return dq, dk, dv
 
@@ -499,7 +490,7 @@ def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
 def _self_scores(q, k, scale: float) -> torch.Tensor:
     """s_ii in log2 units, fp32 (fp64 for fp64 inputs) (B, H, L)."""
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return (q.to(ct) * _expand_kv(k, q.shape[1]).to(ct)).sum(-1) * (scale * _LOG2E)
+    return (q.to(ct) * _expand_kv(k, q.shape[1]).to(ct)).sum(-1) * (scale * LOG2E)
 
 
 def _merge(q, k, v, o_r, lse_r, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -616,7 +607,7 @@ def _cpu_round(q, k, v, plan: _Plan, r: int, scale: float, causal: bool) -> tupl
     where = torch.empty(b * h * n, dtype=torch.long, device=dev)
     where[(qhead[:, None] * n + qpos).reshape(-1)[ok]] = torch.arange(rows, device=dev)[ok]
     o = (acc / safe[:, None])[where].view(b, h, n, -1)
-    lse = torch.where(live, (torch.log(safe) + top) * _LOG2E, float("-inf"))[where].view(b, h, n)
+    lse = torch.where(live, (torch.log(safe) + top) * LOG2E, float("-inf"))[where].view(b, h, n)
     return o, lse
 
 

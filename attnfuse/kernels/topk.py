@@ -49,7 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _family, blocksparse, flash
+from ..costmodel import tiles
+from . import _family, _launch, blocksparse, flash
 
 __all__ = ["attention", "backward", "forward", "pick_config", "select", "tile_map", "unsupported"]
 
@@ -265,7 +266,7 @@ def _block_bounds_native(k: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
 
 def _triton_ok(x: torch.Tensor) -> bool:
     """Whether Triton kernels run on ``x``'s device: CUDA, or the CPU under ``TRITON_INTERPRET=1``."""
-    return x.is_cuda or (x.device.type == "cpu" and flash.interpreting())
+    return x.is_cuda or (x.device.type == "cpu" and _launch.interpreting())
 
 
 def _scores_triton(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block: int, sink: int,
@@ -280,7 +281,7 @@ def _scores_triton(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block: int
     kmin, kmax = _block_bounds_native(k, block)
     scores = torch.empty(b, hkv, nqb, nkb, dtype=torch.float32, device=q.device)
     rows = min(64, (g * block) & -(g * block))  # a power of two dividing the query block's packed rows
-    flash._launch(_score_kernel)[(nqb, b * hkv)](
+    _launch.launch(_score_kernel)[(nqb, b * hkv)](
         q, kmax, kmin, scores, *q.stride(), kmax.stride(0), kmax.stride(1), kmax.stride(2),
         scores.stride(0), scores.stride(1), scores.stride(2), h, lq, lk, nkb, sink, local,
         GROUPS=g, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK=block, ROWS=rows,
@@ -317,7 +318,7 @@ def select(q: torch.Tensor, k: torch.Tensor, *, causal: bool, topk: int, block: 
            local: int = 256) -> torch.Tensor:
     """Bool (B, Hkv, n_query_blocks, n_key_blocks): the key blocks each query block attends (module docstring).
 
-    Device ops on q's device, no host sync.  Where Triton runs (`flash.supported`) the scores come from
+    Device ops on q's device, no host sync.  Where Triton runs (`_launch.supported`) the scores come from
     `_score_kernel` (no bound tensor; memory O(scores)), else from chunked fp32/fp64 matmuls (memory O(chunk)
     beyond the scores).  On CUDA the best blocks are taken by ``torch.topk`` and the bounds are multiplied in
     q's dtype: exact ties and near-ties (within the 16-bit rounding) may break differently from the CPU path's
@@ -339,7 +340,7 @@ def select(q: torch.Tensor, k: torch.Tensor, *, causal: bool, topk: int, block: 
     chosen = kept.expand(b, hkv, nqb, nkb).clone()
     if not n_pick:
         return chosen
-    if flash.supported(q, k, k) is None:
+    if _launch.supported(q, k, k) is None:
         ranked = _scores_triton(q, k, causal=causal, block=block, sink=sink, local=local)  # -inf unless open
     else:
         scores = _scores_torch(q, k, causal=causal, block=block)
@@ -358,34 +359,34 @@ def select(q: torch.Tensor, k: torch.Tensor, *, causal: bool, topk: int, block: 
 # --------------------------------------------------------------------------------------------- Triton launcher
 
 
-def _config(kind: str, q, k, v, block: int) -> flash.TileConfig:
+def _config(kind: str, q, k, v, block: int) -> tiles.TileConfig:
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    return _pick_cached(kind, lq, lk, b, h, hkv, d, v.shape[-1], q.element_size(), block, flash._spec_for(q))
+    return _pick_cached(kind, lq, lk, b, h, hkv, d, v.shape[-1], q.element_size(), block, _launch.spec_for(q))
 
 
 @functools.lru_cache(maxsize=256)
-def _pick_cached(kind, lq, lk, b, h, hkv, d, dv, elem, block, spec) -> flash.TileConfig:
+def _pick_cached(kind, lq, lk, b, h, hkv, d, dv, elem, block, spec) -> tiles.TileConfig:
     return pick_config(kind, q_len=lq, kv_len=lk, batch=b, heads=h, kv_heads=hkv, head_dim=d, head_dim_v=dv,
                        elem=elem, block=block, spec=spec)
 
 
 def pick_config(kind: str, *, q_len: int, kv_len: int, batch: int, heads: int, kv_heads: int, head_dim: int,
-                head_dim_v: int, elem: int, block: int, spec) -> flash.TileConfig:
+                head_dim_v: int, elem: int, block: int, spec) -> tiles.TileConfig:
     """The flash tile (``kind`` "fwd" or "bwd") a top-k launch uses on ``spec``: the cheapest of
-    `flash.kept_configs` whose key tile divides ``block`` and whose packed query tile lies in one query block
+    `tiles.kept_configs` whose key tile divides ``block`` and whose packed query tile lies in one query block
     (BLOCK_M divides kv_groups * block), so that the block selection maps onto tiles exactly."""
     g = heads // kv_heads
-    fits = [c for c in flash.kept_configs(kind, head_dim, head_dim_v, elem, spec)
+    fits = [c for c in tiles.kept_configs(kind, head_dim, head_dim_v, elem, spec)
             if block % c.block_n == 0 and (g * block) % c.block_m == 0]
     if not fits:
         raise ValueError(f"attnfuse.kernels.topk: no flash tile fits block={block} with head dims {head_dim}/"
                          f"{head_dim_v} on {spec.name}; use block=64 or 128")
-    return min(fits, key=lambda c: flash.estimate_s(c, kind, q_len * g, kv_len, batch * kv_heads, head_dim,
+    return min(fits, key=lambda c: tiles.estimate_s(c, kind, q_len * g, kv_len, batch * kv_heads, head_dim,
                                                     head_dim_v, elem, spec, groups=g))
 
 
-def tile_map(chosen: torch.Tensor, cfg: flash.TileConfig, *, q_len: int, kv_len: int, kv_groups: int, block: int,
+def tile_map(chosen: torch.Tensor, cfg: tiles.TileConfig, *, q_len: int, kv_len: int, kv_groups: int, block: int,
              causal: bool, cols: bool = True) -> blocksparse.TileMap:
     """The flash kernels' `blocksparse.TileMap` of a `select` mask for tile ``cfg`` (BLOCK_N divides ``block``,
     BLOCK_M divides ``kv_groups * block``): a key tile is listed for a packed query tile iff its key block is
@@ -407,7 +408,7 @@ def tile_map(chosen: torch.Tensor, cfg: flash.TileConfig, *, q_len: int, kv_len:
         def listing(by_key: bool) -> torch.Tensor:
             n_own, n_other = (nkt, nmt) if by_key else (nmt, nkt)
             out = torch.empty(b, hkv, n_own, 2 + n_other, dtype=torch.int32, device=dev)
-            flash._launch(_listing_kernel)[(n_own, b * hkv)](
+            _launch.launch(_listing_kernel)[(n_own, b * hkv)](
                 c8, out, *c8.stride()[:3], *out.stride()[:3], hkv, nmt, nkt, q_len, kv_len,
                 GROUPS=g, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, BY_KEY=by_key, BLOCK_T=_LIST_T,
                 num_warps=4)

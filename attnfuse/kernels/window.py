@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from ..costmodel.tiles import TileConfig, tiles_visited
 from . import flash
-from .flash import tiles_visited
 from .reference import window_pad_error
 
 __all__ = ["attention", "tiles_visited"]
@@ -40,7 +40,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_size:
               alibi: torch.Tensor | None = None, mask: torch.Tensor | None = None, scale: float | None = None,
               softcap: float = 0.0, dropout_p: float = 0.0, seed: int | torch.Tensor | None = None,
               mask_fill: float | None = None, deterministic: bool | None = None,
-              config: flash.TileConfig | None = None, window_pad: bool = False) -> torch.Tensor:
+              config: TileConfig | None = None, window_pad: bool = False) -> torch.Tensor:
     """Sliding-window attention on ``(batch, heads, seqlen, head_dim)`` tensors, with autograd.
 
     ``window_size=(left, right)``: the band's half-widths (-1: unbounded), ``causal`` caps right at 0.

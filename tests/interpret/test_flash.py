@@ -18,15 +18,16 @@ import torch
 
 import attnfuse  # noqa: F401 - registers torch.ops.attnfuse
 from attnfuse import ops
+from attnfuse.costmodel import tiles
 from attnfuse.kernels import flash
 from tests._util import assert_2x
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on NaN rows: 0/0, log2(0)
 
-T16 = flash.TileConfig(16, 16, 4, 2)
-T32 = flash.TileConfig(32, 32, 4, 2)
-T16x32 = flash.TileConfig(16, 32, 4, 2)
-T32x16 = flash.TileConfig(32, 16, 4, 2)
+T16 = tiles.TileConfig(16, 16, 4, 2)
+T32 = tiles.TileConfig(32, 32, 4, 2)
+T16x32 = tiles.TileConfig(16, 32, 4, 2)
+T32x16 = tiles.TileConfig(32, 16, 4, 2)
 DTYPES = [torch.float32, torch.float16]
 _INF = float("-inf")
 
@@ -617,7 +618,7 @@ def test_nonfinite_v_right_of_the_diagonal_reaches_the_output(bad, lq, splits):
     v = v.clone()
     v[0, 1, 36, 5] = bad  # the last key: right of the diagonal for every row but the last
     eager = textbook(q, k, v, causal=True)
-    ours = flash.attention(q, k, v, causal=True, config=flash.TileConfig(16, 16, 4, 2), splits=splits)
+    ours = flash.attention(q, k, v, causal=True, config=tiles.TileConfig(16, 16, 4, 2), splits=splits)
     assert not torch.isfinite(eager[0, 1, :, 5]).any()  # the premise: eager poisons the whole column
     assert torch.equal(torch.isnan(ours), torch.isnan(eager)) and torch.equal(torch.isinf(ours), torch.isinf(eager))
     finite = torch.isfinite(eager)

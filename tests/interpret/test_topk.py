@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnfuse.kernels import flash, topk
+from attnfuse.costmodel import tiles
+from attnfuse.kernels import topk
 from tests.interpret.test_flash import DTYPES, _qkv, _seed
 from tests.test_topk_cpu import check_covering, check_masked, check_planted
 
@@ -82,8 +83,8 @@ def test_score_kernel_matches_torch(causal, groups, block, lq, lk):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("cfg,groups", [(flash.TileConfig(64, 32, 4, 2), 2), (flash.TileConfig(16, 64, 4, 2), 1),
-                                        (flash.TileConfig(64, 64, 4, 2), 3)])
+@pytest.mark.parametrize("cfg,groups", [(tiles.TileConfig(64, 32, 4, 2), 2), (tiles.TileConfig(16, 64, 4, 2), 1),
+                                        (tiles.TileConfig(64, 64, 4, 2), 3)])
 def test_listing_kernel_matches_torch(causal, cfg, groups, monkeypatch):
     """`_listing_kernel`'s rows and cols listings == the torch path's (counts and listed tiles, in order)."""
     _seed("listing", causal, cfg, groups)

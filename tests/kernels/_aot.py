@@ -1,10 +1,10 @@
 """Helpers of test_flash_aot_fwd/bwd: ahead-of-time compiles of the flash kernels for Hopper (sm_90)
 and Ampere (sm_80), no GPU needed.
 
-Every tile config the launcher can pick on a device (`flash.kept_configs`, a superset of the configs
-`flash.reachable_configs` finds over a grid of shapes) must compile for that device's architecture,
+Every tile config the launcher can pick on a device (`tiles.kept_configs`, a superset of the configs
+`tiles.reachable_configs` finds over a grid of shapes) must compile for that device's architecture,
 fit its shared memory (the spec's budget and the hardware's opt-in limit per block), and the
-launcher's estimate `flash.smem_bytes` must not under-count what Triton allocates.  Each
+launcher's estimate `tiles.smem_bytes` must not under-count what Triton allocates.  Each
 (spec, dtype, head dim) compiles every config without features, plus the config nearest the limit
 with every feature on (causal, softcap, dropout, ragged lengths and a mask: a bool mask for fp16, a
 float32 bias with its gradient for bf16; shared memory depends on the element size, not on which
@@ -30,7 +30,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from attnfuse.costmodel import PRESETS  # noqa: E402
+from attnfuse.costmodel import tiles  # noqa: E402
+from attnfuse.device import PRESETS  # noqa: E402
 from attnfuse.kernels import flash  # noqa: E402
 from attnfuse.kernels.flash import TileConfig  # noqa: E402
 
@@ -171,14 +172,14 @@ def _heavy_mask(dt: str) -> tuple[str, int]:
 
 
 def _kept(rep: _Report, kind: str, hd: int, mask_elem: int = 0) -> list[TileConfig]:
-    kept = flash.kept_configs(kind, hd, hd, ELEM, rep.spec, mask_elem)
+    kept = tiles.kept_configs(kind, hd, hd, ELEM, rep.spec, mask_elem)
     if not kept:
         rep.problems.append(f"{rep.where}: no {kind} config fits (mask element size {mask_elem}): pick() raises")
     return kept
 
 
 def _nearest_limit(kept: list[TileConfig], kind: str, hd: int, mask_elem: int) -> TileConfig:
-    return max(kept, key=lambda c: flash.smem_bytes(c, kind, hd, hd, ELEM, mask_elem))
+    return max(kept, key=lambda c: tiles.smem_bytes(c, kind, hd, hd, ELEM, mask_elem))
 
 
 GROUPS = [pytest.param(s, dt, hd, id=f"{s}-{dt}-d{hd}") for s in TARGETS for dt in DTYPES for hd in HEAD_DIMS]

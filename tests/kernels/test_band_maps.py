@@ -1,4 +1,4 @@
-"""Host-side work of the band and block-sparse kernels: the tiles a band visits (`flash.tiles_visited`, which
+"""Host-side work of the band and block-sparse kernels: the tiles a band visits (`tiles.tiles_visited`, which
 the launcher's cost estimate uses) and the block-sparse tile maps (`blocksparse.tile_map`) against brute force,
 `pick`'s window-aware choice, and launches that trace (fake CUDA tensors, as under torch.compile).  No kernel
 runs here."""
@@ -17,7 +17,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch._subclasses.functional_tensor import dispatch_functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from attnfuse.costmodel import PRESETS
+from attnfuse.costmodel import tiles
+from attnfuse.device import PRESETS
 from attnfuse.kernels import blocksparse, flash
 from tests._util import band
 
@@ -42,10 +43,10 @@ def test_tiles_visited_is_the_band_tiles(seed):
         bm, bn, groups = rng.choice([16, 32, 64]), rng.choice([16, 32, 64]), rng.choice([1, 2, 3])
         if left >= 0 and lq - 1 - left >= lk:
             lq = lk + left  # the kernels also visit one masked tile for rows that see no key
-        got = flash.tiles_visited(lq, lk, left, right, bm, bn, groups)
+        got = tiles.tiles_visited(lq, lk, left, right, bm, bn, groups)
         assert got == _pairs(band(lq, lk, left, right), bm, bn, groups), (lq, lk, left, right, bm, bn, groups)
-    assert flash.tiles_visited(100, 90, -1, -1, 32, 16, 2) == triton.cdiv(200, 32) * triton.cdiv(90, 16)
-    assert flash.tiles_visited(16384, 16384, 512, 0, 64, 64, 1) <= 256 * (512 // 64 + 2)
+    assert tiles.tiles_visited(100, 90, -1, -1, 32, 16, 2) == triton.cdiv(200, 32) * triton.cdiv(90, 16)
+    assert tiles.tiles_visited(16384, 16384, 512, 0, 64, 64, 1) <= 256 * (512 // 64 + 2)
 
 
 # --------------------------------------------------------------------------------------------- tile maps
@@ -135,17 +136,17 @@ def test_pick_is_window_aware():
     """A narrow band scales the estimate down by the tiles it visits; an unbounded one is the dense estimate."""
     spec = PRESETS["h100"]
     args = ("fwd", 16384, 16384, 32, 128, 128, 2, spec)
-    assert flash.pick(*args, 0, 1, (-1, -1)) == flash.pick(*args)
-    cfg = flash.pick(*args, 0, 1, (512, 0))
-    assert cfg in flash.kept_configs("fwd", 128, 128, 2, spec)
-    dense = flash.estimate_s(cfg, *args[:-1], spec)
-    windowed = flash.estimate_s(cfg, *args[:-1], spec, window=(512, 0))
-    fraction = flash.tiles_visited(16384, 16384, 512, 0, cfg.block_m, cfg.block_n) / (
+    assert tiles.pick(*args, 0, 1, (-1, -1)) == tiles.pick(*args)
+    cfg = tiles.pick(*args, 0, 1, (512, 0))
+    assert cfg in tiles.kept_configs("fwd", 128, 128, 2, spec)
+    dense = tiles.estimate_s(cfg, *args[:-1], spec)
+    windowed = tiles.estimate_s(cfg, *args[:-1], spec, window=(512, 0))
+    fraction = tiles.tiles_visited(16384, 16384, 512, 0, cfg.block_m, cfg.block_n) / (
         triton.cdiv(16384, cfg.block_m) * triton.cdiv(16384, cfg.block_n))
-    host = flash.host_s(spec)  # the launch's host floor does not scale with the band
+    host = tiles.host_s(spec)  # the launch's host floor does not scale with the band
     assert fraction < 0.05 and (windowed**2 - host**2) ** 0.5 < 2 * fraction * (dense**2 - host**2) ** 0.5
     for kind in ("fwd", "bwd"):
-        assert flash.pick(kind, 4096, 4096, 8, 64, 64, 2, spec, 0, 4, (100, 100)) in flash.kept_configs(
+        assert tiles.pick(kind, 4096, 4096, 8, 64, 64, 2, spec, 0, 4, (100, 100)) in tiles.kept_configs(
             kind, 64, 64, 2, spec)
 
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 import attnfuse  # noqa: F401 - registers torch.ops.attnfuse
-from attnfuse.kernels import _family, blocksparse, flash, lsh, topk, window
+from attnfuse.kernels import _family, _launch, blocksparse, flash, lsh, topk, window
 from tests._util import assert_2x, band
 
-pytestmark = pytest.mark.skipif(flash.interpreting(), reason="the plain-CPU path; tests/interpret has the kernels'")
+pytestmark = pytest.mark.skipif(_launch.interpreting(), reason="the plain-CPU path; tests/interpret has the kernels'")
 
 B, H, L, D = 2, 3, 97, 40
 _INF = float("-inf")

@@ -16,7 +16,7 @@ from _aot import (
     compile_preprocess,
 )
 
-from attnfuse.kernels import flash
+from attnfuse.costmodel import tiles
 
 
 @pytest.mark.parametrize("spec_name,dt,hd", GROUPS)
@@ -24,14 +24,14 @@ def test_backward_configs_compile_and_fit(spec_name, dt, hd):
     rep = _Report(spec_name, dt, hd)
     rep.shared("preprocess", rep.compile("preprocess", compile_preprocess, rep.cc, dt, hd))
     for cfg in _kept(rep, "bwd", hd):
-        estimate = flash.smem_bytes(cfg, "bwd", hd, hd, ELEM)
+        estimate = tiles.smem_bytes(cfg, "bwd", hd, hd, ELEM)
         rep.shared(f"dkdv {_name(cfg)}", rep.compile(f"dkdv {_name(cfg)}", compile_dkdv, cfg, rep.cc, dt, hd), estimate)
         rep.shared(f"dq {_name(cfg)}", rep.compile(f"dq {_name(cfg)}", compile_dq, cfg, rep.cc, dt, hd), estimate)
     mask, mask_elem = _heavy_mask(dt)
     kept = _kept(rep, "bwd", hd, mask_elem)
     if kept:
         cfg = _nearest_limit(kept, "bwd", hd, mask_elem)
-        estimate = flash.smem_bytes(cfg, "bwd", hd, hd, ELEM, mask_elem)
+        estimate = tiles.smem_bytes(cfg, "bwd", hd, hd, ELEM, mask_elem)
         for name, fn in (("dkdv", compile_dkdv), ("dq", compile_dq)):
             what = f"{name} {_name(cfg)} all features, {mask} mask"
             rep.shared(what, rep.compile(what, fn, cfg, rep.cc, dt, hd, mask), estimate)

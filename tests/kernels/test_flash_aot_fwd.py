@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from _aot import ELEM, GROUPS, _heavy_mask, _kept, _name, _nearest_limit, _Report, compile_combine, compile_fwd
 
-from attnfuse.costmodel import PRESETS
-from attnfuse.kernels import flash
+from attnfuse.costmodel import tiles
+from attnfuse.device import PRESETS
 
 
 @pytest.mark.parametrize("spec_name,dt,hd", GROUPS)
@@ -14,7 +14,7 @@ def test_forward_configs_compile_and_fit(spec_name, dt, hd):
     rep = _Report(spec_name, dt, hd)
     for cfg in _kept(rep, "fwd", hd):
         k = rep.compile(f"fwd {_name(cfg)}", compile_fwd, cfg, rep.cc, dt, hd)
-        rep.shared(f"fwd {_name(cfg)}", k, flash.smem_bytes(cfg, "fwd", hd, hd, ELEM))
+        rep.shared(f"fwd {_name(cfg)}", k, tiles.smem_bytes(cfg, "fwd", hd, hd, ELEM))
         if k is not None and rep.cc == 90 and cfg.block_m >= 64 and "wgmma" not in k.asm["ptx"]:
             rep.problems.append(f"{rep.where} fwd {_name(cfg)}: no wgmma in the PTX")
     mask, mask_elem = _heavy_mask(dt)
@@ -23,7 +23,7 @@ def test_forward_configs_compile_and_fit(spec_name, dt, hd):
         cfg = _nearest_limit(kept, "fwd", hd, mask_elem)
         what = f"fwd {_name(cfg)} all features, {mask} mask"
         rep.shared(what, rep.compile(what, compile_fwd, cfg, rep.cc, dt, hd, mask),
-                   flash.smem_bytes(cfg, "fwd", hd, hd, ELEM, mask_elem))
+                   tiles.smem_bytes(cfg, "fwd", hd, hd, ELEM, mask_elem))
     for block_s in (2, 64):  # split-K merge: next_power_of_2(splits), splits <= 64
         what = f"combine BLOCK_S={block_s}"
         rep.shared(what, rep.compile(what, compile_combine, rep.cc, dt, hd, block_s))
@@ -32,5 +32,5 @@ def test_forward_configs_compile_and_fit(spec_name, dt, hd):
 
 def test_reachable_configs_are_kept():
     spec = PRESETS["h100"]
-    reachable = flash.reachable_configs("fwd", 128, 128, ELEM, spec)
-    assert reachable and reachable <= set(flash.kept_configs("fwd", 128, 128, ELEM, spec))
+    reachable = tiles.reachable_configs("fwd", 128, 128, ELEM, spec)
+    assert reachable and reachable <= set(tiles.kept_configs("fwd", 128, 128, ELEM, spec))

@@ -14,7 +14,7 @@ from torch._subclasses.functional_tensor import dispatch_functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from attnfuse import ops
-from attnfuse.costmodel import PRESETS
+from attnfuse.device import PRESETS
 from attnfuse.kernels import flash
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
@@ -73,7 +73,7 @@ def test_forward_traces_to_the_triton_kernel(mask):
 
 
 def test_decode_traces_split_and_combine(monkeypatch):
-    monkeypatch.setattr(flash, "_spec_for", lambda t: PRESETS["h100"])  # one query row: 8 programs for 132 SMs
+    monkeypatch.setattr(flash, "spec_for", lambda t: PRESETS["h100"])  # one query row: 8 programs for 132 SMs
     with FakeTensorMode():
         q, k, v = _fake_cuda((1, 8, 1, 128), (1, 8, 8192, 128), (1, 8, 8192, 128))
         gm = make_fx(dispatch_functionalize(lambda q, k, v: ops.attend(q, k, v)))(q, k, v)

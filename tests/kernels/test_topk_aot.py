@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 from _aot import TARGETS, _compile, _name, _Report
 
+from attnfuse.costmodel import tiles
 from attnfuse.kernels import flash, topk
 
 CASES = [pytest.param(s, hd, g, id=f"{s}-d{hd}-g{g}") for s in TARGETS for hd, g in ((64, 4), (128, 1))]
@@ -41,7 +42,7 @@ def test_topk_launches_compile_and_fit(spec_name, hd, groups):
             compiled = rep.compile(what, _compile, kernel, rep.cc, {**base, **ptrs}, {**_meta(cfg, hd, groups),
                                                                                        **extra},
                                    cfg.num_warps, cfg.num_stages)
-            rep.shared(what, compiled, flash.smem_bytes(cfg, kind, hd, hd, 2))
+            rep.shared(what, compiled, tiles.smem_bytes(cfg, kind, hd, hd, 2))
     rep.check()
 
 

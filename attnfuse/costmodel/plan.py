@@ -3,8 +3,8 @@
 `plan(shape, spec, kernels, ...)` lists every family -- ``flash`` (exact, dense), ``window`` and
 ``blocksparse`` (exact, skipping the tiles a proven mask removes), ``topk`` and ``lsh`` (approximate, opt-in),
 and the unfused ``eager`` graph -- each with an `Estimate` (FLOPs, HBM bytes, exponentials, time) or the reason
-it cannot run the site, and chooses the cheapest one allowed.  The tile-level model is the flash launcher's
-(`attnfuse.kernels.flash.estimate`): its tiles are enumerated from the spec's shared memory (`flash.keep`)
+it cannot run the site, and chooses the cheapest one allowed.  The tile-level model is `attnfuse.costmodel.tiles`
+(`tiles.estimate`): its tiles are enumerated from the spec's shared memory (`tiles.keep`)
 and its time is a roofline (max of matmul, exponential and memory time, IO-aware K/V re-reads), stretched by
 wave quantization over the SMs, plus the launch overhead.  The approximate families add their own selection
 work (top-k's indexer, LSH's hashing, sorting and gathers) to the exact work over what they keep.
@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
-from .device import PRESETS, DeviceSpec
+from ..device import PRESETS, DeviceSpec
+from . import tiles
+from .tiles import Estimate
 
 __all__ = ["PRESETS", "DeviceSpec", "Estimate", "Plan", "estimate_family", "plan", "visible_keys"]
 
@@ -36,26 +38,6 @@ LSH_DEFAULTS = {"n_hashes": 4, "bucket_size": 64, "seed": 0}
 # key-length ranges of a dynamic plan's table: [lo, hi), each planned at its geometric middle
 _RANGES = (0, 256, 1024, 4096, 16384, 65536)
 _LAST_REP = 131072
-
-
-@dataclasses.dataclass(frozen=True)
-class Estimate:
-    """One candidate's cost: FLOPs, HBM bytes, exponentials, and the estimated time in seconds."""
-
-    flops: float
-    hbm_bytes: float
-    exp_ops: float
-    time_s: float
-
-    def scaled(self, fraction: float, fixed_bytes: float = 0.0, fixed_s: float = 0.0) -> Estimate:
-        """The work times ``fraction``; ``fixed_bytes`` (inputs read once) and ``fixed_s`` (launches) stay."""
-        f = min(1.0, max(0.0, fraction))
-        return Estimate(self.flops * f, fixed_bytes + (self.hbm_bytes - fixed_bytes) * f, self.exp_ops * f,
-                        fixed_s + (self.time_s - fixed_s) * f)
-
-    def __add__(self, other: Estimate) -> Estimate:
-        return Estimate(self.flops + other.flops, self.hbm_bytes + other.hbm_bytes, self.exp_ops + other.exp_ops,
-                        self.time_s + other.time_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +73,6 @@ def visible_keys(q_len: int, kv_len: int, left: int, right: int, causal: bool) -
     return float((hi - lo + 1).clamp(min=0).mean())
 
 
-def _launcher():
-    """`attnfuse.kernels.flash`, imported on use: it imports Triton, and imports this module."""
-    from .kernels import flash
-
-    return flash
-
-
 def _dims(shape: Mapping[str, Any]) -> tuple[int, int, int, int, int, int, int, int]:
     return (shape["batch"], shape["heads"], shape["kv_heads"], shape["q_len"], shape["kv_len"], shape["head_dim"],
             shape["v_head_dim"], shape["elem"])
@@ -106,12 +81,11 @@ def _dims(shape: Mapping[str, Any]) -> tuple[int, int, int, int, int, int, int, 
 def _flash(shape: Mapping[str, Any], spec: DeviceSpec, window: tuple[int, int] = (-1, -1), causal: bool = False):
     """(tile config, Estimate) of the flash launch the launcher would make (its `pick`); a causal launch
     visits the tiles on and below the diagonal."""
-    flash = _launcher()
     b, h, hk, lq, lk, d, dv, elem = _dims(shape)
     groups = h // hk
-    visits = flash.band(window, causal)
-    cfg = flash.pick("fwd", lq * groups, lk, b * hk, d, dv, elem, spec, 0, groups, visits)
-    est = flash.estimate(cfg, "fwd", lq * groups, lk, b * hk, d, dv, elem, spec, groups=groups, window=visits)
+    visits = tiles.band(window, causal)
+    cfg = tiles.pick("fwd", lq * groups, lk, b * hk, d, dv, elem, spec, 0, groups, visits)
+    est = tiles.estimate(cfg, "fwd", lq * groups, lk, b * hk, d, dv, elem, spec, groups=groups, window=visits)
     config = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "num_warps": cfg.num_warps,
               "num_stages": cfg.num_stages}
     return config, est
@@ -123,22 +97,13 @@ def _once(shape: Mapping[str, Any]) -> float:
     return float(b * (h * lq + hk * lk) * (d + dv) * elem)
 
 
-def _roofline(flops: float, nbytes: float, exps: float, launches: int, spec: DeviceSpec, dtype: str) -> Estimate:
-    terms = sorted((flops / spec.flops(dtype), nbytes / spec.hbm_bytes_per_s, exps / spec.exp_per_s))
-    return Estimate(flops, nbytes, exps, terms[2] + 0.1 * (terms[0] + terms[1]) + launches * spec.launch_s)
-
-
-def _dtype(elem: int) -> str:
-    return {2: "float16", 4: "float32", 8: "float64"}.get(elem, "float16")
-
-
 def _eager(shape: Mapping[str, Any], spec: DeviceSpec) -> Estimate:
     """The unfused graph: it writes and reads the score matrix several times (matmul out, scale, mask,
     softmax in/out, second matmul in)."""
     b, h, hk, lq, lk, d, dv, elem = _dims(shape)
     scores = b * h * lq * lk
     io = (b * h * lq * (d + dv) + b * hk * lk * (d + dv)) * elem
-    return _roofline(2.0 * scores * (d + dv), io + 6 * scores * 4.0, scores, 5, spec, _dtype(elem))
+    return tiles.roofline(2.0 * scores * (d + dv), io + 6 * scores * 4.0, scores, 5, spec, tiles.dtype_name(elem))
 
 
 def _topk(shape: Mapping[str, Any], spec: DeviceSpec, causal: bool, params: Mapping[str, Any]) -> Estimate:
@@ -152,9 +117,9 @@ def _topk(shape: Mapping[str, Any], spec: DeviceSpec, causal: bool, params: Mapp
     kept = min(visible, math.ceil(p["topk"] / block) + math.ceil(p["sink"] / block)
                + math.ceil((p["local"] + block) / block))
     _, dense = _flash(shape, spec, causal=causal)  # the kept blocks are a fraction of the visible ones
-    attend = dense.scaled(kept / visible, _once(shape), _launcher().host_s(spec) + spec.launch_s)
-    index = _roofline(4.0 * b * h * lq * n_blocks * d, (b * h * lq * d + 2 * b * hk * n_blocks * d) * elem
-                      + b * hk * math.ceil(lq / block) * n_blocks * 4.0, 0.0, 6, spec, _dtype(elem))
+    attend = dense.scaled(kept / visible, _once(shape), tiles.host_s(spec) + spec.launch_s)
+    index = tiles.roofline(4.0 * b * h * lq * n_blocks * d, (b * h * lq * d + 2 * b * hk * n_blocks * d) * elem
+                      + b * hk * math.ceil(lq / block) * n_blocks * 4.0, 0.0, 6, spec, tiles.dtype_name(elem))
     return index + attend
 
 
@@ -171,9 +136,9 @@ def _lsh(shape: Mapping[str, Any], spec: DeviceSpec, causal: bool, params: Mappi
     attend = 2.0 * rounds * b * h * lq * keys * (d + dv)
     sort_bytes = rounds * tokens * (math.log2(max(2, lk)) * 8.0 + 2 * (d + dv) * elem)
     merge_bytes = rounds * b * h * lq * (dv + 1) * 4.0 * 2
-    est = _roofline(hashing + attend, sort_bytes + merge_bytes, rounds * b * h * lq * keys, 12 * rounds, spec,
-                    _dtype(elem))
-    return est + Estimate(0.0, 0.0, 0.0, _launcher().host_s(spec))  # plus its Triton launch's host time
+    est = tiles.roofline(hashing + attend, sort_bytes + merge_bytes, rounds * b * h * lq * keys, 12 * rounds, spec,
+                    tiles.dtype_name(elem))
+    return est + Estimate(0.0, 0.0, 0.0, tiles.host_s(spec))  # plus its Triton launch's host time
 
 
 def estimate_family(family: str, shape: Mapping[str, Any], spec: DeviceSpec, *,
@@ -185,11 +150,11 @@ def estimate_family(family: str, shape: Mapping[str, Any], spec: DeviceSpec, *,
     if family == "flash":
         return _flash(shape, spec, causal=causal)
     if family == "window":
-        return _flash(shape, spec, _launcher().band(structure["window"], causal))
+        return _flash(shape, spec, tiles.band(structure["window"], causal))
     if family == "blocksparse":
         config, dense = _flash(shape, spec, causal=causal)
         return config, dense.scaled(structure.get("density", 1.0), _once(shape),
-                                    _launcher().host_s(spec) + spec.launch_s)
+                                    tiles.host_s(spec) + spec.launch_s)
     if family == "topk":
         return {}, _topk(shape, spec, causal, params or {})
     if family == "lsh":
