@@ -32,11 +32,15 @@ browser:
 	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "attnfuse: could not install chromium (not root?); the HTML report's browser test skips outside CI"
 
+INTERPRET_TESTS = $(sort $(shell find tests -name '*_interpret.py'))
+
 test: $(BIN)/.ready $(CORPUS_LIBS)/.ready browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests --ignore=tests/interpret
-	# the Triton kernels on the CPU: their own tests, the model tests, the matcher and soundness tests through them
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests/interpret tests/passes/test_match.py tests/passes/test_soundness.py
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests --ignore-glob='*_interpret.py'
+	# the Triton kernels on the CPU: their own tests (tests/**/*_interpret.py, beside each module's CPU and AOT
+	# tests), the model tests, the matcher and soundness tests through them
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile $(INTERPRET_TESTS) tests/passes/test_match.py \
+		tests/passes/test_soundness.py
 
 bench: $(BIN)/.ready
 	$(BIN)/python benchmarks/bench_models.py

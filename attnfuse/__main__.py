@@ -87,7 +87,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     import attnfuse
-    from attnfuse.export import _dims, _export
+    from attnfuse.export import _dims, export_with_progress
 
     if args.mlir_output is not None and args.format != "mlir":
         raise _Failure(2, f"--mlir-output applies to --format mlir only (got --format {args.format})")
@@ -109,8 +109,9 @@ def _export(args: argparse.Namespace) -> int:
     terminal = sys.stderr
     with _tracing():
         try:
-            path = _export(target.model, target.args, args.output, args.format, options, dynamic_shapes=dynamic,
-                           mlir_output=args.mlir_output or "torch", progress=terminal)
+            path = export_with_progress(target.model, target.args, args.output, args.format, options,
+                                        dynamic_shapes=dynamic, mlir_output=args.mlir_output or "torch",
+                                        progress=terminal)
         except ValueError as exc:
             raise _Failure(2, str(exc)) from None
         except ImportError as exc:  # a missing extra: the message names it (pip install attnfuse[onnx])

@@ -1,37 +1,40 @@
 """``attnfuse::attention``'s CPU forward as graph ops, so that Inductor compiles it (no per-call Python).
 
 While AOTAutograd traces a graph (``FunctionalTensorMode``), where the op's CPU implementation would run PyTorch's
-fused SDPA kernel (`attnfuse.ops._cpu_forward`'s fast path), the trace records that path itself instead of one
-opaque call: the opaque op costs ~0.1 ms of Python dispatch and checks on every call, which dominates a small
+fused SDPA kernel (`attnfuse.kernels.cpu`'s ``"sdpa-flash-cpu"`` path), the trace records that path itself instead
+of one opaque call: the opaque op costs ~0.1 ms of Python dispatch and checks on every call, which dominates a small
 compiled decode step.  What the op decides on every call is split in two:
 
 * static conditions (device, dtypes, head dims; no softcap, dropout, structured mask, sinks or approximate
-  table; the argument checks of `attnfuse.ops._check`): decided once, on the traced tensors' metadata, which the
-  compiled graph's guards pin;
+  table: `attnfuse.costmodel.cpu.path`, as the op decides them; the op's argument checks, `attnfuse.kernels.cpu.check`):
+  decided once, on the traced tensors' metadata, which the compiled graph's guards pin;
 * data-dependent ones stay per call, in the graph: ``torch.cond(pred, SDPA, the op kept whole)``, where ``pred``
   says the inputs are finite (PyTorch's fused kernel's NaN pattern differs from softmax's on non-finite inputs)
   and, for the op, that every query row sees a key (such a row is NaN, or uniform for a finite fill).
 
 So the graph computes what the opaque op computes, input by input.  Entry points: `forward` (the op, from
-`attnfuse.ops._traceable_cuda`, below autograd: the op's own backward still differentiates it) and
-`attention_sdpa` (`attnfuse.ops.attention_sdpa`, only where nothing needs a gradient).  ``torch.export`` keeps
-the ops whole.
+`attnfuse.ops`' dispatch under ``FunctionalTensorMode``, below autograd: the op's own backward still
+differentiates it) and `attention_sdpa` (`attnfuse.ops.attention_sdpa`, only where nothing needs a gradient).
+``torch.export`` keeps the ops whole.  This module does not import `attnfuse.ops` (ops imports it): it calls the
+registered op by its ``torch.ops`` name and gets ``attention_sdpa``'s emulation passed in.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch._subclasses.functional_tensor import FunctionalTensor
 
-from . import ops
+from .kernels import cpu
 
 _NAMES = ("q", "k", "v", "mask", "seed", "alibi", "sinks")
 _DEFAULTS = {"scale": None, "causal": False, "softcap": 0.0, "kv_groups": 1, "dropout_p": 0.0, "mask_fill": None,
-             "window_left": -1, "window_right": -1, "block_sparse": False, "window_pad": False, "approx": ""}
+             "window_left": -1, "window_right": -1, "block_sparse": False, "window_pad": False, "approx": "",
+             "tiles": ""}
 log = logging.getLogger("attnfuse.cpu_graph")
 _STATE = threading.local()  # .whole: tracing the cond's fallback branch, where the op stays one node
 
@@ -40,12 +43,16 @@ def _static_fast(a: dict[str, Any]) -> bool:
     """Whether every call with tensors like these (same device, dtypes, shapes) can take the SDPA path, up to
     the data-dependent conditions the traced graph checks."""
     q, k, v, mask = a["q"], a["k"], a["v"], a["mask"]
-    return (q.device.type == "cpu" and not ops._use_flash(q, k, v) and a["sinks"] is None and not a["approx"]
-            and not a["window_pad"] and not ops._structured(a["alibi"], a["window_left"], a["window_right"],
-                                                            a["block_sparse"])
-            and a["softcap"] == 0 and a["dropout_p"] == 0 and q.shape[-1] == v.shape[-1]
-            and q.dtype in ops._FAST_DTYPES
-            and (mask is None or mask.dtype == torch.bool or mask.dtype == q.dtype) and _plain_sizes(q, k, v, mask))
+    return (q.device.type == "cpu" and not cpu.runs_triton(q, k, v) and not a["approx"]
+            and cpu.path(q, v, mask, a["alibi"], a["sinks"], **{n: a[n] for n in _DEFAULTS}) == "sdpa-flash-cpu"
+            and _plain_sizes(q, k, v, mask))
+
+
+def _check(a: dict[str, Any]) -> None:
+    """The op's argument checks (`attnfuse.kernels.cpu.check`) on ``a``, the op's arguments by name."""
+    cpu.check(a["q"], a["k"], a["v"], a["mask"], a["alibi"], a["sinks"], kv_groups=a["kv_groups"], causal=a["causal"],
+              window_left=a["window_left"], window_right=a["window_right"], block_sparse=a["block_sparse"],
+              window_pad=a["window_pad"], approx=a["approx"])
 
 
 def _plain_sizes(*xs: torch.Tensor | None) -> bool:
@@ -60,8 +67,8 @@ def _plain_sizes(*xs: torch.Tensor | None) -> bool:
 
 
 def _finite(*xs: torch.Tensor) -> torch.Tensor:
-    """Bool scalar: no NaN/Inf in any of ``xs`` (one sum each, as `attnfuse.ops._all_finite`; an overflowing sum of
-    finite values only sends the call to the exact reference).  Inductor fuses each sum into the kernel that
+    """Bool scalar: no NaN/Inf in any of ``xs`` (one sum each, as `attnfuse.kernels.cpu.all_finite`; an overflowing
+    sum of finite values only sends the call to the exact reference).  Inductor fuses each sum into the kernel that
     produces the tensor where it can."""
     acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
     total = xs[0].sum(dtype=acc)
@@ -71,7 +78,7 @@ def _finite(*xs: torch.Tensor) -> torch.Tensor:
 
 
 def _dead(mask: torch.Tensor, causal: bool, lq, lk) -> torch.Tensor:
-    """Bool (..., q_len, 1): rows where every key is masked (`attnfuse.ops._dead_rows` without its branches)."""
+    """Bool (..., q_len, 1): rows where every key is masked (`attnfuse.kernels.cpu.dead_rows` without its branches)."""
     keep = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
     if causal:
         keep = keep & torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril()
@@ -79,16 +86,16 @@ def _dead(mask: torch.Tensor, causal: bool, lq, lk) -> torch.Tensor:
 
 
 def _canonical(out: torch.Tensor) -> torch.Tensor:
-    """``out`` laid out as the op's fake promises, (B, Lq, H, Dv) in memory (`attnfuse.ops.output_like`), with
+    """``out`` laid out as the op's fake promises, (B, Lq, H, Dv) in memory (`attnfuse.kernels.cpu.output_like`), with
     exactly its strides: a size-1 dim's stride is free, and ``torch.cond`` compares its branches' strides."""
-    out = ops._in_output_layout(out)
+    out = cpu.in_output_layout(out)
     b, h, n, dv = out.shape
     return out.as_strided((b, h, n, dv), (n * h * dv, dv, h * dv, 1))
 
 
 def _sdpa(q, k, v, mask, causal, scale, kv_groups) -> torch.Tensor:
-    """PyTorch's SDPA as `attnfuse.ops._cpu_forward` calls it, in the op's output layout."""
-    sdpa_mask, sdpa_causal = ops._sdpa_mask(mask, causal, q.shape[-2], k.shape[-2])
+    """PyTorch's SDPA as `attnfuse.kernels.cpu.forward` calls it, in the op's output layout."""
+    sdpa_mask, sdpa_causal = cpu.sdpa_mask(mask, causal, q.shape[-2], k.shape[-2])
     return _canonical(torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=sdpa_mask, is_causal=sdpa_causal, scale=scale, enable_gqa=kv_groups > 1))
 
@@ -150,8 +157,8 @@ def forward(mode: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tenso
     if not _static_fast(a):
         return None
     q, k, v, mask, causal, kv_groups = a["q"], a["k"], a["v"], a["mask"], a["causal"], a["kv_groups"]
-    ops._check(q, k, v, mask, kv_groups)  # what the opaque op raises, raised once at compile time
-    scale = ops._scale(q, a["scale"])
+    _check(a)  # what the opaque op raises, raised once at compile time
+    scale = cpu.scale_of(q, a["scale"])
 
     def fast(q, k, v, *rest):
         return (_sdpa(q, k, v, rest[0] if rest else None, causal, scale, kv_groups),)
@@ -165,17 +172,18 @@ def forward(mode: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tenso
         if mask is not None:
             ok = ok & ~_dead(mask, causal, q.shape[-2], k.shape[-2]).any()
         out = _cond(ok, fast, whole, q, k, v, mask)
-        return None if out is None else (out, ops._no_stats(q))  # stats outside the cond: unused, they cost nothing
+        return None if out is None else (out, cpu.no_stats(q))  # stats outside the cond: unused, they cost nothing
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                   kwargs: dict[str, Any]) -> torch.Tensor | None:
+                   kwargs: dict[str, Any], emulation: Callable[..., torch.Tensor]) -> torch.Tensor | None:
     """`attnfuse.ops.attention_sdpa` (SDPA's convention: a row that sees no key is 0) traced for Inductor, or None.
 
     While AOTAutograd traces a CPU graph in which nothing needs a gradient: ``cond(finite inputs, SDPA, the
     emulation)``.  PyTorch's SDPA *is* that convention, so the mask goes to it as is, with no pass over it to
     find the dead rows.  Not with ``causal`` (the emulation finds dead rows from the mask alone), a finite fill,
     or a gradient (the op's backward, not PyTorch's CPU flash backward, must differentiate it).
+    ``emulation``: `attnfuse.ops.attention_sdpa` itself, traced whole in the cond's fallback branch.
     """
     mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FUNCTIONAL)
     if mode is None or getattr(_STATE, "whole", False) or not isinstance(q, FunctionalTensor) or _exporting():
@@ -184,17 +192,17 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     if (not _static_fast(a) or a["causal"] or a["mask_fill"] not in (None, float("-inf"))
             or (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, mask)))):
         return None
-    ops._check(q, k, v, mask, a["kv_groups"])
-    scale = ops._scale(q, a["scale"])
+    _check(a)
+    scale = cpu.scale_of(q, a["scale"])
 
     def fast(q, k, v, bias):
-        bias = ops._sdpa_mask(bias, False, q.shape[-2], k.shape[-2])[0]  # a 1-D mask as (q_len, kv_len): a view
+        bias = cpu.sdpa_mask(bias, False, q.shape[-2], k.shape[-2])[0]  # a 1-D mask as (q_len, kv_len): a view
         return (_canonical(torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, scale=scale, enable_gqa=a["kv_groups"] > 1)),)
 
     def emulated(q, k, v, bias):  # a bool mask is exactly where its bias is 0
         m = bias == 0 if mask.dtype == torch.bool else bias
-        return (_canonical(_whole(ops.attention_sdpa, q, k, v, m, **kwargs)),)
+        return (_canonical(_whole(emulation, q, k, v, m, **kwargs)),)
 
     # SDPA's own reading of a bool mask (0 where True, -inf elsewhere, in q's dtype), made outside the cond so
     # that Inductor fuses it into the kernel that makes the mask, and the only mask operand; over the mask's
@@ -206,7 +214,7 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
 
 def _exporting() -> bool:
-    """Whether ``torch.export`` is tracing: it keeps attnfuse's ops whole (as `attnfuse.ops._traceable_cuda`)."""
+    """Whether ``torch.export`` is tracing: it keeps attnfuse's ops whole (as the op's dispatch in `attnfuse.ops`)."""
     try:
         from torch.export._trace import custom_triton_ops_decomposition_disabled
     except ImportError:

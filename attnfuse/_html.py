@@ -21,6 +21,8 @@ import html
 import math
 from typing import Any
 
+from ._sizes import size_text
+
 _MAX_CELLS = 64  # per side of a mask grid
 _GRID_PX = 256  # the largest side of a mask grid, in pixels
 _TENSOR_KINDS = ("padding", "bias", "dense", "blocksparse")  # parts the report holds no values for
@@ -94,9 +96,7 @@ def _time(s: float | None) -> str:
 
 
 def _bytes(b: float | None) -> str:
-    if b is None:
-        return "–"
-    return f"{b / 2**10:.3g} KiB" if b < 2**20 else f"{b / 2**20:.3g} MiB" if b < 2**30 else f"{b / 2**30:.3g} GiB"
+    return "–" if b is None else size_text(b)
 
 
 def _config(cfg: dict) -> str:

@@ -1,7 +1,8 @@
 """``F.multi_head_attention_forward`` and ``torch._transformer_encoder_layer_fwd`` with the attention core as
 ``attnfuse::attention``.
 
-`forward` has the signature and outputs of PyTorch's function; the attention weights are returned as None
+`forward` has the signature and outputs of PyTorch's function (plus ``tiles``, the plan's Triton tiles for the
+op); the attention weights are returned as None
 (the matcher only rewrites calls whose weights are unused).  ``bias_k``/``bias_v`` append one learned key/value
 row, ``add_zero_attn`` one zero row, and the masks get a visible column for each, as PyTorch does;
 ``static_k``/``static_v`` replace the projected K/V.
@@ -50,7 +51,7 @@ def forward(query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in
             add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training=True, key_padding_mask=None,
             need_weights=True, attn_mask=None, use_separate_proj_weight=False, q_proj_weight=None,
             k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None, average_attn_weights=True,
-            is_causal=False):
+            is_causal=False, *, tiles=""):
     unbatched = query.dim() == 2
     if unbatched:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -92,7 +93,8 @@ def forward(query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in
         mask = kpm if mask is None else mask + kpm
     p = dropout_p if training else 0.0
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if p > 0 else None
-    out = ops.attention_sdpa(q, k, v, mask, seed, dropout_p=p, causal=causal)  # fully masked rows: 0, as eager
+    # fully masked rows: 0, as eager
+    out = ops.attention_sdpa(q, k, v, mask, seed, dropout_p=p, causal=causal, tiles=tiles)
     out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)
     out = F.linear(out, out_proj_weight, out_proj_bias)
     return (out.squeeze(1) if unbatched else out), None
@@ -112,7 +114,7 @@ def _native_keep(mask: torch.Tensor | None, mask_type: int | None, bsz: int, seq
 
 def encoder_layer(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, use_gelu, norm_first,
                   layer_norm_eps, norm_weight_1, norm_bias_1, norm_weight_2, norm_bias_2, ffn_weight_1, ffn_bias_1,
-                  ffn_weight_2, ffn_bias_2, mask=None, mask_type=None):
+                  ffn_weight_2, ffn_bias_2, mask=None, mask_type=None, *, tiles=""):
     """``torch._transformer_encoder_layer_fwd`` on a (B, L, E) tensor; see the module docstring."""
     if src.numel() == 0:
         return src.clone()
@@ -122,7 +124,7 @@ def encoder_layer(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, 
     head_dim = embed_dim // num_heads
     q, k, v = (t.view(bsz, seq_len, num_heads, head_dim).transpose(1, 2)
                for t in F.linear(x, qkv_weight, qkv_bias).chunk(3, dim=-1))
-    out = ops.attend(q, k, v, _native_keep(mask, mask_type, bsz, seq_len), None)  # dead rows: NaN, as native
+    out = ops.attend(q, k, v, _native_keep(mask, mask_type, bsz, seq_len), None, tiles=tiles)  # dead rows: NaN
     x = F.linear(out.transpose(1, 2).reshape(bsz, seq_len, embed_dim), proj_weight, proj_bias) + src
     if not norm_first:
         x = F.layer_norm(x, shape, norm_weight_1, norm_bias_1, layer_norm_eps)

@@ -14,125 +14,33 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import os
-import re
-import sys
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from . import _logs, ops  # noqa: F401 - ops registers torch.ops.attnfuse
+from . import _logs, _publish, _sources, ops  # noqa: F401 - ops registers torch.ops.attnfuse
+from ._sizes import hint as _hint
 from .config import Config
 from .costmodel import plan as planner
+from .costmodel.cpu import backward_path
+from .costmodel.cpu import path as cpu_path
+from .costmodel.tiles import encode as tiles_arg
+from .device import triton_unsupported
+from .families import EXACT
 from .passes import _local, _nearmiss, approximate, canonicalize, masks, match, rewrite, verify
+from .passes._graph import eq as _eq
+from .passes._records import operand_shape as _shape
 from .passes.canonicalize import val
-from .passes.match import _eq, _hint, _shape
-from .report import Report, Site, _set_last, in_source_order
-
-# Source-name wrappers dynamo writes around a base: ``getattr(base, 'name')`` and friends, all ``(base, key)``.
-_SOURCE_CALLS = ("getattr(", "___odict_getitem(", "dict.__getitem__(", "list.__getitem__(")
-# Steps of a source name that are not module names: the storage of children, a compiled submodule's wrapper.
-_NOT_MODULES = frozenset(("__dict__", "_modules", "_orig_mod"))
-
-
-def _literal(s: str, i: int) -> tuple[str, int]:
-    """The quoted string or integer at ``s[i]`` (as text) and the index after it."""
-    if s[i] in "'\"":
-        j, out = i + 1, []
-        while s[j] != s[i]:
-            j += 1 if s[j] != "\\" else 2
-            out.append(s[j - 1])
-        return "".join(out), j + 1
-    m = re.compile(r"-?\d+").match(s, i)
-    if m is None:
-        raise ValueError(s)
-    return m.group(), m.end()
-
-
-def _source_steps(s: str, i: int = 0) -> tuple[list[str], int]:
-    """The attribute and item names dynamo's source name ``s`` walks from its root, and where it ends.
-
-    The root is a local or global (``L['self']``, ``G['model']``) with the items taken out of it (``L['args'][0]``:
-    a decorator's ``*args``); then ``.name``, ``[key]`` and the ``_SOURCE_CALLS`` wrappers, nested.
-    """
-    for call in _SOURCE_CALLS:
-        if s.startswith(call, i):
-            steps, i = _source_steps(s, i + len(call))
-            if not s.startswith(", ", i):
-                raise ValueError(s)
-            key, i = _literal(s, i + 2)
-            if s[i] != ")":
-                raise ValueError(s)
-            steps, i = [*steps, key], i + 1
-            break
-    else:
-        if s[i:i + 2] not in ("L[", "G["):
-            raise ValueError(s)
-        i, steps = i + 1, []
-        while i < len(s) and s[i] == "[":  # the root and the items taken out of it
-            _, i = _literal(s, i + 1)
-            i += 1
-    while i < len(s) and s[i] in ".[":
-        if s[i] == "[":
-            key, i = _literal(s, i + 1)
-            i += 1
-        else:
-            m = re.compile(r"[^.\[\],)]+").match(s, i + 1)
-            if m is None:
-                raise ValueError(s)
-            key, i = m.group(), m.end()
-        steps.append(key)
-    return steps, i
-
-
-def _module_path(node: fx.Node | None) -> str:
-    """The dotted path of the innermost module ``node`` was traced in, as ``model.get_submodule`` takes it.
-
-    Dynamo records how it reached each module (`_source_steps`).  Anything else is kept as written:
-    ``torch.export`` records the path itself (``layers.0``), and a source name with other steps (a key read
-    from ``dict.keys(...)``) names no path without the model.
-    """
-    stack = (node.meta.get("nn_module_stack") or {}) if node is not None else {}
-    if not stack:
-        return ""
-    path = str(list(stack.values())[-1][0])
-    try:
-        steps, end = _source_steps(path)
-    except (ValueError, IndexError):
-        return path
-    return ".".join(step for step in steps if step not in _NOT_MODULES) if end == len(path) else path
-
-
-# Library helpers that run attention on a model's behalf: a site's line is where the model calls them.
-_HELPER_PATHS = ("/transformers/integrations/", "/diffusers/models/attention_dispatch.py")
-_OWN_DIRS = tuple(os.path.join(os.path.dirname(os.path.abspath(f)), "") for f in (torch.__file__, __file__))
-
-
-def _library_frame(path: str) -> bool:
-    """Whether a stack frame's file is torch's, attnfuse's, or a library's attention helper (`_HELPER_PATHS`)."""
-    full = os.path.abspath(path)
-    return full.startswith(_OWN_DIRS) or any(part in full.replace(os.sep, "/") for part in _HELPER_PATHS)
-
-
-def _source(node: fx.Node | None) -> str:
-    """``file.py:line`` of the innermost frame of ``node``'s stack trace in the model's own code (the last
-    frame if every frame is a library's)."""
-    trace = (node.meta.get("stack_trace") or "") if node is not None else ""
-    found = re.findall(r'File "([^"]+)", line (\d+)', trace)
-    if not found:
-        return ""
-    file, line = next((f for f in reversed(found) if not _library_frame(f[0])), found[-1])
-    return f"{os.path.basename(file)}:{line}"
+from .report import Report, Site, in_source_order
 
 
 def _fused_site(m: match.AttentionMatch, mask_info: dict, plan: planner.Plan) -> Site:
     qs, ks, vs = (_shape(o) for o in (m.q, m.k, m.v))
     dtype = val(m.q.node).dtype
     return Site(
-        id=0, module=_module_path(m.anchor), source=_source(m.anchor),
+        id=0, module=_sources.module_path(m.anchor), source=_sources.source(m.anchor),
         status="fused" if plan.kernel != "eager" else "skipped",
         reason=None if plan.kernel != "eager" else plan.candidates[0]["rejected"],
         pattern=m.pattern, shapes={"q": [_hint(s) for s in qs], "k": [_hint(s) for s in ks],
@@ -241,10 +149,12 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Co
     chosen, entries = [], []  # entries: (anchor, site) of every site, numbered in source order at the end
     for (m, mask_info, structure), verdict in zip(sites, verdicts):
         shape = _mha_shape(m) if m.form == "mha" else _plan_shape(m)
+        shape["mask_elem"] = _mask_elem(m)
         plan = planner.plan({**shape, "causal": m.causal}, spec, config.kernels, structure=structure,
                               approx=verdict, dynamic=_dynamic(m))
         if plan.kernel != "eager":
             m = dataclasses.replace(m, approx=plan.op_table(verdict["params"] if verdict else None))
+        plan, m = _what_runs(plan, m, shape)
         site = _fused_site(m, mask_info, plan)
         entries.append((m.anchor, site))
         if plan.kernel in planner.APPROXIMATE:
@@ -260,13 +170,51 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Co
     for miss in misses:  # the nodes the matcher looked at stand for the region it could not match
         near = _nearmiss.region(miss.anchor)
         entries.append((miss.anchor, Site(
-            id=0, module=_module_path(miss.anchor), source=_source(miss.anchor), status="skipped",
+            id=0, module=_sources.module_path(miss.anchor), source=_sources.source(miss.anchor), status="skipped",
             reason=str(miss), subgraph={"before": [rewrite.describe(n) for n in gm.graph.nodes if n in near]})))
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     entries.sort(key=lambda e: position.get(e[0], len(position)))
     for site in in_source_order([site for _, site in entries]):
         report.add(site)
     return chosen
+
+
+def _mask_elem(m: match.AttentionMatch) -> int:
+    """The element size of the mask tensor the op will get (0: none); its tiles take shared memory."""
+    if m.form == "mha":  # `_mha`: an additive mask in q's dtype, or the encoder layer's bool keep mask
+        a, encoder = m.anchor, m.pattern == "transformer_encoder_layer"
+        slots = ((18, "mask"),) if encoder else ((14, "key_padding_mask"), (16, "attn_mask"))
+        given = any((a.args[i] if len(a.args) > i else a.kwargs.get(key)) is not None for i, key in slots)
+        return 0 if not given else 1 if encoder else val(m.q.node).element_size()
+    dtype = rewrite.mask_dtype(m)
+    return 0 if dtype is None else torch.empty((), dtype=dtype).element_size()
+
+
+def _what_runs(plan: planner.Plan, m: match.AttentionMatch, shape: dict[str, Any]
+               ) -> tuple[planner.Plan, match.AttentionMatch]:
+    """The plan as it will run: where Triton runs the site, the op carries the plan's tiles (decided once, with
+    the spec, dtype and mask element size; `attnfuse.costmodel.tiles.encode`), so the report's ``config`` is
+    what launches; elsewhere the ``config`` (and each table row's) names the CPU path that runs
+    (`attnfuse.costmodel.cpu.path`), not Triton tiles."""
+    if plan.kernel == "eager":
+        return plan, m
+    q = val(m.q.node)
+    if triton_unsupported(q.device.type, q.dtype, max(shape["head_dim"], shape["v_head_dim"])) is None:
+        rows = [(r["kv_len"][0], r["kv_len"][1], r.get("config") or {}) for r in plan.table if r["kernel"] in EXACT]
+        rows = rows or ([(0, None, plan.config)] if plan.kernel in EXACT else [])
+        return plan, dataclasses.replace(m, tiles=tiles_arg(rows))
+    if m.form == "mha":
+        encoder = m.pattern == "transformer_encoder_layer"
+        mask_dtype = None if not shape["mask_elem"] else torch.bool if encoder else q.dtype
+    else:
+        mask_dtype = rewrite.mask_dtype(m)
+    forward = cpu_path(q.dtype, mask_dtype=mask_dtype, softcap=m.softcap, dropout_p=m.dropout_p,
+                       same_head_dims=shape["head_dim"] == shape["v_head_dim"], alibi=m.alibi is not None,
+                       window_left=m.window_left, window_right=m.window_right, block_sparse=m.block_sparse,
+                       window_pad=m.window_pad, sinks=m.sinks is not None)
+    config = {"path": forward, "backward": backward_path(forward)}
+    table = [{**r, "config": dict(config)} if r["kernel"] in EXACT else r for r in plan.table]
+    return dataclasses.replace(plan, config=config if plan.kernel in EXACT else plan.config, table=table), m
 
 
 def _dynamic(m: match.AttentionMatch) -> bool:
@@ -348,17 +296,6 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: 
     return work if rewrite_graph else gm
 
 
-def _publish(report: Report, config: Config) -> None:
-    _set_last(report)
-    if config.report:
-        report.save(config.report)
-    torch._logging.trace_structured(
-        "artifact",
-        metadata_fn=lambda: {"name": "attnfuse_report", "encoding": "json"},
-        payload_fn=report.to_json,
-    )
-
-
 _HIDDEN_EXP = "attnfuse_hidden_exp"
 
 
@@ -416,50 +353,12 @@ def inductor_patches() -> dict[str, Any]:
     }
 
 
-# one `torch.compile(...)` call -> its graphs' reports by dynamo frame id (graph breaks compile several)
-# (keyed by id: the wrapper defines __eq__ without __hash__; the entry goes with the wrapper)
-_CALLS: dict[int, dict[int, Report]] = {}
-
-
-def _compile_call() -> Any:
-    """The ``torch.compile`` call that dynamo is compiling a graph for (its ``_TorchCompileWrapper``), or None
-    when the backend is called directly.  One call's graphs share it, whatever breaks the graph."""
-    frame = sys._getframe(1)
-    for _ in range(12):
-        frame = frame.f_back
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, torch._TorchCompileWrapper):
-            return owner
-    return None
-
-
-def _call_report(report: Report) -> Report:
-    """``report`` (one graph) merged with the other graphs of the same ``torch.compile`` call, as `audit` merges
-    them: graphs in the order dynamo first compiled their frames (execution order), sites renumbered; a
-    recompiled frame (new shapes or guards) replaces its earlier graph."""
-    call = _compile_call()
-    compile_id = torch._guards.CompileContext.current_compile_id()
-    if call is None or compile_id is None or compile_id.frame_id is None:
-        return report
-    if id(call) not in _CALLS:
-        _CALLS[id(call)] = {}
-        weakref.finalize(call, _CALLS.pop, id(call), None)
-    graphs = _CALLS[id(call)]
-    graphs[compile_id.frame_id] = report
-    merged = Report(device=report.device)
-    for frame_id in sorted(graphs):
-        merged.merge(graphs[frame_id])
-    return merged
-
-
 def attnfuse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Any = None):
     """The ``torch.compile`` backend (registered as "attnfuse" through an entry point)."""
     config = Config.from_options(options)
     report = Report(device=config.device_spec().name, graphs=1)
     new_gm = transform(gm, example_inputs, config, report)
-    _publish(_call_report(report), config)
+    _publish.publish(_publish.call_report(report), config)
     if config.inner == "eager":
         return new_gm
     from torch._inductor.compile_fx import compile_fx

@@ -18,16 +18,16 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .costmodel.plan import LSH_DEFAULTS, TOPK_DEFAULTS
 from .device import PRESETS, DeviceSpec
+from .families import APPROXIMATE, EXACT, FAMILIES, KERNELS
 
-KERNEL_FAMILIES = ("flash", "window", "blocksparse", "topk", "lsh")
-EXACT_FAMILIES = ("flash", "window", "blocksparse")
+KERNEL_FAMILIES = KERNELS  # the registry's (attnfuse.families) kernel families, exact first
+EXACT_FAMILIES = EXACT
 INNER_COMPILERS = ("inductor", "eager")
 VERIFY_MODES = (False, True, "forward")  # see attnfuse/passes/verify.py
-APPROXIMATE_FAMILIES = ("topk", "lsh")
-_APPROX_KEYS = ("max_rel_error", "families", "topk", "lsh", "calibration")
-_FAMILY_SETTINGS = {"topk": TOPK_DEFAULTS, "lsh": LSH_DEFAULTS}
+APPROXIMATE_FAMILIES = APPROXIMATE
+_APPROX_KEYS = ("max_rel_error", "families", *APPROXIMATE, "calibration")
+_FAMILY_SETTINGS = {name: FAMILIES[name].defaults for name in APPROXIMATE}  # options["approximate"][name]
 _CALIBRATION_DEFAULTS = {"max_heads": 4, "max_rows": 256, "seed": 0}
 # (settings key, name) -> (least value, multiple of): the top-k kernel's key blocks are whole 32-key tiles
 _SETTING_RULES = {("approximate.topk", "block"): (32, 32)}

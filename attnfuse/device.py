@@ -196,3 +196,21 @@ def spec_for(t: torch.Tensor) -> DeviceSpec:
     if t.is_cuda and torch.cuda.is_available():
         return cuda_spec(t.device.index if t.device.index is not None else torch.cuda.current_device())
     return PRESETS["cpu"]
+
+
+def triton_interprets() -> bool:
+    """Whether Triton runs its kernels on the CPU (``TRITON_INTERPRET=1``, read when Triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_unsupported(device_type: str, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None when attnfuse's Triton kernels run tensors of this device type, dtype and (largest) head dim, else why
+    not (one sentence).  The launchers and the planner both ask this, so a plan names Triton tiles exactly where
+    Triton runs."""
+    if not (device_type == "cuda" or (device_type == "cpu" and triton_interprets())):
+        return f"the Triton kernel runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), not {device_type}"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton kernel takes float16, bfloat16 or float32, not {dtype}"
+    if head_dim > 256:
+        return f"the Triton kernel takes head dims up to 256, not {head_dim}"
+    return None

@@ -2,7 +2,7 @@
 
 ``attnfuse::attention(q, k, v, mask=None, seed=None, alibi=None, sinks=None, *, scale=None, causal=False,
 softcap=0.0, kv_groups=1, dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1,
-block_sparse=False, window_pad=False, approx="") -> (out, stats)``
+block_sparse=False, window_pad=False, approx="", tiles="") -> (out, stats)``
 
 Tensors are ``(batch, heads, seqlen, head_dim)``; K/V have ``heads / kv_groups``
 heads.  ``mask`` broadcasts to ``(batch, heads, q_len, kv_len)``: bool means
@@ -21,10 +21,14 @@ no gradient; `attnfuse.kernels.reference.phantom_keys`).
 or broadcastable to ``(B, H)``, float32 or the inputs' dtype; each row gets one more key of that score (not
 scaled, capped or masked) and value 0, i.e. ``softmax([s, sink])[..., :-1] @ v``; a row whose every real key is
 masked is 0.  It gets a gradient (`attnfuse.kernels.reference`).  Not with ``window_pad`` or ``approx``.
-``approx``: "" (exact), or the cost model's per-call table (`attnfuse.costmodel.Plan.op_table`, JSON) of
+``approx``: "" (exact), or the cost model's per-call table (`attnfuse.costmodel.plan.Plan.op_table`, JSON) of
 key-length ranges -> "exact" | "topk" | "lsh" with the approximate families' settings: each call looks its
 key length up and runs `attnfuse.kernels.topk` / `attnfuse.kernels.lsh` (forward and backward) where the
 table says so (only the causal flag, scale and GQA apply there: the policy admits no other site).
+``tiles``: "" or the plan's Triton tiles (`attnfuse.costmodel.tiles.encode`, JSON): the forward and backward
+tile per key-length range, which the launcher runs as given -- the tile is decided once, by the plan, with the
+device spec, dtype and mask element size; without it (a standalone call) the launcher picks with the same
+function (`attnfuse.costmodel.tiles.launch_configs`).  The CPU paths ignore it.
 ``out`` is ``(B, H, Lq, Dv)``; ``stats`` holds the softmax row statistics the flash
 backward needs (fp32 ``(B, H, Lq, 2)``: row max and log2 of the row sum, base 2),
 or is empty on the paths whose backward recomputes them.  `attend` returns ``out`` alone.
@@ -35,10 +39,10 @@ Device dispatch:
   of `attnfuse.kernels.flash`, forward and backward.  Under ``torch.compile`` the
   op decomposes into its Triton launches (as ``torch.library.triton_op`` does),
   so Inductor sees the kernels; ``torch.export`` keeps the op whole.
-* CPU: PyTorch's fused flash-attention CPU kernel where it can express the site
-  (no softcap, no dropout, equal q/v head dims, finite inputs) and the blocked
-  reference otherwise; the backward is the blocked reference.  Structured masks
-  run `attnfuse.kernels.tiled` (band tiles only: O(N*w) time and memory), forward
+* CPU (`attnfuse.kernels.cpu`, on the path `attnfuse.costmodel.cpu.path` names): PyTorch's fused
+  flash-attention CPU kernel where it can express the site (no softcap, no dropout, equal q/v head dims,
+  finite inputs) and the blocked reference otherwise; the backward is the blocked reference.  Structured
+  masks run `attnfuse.kernels.tiled` (band tiles only: O(N*w) time and memory), forward
   and backward.  Under ``torch.compile`` the fused-kernel path is traced into the graph
   (`attnfuse._cpu_graph`: ``torch.cond`` of SDPA and the op, on finite inputs), so a
   compiled call pays no Python dispatch.
@@ -50,96 +54,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 from typing import Any
 
 import torch
 
-from .kernels import _launch, flash, reference, tiled
-from .kernels.reference import sink_error, window_pad_error
+from . import _cpu_graph
+from ._sizes import hint
+from .costmodel import tiles as _tiles
+from .kernels import cpu, flash
+from .kernels.cpu import output_like
 
-_NEG_INF = float("-inf")
-_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _scale(q: torch.Tensor, scale: float | None) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-
-
-def _check(q, k, v, mask, kv_groups):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attnfuse.attention: q, k, v must be 4-D (batch, heads, seqlen, head_dim); "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape[1] * kv_groups != q.shape[1] or v.shape[1] != k.shape[1]:
-        raise ValueError(f"attnfuse.attention: kv_groups={kv_groups} needs k/v heads * kv_groups == q heads; "
-                         f"got q heads {q.shape[1]}, k heads {k.shape[1]}, v heads {v.shape[1]}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"attnfuse.attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-
-
-def _dead_rows(mask, causal, lq, lk):
-    """Bool (..., q_len, 1) of rows where every key is masked, or None."""
-    if mask is None:
-        return None
-    keep = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
-    if mask.dtype != torch.bool and bool(keep.all()):
-        return None
-    if causal:
-        keep = keep & torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril()
-    alive = keep.any(-1, keepdim=True)
-    return None if bool(alive.all()) else ~alive
-
-
-def _fast_ok(q, k, v, mask, softcap, dropout_p) -> bool:
-    """Whether PyTorch's fused CPU kernel computes exactly our semantics for these inputs.
-
-    It cannot express softcap, seeded dropout or a different V head dim, and it
-    zeroes rows that eager softmax makes NaN (NaN/Inf inputs), so those go to the
-    blocked reference.
-    """
-    return (softcap == 0 and dropout_p == 0 and q.shape[-1] == v.shape[-1] and q.dtype in _FAST_DTYPES
-            and (mask is None or mask.dtype == torch.bool or mask.dtype == q.dtype)
-            and all(_all_finite(x) for x in (q, k, v)))
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    # One reduction, no temporary: NaN/Inf anywhere make the sum non-finite. An overflowing sum
-    # of finite values is a false alarm that only sends the call to the (exact) reference path.
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return math.isfinite(float(x.sum(dtype=acc)))  # a host float: no isfinite kernel per call
-
-
-def _sdpa_mask(mask, causal, lq, lk):
-    """(mask, is_causal) for PyTorch's SDPA, which takes a mask or is_causal but not both."""
-    if mask is not None and mask.dim() < 2:
-        mask = mask.expand(lq, lk)  # its fused CPU kernel rejects a 1-D (kv_len,) mask
-    if mask is None or not causal:
-        return mask, causal
-    tril = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril()
-    if mask.dtype == torch.bool:
-        return mask & tril, False
-    return mask.masked_fill(~tril, _NEG_INF), False
-
-
-def output_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The op's output buffer: shape (B, H, Lq, Dv), laid out in memory as (B, Lq, H, Dv).
-
-    That is the layout the next op of nearly every model wants (``out.transpose(1, 2)``
-    then a reshape to (B, Lq, H*Dv) is free), and the one PyTorch's fused CPU kernel writes.
-    """
-    b, h, lq, dv = q.shape[0], q.shape[1], q.shape[2], v.shape[-1]
-    return q.new_empty(b, lq, h, dv).transpose(1, 2)
-
-
-def _in_output_layout(out: torch.Tensor) -> torch.Tensor:
-    if out.transpose(1, 2).is_contiguous():
-        return out
-    b, h, lq, dv = out.shape
-    return out.new_empty(b, lq, h, dv).transpose(1, 2).copy_(out)
-
-
-def _structured(alibi, window_left, window_right, block_sparse) -> bool:
-    return alibi is not None or window_left >= 0 or window_right >= 0 or block_sparse
+__all__ = ["attend", "attention", "attention_backward", "attention_sdpa", "output_like"]
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -147,65 +72,34 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
               sinks: torch.Tensor | None = None, *, scale: float | None = None,
               causal: bool = False, softcap: float = 0.0, kv_groups: int = 1, dropout_p: float = 0.0,
               mask_fill: float | None = None, window_left: int = -1, window_right: int = -1,
-              block_sparse: bool = False, window_pad: bool = False, approx: str = ""
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(q, k, v, mask, kv_groups)
-    _check_structure(q, k, alibi, window_left, window_right, block_sparse, mask, causal, window_pad)
-    _check_sinks(q, sinks, window_pad, approx)
+              block_sparse: bool = False, window_pad: bool = False, approx: str = "",
+              tiles: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    cpu.check(q, k, v, mask, alibi, sinks, kv_groups=kv_groups, causal=causal, window_left=window_left,
+              window_right=window_right, block_sparse=block_sparse, window_pad=window_pad, approx=approx)
     family = _approx_family(approx, k.shape[-2])
     if family is not None:
         module, params = family
-        out, stats = module.forward(q, k, v, scale=_scale(q, scale), causal=causal, **params)
-        return _in_output_layout(out), (stats if _use_flash(q, k, v) else _no_stats(q))
-    if _use_flash(q, k, v):
+        out, stats = module.forward(q, k, v, scale=cpu.scale_of(q, scale), causal=causal, **params)
+        return cpu.in_output_layout(out), (stats if cpu.runs_triton(q, k, v) else cpu.no_stats(q))
+    if cpu.runs_triton(q, k, v):
         return flash.forward(q, k, v, mask, _seed_on(seed, q), scale=scale, causal=causal, softcap=softcap,
                              dropout_p=dropout_p, mask_fill=mask_fill, alibi=alibi,
                              window_size=(window_left, window_right), block_sparse=block_sparse,
-                             window_pad=window_pad, **_sink_kw(sinks))
-    if _structured(alibi, window_left, window_right, block_sparse):
-        out = tiled.forward(q, k, v, mask, _seed_int(seed), scale=_scale(q, scale), causal=causal, softcap=softcap,
-                            kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=_fill(mask_fill), alibi=alibi,
-                            window_left=window_left, window_right=window_right, block_sparse=block_sparse,
-                            window_pad=window_pad, **_sink_kw(sinks))
-        return out, _no_stats(q)
-    if sinks is not None:  # PyTorch's fused CPU kernel has no sink: the blocked reference
-        out = reference.forward(q, k, v, mask, _seed_int(seed), scale=_scale(q, scale), causal=causal,
-                                softcap=softcap, kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=_fill(mask_fill),
-                                sinks=sinks)
-        return out, _no_stats(q)
-    return _cpu_forward(q, k, v, mask, seed, scale, causal, softcap, kv_groups, dropout_p, mask_fill), _no_stats(q)
+                             window_pad=window_pad, config=_tile(tiles, k, "fwd"),
+                             **_sink_kw(sinks))
+    return cpu.forward(q, k, v, mask, seed, alibi, sinks, scale=scale, causal=causal, softcap=softcap,
+                       kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=mask_fill, window_left=window_left,
+                       window_right=window_right, block_sparse=block_sparse, window_pad=window_pad)
+
+
+def _tile(tiles: str, k: torch.Tensor, kind: str) -> _tiles.TileConfig | None:
+    """The tile the plan chose for this key length (`attnfuse.costmodel.tiles.decode`; an example value while
+    tracing, so no guard), or None: a standalone call, and the launcher picks."""
+    return _tiles.decode(tiles, hint(k.shape[-2], 4096), kind)
 
 
 def _sink_kw(sinks: torch.Tensor | None) -> dict[str, torch.Tensor]:
     return {} if sinks is None else {"sinks": sinks}
-
-
-def _check_sinks(q, sinks, window_pad, approx):
-    if sinks is None:
-        return
-    why = sink_error(sinks, q.shape[0], q.shape[1], q.dtype)
-    if why:
-        raise ValueError(f"attnfuse.attention: {why}")
-    if window_pad or approx:
-        what = "window_pad=True" if window_pad else "an approximate kernel table (approx)"
-        raise ValueError(f"attnfuse.attention: sinks do not combine with {what}; allowed with sinks: "
-                         f"window_pad=False and approx=''")
-
-
-def _check_structure(q, k, alibi, window_left, window_right, block_sparse, mask, causal, window_pad):
-    if window_left < -1 or window_right < -1:
-        raise ValueError(f"attnfuse.attention: window_left/window_right must be -1 (unbounded) or >= 0; "
-                         f"got {window_left}, {window_right}")
-    if window_pad:
-        why = window_pad_error(window_left, window_right, causal, q.shape[-2], k.shape[-2],
-                               alibi=alibi is not None, block_sparse=block_sparse)
-        if why:
-            raise ValueError(f"attnfuse.attention: {why}")
-    if alibi is not None and (alibi.dim() != 1 or alibi.shape[0] != q.shape[1]):
-        raise ValueError(f"attnfuse.attention: alibi must hold one slope per query head, shape ({q.shape[1]},); "
-                         f"got {tuple(alibi.shape)}")
-    if block_sparse and mask is None:
-        raise ValueError("attnfuse.attention: block_sparse=True needs the constant mask whose tiles it skips")
 
 
 @contextlib.contextmanager
@@ -227,7 +121,7 @@ def _autograd_below_the_op():
 
 @functools.lru_cache(maxsize=64)
 def _table(approx: str) -> tuple[tuple[int, int, str], ...]:
-    """The (lo, hi, family) rows of a plan's per-call table (`attnfuse.costmodel.Plan.op_table`)."""
+    """The (lo, hi, family) rows of a plan's per-call table (`attnfuse.costmodel.plan.Plan.op_table`)."""
     data = json.loads(approx)
     return tuple((int(lo), int(hi), str(fam)) for lo, hi, fam in data["table"])
 
@@ -247,45 +141,22 @@ def _approx_family(approx: str, kv_len) -> tuple[Any, dict[str, int]] | None:
         if n >= lo and (hi < 0 or n < hi):
             if family == "exact":
                 return None
-            from .kernels import lsh, topk
+            from .families import kernel_module
 
-            return {"topk": topk, "lsh": lsh}[family], dict(_params(approx, family))
+            return kernel_module(family), dict(_params(approx, family))
     return None
-
-
-def _fill(mask_fill: float | None) -> float:
-    return _NEG_INF if mask_fill is None else mask_fill
-
-
-def _seed_int(seed: torch.Tensor | None) -> int:
-    return 0 if seed is None else int(seed.item())
 
 
 attention = torch.library.custom_op("attnfuse::attention", mutates_args=())(_attention)
 
 
-def _cpu_forward(q, k, v, mask, seed, scale, causal, softcap, kv_groups, dropout_p, mask_fill):
-    mask_fill = _NEG_INF if mask_fill is None else mask_fill
-    sc = _scale(q, scale)
-    dead = _dead_rows(mask, causal, q.shape[-2], k.shape[-2])
-    finite_fill = mask is not None and mask.dtype == torch.bool and mask_fill != _NEG_INF
-    if _fast_ok(q, k, v, mask, softcap, dropout_p) and not (dead is not None and finite_fill):
-        sdpa_mask, sdpa_causal = _sdpa_mask(mask, causal, q.shape[-2], k.shape[-2])
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=sdpa_mask, is_causal=sdpa_causal, scale=sc, enable_gqa=kv_groups > 1)
-        out = _in_output_layout(out)
-        return out if dead is None else out.masked_fill_(dead, float("nan"))
-    return reference.forward(q, k, v, mask, 0 if seed is None else int(seed.item()), scale=sc, causal=causal,
-                             softcap=softcap, kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=mask_fill)
-
-
 @attention.register_fake
 def _(q, k, v, mask=None, seed=None, alibi=None, sinks=None, *, scale=None, causal=False, softcap=0.0, kv_groups=1,
       dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1, block_sparse=False, window_pad=False,
-      approx=""):
-    if _use_flash(q, k, v):
+      approx="", tiles=""):
+    if cpu.runs_triton(q, k, v):
         return output_like(q, v), q.new_empty(*q.shape[:3], 2, dtype=torch.float32)
-    return output_like(q, v), _no_stats(q)
+    return output_like(q, v), cpu.no_stats(q)
 
 
 def _traceable_cuda(mode, op, types, args, kwargs):
@@ -302,26 +173,16 @@ def _traceable_cuda(mode, op, types, args, kwargs):
     plain = (torch.Tensor, torch._subclasses.FakeTensor, torch._subclasses.functional_tensor.FunctionalTensor)
     if (op is not _BWD and not args[0].is_cuda and not custom_triton_ops_decomposition_disabled()
             and all(issubclass(t, plain) for t in types)):
-        from . import _cpu_graph  # CPU: the fused-SDPA path as graph ops where it applies (no per-call Python)
-
-        traced = _cpu_graph.forward(mode, args, kwargs)
+        traced = _cpu_graph.forward(mode, args, kwargs)  # CPU: the fused-SDPA path as graph ops where it applies
         if traced is not None:
             return traced
     if (custom_triton_ops_decomposition_disabled() or any(not issubclass(t, plain) for t in types)
-            or not args[0].is_cuda or not (args[5].numel() if op is _BWD else _use_flash(*args[:3]))
-            or kwargs.get("approx")):  # a per-call kernel table: the op stays whole and chooses at run time
+            or not args[0].is_cuda or not (args[5].numel() if op is _BWD else cpu.runs_triton(*args[:3]))
+            or kwargs.get("approx") or _tiles.varies(kwargs.get("tiles", ""))):
+        # a per-call kernel or tile table: the op stays whole and chooses at run time
         return mode.__torch_dispatch__(op, types, args, kwargs)
     with mode:
         return _IMPLS[op](*args, **kwargs)
-
-
-def _use_flash(q, k, v) -> bool:
-    """Whether the Triton kernels run these tensors (CUDA, or CPU under the Triton interpreter)."""
-    return q.dtype != torch.float64 and _launch.supported(q, k, v) is None
-
-
-def _no_stats(q):
-    return q.new_empty(0, dtype=torch.float32)
 
 
 def _seed_on(seed, q):
@@ -334,12 +195,12 @@ def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                        causal: bool, softcap: float,
                        kv_groups: int, dropout_p: float, mask_fill: float | None, window_left: int, window_right: int,
                        block_sparse: bool, mask_grad: bool, window_pad: bool = False,
-                       approx: str = "") -> list[torch.Tensor]:
+                       approx: str = "", tiles: str = "") -> list[torch.Tensor]:
     family = _approx_family(approx, k.shape[-2])
     if family is not None:
         module, params = family
         with _autograd_below_the_op():  # the CPU paths recompute their forward under autograd
-            dq, dk, dv = module.backward(grad_out, q, k, v, out, stats, scale=_scale(q, scale), causal=causal,
+            dq, dk, dv = module.backward(grad_out, q, k, v, out, stats, scale=cpu.scale_of(q, scale), causal=causal,
                                          **params)
         return [dq.contiguous(), dk.contiguous(), dv.contiguous(), q.new_empty(0), q.new_empty(0)]
     if stats.numel():  # the forward ran the flash kernel
@@ -349,22 +210,13 @@ def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
             grad_out, q, k, v, out, stats, mask, _seed_on(seed, q), scale=scale, causal=causal, softcap=softcap,
             dropout_p=dropout_p, mask_fill=mask_fill, mask_grad=mask_grad, deterministic=True, alibi=alibi,
             window_size=(window_left, window_right), block_sparse=block_sparse, window_pad=window_pad,
-            **_sink_kw(sinks))
+            config=_tile(tiles, k, "bwd"), **_sink_kw(sinks))
         return [dq, dk, dv, dm if dm is not None else q.new_empty(0), ds[0] if ds else q.new_empty(0)]
-    # PyTorch's CPU flash backward misses the 2x accuracy rule with masks (measured up to
-    # ~5x eager's error in fp32), so the backward always recomputes softmax per block (the blocked
-    # reference, or the tiled kernel for structured masks) and does not need ``out`` (flash-style
-    # kernels use it for rowsum(dO * O)).
-    structured = _structured(alibi, window_left, window_right, block_sparse)
-    extra = dict(alibi=alibi, window_left=window_left, window_right=window_right,
-                 block_sparse=block_sparse, window_pad=window_pad) if structured else {}
-    dq, dk, dv, dm, *ds = (tiled if structured else reference).backward(
-        grad_out, q, k, v, mask, _seed_int(seed), scale=_scale(q, scale), causal=causal, softcap=softcap,
-        kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=_fill(mask_fill), mask_grad=mask_grad, **extra,
-        **_sink_kw(sinks))
-    # contiguous, as the fake impl promises (the K/V head reduction of GQA makes new tensors anyway)
-    return [dq.contiguous(), dk.contiguous(), dv.contiguous(), dm.contiguous() if dm is not None else q.new_empty(0),
-            ds[0] if ds else q.new_empty(0)]
+    # the blocked reference or the tiled kernel (`attnfuse.kernels.cpu`): softmax recomputed per block
+    return cpu.backward(grad_out, q, k, v, mask, seed, alibi, sinks, scale=scale, causal=causal, softcap=softcap,
+                        kv_groups=kv_groups, dropout_p=dropout_p, mask_fill=mask_fill, window_left=window_left,
+                        window_right=window_right, block_sparse=block_sparse, window_pad=window_pad,
+                        mask_grad=mask_grad)
 
 
 attention_backward = torch.library.custom_op("attnfuse::attention_backward", mutates_args=())(_attention_backward)
@@ -372,7 +224,7 @@ attention_backward = torch.library.custom_op("attnfuse::attention_backward", mut
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, out, stats, mask, seed, alibi, sinks=None, *, scale, causal, softcap, kv_groups, dropout_p,
-      mask_fill, window_left, window_right, block_sparse, mask_grad, window_pad=False, approx=""):
+      mask_fill, window_left, window_right, block_sparse, mask_grad, window_pad=False, approx="", tiles=""):
     dm = mask.new_empty(mask.shape) if mask_grad else q.new_empty(0)
     ds = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty(0)
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dm, ds]
@@ -420,9 +272,7 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     if mask is None:
         return attend(q, k, v, mask, seed, alibi, **kwargs)
     if alibi is None:  # compiling for CPU: PyTorch's SDPA itself where it applies (`attnfuse._cpu_graph`)
-        from . import _cpu_graph
-
-        traced = _cpu_graph.attention_sdpa(q, k, v, mask, kwargs)
+        traced = _cpu_graph.attention_sdpa(q, k, v, mask, kwargs, attention_sdpa)
         if traced is not None:
             return traced
     keep = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)

@@ -33,7 +33,7 @@ class Site:
     kv_groups: int = 1
     scale: float | str | None = None
     kernel: str | None = None
-    config: dict[str, int] = dataclasses.field(default_factory=dict)
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
     candidates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     error: float | None = None
     table: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # dynamic lengths: range -> kernel
@@ -145,6 +145,7 @@ def last_report() -> Report | None:
     return _last
 
 
-def _set_last(report: Report) -> None:
+def set_last(report: Report | None) -> None:
+    """Make ``report`` what `last_report` returns (`attnfuse._publish.publish`)."""
     global _last
     _last = report

@@ -53,35 +53,26 @@ and the attnfuse / flex ratio of every window row (the sliding-window goal is >=
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
 import pathlib
-import re
 import statistics
 import sys
 import time
 from typing import Any
 
-from tqdm import tqdm
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # _common, also when loaded by path (tests)
+import _common as common  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 PEERS = ("attnfuse", "sdpa", "flex")
 MODES = ("fwd", "bwd", "fwd_bwd")
 MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
-          "fp32": "float32", "float32": "float32"}
 DEFAULT_SEQS = (512, 1024, 2048, 4096, 8192, 16384)
 NEEDS_GPU = "bench_attention.py needs a CUDA GPU"
-_WARMUP_MS = 25.0  # warm-up lasts at least this long (and at least --warmup calls)
+_WARMUP_MS = 25.0  # warm-up lasts at least this long (and at least --warmup calls): common.time_call's warmup_ms
 
 
 # ---------------------------------------------------------------- grid and FLOPs (no torch needed)
-
-def _csv(kind):
-    return lambda text: [kind(x.strip()) for x in text.split(",") if x.strip()]
-
 
 def _bool(text: str) -> bool:
     low = text.lower()
@@ -94,17 +85,17 @@ def _bool(text: str) -> bool:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seqs", type=_csv(int), default=list(DEFAULT_SEQS), help="comma-separated sequence lengths")
-    p.add_argument("--head-dims", type=_csv(int), default=[64, 128], help="comma-separated head dims")
-    p.add_argument("--causal", type=_csv(_bool), default=[False, True],
+    p.add_argument("--seqs", type=common.csv(int), default=list(DEFAULT_SEQS), help="comma-separated sequence lengths")
+    p.add_argument("--head-dims", type=common.csv(int), default=[64, 128], help="comma-separated head dims")
+    p.add_argument("--causal", type=common.csv(_bool), default=[False, True],
                    help="comma-separated: false,true (the dense rows)")
-    p.add_argument("--windows", type=_csv(int), default=[],
+    p.add_argument("--windows", type=common.csv(int), default=[],
                    help="comma-separated sliding-window widths w (key j visible from query i iff i - w < j <= i); "
                         "one row per width and seq, beside the dense rows (default: none)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense rows (run only the --windows rows)")
     p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
-    p.add_argument("--modes", type=_csv(str), default=list(MODES), help="comma-separated: " + ",".join(MODES))
-    p.add_argument("--peers", type=_csv(str), default=list(PEERS), help="comma-separated: " + ",".join(PEERS))
+    p.add_argument("--modes", type=common.csv(str), default=list(MODES), help="comma-separated: " + ",".join(MODES))
+    p.add_argument("--peers", type=common.csv(str), default=list(PEERS), help="comma-separated: " + ",".join(PEERS))
     p.add_argument("--tokens", type=int, default=16384,
                    help="tokens per batch: batch = tokens // seq (window rows: max(1, tokens // seq))")
     p.add_argument("--model-dim", type=int, default=2048, help="heads = model_dim // head_dim")
@@ -120,13 +111,11 @@ def _parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = _parser()
     args = p.parse_args(argv)
-    for what, values, allowed in (("mode", args.modes, MODES), ("peer", args.peers, PEERS)):
-        for x in values:
-            if x not in allowed:
-                p.error(f"unknown {what} {x!r}; choose from {', '.join(allowed)}")
-    if args.dtype.lower() not in DTYPES:
-        p.error(f"unknown dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
-    args.dtype = DTYPES[args.dtype.lower()]
+    common.check_choices(p, "mode", args.modes, MODES)
+    common.check_choices(p, "peer", args.peers, PEERS)
+    if args.dtype.lower() not in common.DTYPES:
+        p.error(f"unknown dtype {args.dtype!r}; choose from {', '.join(common.DTYPES)}")
+    args.dtype = common.DTYPES[args.dtype.lower()]
     for d in args.head_dims:
         if d <= 0 or args.model_dim % d:
             p.error(f"head dim {d} does not divide the model dim {args.model_dim}")
@@ -198,24 +187,10 @@ def flops(case: dict[str, Any], mode: str) -> float:
     return 4.0 * case["batch"] * case["heads"] * case["head_dim"] * pairs * MODE_FACTOR[mode]
 
 
-def device_tag(name: str) -> str:
-    """Short file-name tag for a GPU: 'NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA GeForce RTX 4090' -> 'rtx-4090'."""
-    words = [w for w in re.findall(r"[a-z0-9]+", name.lower()) if w not in ("nvidia", "geforce", "tesla", "amd")]
-    if not words:
-        return "gpu"
-    if words[0] in ("rtx", "gtx", "quadro", "radeon", "instinct") and len(words) > 1:
-        return f"{words[0]}-{words[1]}"
-    return words[0]
-
-
-def _seq_label(seq: int) -> str:
-    return f"{seq // 1024}k" if seq >= 1024 and seq % 1024 == 0 else str(seq)
-
-
 def _kind(r: dict[str, Any]) -> str:
     """'window 4k', 'causal' or 'full' (rows saved before window rows existed have no 'window' key)."""
     w = r.get("window")
-    return f"window {_seq_label(w)}" if w is not None else "causal" if r["causal"] else "full"
+    return f"window {common.seq_label(w)}" if w is not None else "causal" if r["causal"] else "full"
 
 
 def _config_key(r: dict[str, Any]) -> tuple:
@@ -255,11 +230,11 @@ def table(rows: list[dict[str, Any]]) -> str:
     by = {(_config_key(r), r["mode"], r["peer"]): r for r in rows}
     head = ("d", "causal", "window", "seq", "batch", "heads", "mode", *(f"{p} TF/s" for p in peers),
             *(f"af/{b}" for b in bases), *(f"diff {p}" for p in peers if p != "sdpa"))
-    lines = [head]
+    lines = []
     for key, mode in dict.fromkeys((_config_key(r), r["mode"]) for r in rows):
         d, causal, window, seq, batch, heads = key
-        cells = [str(d), "yes" if causal else "no", "-" if window is None else _seq_label(window), _seq_label(seq),
-                 str(batch), str(heads), mode]
+        cells = [str(d), "yes" if causal else "no", "-" if window is None else common.seq_label(window),
+                 common.seq_label(seq), str(batch), str(heads), mode]
         got = [by.get((key, mode, p)) for p in peers]
         for r in got:
             cells.append("-" if r is None else "error" if r.get("error") else f"{r['tflops']:.1f}")
@@ -271,13 +246,12 @@ def table(rows: list[dict[str, Any]]) -> str:
             if p != "sdpa":
                 diff = None if r is None else r.get("max_abs_diff")
                 cells.append("-" if diff is None else f"{diff:.1e}")
-        lines.append(tuple(cells))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    text = "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+        lines.append(cells)
+    text = common.table(lines, head, align="right")
     if "flex" in bases:
         text += ("\nwindow w rows: key j visible from query i iff i - w < j <= i; 'sdpa' is sdpa (dense band mask), "
                  "the reference;\n  af/flex = attnfuse / FlexAttention with the sliding-window BlockMask (goal >= 1.5)")
-    errors = dict.fromkeys(f"{r['peer']} d{r['head_dim']} {_kind(r)} seq {_seq_label(r['seq'])} {r['mode']}: "
+    errors = dict.fromkeys(f"{r['peer']} d{r['head_dim']} {_kind(r)} seq {common.seq_label(r['seq'])} {r['mode']}: "
                            f"{r['error']}" for r in rows if r.get("error"))
     if errors:
         text += "\nerrors:\n" + "\n".join("  " + e[:300] for e in errors)
@@ -298,11 +272,6 @@ def peer_label(peer: str, window: int | None) -> str:
 def plot(rows: list[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> None:
     """TFLOP/s vs sequence length, one panel per (head dim, causal, mode) for dense rows and per (head dim,
     window, mode) for window rows, one line per peer (dashed on window panels); saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = [r for r in rows if not r.get("error") and r.get("tflops") is not None]
     groups = list(dict.fromkeys((r["head_dim"], r["causal"], r.get("window")) for r in rows)) or [(None, None, None)]
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)] or list(MODES)
@@ -310,42 +279,25 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike, title: str | None 
     # legend: one row per kind of row present (dense, window), one column per peer
     kinds = list(dict.fromkeys(w is not None for _, _, w in groups))
     height = 3.3 * len(groups) + 0.55 + 0.35 * len(kinds)
-    fig, axes = plt.subplots(len(groups), len(modes), figsize=(4.4 * len(modes), height), squeeze=False)
-    for i, group in enumerate(groups):
+    grid = []
+    for group in groups:
         d, causal, window = group
-        for j, mode in enumerate(modes):
-            ax = axes[i][j]
-            seqs = sorted({r["seq"] for r in rows if (r["head_dim"], r["causal"], r.get("window")) == group})
-            for peer in peers:
-                color, marker = PEER_STYLE.get(peer, (None, "o"))
-                pts = sorted((r["seq"], r["tflops"]) for r in ok if r["mode"] == mode and r["peer"] == peer
-                             and (r["head_dim"], r["causal"], r.get("window")) == group)
-                if pts:
-                    ax.plot(*zip(*pts), color=color, marker=marker, linestyle="-" if window is None else "--",
-                            label=peer_label(peer, window))
-            ax.set_xscale("log", base=2)
-            if seqs:
-                ax.set_xticks(seqs, [_seq_label(s) for s in seqs])
-                ax.minorticks_off()
-            ax.set_ylim(bottom=0)
-            ax.set_xlabel("sequence length")
-            ax.set_ylabel("TFLOP/s")
-            kind = f"window {_seq_label(window)}" if window is not None else "causal" if causal else "non-causal"
-            ax.set_title(f"d={d}, {kind}, {mode}")
-            ax.grid(True, alpha=0.3)
-    handles = {}
-    for ax in axes.flat:
-        for h, n in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(n, h)
+        seqs = sorted({r["seq"] for r in rows if (r["head_dim"], r["causal"], r.get("window")) == group})
+        kind = f"window {common.seq_label(window)}" if window is not None else "causal" if causal else "non-causal"
+        grid.append([common.Panel(
+            [common.Line(peer_label(peer, window),
+                         [(r["seq"], r["tflops"]) for r in ok if r["mode"] == mode and r["peer"] == peer
+                          and (r["head_dim"], r["causal"], r.get("window")) == group],
+                         *PEER_STYLE.get(peer, (None, "o")), linestyle="-" if window is None else "--")
+             for peer in peers],
+            seqs, title=f"d={d}, {kind}, {mode}", ylabel="TFLOP/s") for mode in modes])
     # peer-major order: the legend fills column by column, so each column holds one peer's dense and window lines
-    names = [n for n in dict.fromkeys(peer_label(p, w) for p in peers for w in (None, 1)) if n in handles]
-    if names:
-        fig.legend([handles[n] for n in names], names, loc="lower center", ncol=math.ceil(len(names) / len(kinds)),
-                   frameon=False)
-    fig.suptitle(title or "attention TFLOP/s")
-    fig.tight_layout(rect=(0, 0.35 * len(kinds) / height if names else 0, 1, 1 - 0.45 / height))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    drawn = {line.label for row in grid for panel in row for line in panel.lines if line.points}
+    names = [n for n in dict.fromkeys(peer_label(p, w) for p in peers for w in (None, 1)) if n in drawn]
+    common.plot(grid, path, title or "attention TFLOP/s", figsize=(4.4 * len(modes), height), logy=False,
+                tick_label=common.seq_label, legend="figure", legend_order=names,
+                legend_ncol=math.ceil(len(names) / len(kinds)),
+                rect=(0, 0.35 * len(kinds) / height if names else 0, 1, 1 - 0.45 / height))
 
 
 def _title(doc: dict[str, Any]) -> str:
@@ -371,11 +323,6 @@ def report(doc: dict[str, Any], png_path: pathlib.Path) -> None:
 
 
 # ---------------------------------------------------------------- measurement (GPU only)
-
-def _error(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    return f"{type(e).__name__}: {msg}"[:500] if msg else type(e).__name__
-
 
 _FLEX = None
 _BAND: dict[tuple, Any] = {}
@@ -442,39 +389,6 @@ def _make_peer(peer: str, case: dict[str, Any]):
     raise ValueError(f"unknown peer {peer!r}")
 
 
-def _bench(fn, reps: int, warmup: int, setup=None) -> list[float]:
-    """Milliseconds of ``reps`` calls of ``fn``, each between two CUDA events (``setup()`` runs before each call,
-    outside the events), after one untimed call and a warm-up of at least ``warmup`` calls and ~25 ms."""
-    import torch
-
-    def call():
-        if setup is not None:
-            setup()
-        fn()
-
-    call()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        call()
-    end.record()
-    torch.cuda.synchronize()
-    estimate = max(start.elapsed_time(end) / 3, 1e-3)
-    for _ in range(min(max(warmup, math.ceil(_WARMUP_MS / estimate)), 1000)):
-        call()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends):
-        if setup is not None:
-            setup()
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
-
-
 def _max_diff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -512,7 +426,7 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, t0: float) -> list[
     try:
         ref, ref_grads = forward_and_grads(_make_peer("sdpa", case))
     except Exception as e:  # no such backend for this shape/GPU: any SDPA backend is still a reference
-        ref_note = f"sdpa (default backends; {ref_note} failed: {_error(e)[:120]})"
+        ref_note = f"sdpa (default backends; {ref_note} failed: {common.error_text(e)[:120]})"
         torch.cuda.empty_cache()
         try:
             if window is None:
@@ -523,7 +437,7 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, t0: float) -> list[
                 ref, ref_grads = forward_and_grads(
                     lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=band))
         except Exception as e2:
-            ref_note = f"none: {_error(e2)}"
+            ref_note = f"none: {common.error_text(e2)}"
             torch.cuda.empty_cache()
 
     rows = []
@@ -532,9 +446,9 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, t0: float) -> list[
         try:
             fn = _make_peer(peer, case)
         except Exception as e:
-            err = _error(e)
+            err = common.error_text(e)
             rows += [{**base, "mode": m, "flops": flops(case, m), "error": err} for m in args.modes]
-            log(f"[{time.perf_counter() - t0:7.1f} s] {peer:8s} d{case['head_dim']} {_kind(case)} "
+            common.log(f"[{time.perf_counter() - t0:7.1f} s] {peer:8s} d{case['head_dim']} {_kind(case)} "
                 f"seq {case['seq']}: {err[:200]}")
             torch.cuda.empty_cache()
             continue
@@ -547,71 +461,42 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, t0: float) -> list[
                     check["grad_max_abs_diff"] = {n: _max_diff(g, r) for n, g, r in zip("qkv", grads, ref_grads)}
             del out, grads
         except Exception as e:
-            check["check_error"] = _error(e)
+            check["check_error"] = common.error_text(e)
             torch.cuda.empty_cache()
         for mode in args.modes:
             row = {**base, "mode": mode, "flops": flops(case, mode), **check}
             try:
                 if mode == "fwd":
-                    times = _bench(lambda: fn(q, k, v), args.reps, args.warmup, zero_grads)
+                    call = lambda: fn(q, k, v)
                 elif mode == "bwd":
                     out = fn(q, k, v)
-                    times = _bench(lambda: out.backward(grad, retain_graph=True), args.reps, args.warmup,
-                                   zero_grads)
-                    del out
+                    call = lambda: out.backward(grad, retain_graph=True)
                 else:
-                    times = _bench(lambda: fn(q, k, v).backward(grad), args.reps, args.warmup, zero_grads)
-                row["ms"] = statistics.median(times)
-                row["ms_min"] = min(times)
+                    call = lambda: fn(q, k, v).backward(grad)
+                timing = common.time_call(call, "cuda", reps=args.reps, warmup=args.warmup, setup=zero_grads,
+                                          warmup_ms=_WARMUP_MS)
+                out = call = None
+                row["ms"] = timing.median_s * 1e3
+                row["ms_min"] = min(timing.times_s) * 1e3
                 row["tflops"] = row["flops"] / (row["ms"] * 1e-3) / 1e12
                 msg = f"{row['tflops']:7.1f} TFLOP/s ({row['ms']:.3f} ms)"
             except Exception as e:
-                row["error"] = _error(e)
+                row["error"] = common.error_text(e)
                 msg = row["error"][:200]
                 torch.cuda.empty_cache()
             zero_grads()
             rows.append(row)
-            log(f"[{time.perf_counter() - t0:7.1f} s] {peer:8s} d{case['head_dim']:<4d} {_kind(case):10s} "
+            common.log(f"[{time.perf_counter() - t0:7.1f} s] {peer:8s} d{case['head_dim']:<4d} {_kind(case):10s} "
                 f"seq {case['seq']:6d} {mode:7s} {msg}")
     return rows
 
 
-def log(line: str) -> None:
-    """Print a progress line to stdout (flushed) without tearing the tqdm bar that stderr may be showing."""
-    with tqdm.external_write_mode():
-        print(line, flush=True)
-
-
-def _versions() -> dict[str, Any]:
-    import torch
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda}
-
-
 # ---------------------------------------------------------------- CLI
-
-def _from_json(args: argparse.Namespace, plot=None) -> int:
-    """Re-plot ``args.from_json`` with ``plot(doc, png_path)`` (default: this script's `report`) into ``args.out``."""
-    json_path = pathlib.Path(args.from_json)
-    doc = json.loads(json_path.read_text())
-    out = pathlib.Path(args.out) if args.out else json_path.parent
-    png_path = out if out.suffix == ".png" else out / json_path.with_suffix(".png").name
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    (plot or report)(doc, png_path)
-    print(f"wrote {png_path}")
-    return 0
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        return _from_json(args)
+        return common.replot(args, report)
     grid = cases(args)
     total_flops = sum(flops(c, m) for c in grid for m in args.modes)
 
@@ -637,20 +522,18 @@ def main(argv: list[str] | None = None) -> int:
         torch._functorch.config.donated_buffer = False
 
     gpu = torch.cuda.get_device_name(0)
-    today = datetime.date.today().isoformat()
-    out = pathlib.Path(args.out) if args.out else ROOT / "benchmarks" / "results"
+    today = common.today()
     stem = "attention-window" if args.no_dense else "attention"
-    json_path = out if out.suffix == ".json" else out / f"{stem}-{device_tag(gpu)}-{today}.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path = common.json_path(args.out or common.RESULTS, f"{stem}-{common.device_tag('cuda', today)}.json")
     print(f"{gpu}: {len(grid)} configs x {len(args.modes)} modes x {len(args.peers)} peers "
           f"({sum(c['window'] is not None for c in grid)} sliding-window)", flush=True)
 
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    for case in tqdm(grid, desc="bench_attention", unit="config", disable=None):  # stderr, terminals only
+    for case in common.progress(grid, "bench_attention"):
         rows += run_case(case, args, t0)
-    doc = {"benchmark": "bench_attention", "date": today, "device": gpu, "device_tag": device_tag(gpu),
-           **_versions(),
+    doc = {"benchmark": "bench_attention", "date": today, "device": gpu, "device_tag": common.gpu_tag(gpu),
+           **common.versions(),
            "setup": {"dtype": args.dtype, "tokens_per_batch": args.tokens, "model_dim": args.model_dim,
                      "seqs": args.seqs, "head_dims": args.head_dims, "causal": [] if args.no_dense else args.causal,
                      "windows": args.windows, "modes": args.modes, "peers": args.peers, "reps": args.reps,
@@ -668,10 +551,8 @@ def main(argv: list[str] | None = None) -> int:
                      "check": "max_abs_diff (and grad_max_abs_diff, when a backward mode runs): max |peer - "
                               "reference| once per configuration; the reference is SDPA (see each row's "
                               "'reference')"},
-           "rows": rows, "ratios": ratios(rows),
-           "command": " ".join([os.path.relpath(sys.argv[0], ROOT) if argv is None else "bench_attention.py",
-                                *(argv if argv is not None else sys.argv[1:])])}
-    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+           "rows": rows, "ratios": ratios(rows), "command": common.command(__file__, argv)}
+    common.write_json(json_path, doc)
     png_path = json_path.with_suffix(".png")
     report(doc, png_path)
     print(f"wrote {json_path} and {png_path}")

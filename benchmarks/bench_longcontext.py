@@ -47,19 +47,15 @@ top-k 2048: top-k forward >= 20x dense flash (the faster of ``sdpa`` and ``attnf
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import pathlib
-import statistics
 import sys
 import time
 from typing import Any
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_attention as _ba  # noqa: E402 - CUDA-event timing and GPU name tags
-import bench_models as _bm  # noqa: E402 - memory probes, machine info, worker runner, common CLI
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # _common, also when loaded by path (tests)
+import _common as common  # noqa: E402
 
 PEERS = ("sdpa", "attnfuse", "topk", "lsh")
 EXACT = ("sdpa", "attnfuse")
@@ -149,14 +145,6 @@ def make_peer(peer: str, device: str, knobs: dict[str, Any]):
     raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
 
 
-def rel_err(out, ref) -> float:
-    """||out - ref||_F / ||ref||_F, accumulated in fp32 (fp64 for fp64 inputs)."""
-    import torch
-
-    dt = torch.float64 if ref.dtype == torch.float64 else torch.float32
-    return float((out.to(dt) - ref.to(dt)).norm() / ref.to(dt).norm().clamp_min(1e-30))
-
-
 def rows_error(out, q, k, v, n_rows: int, seed: int = 1) -> float:
     """``rel_err`` over ``n_rows`` sampled query rows against float64 causal attention (chunks of 16 rows)."""
     import torch
@@ -211,11 +199,14 @@ def measure(seq: int, peer: str, mode: str, device: str, shape: dict[str, Any], 
     call()
     sync()
     res["first_call_s"] = time.perf_counter() - t0
+    timing = common.time_call(call, device, reps=knobs["reps"], warmup=knobs["warmup"], setup=reset,
+                              retry_s=retry_s)
+    res["times_s"] = timing.times_s
+    if not cuda:
+        res["all_times_s"] = timing.all_times_s
+    res["median_s"], res["others_busy_cores"] = timing.median_s, timing.others_busy_cores
+    reset()
     if cuda:
-        times = _ba._bench(call, knobs["reps"], knobs["warmup"], reset)
-        res["times_s"] = [t / 1e3 for t in times]
-        res["median_s"], res["others_busy_cores"] = statistics.median(res["times_s"]), 0.0
-        reset()
         sync()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -223,34 +214,20 @@ def measure(seq: int, peer: str, mode: str, device: str, shape: dict[str, Any], 
         sync()
         res["alloc_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        for _ in range(knobs["warmup"]):
-            reset()
-            call()
-        runs, reps = [], knobs["reps"]
-        deadline = time.perf_counter() + retry_s
-        while sum(r[1] < _bm._QUIET for r in runs) < reps and (len(runs) < reps or time.perf_counter() < deadline):
-            reset()
-            snap, t0 = _bm._cpu_snapshot(), time.perf_counter()
-            call()
-            runs.append((time.perf_counter() - t0, _bm._others_cores(snap, _bm._cpu_snapshot())))
-        used = sorted(runs, key=lambda r: r[1])[:reps]  # the quietest calls
-        res["times_s"], res["all_times_s"] = [r[0] for r in used], [r[0] for r in runs]
-        res["median_s"], res["others_busy_cores"] = statistics.median(res["times_s"]), max(r[1] for r in used)
-        reset()
-        _bm._exact_malloc()
-        before = _bm._reset_peak_rss() and _bm._proc_status_mb("VmRSS")
+        common.exact_malloc()
+        before = common.reset_peak_rss() and common.proc_status_mb("VmRSS")
         call()
         if before:
-            res["rss_peak_mb"] = _bm._proc_status_mb("VmHWM") - before
+            res["rss_peak_mb"] = common.proc_status_mb("VmHWM") - before
         reset()
-        res["alloc_peak_mb"] = _bm._alloc_peak_mb(call)
+        res["alloc_peak_mb"] = common.alloc_peak_mb(call)
     reset()
     with torch.no_grad():
         q, k, v = (t.detach() for t in (q, k, v))
         out = fn(q, k, v)
         res["rel_err_rows"] = rows_error(out, q, k, v, knobs["err_rows"])
         if peer not in EXACT and (exact_max_seq is None or seq <= exact_max_seq):
-            res["rel_err"] = rel_err(out, make_peer("sdpa", device, knobs)(q, k, v))
+            res["rel_err"] = common.rel_err(out, make_peer("sdpa", device, knobs)(q, k, v))
     return res
 
 
@@ -287,65 +264,36 @@ def goals(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
     return [{"goal": what, "value": round(found[key], 2), "met": found[key] >= goal["min_speedup"]}]
 
 
-def _fmt(x: Any, spec: str) -> str:
-    return "-" if x is None else spec.format(x)
-
-
 def table(results: list[dict[str, Any]]) -> str:
     rat = {(r["seq"], r["mode"], r["peer"]): r for r in ratios(results)}
     head = ("seq", "mode", "peer", "median s", "x sdpa", "peak MB", "mem/sdpa", "rel err", "rel err rows", "busy",
             "note")
-    lines = [head]
+    lines = []
     for r in results:
         x = rat.get((r["seq"], r["mode"], r["peer"]), {})
         note = r.get("skipped") or (r["error"][:70] if "error" in r else "")
-        lines.append((str(r["seq"]), r["mode"], r["peer"], _fmt(r.get("median_s"), "{:.4f}"),
-                      _fmt(x.get("speedup_vs_sdpa"), "{:.2f}"), _fmt(r.get("alloc_peak_mb"), "{:.1f}"),
-                      _fmt(x.get("memory_vs_sdpa"), "{:.3f}"), _fmt(r.get("rel_err"), "{:.2e}"),
-                      _fmt(r.get("rel_err_rows"), "{:.2e}"), _fmt(r.get("others_busy_cores"), "{:.1f}"), note))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+        fmt = common.fmt
+        lines.append((str(r["seq"]), r["mode"], r["peer"], fmt(r.get("median_s"), "{:.4f}"),
+                      fmt(x.get("speedup_vs_sdpa"), "{:.2f}"), fmt(r.get("alloc_peak_mb"), "{:.1f}"),
+                      fmt(x.get("memory_vs_sdpa"), "{:.3f}"), fmt(r.get("rel_err"), "{:.2e}"),
+                      fmt(r.get("rel_err_rows"), "{:.2e}"), fmt(r.get("others_busy_cores"), "{:.1f}"), note))
+    return common.table(lines, head)
 
 
 def plot(results: list[dict[str, Any]], title: str, path: pathlib.Path, device: str = "cpu") -> None:
     """One row of panels per mode: time, peak memory and relative error vs seq (log-log), a line per peer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator
-
     ok = [r for r in results if "median_s" in r]
     modes = [m for m in MODES if any(r["mode"] == m for r in ok)] or ["fwd"]
     metrics = (("median_s", "time (s)"), ("alloc_peak_mb", "peak tensor memory (MB)"),
                ("rel_err_rows", "relative error (sampled rows)"))
-    fig, axes = plt.subplots(len(modes), len(metrics), figsize=(15, 4.2 * len(modes)), squeeze=False)
-    for i, mode in enumerate(modes):
-        for j, (metric, label) in enumerate(metrics):
-            ax = axes[i][j]
-            for peer in PEERS:
-                pts = sorted((r["seq"], r[metric]) for r in ok
-                             if r["mode"] == mode and r["peer"] == peer and r.get(metric))
-                if pts and not (metric == "rel_err_rows" and peer in EXACT):
-                    ax.plot(*zip(*pts), marker="o", color=COLORS[peer], label=LABELS[device][peer])
-            seqs = sorted({r["seq"] for r in ok})
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
-            for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-                set_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-            if seqs:
-                ax.set_xticks(seqs, [_ba._seq_label(s) for s in seqs])
-            ax.set_xlabel("sequence length")
-            ax.set_ylabel(label)
-            ax.set_title(f"{mode}: {label}")
-            ax.grid(True, which="both", alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    seqs = sorted({r["seq"] for r in ok})
+    grid = [[common.Panel([common.Line(LABELS[device][peer], [] if metric == "rel_err_rows" and peer in EXACT else
+                                       [(r["seq"], r[metric]) for r in ok
+                                        if r["mode"] == mode and r["peer"] == peer and r.get(metric)],
+                                       COLORS[peer]) for peer in PEERS],
+                          seqs, title=f"{mode}: {label}", ylabel=label) for metric, label in metrics]
+            for mode in modes]
+    common.plot(grid, path, title, figsize=(15, 4.2 * len(modes)), tick_label=common.seq_label, legend_size=8)
 
 
 # ---------------------------------------------------------------- CLI
@@ -353,29 +301,29 @@ def plot(results: list[dict[str, Any]], title: str, path: pathlib.Path, device: 
 def _run(seq: int, peer: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     key = {"seq": seq, "peer": peer, "mode": mode}
     if peer in EXACT and args.exact_max_seq is not None and seq > args.exact_max_seq:
-        _bm.log(f"[   0.0 s] seq {seq:6d} {peer:8s} {mode:7s} skipped (seq > --exact-max-seq)")
+        common.log(f"[   0.0 s] seq {seq:6d} {peer:8s} {mode:7s} skipped (seq > --exact-max-seq)")
         return {**key, "skipped": f"exact peers run up to seq {args.exact_max_seq} (--exact-max-seq)"}
     if args.wait_idle > 0:
-        _bm.wait_for_idle(args.wait_idle)
+        common.wait_for_idle(args.wait_idle)
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", str(seq), peer, mode,
            "--device", args.device, "--retry-s", str(args.retry_s),
            "--exact-max-seq", str(args.exact_max_seq or 0)]
     for name in ("batch", "heads", "kv_heads", "head_dim", "dtype", *KNOBS):
         cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     t0 = time.perf_counter()
-    r = _bm.run_worker(cmd, key, args.timeout)
+    r = common.run_worker(cmd, key, args.timeout)
     msg = r.get("error") or (f"median {r['median_s']:.4f} s, peak {r.get('alloc_peak_mb') or 0:.1f} MB, "
                              f"rel err rows {r['rel_err_rows']:.1e}, busy {r['others_busy_cores']:.1f}")
-    _bm.log(f"[{time.perf_counter() - t0:6.1f} s] seq {seq:6d} {peer:8s} {mode:7s} {msg}")
+    common.log(f"[{time.perf_counter() - t0:6.1f} s] seq {seq:6d} {peer:8s} {mode:7s} {msg}")
     return r
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--seqs", type=_bm._csv(int), help="comma-separated (CPU default 4k..64k, CUDA 4k..128k)")
-    p.add_argument("--modes", type=_bm._csv(str), default=["fwd"], help="comma-separated: " + ",".join(MODES))
-    p.add_argument("--peers", type=_bm._csv(str), default=list(PEERS), help="comma-separated: " + ",".join(PEERS))
+    p.add_argument("--seqs", type=common.csv(int), help="comma-separated (CPU default 4k..64k, CUDA 4k..128k)")
+    p.add_argument("--modes", type=common.csv(str), default=["fwd"], help="comma-separated: " + ",".join(MODES))
+    p.add_argument("--peers", type=common.csv(str), default=list(PEERS), help="comma-separated: " + ",".join(PEERS))
     p.add_argument("--exact-max-seq", type=int, default=None,
                    help="run the exact peers only up to this seq (0 or unset: no limit); their cells above it "
                         "are marked skipped and approximate rows there get no full rel_err")
@@ -387,7 +335,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     p.add_argument("--retry-s", type=float, help="CPU: keep timing up to this long for quiet calls (default 60)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker")
     p.add_argument("--quick", action="store_true", help="smoke run: seq 256 and 512, tiny heads and kernel knobs")
-    _bm.add_common_args(p, ("SEQ", "PEER", "MODE"))
+    common.add_common_args(p, ("SEQ", "PEER", "MODE"))
     args = p.parse_args(argv)
     if args.device == "auto":
         import torch
@@ -397,13 +345,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     for name, value in fill.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.dtype = _ba.DTYPES.get(args.dtype.lower(), args.dtype)
+    args.dtype = common.DTYPES.get(args.dtype.lower(), args.dtype)
     if args.dtype not in ("float32", "bfloat16", "float16"):
         p.error(f"--dtype {args.dtype!r}: choose from fp32, bf16, fp16")
-    for what, values, allowed in (("mode", args.modes, MODES), ("peer", args.peers, PEERS)):
-        for x in values:
-            if x not in allowed:
-                p.error(f"unknown {what} {x!r}; choose from {', '.join(allowed)}")
+    common.check_choices(p, "mode", args.modes, MODES)
+    common.check_choices(p, "peer", args.peers, PEERS)
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     args.exact_max_seq = args.exact_max_seq or None
@@ -417,32 +363,29 @@ def main(argv: list[str] | None = None) -> int:
         shape = {name: getattr(args, name) for name in ("batch", "heads", "kv_heads", "head_dim", "dtype")}
         res = measure(int(seq), peer, mode, args.device, shape, {n: getattr(args, n) for n in KNOBS},
                       args.retry_s, args.exact_max_seq)
-        print(_bm._MARK + json.dumps(res), flush=True)
+        common.emit(res)
         return 0
-    command = " ".join(["benchmarks/bench_longcontext.py", *(argv if argv is not None else sys.argv[1:])])
+    command = common.command(__file__, argv)
     if args.from_json:
         json_path = pathlib.Path(args.from_json)
         doc = json.loads(json_path.read_text())
         for name, value in doc["setup"]["args"].items():
             setattr(args, name, value)
-        for i, r in enumerate(doc["results"]):
-            if args.rerun_busy and ("error" in r or r.get("others_busy_cores", 0.0) >= _bm._QUIET):
-                doc["results"][i] = _run(r["seq"], r["peer"], r["mode"], args)
+        if args.rerun_busy:
+            common.rerun_busy(doc, lambda r: _run(r["seq"], r["peer"], r["mode"], args))
         doc.setdefault("later_commands", []).append(command)
         write(doc, json_path)
         return 0
-    info = _bm.machine_info()
-    tag = _ba.device_tag(info["gpu"]) if args.device == "cuda" else _bm.device_tag(info)
-    today = datetime.date.today().isoformat()
-    out = pathlib.Path(args.out)
-    name = f"longcontext-{tag}-{today}{'-quick' if args.quick else ''}.json"
-    json_path = out if out.suffix == ".json" else out / name
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    info = common.machine_info()
+    today = common.today()
+    name = f"longcontext-{common.device_tag(args.device, today)}{'-quick' if args.quick else ''}.json"
+    json_path = common.json_path(args.out, name)
     configs = [(seq, peer, mode) for mode in args.modes for seq in args.seqs for peer in args.peers]
-    results = [_run(seq, peer, mode, args) for seq, peer, mode in _bm.progress(configs, "bench_longcontext")]
+    results = [_run(seq, peer, mode, args) for seq, peer, mode in common.progress(configs, "bench_longcontext")]
     saved = ("device", "seqs", "modes", "peers", "exact_max_seq", "batch", "heads", "kv_heads", "head_dim", "dtype",
              "retry_s", "timeout", *KNOBS)
-    doc = {"benchmark": "bench_longcontext", "date": today, "device": tag, "machine": info,
+    doc = {"benchmark": "bench_longcontext", "date": today, "device": common.device_name(args.device), "machine": info,
+           **common.versions(),
            "setup": {"args": {n: getattr(args, n) for n in saved}, "causal": True, "quick": args.quick,
                      "inputs": f"seeded; q~N(0,1), k~N(0,0.25), v~N(0,1); max(4, seq//512) needle keys per K/V "
                                f"head, every {SEGMENT} queries aimed at one visible needle with scaled-score "
@@ -465,13 +408,13 @@ def write(doc: dict[str, Any], json_path: pathlib.Path) -> None:
     device = doc["setup"]["args"]["device"]
     doc["ratios"] = ratios(doc["results"])
     doc["goals"] = goals(doc["ratios"], device)
-    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    common.write_json(json_path, doc)
     png_path = json_path.with_suffix(".png")
     a = doc["setup"]["args"]
     plot(doc["results"], f"causal attention on {doc['device']}: B={a['batch']}, H={a['heads']}, "
                          f"Hkv={a['kv_heads']}, D={a['head_dim']}, {a['dtype']}, top-k {a['topk']}, LSH "
                          f"{a['n_hashes']}x{a['bucket_size']} ({doc['date']})", png_path, device)
-    _bm.print_summary(table(doc["results"]), doc, json_path, png_path)
+    common.print_summary(table(doc["results"]), doc, json_path, png_path)
     for g in doc["goals"]:
         verdict = "not measured" if g["met"] is None else f"{'PASS' if g['met'] else 'FAIL'} ({g['value']}x)"
         print(f"goal {g['goal']}: {verdict}")

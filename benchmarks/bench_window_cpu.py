@@ -54,7 +54,6 @@ machine and rewrites both.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import pathlib
 import statistics
@@ -62,9 +61,8 @@ import sys
 import time
 from typing import Any
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_models as _bm  # noqa: E402 - the sibling script's memory probes, machine info and idle wait
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # _common, also when loaded by path (tests)
+import _common as common  # noqa: E402
 
 PARTS = {"model": ("eager", "inductor", "attnfuse"), "kernel": ("sdpa_band", "tiled")}
 BASELINE = {"model": "eager", "kernel": "sdpa_band"}
@@ -72,7 +70,6 @@ FAST = {"model": "attnfuse", "kernel": "tiled"}
 CONFIG = dict(num_hidden_layers=2, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
               intermediate_size=512, vocab_size=512)
 GOAL = {"seq": 16384, "speedup": 10.0, "memory_ratio": 0.1}
-_MARK = _bm._MARK
 
 
 def build(part: str, variant: str, seq: int, window: int, attn: str):
@@ -123,27 +120,16 @@ def measure(part: str, seq: int, variant: str, window: int, attn: str, reps: int
         t0 = time.perf_counter()
         out = forward()
         res["first_call_s"] = time.perf_counter() - t0
-        for _ in range(warmup):
-            forward()
-        runs = []  # (wall s, CPU s, cores other processes kept busy) per timed forward
-        deadline = time.perf_counter() + retry_s
-        while sum(r[2] < _bm._QUIET for r in runs) < reps and (len(runs) < reps or time.perf_counter() < deadline):
-            snap, t0, c0 = _bm._cpu_snapshot(), time.perf_counter(), time.process_time()
-            forward()
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            runs.append((wall, cpu, _bm._others_cores(snap, _bm._cpu_snapshot())))
-            if runs[-1][2] >= _bm._QUIET:
-                time.sleep(1.0)  # give the other process a chance to finish
-        used = sorted(runs, key=lambda r: r[2])[:reps]  # the quietest forwards
-        res["times_s"], res["all_times_s"] = [r[0] for r in used], [r[0] for r in runs]
-        res["median_s"], res["median_cpu_s"] = statistics.median(res["times_s"]), statistics.median(r[1] for r in used)
-        res["others_busy_cores"] = max(r[2] for r in used)
-        _bm._exact_malloc()
-        before = _bm._reset_peak_rss() and _bm._proc_status_mb("VmRSS")
+        timing = common.time_call(forward, "cpu", reps=reps, warmup=warmup, retry_s=retry_s)
+        res["times_s"], res["all_times_s"] = timing.times_s, timing.all_times_s
+        res["median_s"], res["median_cpu_s"] = timing.median_s, statistics.median(timing.cpu_times_s)
+        res["others_busy_cores"] = timing.others_busy_cores
+        common.exact_malloc()
+        before = common.reset_peak_rss() and common.proc_status_mb("VmRSS")
         forward()
         if before:
-            res["forward_rss_peak_mb"] = _bm._proc_status_mb("VmHWM") - before
-        res["forward_alloc_peak_mb"] = _bm._alloc_peak_mb(forward)
+            res["forward_rss_peak_mb"] = common.proc_status_mb("VmHWM") - before
+        res["forward_alloc_peak_mb"] = common.alloc_peak_mb(forward)
     if variant == "attnfuse":
         import attnfuse
 
@@ -165,7 +151,7 @@ def run_in_subprocess(part: str, seq: int, variant: str, args: argparse.Namespac
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", part, str(seq), variant,
            "--window", str(args.window), "--attn", args.attn, "--reps", str(args.reps), "--warmup", str(args.warmup),
            "--retry-s", str(args.retry_s)]
-    return _bm.run_worker(cmd, {"part": part, "seq": seq, "variant": variant}, timeout)
+    return common.run_worker(cmd, {"part": part, "seq": seq, "variant": variant}, timeout)
 
 
 def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -204,92 +190,63 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def table(results: list[dict[str, Any]]) -> str:
     head = ("part", "seq", "variant", "median s", "cpu s", "first s", "fwd tensor MB", "fwd RSS MB", "max rel diff",
             "busy", "note")
-    lines = [head]
+    lines = []
     for r in results:
         if "error" in r:
             lines.append((r["part"], str(r["seq"]), r["variant"], *["-"] * 7, r["error"][:80]))
             continue
-        fmt = lambda k, f="{:.0f}": f.format(r[k]) if r.get(k) is not None else "-"
+        fmt = lambda k, f="{:.0f}": common.fmt(r.get(k), f)
         lines.append((r["part"], str(r["seq"]), r["variant"], fmt("median_s", "{:.3f}"), fmt("median_cpu_s", "{:.3f}"),
                       fmt("first_call_s", "{:.1f}"),
                       fmt("forward_alloc_peak_mb"), fmt("forward_rss_peak_mb"), fmt("max_rel_diff", "{:.1e}"),
                       fmt("others_busy_cores", "{:.1f}"), r.get("fused_sites", "")))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    return common.table(lines, head)
 
 
 def plot(results: list[dict[str, Any]], title: str, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator
-
+    """A column per part, a row per metric (time, forward tensor peak) vs seq, a line per variant."""
     ok = [r for r in results if "error" not in r]
     parts = [p for p in PARTS if any(r["part"] == p for r in ok)]
     metrics = (("median_s", "median forward time (s)"), ("forward_alloc_peak_mb", "forward peak tensor memory (MB)"))
-    fig, axes = plt.subplots(len(metrics), max(len(parts), 1), figsize=(5 * max(len(parts), 1), 7.5), squeeze=False)
-    for col, part in enumerate(parts):
-        for row, (metric, label) in enumerate(metrics):
-            ax = axes[row][col]
-            for variant in PARTS[part]:
-                pts = sorted((r["seq"], r[metric]) for r in ok
-                             if r["part"] == part and r["variant"] == variant and r.get(metric) is not None)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=variant)
-            seqs = sorted({r["seq"] for r in ok if r["part"] == part})
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
-            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-                axis(FuncFormatter(lambda y, _: f"{y:g}"))
-            ax.set_xticks(seqs, [str(s) for s in seqs])
-            ax.set_xlabel("sequence length")
-            ax.set_ylabel(label)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
-            if row == 0:
-                ax.set_title(part)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
+    grid = [[common.Panel([common.Line(variant, [(r["seq"], r[metric]) for r in ok if r["part"] == part
+                                                 and r["variant"] == variant and r.get(metric) is not None])
+                           for variant in PARTS[part]],
+                          sorted({r["seq"] for r in ok if r["part"] == part}), title=part if row == 0 else "",
+                          ylabel=label) for part in parts]
+            for row, (metric, label) in enumerate(metrics)]
+    common.plot(grid, path, title, figsize=(5 * max(len(parts), 1), 7.5))
 
 
 def _run(part: str, seq: int, variant: str, args: argparse.Namespace) -> dict[str, Any]:
     if args.wait_idle > 0:
-        _bm.wait_for_idle(args.wait_idle)
+        common.wait_for_idle(args.wait_idle)
     t0 = time.perf_counter()
     r = run_in_subprocess(part, seq, variant, args)
     msg = r.get("error") or (f"median {r['median_s']:.3f} s, forward tensors {r.get('forward_alloc_peak_mb') or 0:.0f}"
                              f" MB, busy {r['others_busy_cores']:.1f}")
-    _bm.log(f"[{time.perf_counter() - t0:6.1f} s] {part:6s} seq {seq:5d} {variant:9s} {msg}")
+    common.log(f"[{time.perf_counter() - t0:6.1f} s] {part:6s} seq {seq:5d} {variant:9s} {msg}")
     return r
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seqs", type=_bm._csv(int), default=[8192, 16384])
+    p.add_argument("--seqs", type=common.csv(int), default=[8192, 16384])
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="HF attn_implementation of the model")
-    p.add_argument("--parts", type=_bm._csv(str), default=list(PARTS), help="comma-separated: " + ",".join(PARTS))
+    p.add_argument("--parts", type=common.csv(str), default=list(PARTS), help="comma-separated: " + ",".join(PARTS))
     p.add_argument("--reps", type=int, default=3, help="timed forwards per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards after the first (compiling) one")
     p.add_argument("--retry-s", type=float, default=120.0, metavar="SECONDS",
                    help="keep timing forwards up to this long until --reps of them ran on a quiet machine")
-    _bm.add_common_args(p, ("PART", "SEQ", "VARIANT"))
+    common.add_common_args(p, ("PART", "SEQ", "VARIANT"))
     args = p.parse_args(argv)
     if args.worker:
         part, seq, variant = args.worker
         res = measure(part, int(seq), variant, args.window, args.attn, args.reps, args.warmup, args.retry_s)
-        print(_MARK + json.dumps(res), flush=True)
+        common.emit(res)
         return 0
-    for part in args.parts:
-        if part not in PARTS:
-            p.error(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
-    command = " ".join(["benchmarks/bench_window_cpu.py", *(argv if argv is not None else sys.argv[1:])])
+    common.check_choices(p, "part", args.parts, list(PARTS))
+    command = common.command(__file__, argv)
 
     if args.from_json:
         json_path = pathlib.Path(args.from_json)
@@ -297,20 +254,18 @@ def main(argv: list[str] | None = None) -> int:
         setup = doc["setup"]
         args.window, args.attn = setup["window"], setup["model"]["attn_implementation"]
         args.reps, args.warmup, args.retry_s = setup["reps"], setup["warmup"], setup["retry_s"]
-        for i, r in enumerate(doc["results"]):
-            if args.rerun_busy and ("error" in r or r["others_busy_cores"] >= _bm._QUIET):
-                doc["results"][i] = _run(r["part"], r["seq"], r["variant"], args)
+        if args.rerun_busy:
+            common.rerun_busy(doc, lambda r: _run(r["part"], r["seq"], r["variant"], args))
         doc.setdefault("later_commands", []).append(command)
         write(doc, json_path)
         return 0
-    info = _bm.machine_info()
-    today = datetime.date.today().isoformat()
-    out = pathlib.Path(args.out)
-    json_path = out if out.suffix == ".json" else out / f"window-cpu-{today}.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    info = common.machine_info()
+    today = common.today()
+    json_path = common.json_path(args.out, f"window-{common.device_tag('cpu', today)}.json")
     configs = [(part, seq, variant) for part in args.parts for seq in args.seqs for variant in PARTS[part]]
-    results = [_run(part, seq, variant, args) for part, seq, variant in _bm.progress(configs, "bench_window_cpu")]
-    doc = {"benchmark": "bench_window_cpu", "date": today, "device": _bm.device_tag(info), "machine": info,
+    results = [_run(part, seq, variant, args) for part, seq, variant in common.progress(configs, "bench_window_cpu")]
+    doc = {"benchmark": "bench_window_cpu", "date": today, "device": common.device_name("cpu"), "machine": info,
+           **common.versions(),
            "setup": {"model": {**CONFIG, "sliding_window": args.window, "attn_implementation": args.attn,
                                "dtype": "float32", "batch": 1, "grad": "torch.no_grad()", "mode": "eval()"},
                      "window": args.window, "reps": args.reps, "warmup": args.warmup, "retry_s": args.retry_s,
@@ -325,12 +280,12 @@ def write(doc: dict[str, Any], json_path: pathlib.Path) -> None:
     results = doc["results"]
     doc["ratios"] = ratios(results)
     doc["goals"] = goals(doc["ratios"])
-    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    common.write_json(json_path, doc)
     png_path = json_path.with_suffix(".png")
     plot(results, f"sliding window {doc['setup']['window']} on {doc['device']}: Mistral-style model "
                   f"({doc['setup']['model']['attn_implementation']}) and one attention call, fp32, batch 1 "
                   f"({doc['date']})", png_path)
-    _bm.print_summary(table(results), doc, json_path, png_path)
+    common.print_summary(table(results), doc, json_path, png_path)
 
 
 if __name__ == "__main__":

@@ -4,24 +4,25 @@
     python benchmarks/bwd_sweep.py --from-json FILE [--out DIR]  # re-plot (no GPU)
 
 Shapes: bf16, batch 4, 4096 tokens, model dim 2048 (d128: 16 heads, d64: 32), causal and not.  Each row times
-`attnfuse.kernels.flash.backward` (median of `triton.testing.do_bench`) for one (deterministic, config); the
-config marked ``*`` is the launcher's own pick.  SDPA's flash backward on the same inputs is the yardstick.
-This sweep is where the launcher's backward defaults come from: dQ in its own pass (``deterministic=True``)
-and the backward register budget in `tiles._REGS_PER_THREAD`.
+`attnfuse.kernels.flash.backward` (median of `common.time_call`: CUDA events, 100 ms of calls) for one
+(deterministic, config); the config marked ``*`` is the launcher's own pick.  SDPA's flash backward on the same
+inputs is the yardstick.  This sweep is where the launcher's backward defaults come from: dQ in its own pass
+(``deterministic=True``) and the backward register budget in `tiles._REGS_PER_THREAD`.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
 import pathlib
+import sys
 
-from attnfuse.costmodel import tiles
-from attnfuse.kernels import _launch
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # _common, also when loaded by path (tests)
+import _common as common  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from attnfuse.costmodel import tiles  # noqa: E402
+from attnfuse.kernels import _launch  # noqa: E402
+
 SHAPES = [(128, False), (128, True), (64, False)]
 CONFIGS = [(32, 128, 4, 2), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2),
            (128, 32, 8, 2)]
@@ -29,9 +30,11 @@ CONFIGS = [(32, 128, 4, 2), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 2), (6
 
 def measure() -> dict:
     import torch
-    from triton.testing import do_bench
 
     from attnfuse.kernels import flash
+
+    def median_ms(fn) -> float:
+        return common.time_call(fn, "cuda", rep_ms=100.0).median_s * 1e3
 
     torch.manual_seed(0)
     rows, sdpa = [], {}
@@ -41,8 +44,7 @@ def measure() -> dict:
         out, stats = flash.forward(q, k, v, causal=causal)
         qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
         o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
-        sdpa[f"d{d} causal={causal}"] = do_bench(lambda: torch.autograd.grad(o, (qs, ks, vs), g, retain_graph=True),
-                                                 return_mode="median")
+        sdpa[f"d{d} causal={causal}"] = median_ms(lambda: torch.autograd.grad(o, (qs, ks, vs), g, retain_graph=True))
         default = tiles.pick("bwd", n, n, b * h, d, d, 2, _launch.spec_for(q))
         for det, cfg in itertools.product((False, True), [None] + [tiles.TileConfig(*c) for c in CONFIGS]):
             def run():
@@ -50,21 +52,16 @@ def measure() -> dict:
 
             run()
             name = str(cfg or default) + ("*" if cfg is None else "")
-            rows.append({"d": d, "causal": causal, "det": det, "cfg": name, "ms": do_bench(run, return_mode="median")})
+            rows.append({"d": d, "causal": causal, "det": det, "cfg": name, "ms": median_ms(run)})
             print(rows[-1], flush=True)
-    return {"device": torch.cuda.get_device_name(), "date": str(datetime.date.today()), "rows": rows,
+    return {"device": torch.cuda.get_device_name(), "date": common.today(), **common.versions(), "rows": rows,
             "sdpa_ms": sdpa}
 
 
 def plot(doc: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = doc["rows"] if isinstance(doc, dict) else doc
     shapes = list(dict.fromkeys((r["d"], r["causal"]) for r in rows))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 5), squeeze=False)
+    fig, axes = common.figure(1, len(shapes), (6 * len(shapes), 5))
     for ax, (d, causal) in zip(axes[0], shapes):
         sel = [r for r in rows if (r["d"], r["causal"]) == (d, causal) and "ms" in r]
         cfgs = list(dict.fromkeys(r["cfg"].replace("TileConfig", "").replace("block_", "") for r in sel))
@@ -79,31 +76,26 @@ def plot(doc: dict, path: pathlib.Path) -> None:
         ax.set_xlabel("ms (median)")
         ax.set_title(f"d={d}, {'causal' if causal else 'non-causal'}")
         ax.legend(fontsize=8)
-    fig.suptitle(f"flash backward tile sweep, {doc.get('device', 'GPU') if isinstance(doc, dict) else 'GPU'}, bf16")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    device = doc.get("device", "GPU") if isinstance(doc, dict) else "GPU"
+    common.save(fig, path, f"flash backward tile sweep, {device}, bf16")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(common.RESULTS))
     p.add_argument("--from-json", metavar="FILE")
-    args = p.parse_args()
-    out = pathlib.Path(args.out)
+    args = p.parse_args(argv)
     if args.from_json:
-        doc = json.loads(pathlib.Path(args.from_json).read_text())
-        png = out / (pathlib.Path(args.from_json).stem + ".png")
-    else:
-        import torch
+        return common.replot(args, plot)
+    import torch
 
-        if not torch.cuda.is_available():
-            print("bwd_sweep.py needs a CUDA GPU")
-            return 0
-        doc = measure()
-        tag = "h200" if "H200" in doc["device"] else "h100" if "H100" in doc["device"] else "gpu"
-        stem = f"bwd-sweep-{tag}-{doc['date']}"
-        (out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
-        png = out / f"{stem}.png"
+    if not torch.cuda.is_available():
+        print("bwd_sweep.py needs a CUDA GPU")
+        return 0
+    doc = measure()
+    json_path = common.json_path(args.out, f"bwd-sweep-{common.device_tag('cuda', doc['date'])}.json")
+    common.write_json(json_path, doc, indent=1)
+    png = json_path.with_suffix(".png")
     plot(doc, png)
     print(f"wrote {png}")
     return 0

@@ -23,7 +23,7 @@ user's first compile does.  Measured: RSS after the model, inputs and ``torch.co
 (else a thread samples VmRSS every 2 ms); ``growth_mb`` = peak - before.  Phases (peak growth over
 ``rss_before_mb`` within each, and wall time): dynamo tracing, attnfuse's ``transform`` and the passes inside it,
 Inductor's ``compile_fx``, the run.  The goal is attnfuse's growth <= 1.2x stock's at every length (``ratio``).
-Results are written to ``--out`` as JSON.
+Results are written to ``--out`` as JSON (default ``benchmarks/results/compile-memory-cpu-<date>.json``).
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ import math
 import os
 import pathlib
 import platform
-import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,7 +46,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-OUT = pathlib.Path(__file__).resolve().parent / "results" / "compile-memory-cpu-2core-2026-12-05.json"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # _common, also when loaded by path (tests)
+import _common as common  # noqa: E402
+
 GOAL = 1.2
 
 
@@ -86,51 +86,44 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def _status(field: str) -> int:
-    """A field of /proc/self/status in kB."""
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
-
-
 class Peak:
-    """Peak RSS since the last `reset`: the kernel's VmHWM (reset through clear_refs), else a sampling thread."""
+    """Peak RSS (MB) since the last `reset`: the kernel's VmHWM (reset through clear_refs), else a sampling
+    thread."""
 
     def __init__(self) -> None:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
+        if common.reset_peak_rss(release=False):
             self.method, self._thread = "VmHWM (clear_refs 5)", None
-        except OSError:
-            self.method, self._max, self._stop = "VmRSS sampled every 2 ms", 0, threading.Event()
+        else:
+            self.method, self._max, self._stop = "VmRSS sampled every 2 ms", 0.0, threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
 
     def _sample(self) -> None:
         while not self._stop.wait(0.002):
-            self._max = max(self._max, _status("VmRSS"))
+            self._max = max(self._max, common.proc_status_mb("VmRSS"))
 
     def reset(self) -> None:
         if self._thread is None:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
+            common.reset_peak_rss(release=False)
         else:
-            self._max = _status("VmRSS")
+            self._max = common.proc_status_mb("VmRSS")
 
-    def read(self) -> int:
-        return _status("VmHWM") if self._thread is None else max(self._max, _status("VmRSS"))
+    def read(self) -> float:
+        rss = common.proc_status_mb
+        return rss("VmHWM") if self._thread is None else max(self._max, rss("VmRSS"))
 
 
 class Phases:
-    """Peak RSS (kB) and wall time per named phase; `wrap` makes a function a phase (nested phases resume their
+    """Peak RSS (MB) and wall time per named phase; `wrap` makes a function a phase (nested phases resume their
     parent when they return)."""
 
     def __init__(self, peak: Peak) -> None:
-        self.peak, self.stack, self.kb, self.seconds = peak, ["dynamo"], {}, {}
+        self.peak, self.stack, self.mb, self.seconds = peak, ["dynamo"], {}, {}
         self.t = time.perf_counter()
 
     def switch(self, name: str) -> None:
         now, cur = time.perf_counter(), self.stack[-1]
-        self.kb[cur] = max(self.kb.get(cur, 0), self.peak.read())
+        self.mb[cur] = max(self.mb.get(cur, 0.0), self.peak.read())
         self.seconds[cur] = self.seconds.get(cur, 0.0) + now - self.t
         self.peak.reset()
         self.stack[-1], self.t = name, now
@@ -174,20 +167,20 @@ def worker(peer: str, seq: int, layers: int, mask_dtype: str) -> dict[str, Any]:
         for mod, fn in ((canonicalize, "canonicalize"), (match, "match"), (masks, "analyze"), (rewrite, "rewrite")):
             phases.wrap(mod, fn, f"attnfuse.{fn}")
     gc.collect()
-    before = _status("VmRSS")
+    before = common.proc_status_mb("VmRSS")
     phases.t = time.perf_counter()
     peak.reset()
     with torch.no_grad():
         out = compiled(x)
     phases.switch("end")
-    total = max(phases.kb.values())
+    total = max(phases.mb.values())
     assert torch.isfinite(out).all()
     row: dict[str, Any] = {
         "peer": peer, "seq": seq, "layers": layers, "mask_dtype": mask_dtype if peer == "attnfuse" else None,
-        "rss_before_mb": round(before / 1024, 1), "peak_mb": round(total / 1024, 1),
-        "growth_mb": round((total - before) / 1024, 1), "method": peak.method,
-        "phases": {k: {"growth_mb": round((kb - before) / 1024, 1), "seconds": round(phases.seconds[k], 2)}
-                   for k, kb in phases.kb.items()},
+        "rss_before_mb": round(before, 1), "peak_mb": round(total, 1),
+        "growth_mb": round(total - before, 1), "method": peak.method,
+        "phases": {k: {"growth_mb": round(mb - before, 1), "seconds": round(phases.seconds[k], 2)}
+                   for k, mb in phases.mb.items()},
     }
     if peer == "attnfuse":
         import attnfuse
@@ -198,31 +191,29 @@ def worker(peer: str, seq: int, layers: int, mask_dtype: str) -> dict[str, Any]:
 
 
 def _cell(peer: str, seq: int, layers: int, mask_dtype: str) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", peer, "--seq", str(seq), "--layers", str(layers),
-           "--mask-dtype", mask_dtype]
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", peer, "--seq", str(seq),
+           "--layers", str(layers), "--mask-dtype", mask_dtype]
     with tempfile.TemporaryDirectory(prefix="compile-memory-") as cache:  # a cold Inductor cache: a first compile
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TORCHINDUCTOR_CACHE_DIR": cache}
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        return {"peer": peer, "seq": seq, "error": (done.stderr or done.stdout)[-2000:]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        return common.run_worker(cmd, {"peer": peer, "seq": seq}, env=env, tail=20)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seqs", default="8192,32768")
+    p.add_argument("--seqs", type=common.csv(int), default=[8192, 32768])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--mask-dtype", default="auto", choices=("auto", "float", "bool"),
                    help="the tril buffers' dtype; auto: float (as nanoGPT) up to 8k, bool above")
-    p.add_argument("--out", type=pathlib.Path, default=OUT)
+    p.add_argument("--out", default=None, help="output .json path or folder (default: benchmarks/results, "
+                                               "compile-memory-cpu-<date>.json)")
     p.add_argument("--worker", choices=("attnfuse", "stock"))
     p.add_argument("--seq", type=int)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.worker:
-        print(json.dumps(worker(a.worker, a.seq, a.layers, a.mask_dtype)))
+        common.emit(worker(a.worker, a.seq, a.layers, a.mask_dtype))
         return
     rows, summary = [], {}
-    for seq in (int(s) for s in a.seqs.split(",")):
+    for seq in a.seqs:
         mask_dtype = a.mask_dtype if a.mask_dtype != "auto" else "float" if seq <= 8192 else "bool"
         cells = {peer: _cell(peer, seq, a.layers, mask_dtype) for peer in ("stock", "attnfuse")}
         rows += cells.values()
@@ -237,12 +228,13 @@ def main() -> None:
               f"{'PASS' if summary[str(seq)]['pass'] else 'FAIL'}", flush=True)
         for c in cells.values():
             print("  ", c["peer"], json.dumps(c.get("phases", c.get("error"))), flush=True)
-    result = {"benchmark": "compile_memory", "torch": torch.__version__, "machine": platform.machine(),
+    today = common.today()
+    result = {"benchmark": "compile_memory", **common.versions(), "machine": platform.machine(),
               "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-              "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "summary": summary, "cells": rows}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {a.out}")
+              "date": today, "command": common.command(__file__, argv), "summary": summary, "cells": rows}
+    name = f"compile-memory-{common.device_tag('cpu', today)}.json"
+    out = common.write_json(common.json_path(a.out or common.RESULTS, name), result, indent=1)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ tokens per batch (batch = max(1, 16384 // seq)); fp16 at seq 1k/4k/16k, head dim
 dim 1024 and 8k tokens (fewer programs: wave quantization matters).  ``--smoke`` runs 2 shapes.
 
 For each shape and each config of ``tiles.kept_configs(kind, d, d, elem, spec)`` (``spec =
-DeviceSpec.detect()``): the measured time (``triton.testing.do_bench``, median, ``--rep-ms`` of repetitions)
+DeviceSpec.detect()``): the measured time (``common.time_call``, CUDA events, median, ``--rep-ms`` of repetitions)
 of ``flash.forward(q, k, v, causal=..., config=cfg, splits=1)`` (``--bwd`` adds ``flash.backward(...,
 config=cfg)`` on the bf16 shapes), and the cost model's prediction ``tiles.estimate_s(cfg, kind, rows, kv_len,
 bh_kv, d, d, elem, spec, groups=groups, window=tiles.band((-1, -1), causal))`` (rows = q_len * groups,
@@ -28,19 +28,14 @@ best in >= 90% of shapes (a shape whose chosen config failed counts as a miss). 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import pathlib
 import sys
 import time
 from typing import Any
 
-from tqdm import tqdm
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_attention as _ba  # noqa: E402 - GPU name tags
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # _common, also when loaded by path (tests)
+import _common as common  # noqa: E402
 
 from attnfuse.costmodel import tiles  # noqa: E402
 
@@ -153,27 +148,21 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(summaries: list[dict[str, Any]]) -> str:
     head = ("kind", "shape", "chosen", "best", "pred/meas", "chosen/best", "rho", "failed", "note")
-    lines = [head]
-    f = lambda x, spec: "-" if x is None else spec.format(x)
+    lines = []
+    f = common.fmt
     for s in summaries:
         lines.append((s["kind"], s["shape"], str(s.get("chosen_config") or "-"), str(s.get("best_config") or "-"),
                       f(s.get("pred_over_measured"), "{:.2f}"), f(s.get("chosen_over_best"), "{:.3f}"),
                       f(s.get("spearman"), "{:.2f}"), f"{s.get('n_failed', 0)}/{s.get('n_configs', 0)}",
                       (s.get("note") or "")[:60]))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    return common.table(lines, head)
 
 
 def plot(rows: list[dict[str, Any]], title: str, path: pathlib.Path) -> None:
     """Predicted vs measured (log-log) per kind: every config grey, the chosen ones coloured by (d, causal),
     with y = x and the +-25% band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     kinds = list(dict.fromkeys(r["kind"] for r in rows if r.get("measured_s"))) or ["fwd"]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 6), squeeze=False)
+    fig, axes = common.figure(1, len(kinds), (6.5 * len(kinds), 6))
     for ax, kind in zip(axes[0], kinds):
         ok = [r for r in rows if r["kind"] == kind and r.get("measured_s")]
         ax.scatter([r["measured_s"] * 1e3 for r in ok], [r["predicted_s"] * 1e3 for r in ok], s=8, c="0.75",
@@ -197,10 +186,7 @@ def plot(rows: list[dict[str, Any]], title: str, path: pathlib.Path) -> None:
         ax.set_title(f"flash {kind}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save(fig, path, title)
 
 
 def report(doc: dict[str, Any], png_path: pathlib.Path) -> None:
@@ -224,14 +210,9 @@ def report(doc: dict[str, Any], png_path: pathlib.Path) -> None:
 
 # ---------------------------------------------------------------- measurement (GPU only)
 
-def _error(e: BaseException) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
-
-
 def measure_shape(shape: dict[str, Any], kind: str, spec, rep_ms: float, warmup_ms: float) -> list[dict[str, Any]]:
     """One row per kept config of ``shape``: predicted, measured (or error), chosen."""
     import torch
-    from triton.testing import do_bench
 
     from attnfuse.kernels import flash
 
@@ -260,9 +241,9 @@ def measure_shape(shape: dict[str, Any], kind: str, spec, rep_ms: float, warmup_
                 fn = lambda cfg=cfg: flash.backward(grad, q, k, v, *fwd, causal=causal, config=cfg)
             fn()
             torch.cuda.synchronize()
-            row["measured_s"] = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") / 1e3
+            row["measured_s"] = common.time_call(fn, "cuda", warmup_ms=warmup_ms, rep_ms=rep_ms).median_s
         except Exception as e:  # a config that fails to compile or launch is a row, not the end of the sweep
-            row["error"] = _error(e)
+            row["error"] = common.error_text(e, 300)
             torch.cuda.empty_cache()
         out_rows.append(row)
     return out_rows
@@ -273,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bwd", action="store_true", help="also sweep the backward (bf16 shapes)")
     p.add_argument("--no-fwd", action="store_true", help="with --bwd: the backward only (its own file, '-bwd')")
     p.add_argument("--smoke", action="store_true", help="2 shapes only")
-    p.add_argument("--rep-ms", type=float, default=20.0, help="do_bench repetition time per config (ms)")
-    p.add_argument("--warmup-ms", type=float, default=5.0, help="do_bench warm-up time per config (ms)")
+    p.add_argument("--rep-ms", type=float, default=20.0, help="timed repetitions per config, in ms of GPU time")
+    p.add_argument("--warmup-ms", type=float, default=5.0, help="warm-up per config, in ms of GPU time")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="stop starting new shapes after this many seconds (the rest are recorded as skipped)")
     p.add_argument("--out", default=None, help="output folder or .json path (default benchmarks/results); with "
@@ -282,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-json", metavar="FILE", help="re-plot and re-print a results JSON (no GPU)")
     args = p.parse_args(argv)
     if args.from_json:
-        return _ba._from_json(args, report)
+        return common.replot(args, report)
     if args.no_fwd and not args.bwd:
         p.error("--no-fwd leaves nothing to run without --bwd")
     plan = [] if args.no_fwd else [("fwd", s) for s in shapes(args.smoke)]
@@ -294,20 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print(f"{NEEDS_GPU}; none found. Planned {len(plan)} (kind, shape) pairs; use --from-json FILE to re-plot.")
         return 0
-    import triton
-
     from attnfuse.device import DeviceSpec
 
     spec = DeviceSpec.detect()
     gpu = torch.cuda.get_device_name(0)
-    today = datetime.date.today().isoformat()
-    out = pathlib.Path(args.out) if args.out else ROOT / "benchmarks" / "results"
-    stem = f"costmodel-{_ba.device_tag(gpu)}-{today}{'-bwd' if args.no_fwd else ''}{'-smoke' if args.smoke else ''}"
-    json_path = out if out.suffix == ".json" else out / f"{stem}.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    today = common.today()
+    suffix = ("-bwd" if args.no_fwd else "") + ("-smoke" if args.smoke else "")
+    stem = f"costmodel-{common.device_tag('cuda', today)}{suffix}"
+    json_path = common.json_path(args.out or common.RESULTS, f"{stem}.json")
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    for kind, shape in tqdm(plan, desc="costmodel_sweep", unit="shape", disable=None):  # stderr, terminals only
+    for kind, shape in common.progress(plan, "costmodel_sweep", unit="shape"):
         if time.perf_counter() - t0 > args.budget_s:
             rows.append({"kind": kind, "shape": shape_key(shape), **shape,
                          "skipped": f"time budget ({args.budget_s:.0f} s) spent"})
@@ -315,24 +293,24 @@ def main(argv: list[str] | None = None) -> int:
         got = measure_shape(shape, kind, spec, args.rep_ms, args.warmup_ms)
         rows += got
         s = shape_summary(got)
-        _ba.log(f"[{time.perf_counter() - t0:6.1f} s] {kind} {shape_key(shape)}: chosen {s.get('chosen_config')}, "
+        common.log(f"[{time.perf_counter() - t0:6.1f} s] {kind} {shape_key(shape)}: chosen {s.get('chosen_config')}, "
                 f"pred/meas {s.get('pred_over_measured') or float('nan'):.2f}, chosen/best "
                 f"{s.get('chosen_over_best') or float('nan'):.3f}, {s['n_failed']} failed")
-    doc = {"benchmark": "costmodel_sweep", "date": today, "device": gpu, "device_tag": _ba.device_tag(gpu),
+    doc = {"benchmark": "costmodel_sweep", "date": today, "device": gpu, "device_tag": common.gpu_tag(gpu),
            "spec": {k: str(v) for k, v in vars(spec).items()} if hasattr(spec, "__dict__") else str(spec),
-           "torch": torch.__version__, "triton": triton.__version__,
+           **common.versions(),
            "setup": {"rep_ms": args.rep_ms, "warmup_ms": args.warmup_ms, "budget_s": args.budget_s,
                      "bwd": args.bwd, "smoke": args.smoke, "splits": 1,
                      "predicted": "tiles.estimate_s(cfg, kind, rows, kv_len, bh_kv, d, d, elem, spec, groups, "
                                   "window=tiles.band((-1, -1), causal)); predicted_dense_s: without the band",
-                     "measured": "triton.testing.do_bench median of flash.forward(..., config=cfg, splits=1) "
-                                 "(bwd: flash.backward(..., config=cfg))",
+                     "measured": "common.time_call median (CUDA events, rep_ms of repetitions after warmup_ms) "
+                                 "of flash.forward(..., config=cfg, splits=1) (bwd: flash.backward(..., config=cfg))",
                      "chosen": "tiles.pick(kind, rows, kv_len, bh_kv, d, d, elem, spec, 0, groups, band)"},
            "elapsed_s": round(time.perf_counter() - t0, 1), "rows": rows,
-           "command": " ".join(["benchmarks/costmodel_sweep.py", *(argv if argv is not None else sys.argv[1:])])}
+           "command": common.command(__file__, argv)}
     png_path = json_path.with_suffix(".png")
     report(doc, png_path)
-    json_path.write_text(json.dumps(doc, indent=1) + "\n")
+    common.write_json(json_path, doc, indent=1)
     print(f"wrote {json_path} and {png_path}")
     return 0
 

@@ -34,35 +34,26 @@ and their ratios to the baseline variant.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # _common, also when loaded by path (tests)
+import _common as common  # noqa: E402
+
 VARIANTS = {"step": ("inductor", "attnfuse", "attnfuse_opaque"),
             "attention": ("inductor", "attnfuse", "attnfuse_opaque"), "op": ("sdpa", "attnfuse")}
 BASELINE = {"step": "inductor", "attention": "inductor", "op": "sdpa"}
-DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "host-overhead-cpu-2core-2026-12-05.json"
 
 
 def _timed(fn, reset, calls: int, warmup: int) -> dict[str, float]:
-    for _ in range(warmup):
-        reset()
-        fn()
-    times = []
-    for _ in range(calls):
-        reset()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    us = [t * 1e6 for t in times]
+    """Median, p10 and p90 (microseconds) of ``calls`` bare perf_counter samples after ``warmup`` calls."""
+    timing = common.time_call(fn, "cpu", reps=calls, warmup=warmup, setup=reset, track_load=False)
+    us = sorted(t * 1e6 for t in timing.times_s)
     return {"median_us": statistics.median(us), "p10_us": us[len(us) // 10], "p90_us": us[len(us) * 9 // 10]}
 
 
@@ -172,36 +163,38 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", default="1,2")
+    p.add_argument("--threads", type=common.csv(int), default=[1, 2])
     p.add_argument("--kv-len", type=int, default=128)
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--parts", default="step,attention,op")
-    p.add_argument("--variants", default="", help="only these variants (comma-separated; default: all)")
-    p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
+    p.add_argument("--parts", type=common.csv(str), default=["step", "attention", "op"])
+    p.add_argument("--variants", type=common.csv(str), default=[],
+                   help="only these variants (comma-separated; default: all)")
+    p.add_argument("--out", default=None, help="output .json path or folder (default: benchmarks/results, "
+                                               "host-overhead-cpu-<date>.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         part, variant, threads = args.worker.split(":")
-        print(json.dumps(worker(part, variant, int(threads), args.kv_len, args.calls, args.warmup)))
+        common.emit(worker(part, variant, int(threads), args.kv_len, args.calls, args.warmup))
         return
     rows = []
-    for threads in [int(t) for t in args.threads.split(",")]:
+    for threads in args.threads:
         for rnd in range(args.rounds):
-            for part in args.parts.split(","):
+            for part in args.parts:
                 for variant in VARIANTS[part]:
-                    if args.variants and variant not in args.variants.split(","):
+                    if args.variants and variant not in args.variants:
                         continue
-                    cmd = [sys.executable, __file__, "--worker", f"{part}:{variant}:{threads}",
-                           "--kv-len", str(args.kv_len), "--calls", str(args.calls), "--warmup", str(args.warmup)]
-                    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
-                                                                                    "PYTHONWARNINGS": "ignore"})
-                    if done.returncode:
-                        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
-                    row = {**json.loads(done.stdout.strip().splitlines()[-1]), "round": rnd}
+                    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker",
+                           f"{part}:{variant}:{threads}", "--kv-len", str(args.kv_len), "--calls", str(args.calls),
+                           "--warmup", str(args.warmup)]
+                    got = common.run_worker(cmd, {}, env={**os.environ, "PYTHONWARNINGS": "ignore"}, tail=40)
+                    if "error" in got:
+                        raise SystemExit(f"{' '.join(cmd)} failed: {got['error']}")
+                    row = {**got, "round": rnd}
                     rows.append(row)
                     print(f"threads {threads} round {rnd} {part:9s} {variant:16s} median {row['median_us']:9.1f} us"
                           f"  (p10 {row['p10_us']:.1f}, p90 {row['p90_us']:.1f}, load {row['load_before']:.1f})",
@@ -211,16 +204,17 @@ def main() -> None:
         ratios = ", ".join(f"{v} {r:.2f}x (min {s['ratio_min'][v]:.2f}x)" for v, r in s["ratio"].items())
         print(f"{s['part']:9s} threads {s['threads']}: " + ", ".join(f"{v} {t:.1f} us" for v, t in
                                                                     s["median_us"].items()) + f"; {ratios}")
-    import torch
     import transformers
 
-    meta = {"date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+    today = common.today()
+    meta = {"date": today, "command": common.command(__file__, argv), **common.versions(),
+            "transformers": transformers.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "kv_len": args.kv_len, "calls": args.calls, "warmup": args.warmup, "rounds": args.rounds}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    name = f"host-overhead-{common.device_tag('cpu', today)}.json"
+    out = common.write_json(common.json_path(args.out or common.RESULTS, name),
+                            {"meta": meta, "summary": summary, "rows": rows}, indent=1)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,6 @@ relative error).  Results: ``benchmarks/results/quality-cpu-<date>.json`` and a 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import pathlib
 import sys
 import time
@@ -50,9 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_models as _bm  # noqa: E402 - machine info
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # _common, also when loaded by path (tests)
+import _common as common  # noqa: E402
 
 VARIANTS = ("eager", "attnfuse", "topk", "lsh")
 APPROX = ("topk", "lsh")
@@ -221,10 +218,6 @@ def kernel_fn(family: str, args: argparse.Namespace):
     return lambda q, k, v: mod.attention(q, k, v, causal=True, **kw)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
-
-
 def evaluate(model: RecallModel, variant: str, batches, reference: list[torch.Tensor] | None,
              args: argparse.Namespace) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Accuracy (and errors against ``reference`` logits) of one variant; returns (result, its logits)."""
@@ -262,7 +255,7 @@ def evaluate(model: RecallModel, variant: str, batches, reference: list[torch.Te
     res["accuracy"] = hits / max(total, 1)
     res["queries"] = total
     if reference is not None:
-        res["logits_rel_err"] = rel_err(torch.cat(logits), torch.cat(reference))
+        res["logits_rel_err"] = common.rel_err(torch.cat(logits), torch.cat(reference), torch.float64)
     if run is not model:
         rep = attnfuse.last_report()
         res["sites"] = [{"module": s.module, "status": s.status, "kernel": s.kernel, "error": s.error,
@@ -284,12 +277,13 @@ def attention_errors(model: RecallModel, family: str, batch, args: argparse.Name
             a.captured = None
     fn = kernel_fn(family, args)
     with torch.no_grad():
-        return [rel_err(fn(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True)) for q, k, v in captured]
+        return [common.rel_err(fn(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True), torch.float64)
+                for q, k, v in captured]
 
 
 def table(results: list[dict[str, Any]]) -> str:
     head = ("variant", "route", "accuracy", "logits rel err", "attn rel err (per layer)", "report: kernel / error")
-    lines = [head]
+    lines = []
     for r in results:
         if "error" in r:
             lines.append((r["variant"], r.get("route", ""), "-", "-", "-", r["error"][:90]))
@@ -300,8 +294,7 @@ def table(results: list[dict[str, Any]]) -> str:
         err = r.get("logits_rel_err")
         lines.append((r["variant"], r["route"], f"{r['accuracy']:.4f}", "-" if err is None else f"{err:.2e}", attn,
                       sites or "-"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    return common.table(lines, head)
 
 
 # ---------------------------------------------------------------- CLI
@@ -310,22 +303,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, value in DEFAULTS.items():
         p.add_argument("--" + name.replace("_", "-"), type=type(value), help=f"default {value}")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ",".join(VARIANTS))
+    p.add_argument("--variants", type=common.csv(str), default=list(VARIANTS),
+                   help="comma-separated: " + ",".join(VARIANTS))
     p.add_argument("--route", choices=("attnfuse", "direct"), default="attnfuse",
                    help="how top-k/LSH get into the model: attnfuse's approximation policy, or a direct swap")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="smoke run: seconds of training, tiny model, seq 256")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
+    p.add_argument("--out", default=str(common.RESULTS),
                    help="output folder, or a .json path")
     args = p.parse_args(argv)
     for name, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.variants = [v for v in args.variants.split(",") if v]
-    for v in args.variants:
-        if v not in VARIANTS:
-            p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    common.check_choices(p, "variant", args.variants, VARIANTS)
     if "eager" not in args.variants:
         args.variants.insert(0, "eager")  # the reference of every error
     if args.d_model % args.heads:
@@ -343,10 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     model = RecallModel(args.keys, args.values, args.d_model, args.heads, args.layers)
     print(f"training {sum(p.numel() for p in model.parameters())} parameters for {args.minutes} min at seq "
           f"{args.train_seq} (chance {1 / args.values:.3f})", flush=True)
-    training = train(model, args, log=_bm.log)
+    training = train(model, args, log=common.log)
     batches = eval_batches(args)
     results, reference = [], None
-    for variant in _bm.progress(args.variants, "quality: variants"):
+    for variant in common.progress(args.variants, "quality: variants"):
         t0 = time.perf_counter()
         try:
             res, logits = evaluate(model, variant, batches, reference, args)
@@ -355,22 +346,22 @@ def main(argv: list[str] | None = None) -> int:
             if variant in APPROX:
                 res["attn_rel_err"] = attention_errors(model, variant, batches[0], args)
         except Exception as e:  # an unavailable kernel or policy is a row, not a crash
-            res = {"variant": variant, "route": args.route, "error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
+            res = {"variant": variant, "route": args.route, "error": common.error_text(e, limit=None)}
         results.append(res)
-        _bm.log(f"[{time.perf_counter() - t0:6.1f} s] {variant:8s} "
+        common.log(f"[{time.perf_counter() - t0:6.1f} s] {variant:8s} "
                 + (res.get("error") or f"accuracy {res['accuracy']:.4f}"))
-    today = datetime.date.today().isoformat()
-    out = pathlib.Path(args.out)
-    json_path = out if out.suffix == ".json" else out / f"quality-cpu-{today}{'-quick' if args.quick else ''}.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    today = common.today()
+    name = f"quality-{common.device_tag('cpu', today)}{'-quick' if args.quick else ''}.json"
+    json_path = common.json_path(args.out, name)
     setup = {k: getattr(args, k) for k in (*DEFAULTS, "variants", "route", "seed", "quick")}
-    doc = {"benchmark": "quality", "date": today, "device": "cpu", "machine": _bm.machine_info(),
+    doc = {"benchmark": "quality", "date": today, "device": "cpu", "machine": common.machine_info(),
+           **common.versions(),
            "setup": {**setup, "task": "multi-query associative recall, (key, value) pair per context token, "
                                        "1 in 8 positions a query after the first eighth",
                      "chance": 1 / args.values, "policy_available": policy_available()},
            "training": training, "results": results,
-           "command": " ".join(["benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])}
-    json_path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+           "command": common.command(__file__, argv)}
+    common.write_json(json_path, doc)
     print(table(results))
     print(f"wrote {json_path}")
     return 0

@@ -1,6 +1,9 @@
-"""Shared test helpers: the 2x accuracy rule against a float64 reference."""
+"""Shared test helpers: the 2x accuracy rule against a float64 reference, the band of a structured mask and a
+textbook attention (`ref_attention`) written independently of attnfuse."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -42,3 +45,18 @@ def band(lq: int, lk: int, left: int = -1, right: int = -1, causal: bool = False
     if right >= 0:
         keep &= j <= i + right
     return keep
+
+
+def ref_attention(q, k, v, mask=None, *, scale=None, causal=False, softcap=0.0, kv_groups=1, mask_fill=None):
+    """Textbook attention, written independently of attnfuse (materializes the scores)."""
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k, v = k.repeat_interleave(kv_groups, 1), v.repeat_interleave(kv_groups, 1)
+    s = q @ k.transpose(-2, -1) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = torch.where(mask, s, -math.inf if mask_fill is None else mask_fill) if mask.dtype == torch.bool \
+            else s + mask
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), -math.inf)
+    return torch.softmax(s, -1) @ v

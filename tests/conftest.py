@@ -21,6 +21,43 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+# The tests that run the Triton kernels (files named ``*_interpret.py``, beside the CPU and AOT tests of their
+# module): on the CPU through Triton's interpreter, or on a CUDA GPU.  Triton decides at import time whether
+# ``@triton.jit`` compiles or interprets, so on the CPU they need ``TRITON_INTERPRET=1`` in the environment of the
+# whole pytest process: ``make test`` runs them in their own pytest invocation.  With ``ATTNFUSE_TEST_DEVICE=cuda``
+# (on a GPU machine, without the interpreter) the same tests run compiled: every tensor they create lands on the
+# GPU through ``torch.set_default_device``.  With neither they are skipped.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = os.environ.get("ATTNFUSE_TEST_DEVICE", "cpu")
+ON_GPU = DEVICE == "cuda" and torch.cuda.is_available()
+
+
+def _runs_the_kernels(path: pathlib.Path) -> bool:
+    return path.name.endswith("_interpret.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if INTERPRETING or ON_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 for the whole pytest run (make test does that), "
+                                   "or ATTNFUSE_TEST_DEVICE=cuda on a GPU")
+    for item in items:
+        if _runs_the_kernels(item.path):
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _test_device(request):
+    if not ON_GPU or not _runs_the_kernels(request.path):
+        yield
+        return
+    torch.set_default_device("cuda")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
 def _ensure_backend() -> None:
     """``backend="attnfuse"`` comes from the package's entry point; a checkout used without ``pip install``
     (e.g. only on ``PYTHONPATH``) registers it here so the tests still name it as users do."""

@@ -126,7 +126,9 @@ def test_report_fields_json_round_trip_and_table(tmp_path):
     assert site.kernel == "flash" and site.mask["kind"] == "causal" and site.kv_groups == 1
     assert site.shapes == {"q": [2, 2, 21, 16], "k": [2, 2, 21, 16], "v": [2, 2, 21, 16]}
     assert site.scale == pytest.approx(16 ** -0.5, rel=0, abs=0) and site.dtype == "float32"
-    assert site.config["BLOCK_M"] > 0 and {c["kernel"] for c in site.candidates} >= {"flash", "eager"}
+    # on the CPU the report names the path that runs, not Triton tiles
+    assert site.config == {"path": "sdpa-flash-cpu", "backward": "reference"}
+    assert {c["kernel"] for c in site.candidates} >= {"flash", "eager"}
     loaded = attnfuse.Report.load(path)
     assert loaded == report
     assert json.loads(report.to_json())["sites"][1]["module"] == "h.1.attn"

@@ -178,10 +178,10 @@ def test_window_masks_agree_with_the_definition(bench, seq, window):
 
 
 def test_device_tag(bench):
-    assert bench.device_tag("NVIDIA H100 80GB HBM3") == "h100"
-    assert bench.device_tag("NVIDIA H200") == "h200"
-    assert bench.device_tag("NVIDIA A100-SXM4-80GB") == "a100"
-    assert bench.device_tag("NVIDIA GeForce RTX 4090") == "rtx-4090"
+    assert bench.common.gpu_tag("NVIDIA H100 80GB HBM3") == "h100"
+    assert bench.common.gpu_tag("NVIDIA H200") == "h200"
+    assert bench.common.gpu_tag("NVIDIA A100-SXM4-80GB") == "a100"
+    assert bench.common.gpu_tag("NVIDIA GeForce RTX 4090") == "rtx-4090"
 
 
 def test_plot_writes_png(bench, tmp_path):

@@ -91,7 +91,7 @@ def test_longcontext_quick_run_writes_json_and_png(tmp_path):
 
 
 def test_longcontext_exact_max_seq_marks_skipped_cells(lc, tmp_path, monkeypatch):
-    monkeypatch.setattr(lc._bm, "run_worker", lambda cmd, key, timeout: {**key, "median_s": 1.0, "times_s": [1.0],
+    monkeypatch.setattr(lc.common, "run_worker", lambda cmd, key, timeout: {**key, "median_s": 1.0, "times_s": [1.0],
                                                                          "alloc_peak_mb": 1.0, "rel_err_rows": 0.0,
                                                                          "others_busy_cores": 0.0})
     out = tmp_path / "lc.json"
@@ -122,7 +122,7 @@ def test_longcontext_rows_error_matches_dense_error(lc):
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     noisy = ref + 0.01 * torch.randn_like(ref)
     assert lc.rows_error(ref, q, k, v, 97) < 1e-12
-    assert lc.rows_error(noisy, q, k, v, 97) == pytest.approx(lc.rel_err(noisy, ref), rel=1e-9)
+    assert lc.rows_error(noisy, q, k, v, 97) == pytest.approx(lc.common.rel_err(noisy, ref), rel=1e-9)
     assert 0 < lc.rows_error(noisy, q, k, v, 40) < 0.1
 
 

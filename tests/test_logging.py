@@ -180,7 +180,7 @@ def test_torch_logs_switches_the_logger_on(tmp_path, torch_logs):
     records = [(level, msg) for level, msg in records if level != "V"]
     if torch_logs == "+attnfuse":
         assert plans[0].startswith(f"attnfuse: graph 0: plan for site 0 (<top-level module> at logged.py:"
-                                   f"{_line(SCRIPT, '@ v')}): flash config BLOCK_M=")
+                                   f"{_line(SCRIPT, '@ v')}): flash config path=")
         assert "attnfuse: graph 1: the pass failure's traceback" in plans
         assert "Traceback (most recent call last)" in proc.stderr
     else:

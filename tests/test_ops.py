@@ -11,24 +11,9 @@ import torch
 import attnfuse  # noqa: F401 - registers the op
 from attnfuse import ops
 from attnfuse.kernels import reference
-from tests._util import assert_2x
+from tests._util import assert_2x, ref_attention
 
 op = ops.attend  # torch.ops.attnfuse.attention(...)[0]
-
-
-def ref_attention(q, k, v, mask=None, *, scale=None, causal=False, softcap=0.0, kv_groups=1, mask_fill=None):
-    """Textbook attention, written independently of attnfuse (materializes the scores)."""
-    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    k, v = k.repeat_interleave(kv_groups, 1), v.repeat_interleave(kv_groups, 1)
-    s = q @ k.transpose(-2, -1) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    if mask is not None:
-        s = torch.where(mask, s, -math.inf if mask_fill is None else mask_fill) if mask.dtype == torch.bool \
-            else s + mask
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), -math.inf)
-    return torch.softmax(s, -1) @ v
 
 
 CASES = {

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from _util import assert_2x
 
 import attnfuse
-from attnfuse import ops
-from attnfuse.backend import _module_path, _source, attnfuse_backend
+from attnfuse import _sources, ops
+from attnfuse.backend import attnfuse_backend
 
 EAGER = {"inner": "eager"}
 _OPS = (torch.ops.attnfuse.attention.default, ops.attention_sdpa)
@@ -57,7 +57,7 @@ def _node(path: str | None = None, trace: str | None = None) -> fx.Node:
      "L['self']._modules[list(dict.keys(L['self']._modules))[0]]"),
 ])
 def test_module_path_spellings(recorded, path):
-    assert _module_path(_node(recorded)) == path
+    assert _sources.module_path(_node(recorded)) == path
 
 
 _TRACE = '''  File "/home/u/proj/model.py", line 40, in forward
@@ -71,12 +71,12 @@ _TRACE = '''  File "/home/u/proj/model.py", line 40, in forward
 
 def test_source_skips_library_helpers():
     torch_file = torch.nn.functional.__file__
-    assert _source(_node(trace=_TRACE)) == "modeling_llama.py:258"
+    assert _sources.source(_node(trace=_TRACE)) == "modeling_llama.py:258"
     inner = f'  File "{torch_file}", line 6000, in multi_head_attention_forward\n    x\n'
-    assert _source(_node(trace=_TRACE.split("  File \"/x/")[0] + inner)) == "model.py:40"
+    assert _sources.source(_node(trace=_TRACE.split("  File \"/x/")[0] + inner)) == "model.py:40"
     only = f'  File "{torch_file}", line 6000, in f\n    x\n'
-    assert _source(_node(trace=only)) == "functional.py:6000"  # nothing of the model's: the last frame
-    assert _source(_node(trace="")) == ""
+    assert _sources.source(_node(trace=only)) == "functional.py:6000"  # nothing of the model's: the last frame
+    assert _sources.source(_node(trace="")) == ""
 
 
 # ---------------------------------------------------------------------------------------------- module paths

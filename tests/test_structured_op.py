@@ -14,8 +14,7 @@ import torch
 
 import attnfuse  # noqa: F401 - registers the op
 from attnfuse import ops
-from tests._util import assert_2x, band
-from tests.test_ops import ref_attention
+from tests._util import assert_2x, band, ref_attention
 
 
 def _inputs(key, b=2, h=4, hk=2, lq=37, lk=37, d=16):

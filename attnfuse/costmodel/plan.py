@@ -1,13 +1,16 @@
-"""The cost model: the estimated cost of every kernel candidate for one attention site, and the plan.
+"""The planner: every kernel candidate for one attention site, why each may not run, and the choice.
 
-`plan(shape, spec, kernels, ...)` lists every family -- ``flash`` (exact, dense), ``window`` and
-``blocksparse`` (exact, skipping the tiles a proven mask removes), ``topk`` and ``lsh`` (approximate, opt-in),
-and the unfused ``eager`` graph -- each with an `Estimate` (FLOPs, HBM bytes, exponentials, time) or the reason
-it cannot run the site, and chooses the cheapest one allowed.  The tile-level model is `attnfuse.costmodel.tiles`
-(`tiles.estimate`): its tiles are enumerated from the spec's shared memory (`tiles.keep`)
-and its time is a roofline (max of matmul, exponential and memory time, IO-aware K/V re-reads), stretched by
-wave quantization over the SMs, plus the launch overhead.  The approximate families add their own selection
-work (top-k's indexer, LSH's hashing, sorting and gathers) to the exact work over what they keep.
+`plan(shape, spec, kernels, ...)` lists every family of the registry (`attnfuse.families`) -- ``flash`` (exact,
+dense), ``window`` and ``blocksparse`` (exact, skipping the tiles a proven mask removes), ``topk`` and ``lsh``
+(approximate, opt-in), and the unfused ``eager`` graph -- each with an `Estimate` (FLOPs, HBM bytes,
+exponentials, time; `attnfuse.costmodel.estimates`) or the reason it cannot run the site, and chooses the
+cheapest one allowed.  The tile-level model under the estimates is `attnfuse.costmodel.tiles`.
+
+The policy: attnfuse fuses whenever an allowed kernel applies, so ``eager`` runs only when none does -- even
+where it is estimated faster (a tiny site on a slow launch).  Every row's ``rejected`` reason is true of its own
+numbers: a kernel that lost says by how much, and ``eager``'s reason states the rule, its estimate against the
+chosen kernel's (faster or not) and the size of the score matrix it would materialize; when nothing is
+allowed, ``eager`` is what runs and its row has no reason.
 
 When the site's sequence lengths are dynamic, the plan is a table keyed by key-length ranges (`Plan.table`);
 the op consults it on every call (`attnfuse.ops`), so a new length never recompiles.
@@ -23,18 +26,15 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
+from .._sizes import size_text
 from ..device import PRESETS, DeviceSpec
-from . import tiles
-from .tiles import Estimate
+from ..families import APPROXIMATE, EXACT, FAMILIES
+from .estimates import scores_bytes, visible_keys
+from .tiles import Estimate, NoTileFits
 
-__all__ = ["PRESETS", "DeviceSpec", "Estimate", "Plan", "estimate_family", "plan", "visible_keys"]
+__all__ = ["APPROXIMATE", "EXACT", "PRESETS", "DeviceSpec", "Estimate", "Plan", "estimate_family", "plan",
+           "visible_keys"]
 
-EXACT = ("flash", "window", "blocksparse")
-APPROXIMATE = ("topk", "lsh")
-TOPK_DEFAULTS = {"topk": 2048, "block": 64, "sink": 64, "local": 256}
-LSH_DEFAULTS = {"n_hashes": 4, "bucket_size": 64, "seed": 0}
 # key-length ranges of a dynamic plan's table: [lo, hi), each planned at its geometric middle
 _RANGES = (0, 256, 1024, 4096, 16384, 65536)
 _LAST_REP = 131072
@@ -46,7 +46,7 @@ class Plan:
     the ``table`` of (key-length range -> kernel) rows the op consults per call."""
 
     kernel: str
-    config: dict[str, int]
+    config: dict[str, Any]
     candidates: list[dict[str, Any]]
     table: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
@@ -61,112 +61,21 @@ class Plan:
         return json.dumps({"table": table, "params": dict(params or {})}, sort_keys=True)
 
 
-def visible_keys(q_len: int, kv_len: int, left: int, right: int, causal: bool) -> float:
-    """The mean number of keys a query row sees under a band (``-1`` = unbounded side), top-left aligned."""
-    if q_len <= 0:
-        return 0.0
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
-    i = torch.arange(q_len, dtype=torch.float64)
-    lo = torch.zeros_like(i) if left < 0 else (i - left).clamp(min=0)
-    hi = torch.full_like(i, kv_len - 1) if right < 0 else (i + right).clamp(max=kv_len - 1)
-    return float((hi - lo + 1).clamp(min=0).mean())
-
-
-def _dims(shape: Mapping[str, Any]) -> tuple[int, int, int, int, int, int, int, int]:
-    return (shape["batch"], shape["heads"], shape["kv_heads"], shape["q_len"], shape["kv_len"], shape["head_dim"],
-            shape["v_head_dim"], shape["elem"])
-
-
-def _flash(shape: Mapping[str, Any], spec: DeviceSpec, window: tuple[int, int] = (-1, -1), causal: bool = False):
-    """(tile config, Estimate) of the flash launch the launcher would make (its `pick`); a causal launch
-    visits the tiles on and below the diagonal."""
-    b, h, hk, lq, lk, d, dv, elem = _dims(shape)
-    groups = h // hk
-    visits = tiles.band(window, causal)
-    cfg = tiles.pick("fwd", lq * groups, lk, b * hk, d, dv, elem, spec, 0, groups, visits)
-    est = tiles.estimate(cfg, "fwd", lq * groups, lk, b * hk, d, dv, elem, spec, groups=groups, window=visits)
-    config = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "num_warps": cfg.num_warps,
-              "num_stages": cfg.num_stages}
-    return config, est
-
-
-def _once(shape: Mapping[str, Any]) -> float:
-    """Bytes of q, k, v and the output, each moved once."""
-    b, h, hk, lq, lk, d, dv, elem = _dims(shape)
-    return float(b * (h * lq + hk * lk) * (d + dv) * elem)
-
-
-def _eager(shape: Mapping[str, Any], spec: DeviceSpec) -> Estimate:
-    """The unfused graph: it writes and reads the score matrix several times (matmul out, scale, mask,
-    softmax in/out, second matmul in)."""
-    b, h, hk, lq, lk, d, dv, elem = _dims(shape)
-    scores = b * h * lq * lk
-    io = (b * h * lq * (d + dv) + b * hk * lk * (d + dv)) * elem
-    return tiles.roofline(2.0 * scores * (d + dv), io + 6 * scores * 4.0, scores, 5, spec, tiles.dtype_name(elem))
-
-
-def _topk(shape: Mapping[str, Any], spec: DeviceSpec, causal: bool, params: Mapping[str, Any]) -> Estimate:
-    """Indexer (per-block channel min/max of K; two matmuls of the queries against them) + selection + exact
-    attention over the kept key blocks (the flash kernel's block-sparse mode)."""
-    b, h, hk, lq, lk, d, dv, elem = _dims(shape)
-    p = {**TOPK_DEFAULTS, **params}
-    block = p["block"]
-    n_blocks = math.ceil(lk / block)
-    visible = max(1.0, visible_keys(lq, lk, -1, -1, causal) / block)
-    kept = min(visible, math.ceil(p["topk"] / block) + math.ceil(p["sink"] / block)
-               + math.ceil((p["local"] + block) / block))
-    _, dense = _flash(shape, spec, causal=causal)  # the kept blocks are a fraction of the visible ones
-    attend = dense.scaled(kept / visible, _once(shape), tiles.host_s(spec) + spec.launch_s)
-    index = tiles.roofline(4.0 * b * h * lq * n_blocks * d, (b * h * lq * d + 2 * b * hk * n_blocks * d) * elem
-                      + b * hk * math.ceil(lq / block) * n_blocks * 4.0, 0.0, 6, spec, tiles.dtype_name(elem))
-    return index + attend
-
-
-def _lsh(shape: Mapping[str, Any], spec: DeviceSpec, causal: bool, params: Mapping[str, Any]) -> Estimate:
-    """Hashing (one matmul per round), sorting and gathering every round's copies, chunk attention over two
-    chunks per query, and the log-sum-exp merge of the rounds."""
-    b, h, hk, lq, lk, d, dv, elem = _dims(shape)
-    p = {**LSH_DEFAULTS, **params}
-    rounds, chunk = p["n_hashes"], p["bucket_size"]
-    buckets = max(2, 2 * round(lk / (2 * chunk)))
-    tokens = b * (h * lq + h * lk)  # GQA gathers each query head's keys
-    hashing = 2.0 * tokens * (d + 1) * buckets / 2 * rounds
-    keys = min(lk, 2 * chunk) * (0.5 if causal else 1.0)
-    attend = 2.0 * rounds * b * h * lq * keys * (d + dv)
-    sort_bytes = rounds * tokens * (math.log2(max(2, lk)) * 8.0 + 2 * (d + dv) * elem)
-    merge_bytes = rounds * b * h * lq * (dv + 1) * 4.0 * 2
-    est = tiles.roofline(hashing + attend, sort_bytes + merge_bytes, rounds * b * h * lq * keys, 12 * rounds, spec,
-                    tiles.dtype_name(elem))
-    return est + Estimate(0.0, 0.0, 0.0, tiles.host_s(spec))  # plus its Triton launch's host time
-
-
 def estimate_family(family: str, shape: Mapping[str, Any], spec: DeviceSpec, *,
                     structure: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None,
                     causal: bool = False) -> tuple[dict[str, int], Estimate]:
-    """(tile config, Estimate) of ``family`` running ``shape`` on ``spec``.  ``structure``: the proven
-    ``window`` and ``block_sparse`` ``density``; ``params``: the approximate family's settings."""
-    structure = structure or {}
-    if family == "flash":
-        return _flash(shape, spec, causal=causal)
-    if family == "window":
-        return _flash(shape, spec, tiles.band(structure["window"], causal))
-    if family == "blocksparse":
-        config, dense = _flash(shape, spec, causal=causal)
-        return config, dense.scaled(structure.get("density", 1.0), _once(shape),
-                                    tiles.host_s(spec) + spec.launch_s)
-    if family == "topk":
-        return {}, _topk(shape, spec, causal, params or {})
-    if family == "lsh":
-        return {}, _lsh(shape, spec, causal, params or {})
-    if family == "eager":
-        return {}, _eager(shape, spec)
-    raise ValueError(f"attnfuse costmodel: unknown kernel family {family!r}; allowed: "
-                     f"{', '.join((*EXACT, *APPROXIMATE, 'eager'))}")
+    """(tile config, Estimate) of ``family`` running ``shape`` on ``spec`` (the registry's estimate,
+    `attnfuse.costmodel.estimates`).  ``structure``: the proven ``window`` and ``block_sparse`` ``density``;
+    ``params``: the approximate family's settings (its registry defaults fill the rest)."""
+    record = FAMILIES.get(family)
+    if record is None:
+        raise ValueError(f"attnfuse costmodel: unknown kernel family {family!r}; allowed: {', '.join(FAMILIES)}")
+    return record.estimate(shape, spec, structure=structure or {}, params={**record.defaults, **(params or {})},
+                           causal=causal)
 
 
 def _candidate(family: str, est: Estimate | None, rejected: str | None, **extra: Any) -> dict[str, Any]:
-    row = {"kernel": family, "exact": family not in APPROXIMATE, "est_time_s": est.time_s if est else None,
+    row = {"kernel": family, "exact": FAMILIES[family].exact, "est_time_s": est.time_s if est else None,
            "hbm_bytes": est.hbm_bytes if est else None, "flops": est.flops if est else None,
            "exp_ops": est.exp_ops if est else None, "rejected": rejected}
     row.update(extra)
@@ -195,6 +104,9 @@ def _why(family: str, kernels: Sequence[str], band: bool, sparse: bool, approx: 
     return None
 
 
+_UNFUSED = "the unfused graph runs only where no allowed kernel applies"  # eager's reason until `_choose`
+
+
 def _candidates(shape, spec, kernels, structure, approx):
     """Every family's candidate row for one shape (``rejected`` None: allowed), and the tile configs."""
     structure = structure or {}
@@ -205,13 +117,9 @@ def _candidates(shape, spec, kernels, structure, approx):
         raise ValueError("attnfuse costmodel: structure['window_pad'] needs the band it pads, structure['window'] "
                          "= (left, right)")
     rows, configs = [], {}
-    for family in (*EXACT, *APPROXIMATE, "eager"):
+    for family in FAMILIES:
         extra: dict[str, Any] = {}
-        if family == "eager":
-            mib = shape["batch"] * shape["heads"] * shape["q_len"] * shape["kv_len"] * 4 / 2**20
-            why = f"materializes {mib:.1f} MiB of scores"
-        else:
-            why = _why(family, kernels, band, sparse, approx, padded)
+        why = _UNFUSED if family == "eager" else _why(family, kernels, band, sparse, approx, padded)
         if (family == "window" and not band) or (family == "blocksparse" and not sparse):
             rows.append(_candidate(family, None, why))
             continue
@@ -220,24 +128,46 @@ def _candidates(shape, spec, kernels, structure, approx):
                                                        causal), 1)
         if family == "blocksparse":
             extra["density"] = structure.get("density", 1.0)
+        if family == "eager":
+            extra["scores_bytes"] = scores_bytes(shape)
         if family in APPROXIMATE and approx is not None and family in approx.get("errors", {}):
             extra["error"] = approx["errors"][family]
         params = (approx or {}).get("params", {}).get(family, {})
-        configs[family], est = estimate_family(family, shape, spec, structure=structure, params=params,
-                                               causal=causal)
+        try:
+            configs[family], est = estimate_family(family, shape, spec, structure=structure, params=params,
+                                                   causal=causal)
+        except NoTileFits as exc:  # the site's head dims (forward or backward) need more shared memory
+            rows.append(_candidate(family, None, why or str(exc).removeprefix("attnfuse flash: "), **extra))
+            continue
         rows.append(_candidate(family, est, why, **extra))
     return rows, configs
 
 
+def _eager_reason(eager: dict[str, Any], best: dict[str, Any]) -> str:
+    """Why the unfused graph does not run although ``best`` (the chosen kernel) does: the policy, and what the
+    two estimates say -- the unfused graph may well be estimated faster."""
+    ratio = eager["est_time_s"] / best["est_time_s"]
+    size = size_text(eager["scores_bytes"])
+    if ratio < 1:
+        return (f"attnfuse fuses whenever an allowed kernel applies, although the unfused graph is estimated faster "
+                f"here ({ratio:.3g}x the time of '{best['kernel']}'; it materializes {size} of scores)")
+    return (f"attnfuse fuses whenever an allowed kernel applies; the unfused graph is estimated {ratio:.3g}x the "
+            f"time of '{best['kernel']}' (it materializes {size} of scores)")
+
+
 def _choose(rows: list[dict[str, Any]]) -> str:
-    """The allowed candidate with the lowest estimate ("eager" if none); the others get the ratio as reason."""
+    """The allowed candidate with the lowest estimate ("eager" if none); the other allowed ones get the ratio as
+    reason, and ``eager`` gets `_eager_reason` (or none, when it is what runs)."""
     allowed = [r for r in rows if r["rejected"] is None]
+    eager = next(r for r in rows if r["kernel"] == "eager")
     if not allowed:
+        eager["rejected"] = None
         return "eager"
     best = min(allowed, key=lambda r: r["est_time_s"])
     for r in allowed:
         if r is not best:
             r["rejected"] = f"estimated {r['est_time_s'] / best['est_time_s']:.2f}x the time of '{best['kernel']}'"
+    eager["rejected"] = _eager_reason(eager, best)
     return best["kernel"]
 
 
@@ -276,9 +206,10 @@ def _table(shape, device, kernels, structure, approx) -> list[dict[str, Any]]:
         rows, configs = _candidates(sized, device, kernels, structure, approx)
         kernel = _choose(rows)
         est = next((r["est_time_s"] for r in rows if r["kernel"] == kernel), None)
-        if table and table[-1]["kernel"] == kernel:
+        config = configs.get(kernel, {})
+        if table and table[-1]["kernel"] == kernel and table[-1]["config"] == config:  # the same launch: one row
             table[-1]["kv_len"][1] = hi
             continue
-        table.append({"kv_len": [lo, hi], "kernel": kernel, "config": configs.get(kernel, {}),
+        table.append({"kv_len": [lo, hi], "kernel": kernel, "config": config,
                       "planned_at": rep, "est_time_s": est})
     return table

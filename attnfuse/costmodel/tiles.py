@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 
 from ..device import DeviceSpec
 
 UNBOUNDED = 2**30  # a band side with no bound, as the kernels take it
 _DTYPE_NAMES = {2: "float16", 4: "float32", 8: "float64"}
+
+
+class NoTileFits(ValueError):
+    """No config of `CONFIGS` fits the device's shared memory for these head dims (the planner rejects the
+    candidate with this message; a standalone launch raises it)."""
 
 
 def cdiv(a: int, b: int) -> int:
@@ -93,8 +99,8 @@ def pow2(n: int) -> int:
 
 def smem_bytes(cfg: TileConfig, kind: str, head_dim: int, head_dim_v: int, elem: int, mask_elem: int = 0) -> int:
     """Shared memory a config needs: an upper bound, for sm_80 and sm_90 and every feature combination, that
-    tests/kernels/test_flash_aot.py checks against what Triton allocates.  ``mask_elem``: the mask's element
-    size (0: no mask); its tiles are pipelined like the loads that feed the dots."""
+    tests/kernels/flash/test_flash_aot_{fwd,bwd}.py check against what Triton allocates.  ``mask_elem``: the
+    mask's element size (0: no mask); its tiles are pipelined like the loads that feed the dots."""
     d, dv = pow2(head_dim), pow2(head_dim_v)
     bm, bn, stages = cfg.block_m, cfg.block_n, max(2, cfg.num_stages)
     mask = (stages - 1) * bm * bn * mask_elem
@@ -221,10 +227,61 @@ def pick(kind: str, rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_
     element size (0: no mask); ``groups`` (rows = q_len * groups) and ``window`` matter for sliding windows."""
     kept = kept_configs(kind, head_dim, head_dim_v, elem, spec, mask_elem)
     if not kept:
-        raise ValueError(f"attnfuse flash: no tile config fits head_dim={head_dim} in {spec.name}'s "
+        raise NoTileFits(f"attnfuse flash: no tile config fits head_dim={head_dim} in {spec.name}'s "
                          f"{spec.smem_per_block} bytes of shared memory per block")
     return min(kept, key=lambda c: estimate_s(c, kind, rows, kv_len, bh_kv, head_dim, head_dim_v, elem, spec,
                                               mask_elem=mask_elem, groups=groups, window=window))
+
+
+_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+
+def launch_configs(rows: int, kv_len: int, bh_kv: int, head_dim: int, head_dim_v: int, elem: int, spec: DeviceSpec,
+                   mask_elem: int = 0, groups: int = 1, window: tuple[int, int] = (-1, -1)
+                   ) -> tuple[TileConfig, TileConfig]:
+    """The (forward, backward) tiles of one site: `pick` with everything the launch depends on -- packed rows
+    (q_len * groups), keys, batch * kv heads, head dims, element size, the device, the mask's element size (its
+    tiles take shared memory) and the band the launch visits (`band`).  The plan records them and the op carries
+    them (`encode`), so the launcher runs exactly these."""
+    return (pick("fwd", rows, kv_len, bh_kv, head_dim, head_dim_v, elem, spec, mask_elem, groups, window),
+            pick("bwd", rows, kv_len, bh_kv, head_dim, head_dim_v, elem, spec, mask_elem, groups, window))
+
+
+def config_dict(fwd: TileConfig, bwd: TileConfig) -> dict[str, int]:
+    """The report's ``config`` for a (forward, backward) pair: ``BLOCK_M``... and ``bwd_BLOCK_M``..."""
+    values = (fwd.block_m, fwd.block_n, fwd.num_warps, fwd.num_stages, bwd.block_m, bwd.block_n, bwd.num_warps,
+              bwd.num_stages)
+    return dict(zip((*_KEYS, *(f"bwd_{k}" for k in _KEYS)), values))
+
+
+def encode(rows: list[tuple[int, int | None, dict[str, int]]]) -> str:
+    """The op's ``tiles`` argument: JSON ``[[lo, hi, [fwd m, n, warps, stages], [bwd ...]], ...]`` over key-length
+    ranges [lo, hi) (hi -1: unbounded), from (lo, hi, `config_dict`) rows; "" when there is none."""
+    out = [[lo, -1 if hi is None else hi, [c[k] for k in _KEYS], [c[f"bwd_{k}"] for k in _KEYS]]
+           for lo, hi, c in rows if c and "BLOCK_M" in c]
+    return json.dumps(out) if out else ""
+
+
+@functools.lru_cache(maxsize=256)
+def _decoded(tiles: str) -> tuple[tuple[int, int, TileConfig, TileConfig], ...]:
+    return tuple((int(lo), int(hi), TileConfig(*fwd), TileConfig(*bwd)) for lo, hi, fwd, bwd in json.loads(tiles))
+
+
+def varies(tiles: str) -> bool:
+    """Whether the op's ``tiles`` argument names different tiles for different key lengths (a dynamic table):
+    a traced graph then keeps the op whole, so each call runs its own row's tile (`attnfuse.ops`)."""
+    return bool(tiles) and len({(fwd, bwd) for _, _, fwd, bwd in _decoded(tiles)}) > 1
+
+
+def decode(tiles: str, kv_len: int, kind: str) -> TileConfig | None:
+    """The ``kind`` ("fwd" | "bwd") tile the op's ``tiles`` argument names for ``kv_len``, or None (no argument,
+    or a length outside its rows: the launcher then picks, as a standalone call does)."""
+    if not tiles:
+        return None
+    for lo, hi, fwd, bwd in _decoded(tiles):
+        if kv_len >= lo and (hi < 0 or kv_len < hi):
+            return fwd if kind == "fwd" else bwd
+    return None
 
 
 # Shapes `reachable_configs` tries: packed query rows (decode included), key lengths, batch * kv heads.

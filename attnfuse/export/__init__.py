@@ -35,7 +35,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 
-from ..backend import _publish, transform
+from .._publish import publish
+from ..backend import transform
 from ..config import Config
 from ..report import Report
 from . import _dims, _lower
@@ -147,7 +148,7 @@ def rewrite(ep: ExportedProgram, options: Any = None) -> ExportedProgram:
     config = Config.from_options(options)
     with _quiet():
         ep, report = _rewrite(ep, config)
-    _publish(report, config)
+    publish(report, config)
     return ep
 
 
@@ -166,12 +167,12 @@ def export(model: Any, args: Any, path: str | pathlib.Path, format: str = "pt2",
     program keeps the dynamic dims and their ranges in every format; the report's notes say which dims
     are dynamic.  On a terminal, a long export shows a progress bar on stderr.
     """
-    return _export(model, args, path, format, options, dynamic_shapes=dynamic_shapes, mlir_output=mlir_output,
-                   progress=sys.stderr)
+    return export_with_progress(model, args, path, format, options, dynamic_shapes=dynamic_shapes,
+                                mlir_output=mlir_output, progress=sys.stderr)
 
 
-def _export(model: Any, args: Any, path: str | pathlib.Path, format: str, options: Any, *, dynamic_shapes: Any,
-            mlir_output: str, progress: TextIO | None) -> pathlib.Path:
+def export_with_progress(model: Any, args: Any, path: str | pathlib.Path, format: str, options: Any, *,
+                         dynamic_shapes: Any, mlir_output: str, progress: TextIO | None) -> pathlib.Path:
     """`export`, its progress bar on ``progress`` (the CLI passes its terminal while it holds stderr back)."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: allowed values are {', '.join(map(repr, FORMATS))}")
@@ -214,5 +215,5 @@ def _export(model: Any, args: Any, path: str | pathlib.Path, format: str, option
     finally:
         bar.close()
     report.notes.append(f"exported as {format}, {_dims.describe(ep, labels)}")
-    _publish(report, config)
+    publish(report, config)
     return path

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..costmodel.plan import APPROXIMATE
+from ..families import EXPORT_ORIGINAL
+from ..kernels.cpu import no_stats
 
 _STRUCTURE = ("window_left", "window_right", "block_sparse", "mask_fill")
 
@@ -42,7 +43,7 @@ def unsupported(fmt: str, m: Any, site: Any) -> str | None:
         return (f"{target} has no attention sinks: the per-head sink adds one key of its own score and value 0 to "
                 f"every row's softmax, which no mask over the real keys expresses; the site is exported as its "
                 f"original ops")
-    families = {site.kernel, *(row["kernel"] for row in site.table)} & set(APPROXIMATE)
+    families = {site.kernel, *(row["kernel"] for row in site.table)} & set(EXPORT_ORIGINAL)
     if families:
         return (f"{target} has no {'/'.join(sorted(families))} attention; the site is exported as its original "
                 "(exact) ops")
@@ -124,7 +125,7 @@ def plain_attention_sdpa(q, k, v, mask=None, seed=None, alibi=None, **kwargs):
 
 PLAIN = {torch.ops.attnfuse.attention.default: plain_attention, ops.attention_sdpa: plain_attention_sdpa}
 _PLAIN_DEFAULTS = {"window_left": -1, "window_right": -1, "block_sparse": False, "dropout_p": 0.0, "approx": "",
-                   "window_pad": False}
+                   "window_pad": False}  # not ``tiles``: which Triton tile runs changes no value
 
 
 def for_onnx(gm: torch.fx.GraphModule, example_inputs: list) -> None:
@@ -161,7 +162,7 @@ def for_onnx(gm: torch.fx.GraphModule, example_inputs: list) -> None:
 
 def sdpa_decomposition(q, k, v, mask=None, seed=None, alibi=None, sinks=None, *, scale=None, causal=False,
                        softcap=0.0, kv_groups=1, dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1,
-                       block_sparse=False, window_pad=False, approx=""):
+                       block_sparse=False, window_pad=False, approx="", tiles=""):
     """`attnfuse::attention` as ``aten.scaled_dot_product_attention`` (sites without softcap/dropout/sinks)."""
     _no_window_pad(window_pad)
     if sinks is not None:  # `unsupported` keeps such sites as their original ops: reaching here is a bug
@@ -176,7 +177,7 @@ def sdpa_decomposition(q, k, v, mask=None, seed=None, alibi=None, sinks=None, *,
     if kv_groups > 1:  # one K/V head per query head: the form every SDPA lowering takes
         k, v = k.repeat_interleave(kv_groups, 1), v.repeat_interleave(kv_groups, 1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
-    return out, ops._no_stats(q)
+    return out, no_stats(q)
 
 
 # --- key padding as per-batch lengths (ONNX opset 24's nonpad_kv_seqlen) -----------------------------------

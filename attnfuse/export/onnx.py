@@ -64,7 +64,7 @@ def _translation() -> dict[Any, Any]:
 
     def attention(q, k, v, mask=None, seed=None, alibi=None, sinks=None, *, scale=None, causal=False, softcap=0.0,
                   kv_groups=1, dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1,
-                  block_sparse=False, window_pad=False, approx=""):
+                  block_sparse=False, window_pad=False, approx="", tiles=""):
         if alibi is not None or window_left >= 0 or window_right >= 0 or dropout_p or window_pad or sinks is not None:
             raise ValueError("attnfuse: a structured or dropout op reached the ONNX translation")
         head_dim = _static(q.shape[-1])

@@ -1,1 +1,2 @@
-"""Attention kernels: one module per family (see DESIGN.md, 'Kernel files')."""
+"""Attention kernels: one module or package per family (`flash`, `window`, `blocksparse`, `topk`, `lsh`, `tiled`),
+the op's CPU implementation (`cpu`), the shared launch helpers (`_launch`) and q/k/v checks (`validate`)."""

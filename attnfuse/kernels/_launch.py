@@ -3,14 +3,13 @@ small conversions from tensors to kernel arguments.  Kernel modules import these
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
 from .. import _sizes as sizes
 from ..costmodel.tiles import pow2
-from ..device import spec_for
+from ..device import spec_for, triton_unsupported
+from ..device import triton_interprets as interpreting
 
 __all__ = ["LOG2E", "hint", "interpreting", "launch", "mask_elem", "pow2", "precision", "spec_for", "supported",
            "tracing"]
@@ -18,20 +17,9 @@ __all__ = ["LOG2E", "hint", "interpreting", "launch", "mask_elem", "pow2", "prec
 LOG2E = 1.4426950408889634  # the kernels run softmax in base 2: exp(x) = exp2(x * LOG2E)
 
 
-def interpreting() -> bool:
-    """Whether Triton runs kernels on the CPU (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """None when these tensors can run the Triton kernel here, else why not (one sentence)."""
-    if not (q.is_cuda or (q.device.type == "cpu" and interpreting())):
-        return f"the Triton kernel runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), not {q.device.type}"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"the Triton kernel takes float16, bfloat16 or float32, not {q.dtype}"
-    if max(q.shape[-1], v.shape[-1]) > 256:
-        return f"the Triton kernel takes head dims up to 256, not {max(q.shape[-1], v.shape[-1])}"
-    return None
+    """None when these tensors can run the Triton kernel here, else why not (`attnfuse.device.triton_unsupported`)."""
+    return triton_unsupported(q.device.type, q.dtype, max(q.shape[-1], v.shape[-1]))
 
 
 def hint(n) -> int:

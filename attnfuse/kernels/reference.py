@@ -90,7 +90,8 @@ def phantom_keys(rows: torch.Tensor, length: int, left: int, right: int) -> torc
     return (left - rows).clamp(min=0) + (rows + right + 1 - length).clamp(min=0)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the scores and softmax run in for inputs of ``dtype``: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -145,7 +146,7 @@ def _softmax(s: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
 def forward(q, k, v, mask=None, seed=0, *, scale, causal=False, softcap=0.0, kv_groups=1,
             dropout_p=0.0, mask_fill=float("-inf"), sinks=None):
     """Blocked attention forward; see the module docstring for the semantics."""
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     sink = None if sinks is None else sink_table(sinks, q.shape[0], q.shape[1], ct)
     qf, kf, vf = q.to(ct), _expand_kv(k, kv_groups).to(ct), _expand_kv(v, kv_groups).to(ct)
     # (B, H, Lq, Dv) laid out as (B, Lq, H, Dv): the layout every attnfuse kernel writes
@@ -175,7 +176,7 @@ def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softc
              dropout_p=0.0, mask_fill=float("-inf"), mask_grad=False, sinks=None):
     """Gradients (dq, dk, dv, dmask or None[, dsinks]) of `forward`, recomputing scores per block; ``dsinks``
     (``sinks``' shape and dtype) is returned only when ``sinks`` is given."""
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     sink = None if sinks is None else sink_table(sinks, q.shape[0], q.shape[1], ct)
     dsink = None if sinks is None else torch.zeros(q.shape[0], q.shape[1], dtype=ct, device=q.device)
     qf, kf, vf = q.to(ct), _expand_kv(k, kv_groups).to(ct), _expand_kv(v, kv_groups).to(ct)

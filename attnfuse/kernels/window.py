@@ -3,8 +3,8 @@
 Key j is visible from query i iff ``(left < 0 or j >= i - left) and (right < 0 or j <= i + right)``, top-left
 aligned (i and j count from 0 whatever the lengths); ``causal`` folds in as right = 0.  A forward (and dQ)
 program visits only the key tiles its rows' band touches -- a masked stage on the left edge, whole tiles
-unmasked in the middle, a masked stage on the right edge (`flash._band_keys`) -- and a dK/dV program only the
-query tiles whose band touches its keys (`flash._band_rows`), so both cost O(q_len * (left + right)) instead
+unmasked in the middle, a masked stage on the right edge (`flash._jit.band_keys`) -- and a dK/dV program only the
+query tiles whose band touches its keys (`flash._jit.band_rows`), so both cost O(q_len * (left + right)) instead
 of O(q_len * kv_len); `tiles_visited` counts the tiles for a cost model.  ALiBi, a dense mask or bias,
 softcap, dropout and GQA combine with the band as in `flash`; decode-size query sides split a two-sided
 band's keys over extra programs (flash-decoding).

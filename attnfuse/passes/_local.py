@@ -1,16 +1,9 @@
-"""Local attention written by hand with ``unfold``: read it as a band over the sequence.
+"""Bucketed local attention: query blocks against the keys of neighbouring blocks, gathered by
+reshape/pad/unfold and masked by position, read as a band over the sequence (`bucket_window`).
 
-The textbook spelling pads K and V with zero rows on the sequence axis and takes one window per query::
-
-    kw = F.pad(k, (0, 0, wl, wr)).unfold(2, wl + wr + 1, 1)        # (B, H, L, D, W): rows i .. i + W - 1
-    s = q.unsqueeze(3) @ kw.transpose(-2, -1) * scale               # (B, H, L, 1, W)
-    out = s.softmax(-1) @ F.pad(v, ...).unfold(2, W, 1).transpose(-2, -1)   # (B, H, L, 1, Dv)
-
-The matcher reads that as attention with three batch axes and one query per row.  It is exactly the band
-``[i - wl, i + wr]`` of the un-padded sequence, plus, for the rows near the edges, the padded rows: real keys
-whose score is 0 (``q · 0``, after any scale or softcap) and whose value is 0.  The op reproduces them
-with ``window_pad=True`` (their count per row enters the softmax's denominator), so the site runs the window
-kernel on the original (B, H, L, D) tensors, O(L·W), and the output gets its size-1 query axis back.
+The backend calls it on each match after `match.match`: the proof evaluates the position masks
+(`_maskvalue.constant_value`), so it sits beside the mask analysis, not in the matcher.  The other
+hand-written local attention, one window per query by ``unfold``, is read by the matcher (`_unfold`).
 """
 
 from __future__ import annotations
@@ -20,61 +13,10 @@ import math
 
 import torch.fx as fx
 
-from .canonicalize import arg, canon, name, scalar, val
-
-
-def _unfold(node: fx.Node) -> tuple[fx.Node, int, int, int] | None:
-    """(the un-padded tensor, left pad, right pad, window) when ``node`` is ``F.pad(x, (0, 0, l, r)).unfold(2,
-    l + r + 1, 1)`` of a 4-D ``x`` padded with zeros, else None."""
-    if name(node) != "unfold" or len(node.args) < 4:
-        return None
-    padded, dim, size, step = node.args[:4]
-    if not isinstance(padded, fx.Node) or name(padded) != "pad" or step != 1 or not isinstance(size, int):
-        return None
-    x, pads = arg(padded, 0, "input"), arg(padded, 1, "pad")
-    mode, value = arg(padded, 2, "mode", "constant"), arg(padded, 3, "value", None)
-    if not isinstance(x, fx.Node) or val(x).dim() != 4 or dim not in (2, -2) or mode != "constant":
-        return None
-    if value is not None and scalar(value) != 0.0:
-        return None  # padded with another value: those keys have other scores than 0
-    pads = tuple(pads) if isinstance(pads, (list, tuple)) else ()
-    if len(pads) != 4 or pads[:2] != (0, 0) or not all(isinstance(p, int) and p >= 0 for p in pads[2:]):
-        return None
-    left, right = pads[2], pads[3]
-    return (x, left, right, size) if size == left + right + 1 else None
-
-
-def unfold_window(m):
-    """``m`` read as a band over the sequence (see the module docstring), or None when it is not the unfold
-    spelling (then ``m`` stands as it is)."""
-    from .match import Operand, _peel, _shape
-
-    qs = _shape(m.q)
-    if m.form != "graph" or len(qs) != 5 or qs[-2] != 1 or m.masks or m.kv_groups != 1 or m.kv_expand:
-        return None
-    uq = canon(m.q.node)
-    if m.q.perm is not None or uq.kind != "unsqueeze" or uq.args[1] not in (3, -2):
-        return None
-    kv = []
-    for op in (m.k, m.v):
-        if op.perm != (0, 1, 2, 4, 3):
-            return None
-        found = _unfold(op.node)
-        if found is None:
-            return None
-        kv.append(found)
-    (k, kl, kr, kw), (v, vl, vr, vw) = kv
-    if (kl, kr) != (vl, vr) or val(k).shape[:3] != val(v).shape[:3]:
-        return None
-    qbase, qperm, _, _ = _peel(uq.args[0], scales=False)
-    q = Operand(qbase, None if qperm == tuple(range(4)) else qperm)
-    if list(_shape(q)[:3]) != list(val(k).shape[:3]):
-        return None  # K/V heads or lengths differ from q's: not one query per window
-    return dataclasses.replace(m, q=q, k=Operand(k), v=Operand(v), window_left=kl, window_right=kr,
-                               window_pad=True, pattern=m.pattern.replace("matmul", "unfold·matmul", 1))
-
-
-# ---- bucketed look-back: query blocks against the keys of neighbouring blocks, masked by position --------------
+from .._sizes import hint
+from . import _maskvalue
+from ._graph import name, val
+from ._records import Operand, absorbs, operand_shape
 
 _GATHERS = frozenset(("view", "reshape", "_unsafe_view", "pad", "unfold", "movedim", "moveaxis", "flatten", "unflatten",
                       "permute", "transpose", "contiguous", "clone", "unsqueeze", "squeeze"))
@@ -113,7 +55,7 @@ def _positions(gm, seq: fx.Node, out: fx.Node, probe):
         if a in env:
             return env[a]
         if isinstance(v, torch.SymInt):
-            return int(v.node.hint)
+            return hint(v)
         raise LookupError(a)
 
     try:
@@ -141,14 +83,10 @@ def bucket_window(gm, m, example_inputs):
     once each."""
     import torch
 
-    from . import _maskvalue
-    from .match import Operand, _shape
-    from .rewrite import _absorbs
-
     if m.form != "graph" or m.kv_groups != 1 or m.kv_expand or not m.masks or m.q.perm:
         return None
-    qs = _shape(m.q)
-    if any(isinstance(s, torch.SymInt) for o in (m.q, m.k, m.v) for s in _shape(o)) or len(qs) < 3:
+    qs = operand_shape(m.q)
+    if any(isinstance(s, torch.SymInt) for o in (m.q, m.k, m.v) for s in operand_shape(o)) or len(qs) < 3:
         return None
     qseq = m.q.node
     while name(qseq) in ("view", "reshape", "_unsafe_view", "unsqueeze") and \
@@ -157,7 +95,7 @@ def bucket_window(gm, m, example_inputs):
     shape = list(val(qseq).shape)
     if qseq is m.q.node or len(shape) < 2 or math.prod(shape) > _MAX_CELLS:
         return None
-    kseq, vseq = _source(m.k.node, shape), _source(m.v.node, shape[:-1] + [_shape(m.v)[-1]])
+    kseq, vseq = _source(m.k.node, shape), _source(m.v.node, shape[:-1] + [operand_shape(m.v)[-1]])
     if kseq is None or vseq is None:
         return None
     length, rows = shape[-2], math.prod(shape[:-1])
@@ -185,7 +123,7 @@ def bucket_window(gm, m, example_inputs):
         if value is None:
             return None
         if term.kind == "keep":
-            if not _absorbs(term.fill, dtype):
+            if not absorbs(term.fill, dtype):
                 return None
             k = value if value.dtype == torch.bool else value != 0
             keep = keep & (~k if term.negate else k)
@@ -194,7 +132,7 @@ def bucket_window(gm, m, example_inputs):
             if not bool(((value == 0) | masked).all()):
                 return None
             keep = keep & ~masked
-    scores = [*qs[:-1], _shape(m.k)[-2]]
+    scores = [*qs[:-1], operand_shape(m.k)[-2]]
     keep = keep.expand(scores)
     tq = qmap.unsqueeze(-1).expand(scores)
     tk = kmap.unsqueeze(-2).expand(scores)
@@ -220,4 +158,3 @@ def bucket_window(gm, m, example_inputs):
     return dataclasses.replace(m, q=Operand(qseq), k=Operand(kseq), v=Operand(vseq), masks=(), causal=right == 0,
                                window_left=left, window_right=right, bucketed=True,
                                pattern="bucketed·" + m.pattern)
-

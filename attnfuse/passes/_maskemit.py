@@ -20,9 +20,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ._graph import eq, val
 from ._maskexpr import HEAD, Aff, And, Atom, Const, Ite, Not, Or, Read, free
-from .canonicalize import val
-from .match import _eq
 
 _OPS = {"add": operator.add, "mul": operator.mul, "neg": operator.neg, "abs": torch.abs, "eq": torch.eq,
         "ne": torch.ne, "le": torch.le, "lt": torch.lt}
@@ -130,7 +129,7 @@ class Emitter:
             if len(a.terms) != 1 or a.terms[0][1] != 1 or a.const < 0 or a.terms[0][0] in axes:
                 return None
             ax = a.terms[0][0]
-            if a.const == 0 and _eq(shape[d], self.extents[ax]):
+            if a.const == 0 and eq(shape[d], self.extents[ax]):
                 index.append(slice(None))
             else:
                 stop = self._size(ax, a.const)

@@ -29,8 +29,8 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ._graph import arg, eq, name, val
 from ._maskexpr import Aff, Const, Op, Read, add, and_, atom, compare, ite, mul, ne0, neg, not_, or_, subst
-from .canonicalize import arg, name, val
 
 
 def size1(s: Any) -> bool:
@@ -289,7 +289,7 @@ class Builder:
             dims_in = [d for d, s in enumerate(val(x).shape) if not size1(s)]
             dims_out = [d for d, s in enumerate(val(n).shape) if not size1(s)]
             same = len(dims_in) == len(dims_out) and all(
-                _eq(val(x).shape[a], val(n).shape[b]) for a, b in zip(dims_in, dims_out))
+                eq(val(x).shape[a], val(n).shape[b]) for a, b in zip(dims_in, dims_out))
             return subst(e, {a: Aff(((b, 1),)) for a, b in zip(dims_in, dims_out)}) if same else None
         return None
 
@@ -351,11 +351,6 @@ def _perm(n: fx.Node, f: str, r: int) -> tuple[int, ...] | None:
         return tuple(p)
     dims = n.args[1:] if len(n.args) > 2 else n.args[1] if len(n.args) == 2 else n.kwargs.get("dims")
     return tuple(d % r for d in dims) if dims is not None else None
-
-
-def _eq(a: Any, b: Any) -> bool:
-    return bool(statically_known_true(a == b)) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) \
-        else a == b
 
 
 def _typed(value: Any, dtype: torch.dtype | None):

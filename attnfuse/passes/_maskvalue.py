@@ -24,11 +24,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ._maskexpr import KEY, QUERY, And, Ite, Not, Op, Or, Read, evaluate, reads, show
+from .._sizes import hint
+from ._graph import ancestors, is_state, name, val
+from ._maskeval import evaluate
+from ._maskexpr import KEY, QUERY, And, Ite, Not, Op, Or, Read, reads, show
 from ._maskread import written
 from ._maskslab import ProofCache, Rows, digest, grid_band, slab_rows
-from .canonicalize import name, val
-from .match import _Graph, _hint, _is_state
 
 _SHAPE_READS = ("size", "sym_size", "dim", "numel", "getattr", "sym_numel")
 _MAX_CELLS = 2**26  # a larger constant is left unproven rather than evaluated
@@ -42,7 +43,7 @@ def _learned(n: fx.Node) -> bool:
 
 def constant_value(gm: fx.GraphModule, inputs: dict, node: fx.Node) -> torch.Tensor | None:
     """``node`` evaluated on the example inputs, if it depends on no input values and no parameters."""
-    anc = _Graph.ancestors(node) | {node}
+    anc = ancestors(node) | {node}
     if anc & written(node.graph):
         return None  # a tensor written in place later than this evaluation would see it
     for n in anc:
@@ -50,9 +51,9 @@ def constant_value(gm: fx.GraphModule, inputs: dict, node: fx.Node) -> torch.Ten
             return None
         if n.op != "placeholder" or not isinstance(val(n), torch.Tensor):
             continue
-        if _is_state(n) and _learned(n):
+        if is_state(n) and _learned(n):
             return None
-        if not _is_state(n) and (n is node or any(u in anc and name(u) not in _SHAPE_READS for u in n.users)):
+        if not is_state(n) and (n is node or any(u in anc and name(u) not in _SHAPE_READS for u in n.users)):
             return None  # the mask is an input, or is computed from an input's values
     sub, env, args = fx.Graph(), {}, []
     for n in gm.graph.nodes:
@@ -62,7 +63,7 @@ def constant_value(gm: fx.GraphModule, inputs: dict, node: fx.Node) -> torch.Ten
             x = inputs.get(n)
             if x is None or isinstance(x, torch._subclasses.FakeTensor):
                 return None
-            args.append(_hint(x) if isinstance(x, torch.SymInt) else x)  # no guards on the user's shapes
+            args.append(hint(x) if isinstance(x, torch.SymInt) else x)  # no guards on the user's shapes
         env[n] = sub.node_copy(n, lambda x: env[x])
     sub.output(env[node])
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .canonicalize import canon, reaches_matmul
+from ._canon import canon, reaches_matmul
 
 _STEPS = 16  # the most chain nodes walked in each direction
 

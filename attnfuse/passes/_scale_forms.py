@@ -8,7 +8,7 @@
 
 The matcher reads one order (scores, scale, softcap, masks); this puts the scale where it expects it.
 
-Why a canonicalize rule and not `match._walk_up`: the matcher and the rewrite stay as they are (no scaled
+Why a canonicalize rule and not `_chain.walk_up`: the matcher and the rewrite stay as they are (no scaled
 biases or fills to build in the rewrite), and like every canonicalize rule this one is recorded, so the
 backend keeps it only inside a fused region: a site left alone runs its original graph, bit for bit.
 
@@ -39,7 +39,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .canonicalize import _copy_meta, canon, name, reaches_matmul, scalar, val
+from ._canon import canon, reaches_matmul, scalar
+from ._graph import copy_meta, name, val
 
 _MASKS = ("add", "masked_fill", "where")
 _CHAIN = ("cast", "identity", "scale", "add", "masked_fill", "where")
@@ -150,7 +151,7 @@ def rule(graph: fx.Graph, node: fx.Node) -> bool:
                 cur = graph.call_function(torch.where, (what, cur, new) if first else (what, new, cur))
     mode = getattr(val(base), "fake_mode", None)  # where(K, s, fill) wraps the fill in a tensor: fake it too
     with mode if mode is not None else contextlib.nullcontext():
-        _copy_meta(node, None, None, cur)
+        copy_meta(node, None, None, cur)
     node.replace_all_uses_with(cur)
     graph.erase_node(node)
     for _, old, _ in steps:  # each fed only the next one down, now erased

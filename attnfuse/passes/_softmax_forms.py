@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .canonicalize import _copy_meta, _feeds_left_matmul, arg, name, val
+from ._canon import feeds_left_matmul
+from ._graph import arg, copy_meta, name, val
 
 SPELLING_MISSES = "attnfuse_spelling_misses"  # gm.meta key: [(node, reason)] of softmax spellings left alone
 
@@ -136,7 +137,7 @@ def _record(graph: fx.Graph, node: fx.Node, reason: str) -> None:
 def _replace(graph: fx.Graph, node: fx.Node, x: fx.Node, axis: int, spelled: list[fx.Node]) -> None:
     with graph.inserting_before(node):
         out = graph.call_function(torch.softmax, (x, axis))
-    _copy_meta(node, x, None, out)
+    copy_meta(node, x, None, out)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
     erased = True
@@ -171,7 +172,7 @@ def div_rule(graph: fx.Graph, node: fx.Node) -> bool:
     if node.op not in _CALLS:
         return False
     found = _softmax_of(node)
-    if found is None or not _feeds_left_matmul(node):
+    if found is None or not feeds_left_matmul(node):
         return False
     if isinstance(found, str):
         _record(graph, node, found)
@@ -186,7 +187,7 @@ def div_rule(graph: fx.Graph, node: fx.Node) -> bool:
 def exp_rule(graph: fx.Graph, node: fx.Node) -> bool:
     # exp(log_softmax(x, d)) = softmax(x, d), when it weights a matmul
     ls = node.args[0] if node.args and node.op in _CALLS else None
-    if not _is(ls, "log_softmax", "_log_softmax") or not _feeds_left_matmul(node):
+    if not _is(ls, "log_softmax", "_log_softmax") or not feeds_left_matmul(node):
         return False
     x = arg(ls, 0, "input", arg(ls, 0, "self"))
     axis = _axis(arg(ls, 1, "dim"), _ndim(x))

@@ -22,16 +22,15 @@ every size it needs is a constant or a symbol the graph already has.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from .canonicalize import _RESHAPES, canon, name, scalar, val
-from .match import _eq, _hint
+from .._sizes import hint
+from ._canon import RESHAPES, canon, scalar
+from ._graph import Decline, Sizes, carry, eq, name, refresh, val
 
 _ELEMENTWISE = ("cast", "identity", "dropout", "tanh")
 _MASKS = ("add", "masked_fill", "where", "scale")
@@ -49,11 +48,11 @@ def is_reshape(node: Any) -> bool:
     """A row-major reshape of one tensor (same dtype, same element count)."""
     if not isinstance(node, fx.Node) or not node.args:
         return False
-    if name(node) not in _RESHAPES and not (name(node) == "getitem" and _new_axes(node)):
+    if name(node) not in RESHAPES and not (name(node) == "getitem" and _new_axes(node)):
         return False
     src, out = val(node.args[0]), val(node)
     return isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dtype == out.dtype \
-        and _eq(src.numel(), out.numel())
+        and eq(src.numel(), out.numel())
 
 
 def _chain_input(node: fx.Node) -> fx.Node | None:
@@ -87,72 +86,39 @@ def _blocks(src: list, dst: list) -> list[tuple[range, range]] | None:
     while i < len(src) or j < len(dst):
         i0, j0, a, b = i, j, 1, 1
         if i < len(src):
-            a, i = _hint(src[i]), i + 1
+            a, i = hint(src[i]), i + 1
         if j < len(dst):
-            b, j = _hint(dst[j]), j + 1
+            b, j = hint(dst[j]), j + 1
         while a != b:
             if a < b and i < len(src):
-                a, i = a * _hint(src[i]), i + 1
+                a, i = a * hint(src[i]), i + 1
             elif b < a and j < len(dst):
-                b, j = b * _hint(dst[j]), j + 1
+                b, j = b * hint(dst[j]), j + 1
             else:
                 return None
-        while i < len(src) and _hint(src[i]) == 1 and (j == len(dst) or _hint(dst[j]) != 1):
+        while i < len(src) and hint(src[i]) == 1 and (j == len(dst) or hint(dst[j]) != 1):
             i += 1  # size-1 axes join the group before them
-        while j < len(dst) and _hint(dst[j]) == 1 and (i == len(src) or _hint(src[i]) != 1):
+        while j < len(dst) and hint(dst[j]) == 1 and (i == len(src) or hint(src[i]) != 1):
             j += 1
-        if not _eq(math.prod(src[i0:i]), math.prod(dst[j0:j])):
+        if not eq(math.prod(src[i0:i]), math.prod(dst[j0:j])):
             return None  # equal at these sizes only: not a proof for every size
         out.append((range(i0, i), range(j0, j)))
     return out
 
 
-class _Sizes:
-    """Graph values for sizes: constants, or symbols (and products of them) the graph already computes."""
-
-    def __init__(self, graph: fx.Graph) -> None:
-        self.graph = graph
-        self.known: dict = {}
-        for n in graph.nodes:
-            v = val(n)
-            if isinstance(v, torch.SymInt) and n.op == "placeholder":
-                self.known.setdefault(v.node.expr, n)
-
-    def __call__(self, x: Any) -> Any:
-        if not isinstance(x, torch.SymInt):
-            return int(x)
-        expr = x.node.expr
-        if expr.is_Integer:
-            return int(expr)
-        if expr in self.known:
-            return self.known[expr]
-        if expr.is_Mul:
-            parts = [int(f) if f.is_Integer else self.known.get(f) for f in expr.args]
-            if all(p is not None for p in parts):
-                out = parts[0]
-                for p in parts[1:]:
-                    out = self.graph.call_function(operator.mul, (out, p))
-                return out
-        raise _Decline
-
-
-class _Decline(Exception):
-    pass
-
-
-def _to_shape(graph: fx.Graph, sizes: _Sizes, t: fx.Node, src: list, dst: list) -> fx.Node:
+def _to_shape(graph: fx.Graph, sizes: Sizes, t: fx.Node, src: list, dst: list) -> fx.Node:
     """``t`` (broadcasting against shape ``src``) as a tensor broadcasting against ``dst``, where ``dst`` is a
     row-major reshape of ``src``: ``reshape(expand(t, src), dst)`` without expanding the axis groups ``t``
     broadcasts over entirely."""
     tv = val(t)
     blocks = _blocks(src, dst)
     if blocks is None or tv.dim() > len(src):
-        raise _Decline
+        raise Decline
     shape = [1] * (len(src) - tv.dim()) + list(tv.shape)
     expand, target, dims, need_expand = [], [], [], False
     for s_axes, d_axes in blocks:
-        ones = all(_hint(shape[i]) == 1 for i in s_axes)
-        full = all(_eq(shape[i], src[i]) for i in s_axes)
+        ones = all(hint(shape[i]) == 1 for i in s_axes)
+        full = all(eq(shape[i], src[i]) for i in s_axes)
         if ones and not full:
             expand += [-1] * len(s_axes)
             target += [1] * len(d_axes)
@@ -162,30 +128,10 @@ def _to_shape(graph: fx.Graph, sizes: _Sizes, t: fx.Node, src: list, dst: list) 
             expand += [-1 if full else sizes(src[i]) for i in s_axes]
             target += [sizes(dst[i]) for i in d_axes]
             dims += [dst[i] for i in d_axes]
-    if len(dims) == tv.dim() and all(_eq(a, b) for a, b in zip(dims, tv.shape)):
+    if len(dims) == tv.dim() and all(eq(a, b) for a, b in zip(dims, tv.shape)):
         return t
     x = graph.call_method("expand", (t, *expand)) if need_expand else t
     return graph.call_method("reshape", (x, *target))
-
-
-def _refresh(node: fx.Node) -> None:
-    """Recompute ``node``'s example value from its inputs' (the node's inputs changed shape)."""
-    args, kwargs = fx.node.map_arg(node.args, val), fx.node.map_arg(node.kwargs, val)
-    fakes: list = []
-    fx.node.map_aggregate((args, kwargs), lambda a: fakes.append(a) if isinstance(
-        a, torch._subclasses.FakeTensor) else None)
-    mode = fakes[0].fake_mode if fakes else None  # the inputs' own mode (not the tracing context's)
-    with mode if mode is not None else contextlib.nullcontext():  # Python scalars become fake tensors too
-        if mode is not None:  # and so do constants (a 0-d fill tensor)
-            args, kwargs = fx.node.map_aggregate((args, kwargs), lambda a: mode.from_tensor(a) if isinstance(
-                a, torch.Tensor) and not isinstance(a, torch._subclasses.FakeTensor) else a)
-        if node.op == "call_method":
-            out = getattr(args[0], node.target)(*args[1:], **kwargs)
-        else:
-            out = node.target(*args, **kwargs)
-    keys = [k for k in ("val", "example_value") if k in node.meta] or ["example_value"]
-    for k in keys:
-        node.meta[k] = out
 
 
 def _live_single_user(node: fx.Node) -> fx.Node | None:
@@ -222,8 +168,8 @@ def _transposed_pv(graph: fx.Graph, sm: fx.Node) -> set:
         flipped = graph.call_method("transpose", (pv, -2, -1))
         out = graph.call_method("contiguous", (flipped,))  # eager's matmul result is contiguous: views rely on it
     for n in (at, pv, flipped, out):
-        _refresh(n)
-        _carry(mm, n)
+        refresh(n)
+        carry(mm, n)
     mm.replace_all_uses_with(out)
     graph.erase_node(mm)
     graph.erase_node(u)
@@ -269,24 +215,24 @@ def _chain(graph: fx.Graph, sm: fx.Node) -> set | bool:
         return False
     T = list(t_val.shape)
     M, P = list(val(mm).shape), list(val(pv.args[0]).shape)
-    if len(M) < 2 or not all(_eq(a, b) for a, b in zip(M[-2:], T[-2:])) or not all(
-            _eq(a, b) for a, b in zip(P[-2:], T[-2:])) or not _eq(math.prod(M), math.prod(T)):
+    if len(M) < 2 or not all(eq(a, b) for a, b in zip(M[-2:], T[-2:])) or not all(
+            eq(a, b) for a, b in zip(P[-2:], T[-2:])) or not eq(math.prod(M), math.prod(T)):
         return False
     R = list(val(pv).shape)
-    if len(R) != len(P) or not all(_eq(a, b) for a, b in zip(R[:-2], P[:-2])):
+    if len(R) != len(P) or not all(eq(a, b) for a, b in zip(R[:-2], P[:-2])):
         return False  # V widens the batch: not a reshape of the chain's rows
     try:
         return _rewrite(graph, sm, mm, list(reversed(up)), down, pv, T, M, P, R)
-    except _Decline:
+    except Decline:
         return False
 
 
 def _rewrite(graph, sm, mm, up, down, pv, T, M, P, R) -> set:
-    sizes = _Sizes(graph)
+    sizes = Sizes(graph)
     before = set(graph.nodes)
     a, b = canon(mm).args
     da, db = val(a).shape[-1], val(b).shape[-2]
-    # every new operand is built before anything changes: a _Decline leaves only dead new nodes behind
+    # every new operand is built before anything changes: a Decline leaves only dead new nodes behind
     with graph.inserting_before(mm):
         a2 = _to_shape(graph, sizes, a, [*M[:-1], da], [*T[:-1], da])
         b2 = _to_shape(graph, sizes, b, [*M[:-2], db, M[-1]], [*T[:-2], db, T[-1]])
@@ -307,7 +253,7 @@ def _rewrite(graph, sm, mm, up, down, pv, T, M, P, R) -> set:
         out_sizes = [sizes(s) for s in R]
     made = [n for n in graph.nodes if n not in before]
     for n in made:
-        _refresh(n)
+        refresh(n)
     # the change
     touched: set = set()
     if mm.op == "call_function" and mm.target is torch.matmul:
@@ -315,7 +261,7 @@ def _rewrite(graph, sm, mm, up, down, pv, T, M, P, R) -> set:
     else:
         with graph.inserting_before(mm):
             mm2 = graph.call_function(torch.matmul, (a2, b2))
-        _carry(mm, mm2)
+        carry(mm, mm2)
         mm.replace_all_uses_with(mm2)
         graph.erase_node(mm)
         mm = mm2
@@ -333,7 +279,7 @@ def _rewrite(graph, sm, mm, up, down, pv, T, M, P, R) -> set:
         out2 = graph.call_function(torch.matmul, (prev, v2))
         out = graph.call_method("reshape", (out2, *out_sizes))
     for n in (out2, out):
-        _carry(pv, n)
+        carry(pv, n)
         _redo(n, touched)
     pv.replace_all_uses_with(out)
     graph.erase_node(pv)
@@ -341,12 +287,6 @@ def _rewrite(graph, sm, mm, up, down, pv, T, M, P, R) -> set:
 
 
 def _redo(node: fx.Node, touched: set) -> fx.Node:
-    _refresh(node)
+    refresh(node)
     touched.add(node)
     return node
-
-
-def _carry(old: fx.Node, new: fx.Node) -> None:
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-        if key in old.meta:
-            new.meta[key] = old.meta[key]

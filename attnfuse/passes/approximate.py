@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..families import APPROXIMATE, kernel_module
 from .effects import capture
 from .match import AttentionMatch
 
@@ -50,12 +51,6 @@ def _eligible(m: AttentionMatch) -> str | None:
     if m.scale_nodes:
         return "the site's scale is computed at run time"
     return None
-
-
-def _module(family: str):
-    from ..kernels import lsh, topk
-
-    return {"topk": topk, "lsh": lsh}[family]
 
 
 def _op_inputs(m: AttentionMatch, values: Mapping[fx.Node, Any]) -> tuple[torch.Tensor, ...]:
@@ -102,7 +97,7 @@ def measure(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, s
     n_rows = min(lq, calibration["max_rows"])
     rows = torch.linspace(0, lq - 1, n_rows, dtype=torch.float64).round().long().unique().to(q.device)
     with torch.no_grad():
-        approx = _module(family).forward(q, k, v, scale=scale, causal=causal, **params)[0]
+        approx = kernel_module(family).forward(q, k, v, scale=scale, causal=causal, **params)[0]
         exact = _exact_rows(q, k, v, rows, scale, causal)
     diff = approx.index_select(2, rows).double() - exact
     denom = exact.norm()
@@ -120,7 +115,7 @@ def verdicts(gm: fx.GraphModule, sites: Sequence[tuple[AttentionMatch, Mapping[s
     todo: list[tuple[int, AttentionMatch, str, bool]] = []
     for i, (m, structure) in enumerate(sites):
         verdict = {"rejected": {}, "errors": {}, "params": {f: dict(policy[f]) for f in families}}
-        for f in ("topk", "lsh"):
+        for f in APPROXIMATE:
             if f not in families:
                 verdict["rejected"][f] = "not in options['approximate']['families']"
             elif f not in kernels:
@@ -166,12 +161,13 @@ def verdicts(gm: fx.GraphModule, sites: Sequence[tuple[AttentionMatch, Mapping[s
 
 
 def _shape_reason(family: str, m: AttentionMatch, causal: bool) -> str | None:
-    from .canonicalize import val
-    from .match import _hint, _shape
+    from .._sizes import hint as _hint
+    from ._graph import val
+    from ._records import operand_shape as _shape
 
     if not isinstance(val(m.q.node), torch.Tensor):
         return "no example value for q"
     qs, ks = ([1] * (4 - len(_shape(o))) + [_hint(s) for s in _shape(o)] for o in (m.q, m.k))
-    return _module(family).unsupported(tuple(qs), tuple(ks), causal=causal)
+    return kernel_module(family).unsupported(tuple(qs), tuple(ks), causal=causal)
 
 

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .canonicalize import name
+from .._sizes import hint
+from ._graph import name
 
 # ops whose result shares storage with their first argument
 VIEWS = frozenset((
@@ -188,9 +189,10 @@ def capture(gm: fx.GraphModule, wanted: set[fx.Node], example_inputs: Sequence[A
         if isinstance(x, torch._subclasses.FakeTensor):
             raise RuntimeError("the example inputs are fake tensors")
         if isinstance(x, torch.SymInt):
-            if not x.node.has_hint():
-                raise RuntimeError("the example inputs hold a symbolic size without a value")
-            x = int(x.node.hint)
+            try:
+                x = hint(x)
+            except TypeError:
+                raise RuntimeError("the example inputs hold a symbolic size without a value") from None
         inputs.append(x.clone() if isinstance(x, torch.Tensor) and ph in written else x)
     interp = _Capture(gm, wanted, {n.target for n in written if n.op == "get_attr"})
     devices = sorted({x.device.index or 0 for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda})

@@ -38,12 +38,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .._sizes import hint
 from . import _maskvalue
+from ._graph import arg, eq, val
 from ._maskemit import Emitter
 from ._maskexpr import HEAD, KEY, QUERY, Aff, And, Atom, Const, Ite, Op, and_, free, ne0, not_, reads, show
 from ._maskread import Builder, size1
-from .canonicalize import arg, val
-from .match import AttentionMatch, MaskTerm, _eq, _hint, _shape
+from ._records import AttentionMatch, MaskTerm, operand_shape
 
 _LARGE_NEGATIVE = -1e4  # the matcher's bound for a mask fill
 _KINDS = ("causal", "window", "padding", "bias", "alibi", "blocksparse", "dense")
@@ -129,7 +130,7 @@ def analyze(gm: fx.GraphModule, m: AttentionMatch, example_inputs: Sequence[Any]
 def _describe(term: MaskTerm) -> dict:
     """A mask tensor that is still read, for the report."""
     v = val(term.node)
-    return {"kind": "additive" if term.kind == "add" else "bool", "shape": [_hint(s) for s in v.shape],
+    return {"kind": "additive" if term.kind == "add" else "bool", "shape": [hint(s) for s in v.shape],
             "dtype": str(v.dtype).replace("torch.", ""), **({"fill": term.fill} if term.kind == "keep" else {}),
             "requires_grad": bool(getattr(v, "requires_grad", False))}
 
@@ -154,13 +155,13 @@ class _Site:
 
     def __init__(self, gm: fx.GraphModule, m: AttentionMatch, example_inputs: Sequence[Any] | None) -> None:
         self.gm = gm
-        qs, ks = _shape(m.q), _shape(m.k)
+        qs, ks = operand_shape(m.q), operand_shape(m.k)
         q4 = [1] * (4 - len(qs)) + qs
         # rank > 4: a term is read over the last four score axes (its own rank is at most 4); only what it says
         # about the (query, key) axes is kept (`_cached`)
         self.extents = (q4[-4], q4[-3], q4[-2], ks[-2])
         self.wide = len(qs) > 4
-        self.square = self.extents is not None and _eq(qs[-2], ks[-2])
+        self.square = self.extents is not None and eq(qs[-2], ks[-2])
         self.fake = val(m.q.node)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         ok = example_inputs is not None and len(placeholders) == len(example_inputs)

@@ -21,7 +21,7 @@ Soundness rules (docs/architecture.md, "Soundness"):
   impure (an unused ``cache.index_copy_(...)`` is the program's point, not dead code);
 * the op writes its output as (B, Lq, H, D) in memory; where a consumer depends on strides
   (views, ``as_strided``, in-place ops, graph outputs, anything not known to be
-  layout-agnostic) the output is first given the layout eager gave it;
+  layout-agnostic) the output is first given the layout eager gave it (`_layout`);
 * masks keep eager's semantics on rows that see no key (`mask_semantics`).
 """
 
@@ -32,9 +32,11 @@ import operator
 import torch
 import torch.fx as fx
 
-from .canonicalize import name, val
-from .effects import VIEWS, mutations, removable
-from .match import AttentionMatch, Operand, _eq, _hint, _shape
+from .._sizes import hint
+from ._graph import eq, val
+from ._layout import eager_layout, stride_sensitive, written_later
+from ._records import AttentionMatch, Operand, absorbs, operand_shape
+from .effects import mutations, removable
 
 
 def _op(graph: fx.Graph, fn, *args, **kwargs) -> fx.Node:
@@ -75,7 +77,7 @@ def _from_4d(graph: fx.Graph, x: fx.Node, batch_shape: list, split: int = 0) -> 
 
 def _mask_shape(m: AttentionMatch, batch: list) -> list:
     """The combined mask's shape (hints), left-padded to the scores' rank."""
-    shapes = [[_hint(s) for s in val(t.node).shape] for t in m.masks]
+    shapes = [[hint(s) for s in val(t.node).shape] for t in m.masks]
     shape = list(torch.broadcast_shapes(*[torch.Size(s) for s in shapes]))
     return [1] * (len(batch) + 2 - len(shape)) + shape
 
@@ -92,9 +94,9 @@ def _split(m: AttentionMatch, batch: list) -> int:
         total = 1
         for lo, hi in ((0, split), (split, n)):
             dims = range(lo, hi)
-            free = all(shape[i] == 1 for i in dims) or all(shape[i] == _hint(batch[i]) for i in dims)
+            free = all(shape[i] == 1 for i in dims) or all(shape[i] == hint(batch[i]) for i in dims)
             for i in dims:
-                total *= shape[i] if free else _hint(batch[i])
+                total *= shape[i] if free else hint(batch[i])
         return total
 
     return min(range(n - 1, 0, -1), key=cost)
@@ -105,13 +107,13 @@ def _fold_mask(graph: fx.Graph, mask: fx.Node, m: AttentionMatch, q: fx.Node, ba
     broadcasts over entirely nor matches entirely is expanded to the scores' sizes first."""
     n = len(batch)
     shape = _mask_shape(m, batch)
-    rank = len([_hint(s) for s in torch.broadcast_shapes(*[val(t.node).shape for t in m.masks])])
+    rank = len([hint(s) for s in torch.broadcast_shapes(*[val(t.node).shape for t in m.masks])])
     for _ in range(n + 2 - rank):
         mask = _op(graph, torch.unsqueeze, mask, 0)
     sizes: list = [-1] * (n + 2)
     for lo, hi in ((0, split), (split, n)):
         dims = range(lo, hi)
-        if not (all(shape[i] == 1 for i in dims) or all(shape[i] == _hint(batch[i]) for i in dims)):
+        if not (all(shape[i] == 1 for i in dims) or all(shape[i] == hint(batch[i]) for i in dims)):
             for i in dims:
                 sizes[i] = graph.call_method("size", (q, i))
     if any(s != -1 for s in sizes):
@@ -137,14 +139,9 @@ def _per_head_mask_rank(m: AttentionMatch) -> int:
     Read from the terms: the combined mask is built from new nodes without example values.
     """
     shapes = [val(t.node).shape for t in m.masks]
-    if any(len(s) >= 3 and not _eq(s[-3], 1) for s in shapes):
+    if any(len(s) >= 3 and not eq(s[-3], 1) for s in shapes):
         return max(len(s) for s in shapes)
     return 0
-
-
-def _absorbs(fill: float, dtype: torch.dtype) -> bool:
-    """Whether ``s + fill == fill`` for every score ``s`` of magnitude below 1e29 in ``dtype``."""
-    return fill == float("-inf") or (fill <= -1e38 and dtype in (torch.float32, torch.bfloat16, torch.float64))
 
 
 def mask_semantics(m: AttentionMatch) -> str:
@@ -171,7 +168,7 @@ def mask_semantics(m: AttentionMatch) -> str:
     if m.form == "sdpa":
         return "add"
     dtype = val(m.q.node).dtype
-    loose = sorted({t.fill for t in keeps if not _absorbs(t.fill, dtype)})
+    loose = sorted({t.fill for t in keeps if not absorbs(t.fill, dtype)})
     if loose:
         return (f"the mask combines fills ({', '.join(f'{f:g}' for f in loose)} with "
                 f"{'other fills' if len(keeps) > 1 else 'an additive mask'}) whose value on a row with no visible "
@@ -210,6 +207,21 @@ def _mask(graph: fx.Graph, m: AttentionMatch) -> tuple[fx.Node | None, float | N
     return x, (m.masks[0].fill if kind == "keep" else None)
 
 
+def mask_dtype(m: AttentionMatch) -> torch.dtype | None:
+    """The dtype of the ``mask`` tensor the op gets for ``m`` (`_mask`), None without one: the plan sizes the
+    Triton tiles with its element size (its tiles take shared memory)."""
+    kind = mask_semantics(m)
+    if kind not in ("keep", "add"):
+        return None
+    if kind == "keep":
+        return torch.bool
+    dtype = None
+    for term in m.masks:  # bias terms add (type promotion); a keep term becomes the q dtype (or joins by where)
+        own = val(term.node).dtype if term.kind == "add" else val(m.q.node).dtype
+        dtype = own if dtype is None else dtype if term.kind != "add" else torch.promote_types(dtype, own)
+    return dtype
+
+
 def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> fx.Node | None:
     """Emit the op for ``m`` before its output and send the output's users to it; the op's result node (None
     for an MHA call, whose target is swapped in place)."""
@@ -217,10 +229,12 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> fx.Node | None:
         from .. import _mha
 
         m.anchor.target = _mha.encoder_layer if m.pattern == "transformer_encoder_layer" else _mha.forward
+        if m.tiles:
+            m.anchor.kwargs = {**m.anchor.kwargs, "tiles": m.tiles}
         return None
     from .. import ops
 
-    qs = _shape(m.q)
+    qs = operand_shape(m.q)
     rank = len(qs)
     with graph.inserting_before(m.output):
         q, k, v = (_operand(graph, o) for o in (m.q, m.k, m.v))
@@ -234,8 +248,8 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> fx.Node | None:
         split = _split(m, qs[:-2]) if rank > 4 else 0
         q_full = q
         q, k, v = (_to_4d(graph, x, rank, split) for x in (q, k, v))
-        ks = _shape(m.k)
-        if rank == 4 and len(ks) == 4 and _eq(ks[0], 1) and not _eq(qs[0], 1):  # K/V broadcast over batch
+        ks = operand_shape(m.k)
+        if rank == 4 and len(ks) == 4 and eq(ks[0], 1) and not eq(qs[0], 1):  # K/V broadcast over batch
             k = graph.call_method("expand", (k, qs[0], -1, -1, -1))
             v = graph.call_method("expand", (v, qs[0], -1, -1, -1))
         mask, fill = _mask(graph, m)
@@ -257,7 +271,7 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> fx.Node | None:
                 alibi = _op(graph, torch.flatten, _op(graph, torch.transpose, _op(
                     graph, torch.unflatten, alibi, 0, [m.kv_groups, -1]), 0, 1))
         sinks = None
-        if m.sinks is not None:  # the (B, H, Lq, 1) column is constant along the queries (`match._sink_form`)
+        if m.sinks is not None:  # the (B, H, Lq, 1) column is constant along the queries (`_chain.sink_form`)
             col = _heads_tile_to_group(graph, m.sinks, m.kv_groups) if tile else m.sinks
             sinks = graph.call_method("float", (_op(graph, operator.getitem, col, (slice(None), slice(None), 0, 0)),))
         structure = {}
@@ -266,6 +280,8 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> fx.Node | None:
                          "block_sparse": m.block_sparse, **({"window_pad": True} if m.window_pad else {})}
         if m.approx:
             structure["approx"] = m.approx
+        if m.tiles:
+            structure["tiles"] = m.tiles
         # SDPA zeroes fully masked rows where a softmax makes them NaN
         sdpa = m.form == "sdpa" and mask is not None
         fn = ops.attention_sdpa if sdpa else torch.ops.attnfuse.attention.default
@@ -283,70 +299,10 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> fx.Node | None:
             out = _op(graph, torch.unsqueeze, out, -2)
         if m.bucketed:  # back to the query blocks (static shapes: `_local.bucket_window` proves by value)
             out = graph.call_method("reshape", (out, *[int(s) for s in val(m.output).shape]))
-        if _stride_sensitive(m.output):
-            out = _eager_layout(graph, out, val(m.output), copy=_written(m.output))
+        if stride_sensitive(m.output):
+            out = eager_layout(graph, out, val(m.output), copy=written_later(m.output))
     m.output.replace_all_uses_with(out)
     return out
-
-
-# consumers that read values only and return a fresh tensor in the default layout
-_LAYOUT_FREE = frozenset(("matmul", "bmm", "mm", "linear", "baddbmm", "addmm", "addbmm", "contiguous", "size", "dim",
-                          "numel", "layer_norm"))
-# consumers whose result may keep the input's layout: their own consumers decide
-_LAYOUT_CARRY = frozenset((
-    "transpose", "swapaxes", "swapdims", "permute", "t", "movedim", "moveaxis", "unsqueeze", "squeeze", "reshape",
-    "flatten", "unflatten", "getitem", "select", "narrow", "expand", "to", "float", "half", "bfloat16", "double",
-    "type", "type_as", "clone", "detach", "add", "sub", "mul", "truediv", "div", "neg", "abs", "exp", "tanh", "gelu",
-    "relu", "silu", "sigmoid", "dropout", "pow", "rsqrt", "sqrt", "where", "masked_fill", "_to_copy", "einsum",
-    "sum", "mean", "amax", "amin", "softmax", "log_softmax",
-))
-_SHAPE_ATTRS = ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad")
-
-
-def _stride_sensitive(node: fx.Node, depth: int = 16) -> bool:
-    """Whether some consumer of ``node`` (directly, or through ops that carry its layout) depends on its
-    strides: a view, ``as_strided``, an in-place op, a graph output, or an op not known to be layout-free."""
-    for u in node.users:
-        n = name(u)
-        if u.op == "output" or mutations(u) or depth == 0:
-            return True
-        if n == "getattr" and len(u.args) > 1 and u.args[1] in _SHAPE_ATTRS:
-            continue
-        if n in _LAYOUT_FREE and not any(mutations(w) for w in u.users):
-            continue
-        if (n in _LAYOUT_CARRY or (n == "getattr" and len(u.args) > 1 and u.args[1] in ("T", "mT"))) \
-                and not _stride_sensitive(u, depth - 1):
-            continue
-        return True
-    return False
-
-
-def _written(node: fx.Node) -> bool:
-    """Whether ``node``, or a view of it, is written in place later."""
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if n in mutations(u):
-                return True
-            if name(u) in VIEWS and u not in seen:
-                seen.add(u)
-                stack.append(u)
-    return False
-
-
-def _eager_layout(graph: fx.Graph, out: fx.Node, eager: torch.Tensor, copy: bool) -> fx.Node:
-    """``out`` with the memory layout (dim order) eager's output had; free when it already has it, unless
-    ``copy``: a consumer writes it in place, and the op's autograd saved its output for the backward."""
-    strides = [_hint(s) for s in eager.stride()]
-    order = sorted(range(eager.dim()), key=lambda d: (-strides[d], d))
-    inverse = [order.index(d) for d in range(eager.dim())]
-    x = out if order == list(range(eager.dim())) else _op(graph, torch.permute, out, order)
-    if copy:
-        x = graph.call_method("clone", (x,), {"memory_format": torch.contiguous_format})
-    else:
-        x = graph.call_method("contiguous", (x,))
-    return x if order == list(range(eager.dim())) else _op(graph, torch.permute, x, inverse)
 
 
 def _remove_replaced(graph: fx.Graph, replaced: set) -> None:

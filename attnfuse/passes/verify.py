@@ -41,7 +41,6 @@ padding mask with an empty row that the example does not have), values that over
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -51,97 +50,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .canonicalize import val
+from ._graph import val
+from ._records import AttentionMatch
+from ._sitecopy import Region, copy_region, region_of
 from .effects import capture
-from .match import AttentionMatch, _Graph
 
 log = logging.getLogger(__name__)
 
 SAMPLE_ELEMENTS = 1 << 20  # score elements a sampled site evaluates
 WHOLE_ELEMENTS = 1 << 24  # the most a site is evaluated whole when no sample can be taken
-
-
-def _nodes(obj: Any) -> list[fx.Node]:
-    """Every fx.Node held by a match field (Operands, MaskTerms, tuples, ...)."""
-    if isinstance(obj, fx.Node):
-        return [obj]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return [n for f in dataclasses.fields(obj) for n in _nodes(getattr(obj, f.name))]
-    if isinstance(obj, (tuple, list, frozenset, set)):
-        return [n for x in obj for n in _nodes(x)]
-    return []
-
-
-def _remap(obj: Any, env: dict[fx.Node, fx.Node]) -> Any:
-    if isinstance(obj, fx.Node):
-        return env[obj]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: _remap(getattr(obj, f.name), env)
-                                           for f in dataclasses.fields(obj) if f.init})
-    if isinstance(obj, (tuple, list, frozenset, set)):
-        return type(obj)(_remap(x, env) for x in obj)
-    return obj
-
-
-@dataclasses.dataclass
-class _Region:
-    match: AttentionMatch
-    sources: list[fx.Node]  # the placeholders of the copies, in order
-    inner: list[fx.Node]  # graph order
-
-
-def _region(m: AttentionMatch) -> _Region:
-    """The nodes between the site's sources and its output (the sources' other inputs become placeholders)."""
-    whole = set(m.region) | {m.anchor, m.output}
-    fields = [n for f in dataclasses.fields(m) if f.name not in ("anchor", "output", "region")
-              for n in _nodes(getattr(m, f.name))]
-    anc = _Graph.ancestors(m.output)
-    seeds = set(dict.fromkeys(fields)) - whole
-    inner: set[fx.Node] = set()
-    for n in m.output.graph.nodes:
-        if n is m.output:
-            break
-        if n in anc and n not in seeds and n.op not in ("placeholder", "get_attr") and (
-                n in whole or any(i in seeds or i in inner for i in n.all_input_nodes)):
-            inner.add(n)
-    inner.add(m.output)
-    inner |= whole
-    order = [n for n in m.output.graph.nodes if n in inner]
-    outside = [i for n in order for i in n.all_input_nodes if i not in inner]
-    sources = list(dict.fromkeys([n for n in fields if n not in inner] + outside))
-    return _Region(m, sources, order)
-
-
-_LOW = (torch.float32, torch.float16, torch.bfloat16)
-_CASTS = {"float": "double", "half": "double", "bfloat16": "double"}
-
-
-def _wide(a: Any) -> Any:
-    if isinstance(a, torch.dtype):
-        return torch.float64 if a in _LOW else a
-    if isinstance(a, (tuple, list)):
-        return type(a)(_wide(x) for x in a)
-    if isinstance(a, dict):
-        return {k: _wide(x) for k, x in a.items()}
-    return a
-
-
-def _copy(gm: fx.GraphModule, r: _Region, values: list[Any],
-          float64: bool = False) -> tuple[fx.GraphModule, AttentionMatch]:
-    """A GraphModule of the region whose placeholders are its sources; ``float64`` widens every floating
-    dtype the region names (``.float()``, ``.to(torch.float32)``, ``softmax(dtype=...)``) to float64."""
-    graph, env = fx.Graph(), {}
-    for i, (src, v) in enumerate(zip(r.sources, values)):
-        env[src] = graph.placeholder(f"source_{i}")
-        env[src].meta = {**src.meta, "val": v}
-    for n in r.inner:
-        env[n] = graph.node_copy(n, lambda x: env[x])
-        if float64:
-            env[n].args, env[n].kwargs = _wide(env[n].args), _wide(env[n].kwargs)
-            if env[n].op == "call_method" and env[n].target in _CASTS:
-                env[n].target = _CASTS[env[n].target]
-    graph.output(env[r.match.output])
-    return fx.GraphModule(gm, graph), _remap(r.match, env)
 
 
 # --- sampling --------------------------------------------------------------------------------------------
@@ -151,7 +68,7 @@ def _spread(n: int, keep: int) -> torch.Tensor:
     return torch.linspace(0, n - 1, keep, dtype=torch.float64).round().long().unique()
 
 
-def _sample(r: _Region, values: list[Any]) -> tuple[list[Any], dict] | None:
+def _sample(r: Region, values: list[Any]) -> tuple[list[Any], dict] | None:
     """The inputs sliced to at most ``SAMPLE_ELEMENTS`` score elements (as far as batch and heads allow) and
     what was kept; None if no consistent slice exists."""
     m = r.match
@@ -240,7 +157,7 @@ def _to64(x: Any) -> Any:
     return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
-def _grad_leaves(r: _Region) -> list[int]:
+def _grad_leaves(r: Region) -> list[int]:
     """Indices of the sources whose gradients are compared: q, k, v and additive biases that require grad."""
     m = r.match
     wanted = [o.node for o in (m.q, m.k, m.v)] + [t.node for t in m.masks if t.kind == "add"]
@@ -272,15 +189,15 @@ def _run(fn: fx.GraphModule, inputs: list[Any], leaves: list[int], upstream: int
     return [o.detach() for o in outs], grads
 
 
-def _check(gm: fx.GraphModule, r: _Region, inputs: list[Any], backward: bool, budget: float | None) -> dict:
+def _check(gm: fx.GraphModule, r: Region, inputs: list[Any], backward: bool, budget: float | None) -> dict:
     """Run the three copies on ``inputs``; the Site.verify record (``why`` set when the site disagrees)."""
-    original, _ = _copy(gm, r, inputs)
+    original, _ = copy_region(gm, r, inputs)
     wide = [_to64(x) for x in inputs]
-    ref_fn, _ = _copy(gm, r, wide, float64=True)
+    ref_fn, _ = copy_region(gm, r, wide, float64=True)
     leaves = _grad_leaves(r) if backward and budget is None else []
     eager, eager_g = _run(original, inputs, leaves, 0)
     ref, ref_g = _run(ref_fn, wide, leaves, 0)
-    fused_fn, m = _copy(gm, r, inputs)
+    fused_fn, m = copy_region(gm, r, inputs)
     from . import rewrite
 
     rewrite.rewrite(fused_fn, [m])
@@ -321,7 +238,7 @@ def _check(gm: fx.GraphModule, r: _Region, inputs: list[Any], backward: bool, bu
     return record
 
 
-def _verify_site(gm: fx.GraphModule, r: _Region, values: list[Any], backward: bool,
+def _verify_site(gm: fx.GraphModule, r: Region, values: list[Any], backward: bool,
                  budget: float | None) -> dict:
     m = r.match
     if m.dropout_p > 0:
@@ -343,7 +260,7 @@ def _verify_site(gm: fx.GraphModule, r: _Region, values: list[Any], backward: bo
     return {**_check(gm, r, values, backward, budget), "sampled": None}
 
 
-def _elements(r: _Region, values: list[Any]) -> int:
+def _elements(r: Region, values: list[Any]) -> int:
     """batch x heads x Lq x Lk of the site on these inputs."""
     m, by_node = r.match, dict(zip(r.sources, values))
     q, k = by_node.get(m.q.node), by_node.get(m.k.node)
@@ -367,7 +284,7 @@ def verify(gm: fx.GraphModule, chosen: list[tuple[AttentionMatch, Any]], example
            report: Any, config: Any) -> list[tuple[AttentionMatch, Any]]:
     """Check every chosen site (see the module docstring); returns the sites that stay fused."""
     start = time.perf_counter()
-    regions = [_region(m) for m, _ in chosen]
+    regions = [region_of(m) for m, _ in chosen]
     try:
         captured = capture(gm, {s for r in regions for s in r.sources}, example_inputs)
     except Exception as exc:  # noqa: BLE001 - the user's graph must never break because a check could not run

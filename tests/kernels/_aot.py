@@ -98,24 +98,24 @@ def compile_fwd(cfg: TileConfig, cc: int, dt: str, hd: int, mask: str | None = N
     ptrs = _inputs(dt, mask, variant, VBad="*i1" if mask else f"*{dt}", Sinks="*fp32" if mask else f"*{dt}",
                    Out=f"*{dt}", Stats="*fp32")
     meta = dict(_meta(cfg, hd, mask, variant), EVEN_D=True, HAS_SINKS=mask is not None)  # heavy: with sinks
-    return _compile(flash._fwd_kernel, cc, ptrs, meta, cfg.num_warps,
+    return _compile(flash.fwd_kernel, cc, ptrs, meta, cfg.num_warps,
                     cfg.num_stages, _UNIT | _MASK_UNIT if mask else _UNIT)
 
 
 def compile_combine(cc: int, dt: str, hd: int, block_s: int):
     ptrs = dict(Part="*fp32", PartStats="*fp32", Out=f"*{dt}", Stats="*fp32")
-    return _compile(flash._combine_kernel, cc, ptrs, dict(HEAD_DIM_V=hd, BLOCK_DV=hd, BLOCK_S=block_s), 4, 3)
+    return _compile(flash.combine_kernel, cc, ptrs, dict(HEAD_DIM_V=hd, BLOCK_DV=hd, BLOCK_S=block_s), 4, 3)
 
 
 def compile_preprocess(cc: int, dt: str, hd: int):
     ptrs = dict(Out=f"*{dt}", DO=f"*{dt}", Delta="*fp32")
-    return _compile(flash._bwd_preprocess, cc, ptrs, dict(HEAD_DIM_V=hd, BLOCK_DV=hd, BLOCK_M=64), 4, 3)
+    return _compile(flash.bwd_preprocess, cc, ptrs, dict(HEAD_DIM_V=hd, BLOCK_DV=hd, BLOCK_M=64), 4, 3)
 
 
 def compile_dkdv(cfg: TileConfig, cc: int, dt: str, hd: int, mask: str | None = None, variant: str | None = None):
     ptrs = _inputs(dt, mask, variant, DO=f"*{dt}", Stats="*fp32", Delta="*fp32", DQ="*fp32", DK=f"*{dt}",
                    DV=f"*{dt}")
-    return _compile(flash._bwd_dkdv_kernel, cc, ptrs, dict(_meta(cfg, hd, mask, variant), ATOMIC_DQ=True),
+    return _compile(flash.bwd_dkdv_kernel, cc, ptrs, dict(_meta(cfg, hd, mask, variant), ATOMIC_DQ=True),
                     cfg.num_warps, cfg.num_stages, _UNIT | _MASK_UNIT if mask else _UNIT)
 
 
@@ -124,7 +124,7 @@ def compile_dq(cfg: TileConfig, cc: int, dt: str, hd: int, mask: str | None = No
     grad = mask is not None and mask != "i1" and variant != "sparse"
     ptrs = _inputs(dt, mask, variant, DO=f"*{dt}", Stats="*fp32", Delta="*fp32", DQ=f"*{dt}",
                    DM="*fp32" if grad else f"*{dt}")
-    return _compile(flash._bwd_dq_kernel, cc, ptrs, dict(_meta(cfg, hd, mask, variant), MASK_GRAD=grad),
+    return _compile(flash.bwd_dq_kernel, cc, ptrs, dict(_meta(cfg, hd, mask, variant), MASK_GRAD=grad),
                     cfg.num_warps, cfg.num_stages, _UNIT | _MASK_UNIT if mask else _UNIT)
 
 

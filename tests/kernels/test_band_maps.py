@@ -12,7 +12,6 @@ import random
 import pytest
 import torch
 import triton
-from test_flash_trace import _fake_cuda, _Hopper, _kernels
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch._subclasses.functional_tensor import dispatch_functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -21,6 +20,7 @@ from attnfuse.costmodel import tiles
 from attnfuse.device import PRESETS
 from attnfuse.kernels import blocksparse, flash
 from tests._util import band
+from tests.kernels._trace_helpers import Hopper, fake_cuda, launched_kernels
 
 
 def _pairs(vis: torch.Tensor, block_m: int, block_n: int, groups: int) -> int:
@@ -161,7 +161,7 @@ def test_pick_is_window_aware():
 def test_launches_trace_with_fake_cuda_tensors(structure, monkeypatch):
     """Under torch.compile the launcher runs on fake tensors: `pick` (the band's tile count), the tile-map build
     and the dead-row fix of dV must be plain-int or traceable torch work, and the launches carry no inf/nan."""
-    monkeypatch.setattr(triton.runtime.driver, "_active", _Hopper())
+    monkeypatch.setattr(triton.runtime.driver, "_active", Hopper())
     kw = {key: val for key, val in structure.items() if key != "alibi"}
 
     def run(q, k, v, mask, slopes):
@@ -170,7 +170,7 @@ def test_launches_trace_with_fake_cuda_tensors(structure, monkeypatch):
         return flash.backward(out, q, k, v, out, stats, mask, alibi=alibi, deterministic=True, **kw)
 
     with FakeTensorMode():
-        q, k, v = _fake_cuda((2, 4, 97, 64), (2, 2, 97, 64), (2, 2, 97, 64))
+        q, k, v = fake_cuda((2, 4, 97, 64), (2, 2, 97, 64), (2, 2, 97, 64))
         mask = torch.ones(97, 97, dtype=torch.bool, device="cuda")
         gm = make_fx(dispatch_functionalize(run))(q, k, v, mask, torch.rand(4, device="cuda"))
-    assert _kernels(gm) == ["_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel"]
+    assert launched_kernels(gm) == ["fwd_kernel", "bwd_preprocess", "bwd_dkdv_kernel", "bwd_dq_kernel"]

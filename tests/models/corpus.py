@@ -1200,7 +1200,7 @@ def run(e: Entry) -> Result:
     model, args, kwargs = e.build()
     model.eval()
     ref = copy.deepcopy(model).double() if e.reference == "float64" else None
-    _report._set_last(None)
+    _report.set_last(None)
     compiled = torch.compile(model, backend="attnfuse", fullgraph=e.fullgraph, options={"inner": "eager"})
     with torch.no_grad():
         ours = tensors(compiled(*args, **kwargs))

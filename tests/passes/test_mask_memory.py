@@ -18,7 +18,7 @@ from _harness import check
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from attnfuse.passes import _maskexpr, _maskslab, _maskvalue, canonicalize, masks, match
+from attnfuse.passes import _maskeval, _maskslab, _maskvalue, canonicalize, masks, match
 
 
 class Layer(nn.Module):
@@ -159,10 +159,10 @@ def test_window_reads_equal_the_gather(monkeypatch):
     for index in reads:
         e = Read("buf", index)
         for starts in ({}, {QUERY: 3}, {QUERY: 3, KEY: 7}):
-            got = _maskexpr.evaluate(e, {QUERY: 6, KEY: 9}, {"buf": buf}, starts)
+            got = _maskeval.evaluate(e, {QUERY: 6, KEY: 9}, {"buf": buf}, starts)
             with monkeypatch.context() as m:
-                m.setattr(_maskexpr, "_window", lambda *a: None)
-                want = _maskexpr.evaluate(e, {QUERY: 6, KEY: 9}, {"buf": buf}, starts)
+                m.setattr(_maskeval, "_window", lambda *a: None)
+                want = _maskeval.evaluate(e, {QUERY: 6, KEY: 9}, {"buf": buf}, starts)
             assert got.shape == want.shape and torch.equal(got, want), (index, starts)
 
 
@@ -190,5 +190,5 @@ def test_bool_comparisons_equal_the_promoted_ones():
         for fn in ("eq", "ne"):
             want = buf[0, 0] == scalar if fn == "eq" else buf[0, 0] != scalar
             for e, w in ((Op(fn, (read, c)), want), (Op(fn, (c, read)), want), (Not(Op(fn, (read, c))), ~want)):
-                got = _maskexpr.evaluate(e, {QUERY: 9, KEY: 11}, {"buf": buf})
+                got = _maskeval.evaluate(e, {QUERY: 9, KEY: 11}, {"buf": buf})
                 assert got.dtype == torch.bool and torch.equal(got[0, 0], w), (e, scalar)

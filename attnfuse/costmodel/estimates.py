@@ -1,0 +1,142 @@
+"""Each kernel family's estimate for one attention site: what the planner compares.
+
+Every family here has one signature, ``f(shape, spec, *, structure, params, causal) -> (tile config, Estimate)``,
+and the family registry (`attnfuse.families`) names it; `attnfuse.costmodel.plan.estimate_family` calls it with
+the family's default settings filled in.  ``shape``: ``batch, heads, kv_heads, q_len, kv_len, head_dim,
+v_head_dim, elem``; ``structure``: the proven ``window`` and ``block_sparse`` ``density``; ``params``: an
+approximate family's settings, complete.
+
+* flash, window and blocksparse are the flash launch the launcher would make (`tiles.pick`, `tiles.estimate`):
+  a causal launch visits the tiles on and below the diagonal, a window those in its band, and block-sparse
+  scales the dense work by the tile density;
+* topk adds its indexer (two skinny matmuls against per-block channel min/max) to the flash estimate scaled by
+  the kept blocks over the visible ones;
+* lsh is hashing matmuls, sort and gather traffic for every round, chunk attention over two chunks and the merge;
+* eager (the unfused graph) writes and reads the score matrix several times.
+
+The roofline formula and the element-size map are `tiles.roofline` and `tiles.dtype_name`; this module imports
+only `attnfuse.device` and `attnfuse.costmodel.tiles`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..device import DeviceSpec
+from . import tiles
+from .tiles import Estimate
+
+__all__ = ["blocksparse", "eager", "flash", "lsh", "scores_bytes", "topk", "visible_keys", "window"]
+
+Result = tuple[dict[str, int], Estimate]
+
+
+def visible_keys(q_len: int, kv_len: int, left: int, right: int, causal: bool) -> float:
+    """The mean number of keys a query row sees under a band (``-1`` = unbounded side), top-left aligned."""
+    if q_len <= 0:
+        return 0.0
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    i = torch.arange(q_len, dtype=torch.float64)
+    lo = torch.zeros_like(i) if left < 0 else (i - left).clamp(min=0)
+    hi = torch.full_like(i, kv_len - 1) if right < 0 else (i + right).clamp(max=kv_len - 1)
+    return float((hi - lo + 1).clamp(min=0).mean())
+
+
+def _dims(shape: Mapping[str, Any]) -> tuple[int, int, int, int, int, int, int, int]:
+    return (shape["batch"], shape["heads"], shape["kv_heads"], shape["q_len"], shape["kv_len"], shape["head_dim"],
+            shape["v_head_dim"], shape["elem"])
+
+
+def _once(shape: Mapping[str, Any]) -> float:
+    """Bytes of q, k, v and the output, each moved once."""
+    b, h, hk, lq, lk, d, dv, elem = _dims(shape)
+    return float(b * (h * lq + hk * lk) * (d + dv) * elem)
+
+
+def scores_bytes(shape: Mapping[str, Any]) -> float:
+    """Bytes of one float32 score matrix (batch x heads x q_len x kv_len): what the unfused graph materializes."""
+    return float(shape["batch"] * shape["heads"] * shape["q_len"] * shape["kv_len"] * 4)
+
+
+def _launch(shape: Mapping[str, Any], spec: DeviceSpec, window: tuple[int, int], causal: bool) -> Result:
+    """(tile config, Estimate) of the flash launch under the band ``window`` with ``causal`` folded in
+    (`tiles.band`): the config is the (forward, backward) pair `tiles.launch_configs` decides for the site,
+    with its mask's element size (``shape["mask_elem"]``, 0 without a mask tensor), which the op carries."""
+    b, h, hk, lq, lk, d, dv, elem = _dims(shape)
+    groups = h // hk
+    visits = tiles.band(window, causal)
+    mask_elem = int(shape.get("mask_elem", 0))
+    fwd, bwd = tiles.launch_configs(lq * groups, lk, b * hk, d, dv, elem, spec, mask_elem, groups, visits)
+    est = tiles.estimate(fwd, "fwd", lq * groups, lk, b * hk, d, dv, elem, spec, mask_elem=mask_elem, groups=groups,
+                         window=visits)
+    return tiles.config_dict(fwd, bwd), est
+
+
+def flash(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str, Any], params: Mapping[str, Any],
+          causal: bool) -> Result:
+    """The dense flash launch; a causal one visits the tiles on and below the diagonal."""
+    return _launch(shape, spec, (-1, -1), causal)
+
+
+def window(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str, Any], params: Mapping[str, Any],
+           causal: bool) -> Result:
+    """The flash launch over the tiles of the proven band ``structure["window"]``."""
+    return _launch(shape, spec, structure["window"], causal)
+
+
+def blocksparse(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str, Any],
+                params: Mapping[str, Any], causal: bool) -> Result:
+    """The dense flash launch's work scaled by the tile ``density`` (inputs read once and launches stay)."""
+    config, dense = _launch(shape, spec, (-1, -1), causal)
+    return config, dense.scaled(structure.get("density", 1.0), _once(shape), tiles.host_s(spec) + spec.launch_s)
+
+
+def eager(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str, Any], params: Mapping[str, Any],
+          causal: bool) -> Result:
+    """The unfused graph: it writes and reads the score matrix several times (matmul out, scale, mask,
+    softmax in/out, second matmul in)."""
+    b, h, hk, lq, lk, d, dv, elem = _dims(shape)
+    scores = b * h * lq * lk
+    io = (b * h * lq * (d + dv) + b * hk * lk * (d + dv)) * elem
+    return {}, tiles.roofline(2.0 * scores * (d + dv), io + 6 * scores * 4.0, scores, 5, spec,
+                              tiles.dtype_name(elem))
+
+
+def topk(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str, Any], params: Mapping[str, Any],
+         causal: bool) -> Result:
+    """Indexer (per-block channel min/max of K; two matmuls of the queries against them) + selection + exact
+    attention over the kept key blocks (the flash kernel's block-sparse mode)."""
+    b, h, hk, lq, lk, d, dv, elem = _dims(shape)
+    block = params["block"]
+    n_blocks = math.ceil(lk / block)
+    visible = max(1.0, visible_keys(lq, lk, -1, -1, causal) / block)
+    kept = min(visible, math.ceil(params["topk"] / block) + math.ceil(params["sink"] / block)
+               + math.ceil((params["local"] + block) / block))
+    _, dense = _launch(shape, spec, (-1, -1), causal)  # the kept blocks are a fraction of the visible ones
+    attend = dense.scaled(kept / visible, _once(shape), tiles.host_s(spec) + spec.launch_s)
+    index = tiles.roofline(4.0 * b * h * lq * n_blocks * d, (b * h * lq * d + 2 * b * hk * n_blocks * d) * elem
+                           + b * hk * math.ceil(lq / block) * n_blocks * 4.0, 0.0, 6, spec, tiles.dtype_name(elem))
+    return {}, index + attend
+
+
+def lsh(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str, Any], params: Mapping[str, Any],
+        causal: bool) -> Result:
+    """Hashing (one matmul per round), sorting and gathering every round's copies, chunk attention over two
+    chunks per query, and the log-sum-exp merge of the rounds."""
+    b, h, hk, lq, lk, d, dv, elem = _dims(shape)
+    rounds, chunk = params["n_hashes"], params["bucket_size"]
+    buckets = max(2, 2 * round(lk / (2 * chunk)))
+    tokens = b * (h * lq + h * lk)  # GQA gathers each query head's keys
+    hashing = 2.0 * tokens * (d + 1) * buckets / 2 * rounds
+    keys = min(lk, 2 * chunk) * (0.5 if causal else 1.0)
+    attend = 2.0 * rounds * b * h * lq * keys * (d + dv)
+    sort_bytes = rounds * tokens * (math.log2(max(2, lk)) * 8.0 + 2 * (d + dv) * elem)
+    merge_bytes = rounds * b * h * lq * (dv + 1) * 4.0 * 2
+    est = tiles.roofline(hashing + attend, sort_bytes + merge_bytes, rounds * b * h * lq * keys, 12 * rounds, spec,
+                         tiles.dtype_name(elem))
+    return {}, est + Estimate(0.0, 0.0, 0.0, tiles.host_s(spec))  # plus its Triton launch's host time
