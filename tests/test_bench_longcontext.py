@@ -11,7 +11,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -50,14 +49,13 @@ def _has_kernel(family: str) -> bool:
     return importlib.util.find_spec(f"attnfuse.kernels.{family}") is not None
 
 
-def _run_quick(script: str, out, *args: str) -> tuple[dict, str, float]:
-    """Run ``benchmarks/<script> --quick ... --out out`` on the CPU: its JSON document, stdout and wall time."""
-    t0 = time.perf_counter()
+def _run_quick(script: str, out, *args: str) -> tuple[dict, str]:
+    """Run ``benchmarks/<script> --quick ... --out out`` on the CPU: its JSON document and stdout.  No wall-clock
+    assertion (a loaded CI machine runs it several times slower); the subprocess timeout only stops a hang."""
     proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", *args, "--out", str(out)],
                           capture_output=True, text=True, timeout=300, env=CPU_ENV)
-    elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(out.read_text()), proc.stdout, elapsed
+    return json.loads(out.read_text()), proc.stdout
 
 
 # ---------------------------------------------------------------- bench_longcontext
@@ -65,7 +63,7 @@ def _run_quick(script: str, out, *args: str) -> tuple[dict, str, float]:
 def test_longcontext_quick_run_writes_json_and_png(tmp_path):
     out = tmp_path / "lc.json"
     # one ragged length (four worker processes) keeps it well under a minute on a busy 2-core machine
-    doc, stdout, elapsed = _run_quick("bench_longcontext.py", out, "--seqs", "300")
+    doc, stdout = _run_quick("bench_longcontext.py", out, "--seqs", "300")
     assert doc["benchmark"] == "bench_longcontext" and doc["device"].startswith("cpu")
     assert doc["setup"]["quick"] and doc["setup"]["args"]["device"] == "cpu"
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -87,7 +85,6 @@ def test_longcontext_quick_run_writes_json_and_png(tmp_path):
     (goal,) = doc["goals"]
     assert goal["met"] is None and goal["note"] == "not measured"  # the goal is at seq 32k
     assert "goal cpu: topk fwd at seq 32768 >= 5x sdpa: not measured" in stdout
-    assert elapsed < 120, f"--quick took {elapsed:.0f} s"
 
 
 def test_longcontext_exact_max_seq_marks_skipped_cells(lc, tmp_path, monkeypatch):
@@ -173,7 +170,7 @@ def test_recall_batches_are_consistent(quality):
 
 def test_quality_quick_run_writes_json(quality, tmp_path):
     out = tmp_path / "q.json"
-    doc, stdout, elapsed = _run_quick("quality.py", out, "--threads", "1")
+    doc, stdout = _run_quick("quality.py", out, "--threads", "1")
     assert doc["benchmark"] == "quality" and doc["setup"]["quick"] and doc["setup"]["policy_available"]
     assert doc["training"]["steps"] >= 1 and doc["training"]["history"]
     res = {r["variant"]: r for r in doc["results"]}
@@ -189,7 +186,6 @@ def test_quality_quick_run_writes_json(quality, tmp_path):
         assert len(r["attn_rel_err"]) == 2 and all(0 < e < 1 for e in r["attn_rel_err"])
         assert math.isfinite(r["logits_rel_err"])
     assert "topk" in stdout and "wrote" in stdout
-    assert elapsed < 120, f"--quick took {elapsed:.0f} s"
 
 
 # ---------------------------------------------------------------- costmodel_sweep statistics
