@@ -187,7 +187,7 @@ def _mask_elem(m: match.AttentionMatch) -> int:
         given = any((a.args[i] if len(a.args) > i else a.kwargs.get(key)) is not None for i, key in slots)
         return 0 if not given else 1 if encoder else val(m.q.node).element_size()
     dtype = rewrite.mask_dtype(m)
-    return 0 if dtype is None else torch.empty((), dtype=dtype).element_size()
+    return 0 if dtype is None else dtype.itemsize
 
 
 def _what_runs(plan: planner.Plan, m: match.AttentionMatch, shape: dict[str, Any]

@@ -132,8 +132,7 @@ def forward(q, k, v, mask=None, seed=None, *, scale=None, causal=False, softcap=
     wl, wr = widths(left, right)
     # the tile and split choice only affects speed: under dynamic shapes it uses the size hints (no guards)
     hrows, hlk, hbh = hint(rows), hint(lk), hint(b * hkv)
-    cfg = config or pick("fwd", hrows, hlk, hbh, d, dv, elem, spec, mask_elem(mask), groups,
-                         (left, right) if has_window or is_causal else (-1, -1))
+    cfg = config or pick("fwd", hrows, hlk, hbh, d, dv, elem, spec, mask_elem(mask), groups, (left, right))
     # the keys one program visits, which splits share: a two-sided band bounds them whatever the shapes
     keys = lk
     if has_window and left >= 0 and right >= 0:
@@ -234,7 +233,7 @@ def backward(grad_out, q, k, v, out, stats, mask=None, seed=None, *, scale=None,
     spec = spec_for(q)
     is_causal, has_window, left, right = _band_mode(window_size, causal, block_sparse)
     cfg = config or pick("bwd", hint(rows), hint(lk), hint(b * hkv), d, dv_, elem, spec, mask_elem(mask),
-                         groups, (left, right) if has_window or is_causal else (-1, -1))
+                         groups, (left, right))
     m, m_strides, mask_kind, fill2 = _mask_args(mask, mask_fill, q, b, h, lq, lk, block_sparse)
     maps = _tile_maps(block_sparse, mask, b, h, hkv, lq, lk, cfg, left, right, tile_map)
     sm_scale, qk_scale, cap_scale, softcap2 = _scalars(q, scale, softcap)
