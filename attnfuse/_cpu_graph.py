@@ -34,7 +34,7 @@ from .kernels import cpu
 _NAMES = ("q", "k", "v", "mask", "seed", "alibi", "sinks")
 _DEFAULTS = {"scale": None, "causal": False, "softcap": 0.0, "kv_groups": 1, "dropout_p": 0.0, "mask_fill": None,
              "window_left": -1, "window_right": -1, "block_sparse": False, "window_pad": False, "approx": "",
-             "tiles": ""}
+             "tiles": "", "impl": ""}
 log = logging.getLogger("attnfuse.cpu_graph")
 _STATE = threading.local()  # .whole: tracing the cond's fallback branch, where the op stays one node
 
@@ -43,7 +43,7 @@ def _static_fast(a: dict[str, Any]) -> bool:
     """Whether every call with tensors like these (same device, dtypes, shapes) can take the SDPA path, up to
     the data-dependent conditions the traced graph checks."""
     q, k, v, mask = a["q"], a["k"], a["v"], a["mask"]
-    return (q.device.type == "cpu" and not cpu.runs_triton(q, k, v) and not a["approx"]
+    return (q.device.type == "cpu" and not cpu.runs_triton(q, k, v) and not a["approx"] and not a["impl"]
             and cpu.path(q, v, mask, a["alibi"], a["sinks"], **{n: a[n] for n in _DEFAULTS}) == "sdpa-flash-cpu"
             and _plain_sizes(q, k, v, mask))
 

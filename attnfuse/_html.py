@@ -25,7 +25,7 @@ from ._sizes import size_text
 
 _MAX_CELLS = 64  # per side of a mask grid
 _GRID_PX = 256  # the largest side of a mask grid, in pixels
-_TENSOR_KINDS = ("padding", "bias", "dense", "blocksparse")  # parts the report holds no values for
+_TENSOR_KINDS = ("padding", "bias", "dense", "blocksparse", "documents", "prefix")  # parts known only at run time
 _TILE_CELL = {".": "masked", "#": "kept", "+": "partial"}  # a block-sparse layout's tiles: empty / full / partial
 # the cell classes, in legend order: (a grid's legend, the summary's legend)
 _STATES = {"kept": ("kept", "kept"), "masked": ("masked", "masked (by the causal / window band; an empty tile)"),
@@ -115,6 +115,8 @@ def _table(head: list[str] | None, rows: list[tuple[str, list[str]]], cls: str =
 def _band(site) -> tuple[float, float]:
     """The visible range of ``kv - q`` the report proves: (-left, right), unbounded sides infinite."""
     kinds = site.mask.get("kind", "none").split("+")
+    if "prefix" in kinds:  # prefix keys are visible outside the band: the band alone hides nothing for sure
+        return -math.inf, math.inf
     left, right = site.mask.get("window", [-1, -1]) if "window" in kinds else (-1, -1)
     if "causal" in kinds:
         right = 0 if right < 0 else min(right, 0)
@@ -189,6 +191,12 @@ def _mask_caption(mask: dict) -> str:
         lines.append("additive bias tensor: the weights are known only at run time (hatched)")
     if "dense" in kinds:
         lines.append("dense mask tensor: not proven to be a band, known only at run time (hatched)")
+    if "documents" in kinds:
+        lines.append("packed documents: a key is visible only from its own document's queries; the segment ids "
+                     "are read at run time (hatched)")
+    if "prefix" in kinds:
+        lines.append("prefix-LM: prefix keys are visible from every query of their document, also outside the "
+                     "band; which keys are prefix is read at run time (hatched)")
     if "blocksparse" in kinds:
         b, d = mask.get("blocks", {}), mask.get("density")
         tiles = ", ".join(f"{b[t]} {t}" for t in ("empty", "full", "partial") if t in b)
@@ -245,15 +253,18 @@ def _site(s) -> str:
                        for key, label in (("before", before), ("after", "after the rewrite")) if key in s.subgraph)
         out.append(f'<div class="cols subgraph">{cols}</div>')
     if s.candidates:
-        rows = []
+        rows, measured = [], any(c.get("measured_s") is not None for c in s.candidates)
         for c in s.candidates:
             chosen = s.status == "fused" and c.get("kernel") == s.kernel and not c.get("rejected")
+            cells = [_e(c.get("kernel")) + (" ✓ chosen" if chosen else ""), "yes" if c.get("exact") else "no",
+                     "#" + _time(c.get("est_time_s")), "#" + _bytes(c.get("hbm_bytes"))]
             rows.append(("chosen" if chosen else "rejected" if c.get("rejected") else "",
-                         [_e(c.get("kernel")) + (" ✓ chosen" if chosen else ""), "yes" if c.get("exact") else "no",
-                          "#" + _time(c.get("est_time_s")), "#" + _bytes(c.get("hbm_bytes")),
-                          _e(c.get("rejected") or "")]))
-        out.append("<h3>cost model</h3>" + _table(["kernel", "exact?", "est. time", "HBM bytes", "rejected because"],
-                                                    rows, "grid candidates"))
+                         cells + (["#" + _time(c.get("measured_s"))] if measured else [])
+                         + [_e(c.get("rejected") or "")]))
+        head = ["kernel", "exact?", "est. time", "HBM bytes", *(["measured"] if measured else []), "rejected because"]
+        title = "cost model" + (f" (measured: {_e((s.autotune or {}).get('measured', ''))}, cache "
+                                f"{_e((s.autotune or {}).get('cache', ''))})" if measured else "")
+        out.append(f"<h3>{title}</h3>" + _table(head, rows, "grid candidates"))
     if s.table:
         rows = [("", [_e(f"{r['kv_len'][0]} … {'∞' if r['kv_len'][1] is None else r['kv_len'][1]}"),
                       _e(r.get("kernel")), f'<span class="mono">{_e(_config(r.get("config") or {}))}</span>',

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import _logs, _publish, _sources, ops  # noqa: F401 - ops registers torch.ops.attnfuse
+from . import _logs, _publish, _sources, _torchkernels, autotune, ops  # noqa: F401 - ops registers torch.ops.attnfuse
 from ._sizes import hint as _hint
 from .config import Config
 from .costmodel import plan as planner
@@ -143,19 +143,22 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Co
     canonicalize.canonicalize(gm, canonical)
     found, misses = match.match(gm)
     found = [_local.bucket_window(gm, m, example_inputs) or m for m in found]
-    sites = [_with_structure(found_m, *masks.analyze(gm, found_m, example_inputs)) for found_m in found]
-    verdicts = approximate.verdicts(gm, [(m, {**structure, "causal": m.causal}) for m, _, structure in sites],
+    analyzed = [(found_m, masks.analyze(gm, found_m, example_inputs)) for found_m in found]
+    sites = [(*_with_structure(found_m, *result), getattr(result[1], "flex", None)) for found_m, result in analyzed]
+    sites = [(m, info, structure, _torchkernels.flex_mask_for(m, fm)) for m, info, structure, fm in sites]
+    verdicts = approximate.verdicts(gm, [(m, {**structure, "causal": m.causal}) for m, _, structure, _ in sites],
                                     example_inputs, config.approximate, config.kernels)
     chosen, entries = [], []  # entries: (anchor, site) of every site, numbered in source order at the end
-    for (m, mask_info, structure), verdict in zip(sites, verdicts):
+    for (m, mask_info, structure, flex_mask), verdict in zip(sites, verdicts):
         shape = _mha_shape(m) if m.form == "mha" else _plan_shape(m)
         shape["mask_elem"] = _mask_elem(m)
-        plan = planner.plan({**shape, "causal": m.causal}, spec, config.kernels, structure=structure,
-                              approx=verdict, dynamic=_dynamic(m))
+        plan = _plan(m, shape, spec, config, structure, verdict, flex_mask, mask_info)
         if plan.kernel != "eager":
             m = dataclasses.replace(m, approx=plan.op_table(verdict["params"] if verdict else None))
+        m, mask_info = _torchkernels.chosen(plan.kernel, plan.config, m, mask_info, flex_mask)
         plan, m = _what_runs(plan, m, shape)
         site = _fused_site(m, mask_info, plan)
+        site.autotune = getattr(plan, "autotune", None)
         entries.append((m.anchor, site))
         if plan.kernel in planner.APPROXIMATE:
             site.config = dict(verdict["params"][plan.kernel])
@@ -179,6 +182,28 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Co
     return chosen
 
 
+def _plan(m: match.AttentionMatch, shape: dict[str, Any], spec: Any, config: Config, structure: dict[str, Any],
+          verdict: Any, flex_mask: Any, mask_info: dict[str, Any]) -> planner.Plan:
+    """The site's plan, PyTorch's kernels among the candidates where they compute it exactly; measured
+    (`attnfuse.autotune`) with ``options["autotune"]``.  A site's implementation is one for every key length
+    (the op's ``impl``), so a dynamic table whose rows would mix PyTorch's kernels with others is planned again
+    without them."""
+    lim, backend = _torchkernels.limits(m, flex_mask, shape)
+    train = _torchkernels.training(m)
+    full = _torchkernels.plan_structure(structure, lim, backend, flex_mask, train)
+    sized = {**shape, "causal": m.causal, "training": train}
+    plan = planner.plan(sized, spec, config.kernels, structure=full, approx=verdict, dynamic=_dynamic(m))
+    kinds = {r["kernel"] for r in plan.table} | {plan.kernel}
+    if kinds & {"sdpa", "flex"} and len(kinds) > 1:
+        why = "a dynamic table runs attnfuse's kernels when its rows would differ (one implementation per site)"
+        full["limits"] = {name: lim[name] or why for name in lim}
+        plan = planner.plan(sized, spec, config.kernels, structure=full, approx=verdict, dynamic=_dynamic(m))
+    if config.autotune and plan.kernel != "eager":
+        site = _torchkernels.tunable(m, shape, flex_mask, mask_info.get("kind", "none"), spec)
+        plan = autotune.tune(plan, site, config.autotune)
+    return plan
+
+
 def _mask_elem(m: match.AttentionMatch) -> int:
     """The element size of the mask tensor the op will get (0: none); its tiles take shared memory."""
     if m.form == "mha":  # `_mha`: an additive mask in q's dtype, or the encoder layer's bool keep mask
@@ -196,7 +221,7 @@ def _what_runs(plan: planner.Plan, m: match.AttentionMatch, shape: dict[str, Any
     the spec, dtype and mask element size; `attnfuse.costmodel.tiles.encode`), so the report's ``config`` is
     what launches; elsewhere the ``config`` (and each table row's) names the CPU path that runs
     (`attnfuse.costmodel.cpu.path`), not Triton tiles."""
-    if plan.kernel == "eager":
+    if plan.kernel == "eager" or m.impl:  # PyTorch's kernels: the config names the op's ``impl``
         return plan, m
     q = val(m.q.node)
     if triton_unsupported(q.device.type, q.dtype, max(shape["head_dim"], shape["v_head_dim"])) is None:

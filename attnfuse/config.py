@@ -8,6 +8,7 @@ naming attnfuse, the key and the allowed values.  Environment variables are read
 * ``ATTNFUSE_STRICT=1``  -- default for ``strict``.
 * ``ATTNFUSE_REPORT=path`` -- default for ``report``.
 * ``ATTNFUSE_VERIFY=1|forward`` -- default for ``verify`` (``attnfuse.audit`` verifies unless told not to).
+* ``ATTNFUSE_AUTOTUNE_CACHE=path`` -- the default ``autotune`` cache file (else `DEFAULT_AUTOTUNE_CACHE`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ APPROXIMATE_FAMILIES = APPROXIMATE
 _APPROX_KEYS = ("max_rel_error", "families", *APPROXIMATE, "calibration")
 _FAMILY_SETTINGS = {name: FAMILIES[name].defaults for name in APPROXIMATE}  # options["approximate"][name]
 _CALIBRATION_DEFAULTS = {"max_heads": 4, "max_rows": 256, "seed": 0}
+AUTOTUNE_DEFAULTS = {"reps": 10, "warmup": 2}  # options["autotune"]: timed calls (median) and untimed ones first
+DEFAULT_AUTOTUNE_CACHE = "~/.cache/attnfuse/autotune-v1.json"
 # (settings key, name) -> (least value, multiple of): the top-k kernel's key blocks are whole 32-key tiles
 _SETTING_RULES = {("approximate.topk", "block"): (32, 32)}
 
@@ -49,6 +52,7 @@ class Config:
     report: str | None = None
     strict: bool = False
     verify: bool | str = False
+    autotune: Mapping[str, Any] | None = None  # None: the cost model chooses; else `_autotune`'s settings
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | Config | None = None, *,
@@ -79,6 +83,7 @@ class Config:
             strict=_bool("strict", options.get("strict", env_strict)),
             verify=_verify(options["verify"]) if "verify" in options else _verify(
                 _ENV_VERIFY.get(env_verify, env_verify), " (from $ATTNFUSE_VERIFY)"),
+            autotune=_autotune(options.get("autotune", False)),
         )
 
     def device_spec(self) -> DeviceSpec:
@@ -179,6 +184,38 @@ def _settings(key: str, value: Any, defaults: Mapping[str, int]) -> dict[str, in
         if not isinstance(v, int) or isinstance(v, bool) or v < low or v % step:
             raise _bad(f"{key}.{name}", v, f"an int >= {low}" + (f", a multiple of {step}" if step > 1 else ""))
         out[name] = v
+    return out
+
+
+def _autotune(value: Any) -> Mapping[str, Any] | None:
+    """Measured selection (`attnfuse.autotune`): None (off), or ``{"cache": path | False, "reps", "warmup"}`` with
+    every default filled in.  ``cache``: the JSON file the measurements persist in ($ATTNFUSE_AUTOTUNE_CACHE, else
+    `DEFAULT_AUTOTUNE_CACHE`; ``~`` expanded), or False: measure on every compile, write nothing."""
+    allowed = ("False, True, or a dict with optional 'cache' (a file path, or False for no cache), 'reps' (int >= 1) "
+               "and 'warmup' (int >= 0)")
+    if value is False or value is None:
+        return None
+    if value is not True and not isinstance(value, Mapping):
+        raise _bad("autotune", value, allowed)
+    value = {} if value is True else value
+    for key in value:
+        if key not in ("cache", *AUTOTUNE_DEFAULTS):
+            raise _bad(f"autotune.{key}", value[key], "one of the keys cache, reps, warmup")
+    out: dict[str, Any] = {"cache": os.environ.get("ATTNFUSE_AUTOTUNE_CACHE") or DEFAULT_AUTOTUNE_CACHE,
+                           **AUTOTUNE_DEFAULTS}
+    for key, low in (("reps", 1), ("warmup", 0)):
+        v = value.get(key, out[key])
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise _bad(f"autotune.{key}", v, f"an int >= {low}")
+        out[key] = v
+    cache = value.get("cache", out["cache"])
+    if cache is not False:
+        if not isinstance(cache, (str, os.PathLike)) or not os.fspath(cache) or os.path.isdir(
+                os.path.expanduser(os.fspath(cache))):
+            raise _bad("autotune.cache", cache, "a file path (str / os.PathLike, not a directory), or False for no "
+                                                "cache")
+        cache = os.path.expanduser(os.fspath(cache))
+    out["cache"] = cache
     return out
 
 

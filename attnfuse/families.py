@@ -5,6 +5,10 @@ imports no kernel; `kernel_module` imports one when a module object is needed), 
 (`attnfuse.costmodel.estimates`), what the export formats do with a site it runs, and its default settings
 (the approximate families' ``options["approximate"]["topk" | "lsh"]``).
 
+``sdpa`` and ``flex`` are PyTorch's kernels as candidates (`attnfuse._impls`: the op's ``impl``): SDPA with an
+explicit backend, and FlexAttention with the proven mask compiled into its ``mask_mod`` / ``BlockMask``.  Their
+estimates scale attnfuse's own by ratios fit from measurements (`attnfuse.costmodel.fits`).
+
 Readers: `attnfuse.config` (the allowed ``kernels``, the approximate settings and their defaults),
 `attnfuse.costmodel.plan` (the candidates, `estimate_family`), `attnfuse.ops` (the module an approximate table
 row runs), `attnfuse.passes.approximate` (the families a policy calibrates) and `attnfuse.export._lower`
@@ -33,7 +37,8 @@ from types import MappingProxyType, ModuleType
 from .costmodel import estimates
 from .costmodel.tiles import Estimate
 
-__all__ = ["APPROXIMATE", "EXACT", "EXPORT_ORIGINAL", "FAMILIES", "KERNELS", "Family", "kernel_module"]
+__all__ = ["APPROXIMATE", "EXACT", "EXPORT_ORIGINAL", "FAMILIES", "KERNELS", "PYTORCH_KERNELS", "Family",
+           "kernel_module"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +69,8 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
     _family("flash", True, "attnfuse.kernels.flash", "attention"),
     _family("window", True, "attnfuse.kernels.window", "attention"),
     _family("blocksparse", True, "attnfuse.kernels.blocksparse", "attention"),
+    _family("sdpa", True, "attnfuse.kernels.sdpa", "attention"),
+    _family("flex", True, "attnfuse.kernels.flex", "original"),
     _family("topk", False, "attnfuse.kernels.topk", "original", topk=2048, block=64, sink=64, local=256),
     _family("lsh", False, "attnfuse.kernels.lsh", "original", n_hashes=4, bucket_size=64, seed=0),
     _family("eager", True, None, "original"),
@@ -73,6 +80,7 @@ KERNELS = tuple(name for name, f in FAMILIES.items() if f.fused)  # the values o
 EXACT = tuple(name for name in KERNELS if FAMILIES[name].exact)
 APPROXIMATE = tuple(name for name in KERNELS if not FAMILIES[name].exact)
 EXPORT_ORIGINAL = tuple(name for name in KERNELS if FAMILIES[name].export == "original")
+PYTORCH_KERNELS = ("sdpa", "flex")  # PyTorch's kernels as candidates (the op's ``impl``), not attnfuse's own
 
 
 def kernel_module(name: str) -> ModuleType:

@@ -1,8 +1,8 @@
 """``torch.ops.attnfuse.*``: the fused attention op the rewriter emits.
 
-``attnfuse::attention(q, k, v, mask=None, seed=None, alibi=None, sinks=None, *, scale=None, causal=False,
-softcap=0.0, kv_groups=1, dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1,
-block_sparse=False, window_pad=False, approx="", tiles="") -> (out, stats)``
+``attnfuse::attention(q, k, v, mask=None, seed=None, alibi=None, sinks=None, doc=None, *, scale=None,
+causal=False, softcap=0.0, kv_groups=1, dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1,
+block_sparse=False, window_pad=False, approx="", tiles="", impl="") -> (out, stats)``
 
 Tensors are ``(batch, heads, seqlen, head_dim)``; K/V have ``heads / kv_groups``
 heads.  ``mask`` broadcasts to ``(batch, heads, q_len, kv_len)``: bool means
@@ -29,6 +29,14 @@ table says so (only the causal flag, scale and GQA apply there: the policy admit
 tile per key-length range, which the launcher runs as given -- the tile is decided once, by the plan, with the
 device spec, dtype and mask element size; without it (a standalone call) the launcher picks with the same
 function (`attnfuse.costmodel.tiles.launch_configs`).  The CPU paths ignore it.
+``impl``: "" (attnfuse's kernels, below), or PyTorch's kernels as the plan chose them (`attnfuse._impls`):
+``"sdpa:flash" | "sdpa:efficient" | "sdpa:cudnn" | "sdpa:cpu"`` (SDPA with that backend, `attnfuse.kernels.sdpa`)
+or ``"flex"`` (FlexAttention, `attnfuse.kernels.flex`); each keeps these semantics itself (per call, what its
+kernel would compute differently runs its exact path), the op then stays one node under ``torch.compile``, and its
+``stats`` are that implementation's.  ``doc`` (``impl="flex"`` only, ``q_len == kv_len``): int64 ``(B, 2, L)``,
+row 0 a segment id per position, row 1 a prefix-key flag: key ``j`` is visible from query ``i`` only if
+``doc[b, 0, i] == doc[b, 0, j]`` (packed documents), and the band (``causal``, window) applies unless
+``doc[b, 1, j] != 0`` (prefix-LM: a prefix key is seen by every query of its document).
 ``out`` is ``(B, H, Lq, Dv)``; ``stats`` holds the softmax row statistics the flash
 backward needs (fp32 ``(B, H, Lq, 2)``: row max and log2 of the row sum, base 2),
 or is empty on the paths whose backward recomputes them.  `attend` returns ``out`` alone.
@@ -58,7 +66,7 @@ from typing import Any
 
 import torch
 
-from . import _cpu_graph
+from . import _cpu_graph, _impls
 from ._sizes import hint
 from .costmodel import tiles as _tiles
 from .kernels import cpu, flash
@@ -69,13 +77,21 @@ __all__ = ["attend", "attention", "attention_backward", "attention_sdpa", "outpu
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               seed: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
-              sinks: torch.Tensor | None = None, *, scale: float | None = None,
+              sinks: torch.Tensor | None = None, doc: torch.Tensor | None = None, *, scale: float | None = None,
               causal: bool = False, softcap: float = 0.0, kv_groups: int = 1, dropout_p: float = 0.0,
               mask_fill: float | None = None, window_left: int = -1, window_right: int = -1,
               block_sparse: bool = False, window_pad: bool = False, approx: str = "",
-              tiles: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+              tiles: str = "", impl: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     cpu.check(q, k, v, mask, alibi, sinks, kv_groups=kv_groups, causal=causal, window_left=window_left,
               window_right=window_right, block_sparse=block_sparse, window_pad=window_pad, approx=approx)
+    _impls.check(impl, doc, q, k, approx=approx, window_pad=window_pad, dropout_p=dropout_p, softcap=softcap,
+                 alibi=alibi, window_left=window_left, window_right=window_right, block_sparse=block_sparse)
+    if impl:
+        if sinks is not None:
+            raise ValueError(f"attnfuse.attention: impl={impl!r} takes no sinks; use impl='' (attnfuse's kernels)")
+        return _impls.forward(impl, q, k, v, mask, alibi, doc, {
+            "scale": scale, "causal": causal, "softcap": softcap, "kv_groups": kv_groups, "mask_fill": mask_fill,
+            "window_left": window_left, "window_right": window_right, "block_sparse": block_sparse})
     family = _approx_family(approx, k.shape[-2])
     if family is not None:
         module, params = family
@@ -151,9 +167,11 @@ attention = torch.library.custom_op("attnfuse::attention", mutates_args=())(_att
 
 
 @attention.register_fake
-def _(q, k, v, mask=None, seed=None, alibi=None, sinks=None, *, scale=None, causal=False, softcap=0.0, kv_groups=1,
-      dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1, block_sparse=False, window_pad=False,
-      approx="", tiles=""):
+def _(q, k, v, mask=None, seed=None, alibi=None, sinks=None, doc=None, *, scale=None, causal=False, softcap=0.0,
+      kv_groups=1, dropout_p=0.0, mask_fill=None, window_left=-1, window_right=-1, block_sparse=False,
+      window_pad=False, approx="", tiles="", impl=""):
+    if impl:
+        return output_like(q, v), _impls.stats_like(impl, q)
     if cpu.runs_triton(q, k, v):
         return output_like(q, v), q.new_empty(*q.shape[:3], 2, dtype=torch.float32)
     return output_like(q, v), cpu.no_stats(q)
@@ -172,14 +190,15 @@ def _traceable_cuda(mode, op, types, args, kwargs):
 
     plain = (torch.Tensor, torch._subclasses.FakeTensor, torch._subclasses.functional_tensor.FunctionalTensor)
     if (op is not _BWD and not args[0].is_cuda and not custom_triton_ops_decomposition_disabled()
+            and not kwargs.get("impl")
             and all(issubclass(t, plain) for t in types)):
         traced = _cpu_graph.forward(mode, args, kwargs)  # CPU: the fused-SDPA path as graph ops where it applies
         if traced is not None:
             return traced
     if (custom_triton_ops_decomposition_disabled() or any(not issubclass(t, plain) for t in types)
             or not args[0].is_cuda or not (args[5].numel() if op is _BWD else cpu.runs_triton(*args[:3]))
-            or kwargs.get("approx") or _tiles.varies(kwargs.get("tiles", ""))):
-        # a per-call kernel or tile table: the op stays whole and chooses at run time
+            or kwargs.get("approx") or kwargs.get("impl") or _tiles.varies(kwargs.get("tiles", ""))):
+        # a per-call kernel or tile table, or PyTorch's kernels: the op stays whole and chooses at run time
         return mode.__torch_dispatch__(op, types, args, kwargs)
     with mode:
         return _IMPLS[op](*args, **kwargs)
@@ -191,11 +210,18 @@ def _seed_on(seed, q):
 
 def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, stats: torch.Tensor, mask: torch.Tensor | None, seed: torch.Tensor | None,
-                       alibi: torch.Tensor | None, sinks: torch.Tensor | None = None, *, scale: float | None,
-                       causal: bool, softcap: float,
+                       alibi: torch.Tensor | None, sinks: torch.Tensor | None = None, doc: torch.Tensor | None = None,
+                       *, scale: float | None, causal: bool, softcap: float,
                        kv_groups: int, dropout_p: float, mask_fill: float | None, window_left: int, window_right: int,
                        block_sparse: bool, mask_grad: bool, window_pad: bool = False,
-                       approx: str = "", tiles: str = "") -> list[torch.Tensor]:
+                       approx: str = "", tiles: str = "", impl: str = "") -> list[torch.Tensor]:
+    if impl:  # flex recomputes its forward under autograd on CUDA
+        with _autograd_below_the_op():
+            dq, dk, dv, dm = _impls.backward(impl, grad_out, q, k, v, out, stats, mask, alibi, doc, {
+                "scale": scale, "causal": causal, "softcap": softcap, "kv_groups": kv_groups, "mask_fill": mask_fill,
+                "window_left": window_left, "window_right": window_right, "block_sparse": block_sparse}, mask_grad)
+        return [dq.contiguous(), dk.contiguous(), dv.contiguous(), dm if dm is not None else q.new_empty(0),
+                q.new_empty(0)]
     family = _approx_family(approx, k.shape[-2])
     if family is not None:
         module, params = family
@@ -223,25 +249,26 @@ attention_backward = torch.library.custom_op("attnfuse::attention_backward", mut
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, out, stats, mask, seed, alibi, sinks=None, *, scale, causal, softcap, kv_groups, dropout_p,
-      mask_fill, window_left, window_right, block_sparse, mask_grad, window_pad=False, approx="", tiles=""):
+def _(grad_out, q, k, v, out, stats, mask, seed, alibi, sinks=None, doc=None, *, scale, causal, softcap, kv_groups,
+      dropout_p, mask_fill, window_left, window_right, block_sparse, mask_grad, window_pad=False, approx="", tiles="",
+      impl=""):
     dm = mask.new_empty(mask.shape) if mask_grad else q.new_empty(0)
     ds = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty(0)
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dm, ds]
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    q, k, v, mask, seed, alibi, sinks = inputs
-    ctx.save_for_backward(q, k, v, mask, seed, alibi, sinks, *output)
+    q, k, v, mask, seed, alibi, sinks, doc = inputs
+    ctx.save_for_backward(q, k, v, mask, seed, alibi, sinks, doc, *output)
     ctx.kwargs = keyword_only_inputs
 
 
 def _backward(ctx, grad, _grad_stats):
-    q, k, v, mask, seed, alibi, sinks, out, stats = ctx.saved_tensors
+    q, k, v, mask, seed, alibi, sinks, doc, out, stats = ctx.saved_tensors
     mask_grad = mask is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dm, ds = attention_backward(grad, q, k, v, out, stats, mask, seed, alibi, sinks, mask_grad=mask_grad,
-                                            **ctx.kwargs)
-    return dq, dk, dv, (dm if mask_grad else None), None, None, (ds if sinks is not None else None)
+    dq, dk, dv, dm, ds = attention_backward(grad, q, k, v, out, stats, mask, seed, alibi, sinks, doc,
+                                            mask_grad=mask_grad, **ctx.kwargs)
+    return dq, dk, dv, (dm if mask_grad else None), None, None, (ds if sinks is not None else None), None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -253,9 +280,9 @@ for _op in (attention, attention_backward):
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
            seed: torch.Tensor | None = None, alibi: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
-           **kwargs) -> torch.Tensor:
+           doc: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """``attnfuse::attention``'s output without the row statistics."""
-    return attention(q, k, v, mask, seed, alibi, sinks, **kwargs)[0]
+    return attention(q, k, v, mask, seed, alibi, sinks, doc, **kwargs)[0]
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,

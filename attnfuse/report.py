@@ -41,6 +41,9 @@ class Site:
     # nodes the matcher looked at, `passes._nearmiss`); "after": the fused site's rewrite
     subgraph: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     verify: dict[str, Any] | None = None  # options["verify"]: errors vs float64, grads, sampled, passed (passes/verify)
+    # options["autotune"]: how the kernel was measured -- cache ("hit" | "miss" | "off"), path, measured ("forward" |
+    # "forward+backward"), reps, warmup, the model's choice and what was timed (`attnfuse.autotune.tune`)
+    autotune: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -109,6 +112,8 @@ class Report:
                 kernel += f" (err {s.error:.2g})"
             if s.table and len({row["kernel"] for row in s.table}) > 1:
                 kernel += " [" + ", ".join(f"{row['kv_len'][0]}+:{row['kernel']}" for row in s.table) + "]"
+            if s.autotune and s.kernel:
+                kernel += " (measured" + (", cached" if s.autotune.get("cache") == "hit" else "") + ")"
             rows.append((str(s.id), s.module or "-", s.source or "-", s.status, kernel,
                          s.mask.get("kind", "none"), str(s.kv_groups), scale, shapes, s.reason or ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

@@ -33,7 +33,8 @@ def test_every_allowed_kernel_is_registered_with_a_module_that_runs_it(name):
 
 def test_config_and_planner_lists_are_the_registrys():
     assert Config().kernels == config.KERNEL_FAMILIES == families.KERNELS == ("flash", "window", "blocksparse",
-                                                                            "topk", "lsh")
+                                                                            "sdpa", "flex", "topk", "lsh")
+    assert families.PYTORCH_KERNELS == ("sdpa", "flex")
     assert config.EXACT_FAMILIES == planner.EXACT == tuple(n for n in families.KERNELS if families.FAMILIES[n].exact)
     assert config.APPROXIMATE_FAMILIES == planner.APPROXIMATE == tuple(
         n for n in families.KERNELS if not families.FAMILIES[n].exact) == ("topk", "lsh")
@@ -69,7 +70,7 @@ def test_the_planner_estimates_with_the_registrys_function_and_defaults(name):
 
 def test_unknown_family_names_the_registry():
     with pytest.raises(ValueError, match="unknown kernel family 'dense'; allowed: flash, window, blocksparse, "
-                                         "topk, lsh, eager"):
+                                         "sdpa, flex, topk, lsh, eager"):
         planner.estimate_family("dense", SHAPE, PRESETS["h100"])
 
 
@@ -77,7 +78,8 @@ def test_unknown_family_names_the_registry():
 @pytest.mark.parametrize("name", config.KERNEL_FAMILIES)
 def test_export_support_is_recorded_and_used(fmt, name):
     family = families.FAMILIES[name]
-    assert family.export == ("attention" if family.exact else "original")
+    # FlexAttention has no standard-attention form with its doc tensor (export plans without PyTorch's kernels)
+    assert family.export == ("attention" if family.exact and name != "flex" else "original")
     assert (name in families.EXPORT_ORIGINAL) == (family.export == "original")
     match = type("M", (), {"dropout_p": 0.0, "softcap": 0.0})()
     site = Site(id=0, module="m", source="", status="fused", kernel=name)

@@ -12,8 +12,8 @@ import attnfuse
 from attnfuse.__main__ import _Failure, _options
 from attnfuse.config import Config
 
-ALLOWED_OPTIONS = "allowed options: kernels, approximate, device, inner, report, strict, verify"
-FAMILIES = "'flash', 'window', 'blocksparse', 'topk', 'lsh'"
+ALLOWED_OPTIONS = "allowed options: kernels, approximate, device, inner, report, strict, verify, autotune"
+FAMILIES = "'flash', 'window', 'blocksparse', 'sdpa', 'flex', 'topk', 'lsh'"
 APPROX = {"max_rel_error": 0.1}
 
 # (options, the option the message names, what the message says it accepts)
@@ -64,6 +64,8 @@ CASES = {
     "strict: int": ({"strict": 1}, "'strict'", "allowed: True | False"),
     "verify": ({"verify": "yes"}, "'verify'", "allowed: False | True | 'forward'"),
     "verify: None": ({"verify": None}, "'verify'", "allowed: False | True | 'forward'"),
+    "autotune": ({"autotune": "yes"}, "'autotune'", "allowed: False, True, or a dict with optional 'cache'"),
+    "autotune.reps": ({"autotune": {"reps": 0}}, "'autotune.reps'", "allowed: an int >= 1"),
 }
 
 

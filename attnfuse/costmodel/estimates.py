@@ -12,10 +12,13 @@ approximate family's settings, complete.
 * topk adds its indexer (two skinny matmuls against per-block channel min/max) to the flash estimate scaled by
   the kept blocks over the visible ones;
 * lsh is hashing matmuls, sort and gather traffic for every round, chunk attention over two chunks and the merge;
-* eager (the unfused graph) writes and reads the score matrix several times.
+* eager (the unfused graph) writes and reads the score matrix several times;
+* sdpa and flex (PyTorch's kernels) are the launch of attnfuse's own kernel they would replace, times the
+  measured ratio of their time over attnfuse's on the device's preset (`attnfuse.costmodel.fits`), in the
+  site's mode: ``"fwd_bwd"`` when ``shape["training"]`` (or ``structure["training"]``), else ``"fwd"``.
 
 The roofline formula and the element-size map are `tiles.roofline` and `tiles.dtype_name`; this module imports
-only `attnfuse.device` and `attnfuse.costmodel.tiles`.
+only `attnfuse.device`, `attnfuse.costmodel.tiles` and `attnfuse.costmodel.fits`.
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ from typing import Any
 import torch
 
 from ..device import DeviceSpec
-from . import tiles
+from . import fits, tiles
 from .tiles import Estimate
 
-__all__ = ["blocksparse", "eager", "flash", "lsh", "scores_bytes", "topk", "visible_keys", "window"]
+__all__ = ["blocksparse", "eager", "flash", "flex", "lsh", "scores_bytes", "sdpa", "topk", "visible_keys", "window"]
 
 Result = tuple[dict[str, int], Estimate]
 
@@ -140,3 +143,57 @@ def lsh(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str, A
     est = tiles.roofline(hashing + attend, sort_bytes + merge_bytes, rounds * b * h * lq * keys, 12 * rounds, spec,
                          tiles.dtype_name(elem))
     return {}, est + Estimate(0.0, 0.0, 0.0, tiles.host_s(spec))  # plus its Triton launch's host time
+
+
+def _fit(shape: Mapping[str, Any], spec: DeviceSpec, structure: Mapping[str, Any], family: str,
+         variant: str | None, causal: bool) -> fits.Fit:
+    """The fitted ratio (`fits.ratio`) of ``family`` in the site's mode, at its head dim and key length."""
+    mode = "fwd_bwd" if shape.get("training") or structure.get("training") else "fwd"
+    return fits.ratio(spec, family, variant, mode, causal, shape["head_dim"], shape["kv_len"])
+
+
+def _times(est: Estimate, ratio: float) -> Estimate:
+    return Estimate(est.flops, est.hbm_bytes, est.exp_ops, est.time_s * ratio)
+
+
+def _replaced(shape: Mapping[str, Any], spec: DeviceSpec, band: tuple[int, int], causal: bool) -> Estimate:
+    """The launch of attnfuse's kernel under ``band``; where no tile of it fits these head dims (PyTorch's kernel
+    may still run them), the untiled roofline of the same work, inputs moved once."""
+    try:
+        return _launch(shape, spec, band, causal)[1]
+    except tiles.NoTileFits:
+        b, h, hk, lq, lk, d, dv, elem = _dims(shape)
+        scores = b * h * lq * visible_keys(lq, lk, *band, causal)
+        return tiles.roofline(2.0 * scores * (d + dv), _once(shape), scores, 1, spec, tiles.dtype_name(elem))
+
+
+def sdpa(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str, Any], params: Mapping[str, Any],
+         causal: bool) -> Result:
+    """PyTorch's SDPA with the backend ``structure["sdpa_backend"]`` (default flash; "cpu", its CPU kernel, is
+    the flash backend's fit; a backend the preset's measurements lack reuses flash's): the dense flash launch
+    (SDPA skips no band or empty tile, only a causal mask's upper triangle) times the fitted ratio."""
+    base = _replaced(shape, spec, (-1, -1), causal)
+    return {}, _times(base, _fit(shape, spec, structure, "sdpa", structure.get("sdpa_backend"), causal).ratio)
+
+
+def flex(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str, Any], params: Mapping[str, Any],
+         causal: bool) -> Result:
+    """FlexAttention over the proven mask's BlockMask: the launch of attnfuse's kernel it replaces times Flex's
+    fitted ratio for that structure -- a proven band (``structure["window"]``): the window launch, the
+    ``window`` ratio; a block-sparse mask: the block-sparse estimate, the dense ratio; packed documents
+    (``"documents"`` in ``structure["flex_mask"]["kinds"]``, which attnfuse's kernels run as a dense mask, within
+    the band if one was proven): that launch and the ``documents`` ratio, or where none was measured the dense
+    ratio with the work scaled by the BlockMask's ``structure["density"]`` (default 1); otherwise the dense
+    launch and ratio."""
+    documents = "documents" in (structure.get("flex_mask") or {}).get("kinds", ())
+    band = structure.get("window")
+    if structure.get("block_sparse") and not documents:
+        base = _replaced(shape, spec, (-1, -1), causal).scaled(structure.get("density", 1.0), _once(shape),
+                                                                tiles.host_s(spec) + spec.launch_s)
+        return {}, _times(base, _fit(shape, spec, structure, "flex", "dense", causal).ratio)
+    base = _replaced(shape, spec, (-1, -1) if band is None else band, causal)
+    variant = "documents" if documents else "dense" if band is None else "window"
+    fit = _fit(shape, spec, structure, "flex", variant, causal)
+    if documents and fit.variant != "documents":
+        base = base.scaled(structure.get("density", 1.0), _once(shape), tiles.host_s(spec) + spec.launch_s)
+    return {}, _times(base, fit.ratio)

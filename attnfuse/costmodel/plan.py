@@ -28,7 +28,7 @@ from typing import Any
 
 from .._sizes import size_text
 from ..device import PRESETS, DeviceSpec
-from ..families import APPROXIMATE, EXACT, FAMILIES
+from ..families import APPROXIMATE, EXACT, FAMILIES, PYTORCH_KERNELS
 from .estimates import scores_bytes, visible_keys
 from .tiles import Estimate, NoTileFits
 
@@ -77,15 +77,23 @@ def estimate_family(family: str, shape: Mapping[str, Any], spec: DeviceSpec, *,
 def _candidate(family: str, est: Estimate | None, rejected: str | None, **extra: Any) -> dict[str, Any]:
     row = {"kernel": family, "exact": FAMILIES[family].exact, "est_time_s": est.time_s if est else None,
            "hbm_bytes": est.hbm_bytes if est else None, "flops": est.flops if est else None,
-           "exp_ops": est.exp_ops if est else None, "rejected": rejected}
+           "exp_ops": est.exp_ops if est else None, "rejected": rejected,
+           "allowed": rejected is None and est is not None and family != "eager"}
     row.update(extra)
     return row
 
 
 def _why(family: str, kernels: Sequence[str], band: bool, sparse: bool, approx: Mapping[str, Any] | None,
-         padded: bool = False):
+         padded: bool = False, limits: Mapping[str, str | None] | None = None):
     """Why ``family`` may not run the site (None: it may).  ``padded``: a padded window (``window_pad``), whose
-    zero keys only the window kernels add."""
+    zero keys only the window kernels add; ``limits``: {"sdpa" | "flex": why PyTorch's kernel cannot compute the
+    site exactly, or None} (the backend's, from the match)."""
+    if family in PYTORCH_KERNELS:  # whether they can run a site is the caller's ``limits``
+        if limits is None or family not in limits:
+            return f"'{family}' is a candidate only for a matched site, whose facts say whether it computes it exactly"
+        if limits[family]:
+            return limits[family]
+        return None if family in kernels else f"'{family}' is not in options['kernels']"
     if padded and family != "window":
         return "the padded window's zero keys (the unfold spelling) run in the window kernel only"
     if family == "flash" and (band or sparse):
@@ -119,7 +127,8 @@ def _candidates(shape, spec, kernels, structure, approx):
     rows, configs = [], {}
     for family in FAMILIES:
         extra: dict[str, Any] = {}
-        why = _UNFUSED if family == "eager" else _why(family, kernels, band, sparse, approx, padded)
+        why = _UNFUSED if family == "eager" else _why(family, kernels, band, sparse, approx, padded,
+                                                     structure.get("limits"))
         if (family == "window" and not band) or (family == "blocksparse" and not sparse):
             rows.append(_candidate(family, None, why))
             continue
@@ -139,6 +148,11 @@ def _candidates(shape, spec, kernels, structure, approx):
         except NoTileFits as exc:  # the site's head dims (forward or backward) need more shared memory
             rows.append(_candidate(family, None, why or str(exc).removeprefix("attnfuse flash: "), **extra))
             continue
+        if family == "sdpa":
+            configs[family] = {"impl": f"sdpa:{structure.get('sdpa_backend', 'cpu')}"}
+            extra["backend"] = structure.get("sdpa_backend", "cpu")
+        elif family == "flex":
+            configs[family] = {"impl": "flex"}
         rows.append(_candidate(family, est, why, **extra))
     return rows, configs
 
@@ -188,9 +202,11 @@ def plan(shape: Mapping[str, Any], device: DeviceSpec, kernels: Sequence[str], *
     rows, configs = _candidates(shape, device, kernels, structure, approx)
     chosen = _choose(rows)
     table = _table(shape, device, kernels, structure, approx) if dynamic else []
-    if chosen == "eager":
+    if chosen == "eager":  # the reason shown: the kernel that would have run, among those the user allowed
         band, sparse = (structure or {}).get("window") is not None, bool((structure or {}).get("block_sparse"))
         first = "window" if band else "blocksparse" if sparse else "flash"
+        if first not in kernels:
+            first = next((r["kernel"] for r in rows if r["kernel"] in kernels and r["exact"]), first)
         return Plan("eager", {}, sorted(rows, key=lambda r: r["kernel"] != first), table)
     return Plan(chosen, configs.get(chosen, {}), sorted(rows, key=lambda r: r["kernel"] != chosen), table)
 

@@ -23,6 +23,7 @@ dims and ranges, and every format writes them symbolic, so the file runs at othe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import pathlib
 import sys
@@ -38,6 +39,7 @@ from torch.export import ExportedProgram
 from .._publish import publish
 from ..backend import transform
 from ..config import Config
+from ..families import PYTORCH_KERNELS
 from ..report import Report
 from . import _dims, _lower
 
@@ -69,7 +71,9 @@ def _rewrite(ep: ExportedProgram, config: Config, keep: Callable | None = None,
     specs = _dims.reexport(ep, gm), _dims.reexport(ep, gm, exact=False)
     report = Report(device=config.device_spec().name, graphs=1)
     leaves = pytree.tree_leaves((args, kwargs))
-    new = transform(gm, leaves, config, report, keep=keep)
+    # a program runs where it is loaded: it carries attnfuse's own op, not this machine's choice of PyTorch kernel
+    own = tuple(k for k in config.kernels if k not in PYTORCH_KERNELS) or ("flash",)
+    new = transform(gm, leaves, dataclasses.replace(config, kernels=own), report, keep=keep)
     if not report.fused:
         return ep, report
     if lower is not None:

@@ -51,6 +51,10 @@ class Emitter:
         return node if dtype is None or val(node).dtype == dtype else self._insert(_Call("to", (node, dtype),
                                                                                          method=True))
 
+    def call(self, target: Any, *args: Any, method: bool = False) -> fx.Node:
+        """A new node ``target(*args)`` (``args[0].target(*args[1:])`` if ``method``) after the nodes it reads."""
+        return self._insert(_Call(target, args, method=method))
+
     def slopes(self, g, coef: float) -> fx.Node | None:
         """fp32 (H,) slopes ``coef * g[h]``."""
         heads = self.extents[HEAD]

@@ -53,7 +53,8 @@ def _shift(e, r_in: int, r_out: int):
 
 
 _COMPARE = {"le": "le", "lt": "lt", "ge": "ge", "gt": "gt", "eq": "eq", "ne": "ne", "less_equal": "le",
-            "less": "lt", "greater_equal": "ge", "greater": "gt", "not_equal": "ne"}
+            "less": "lt", "greater_equal": "ge", "greater": "gt", "not_equal": "ne", "__eq__": "eq", "__ne__": "ne",
+            "__le__": "le", "__lt__": "lt", "__ge__": "ge", "__gt__": "gt"}
 _BOOL_BINARY = {"and_": and_, "logical_and": and_, "bitwise_and": and_, "__and__": and_,
                 "or_": or_, "logical_or": or_, "bitwise_or": or_, "__or__": or_}
 _IDENTITY = ("contiguous", "clone", "detach", "lift_fresh_copy", "alias", "to", "type", "type_as", "_to_copy",

@@ -84,6 +84,11 @@ class AttentionMatch:
     approx: str = ""
     # the plan's Triton tiles for the op (`attnfuse.costmodel.tiles.encode`; "" = none: the CPU paths)
     tiles: str = ""
+    # PyTorch's kernels instead of attnfuse's (the op's ``impl``: "sdpa:<backend>" | "flex"; "" = attnfuse's own)
+    impl: str = ""
+    # packed documents / prefix-LM for FlexAttention: the int64 (B, 2, L) node the mask analysis emitted
+    # (`attnfuse.passes.masks.FlexMask`; the op's ``doc``)
+    doc: fx.Node | None = None
     # attention sinks: the (B, H, Lq, 1) column concatenated to the scores before the softmax and dropped after
     # it (GPT-OSS, x-transformers), proven constant along the queries (`_chain.sink_form`); the op reads [:, :, 0, 0]
     sinks: fx.Node | None = None

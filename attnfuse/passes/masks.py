@@ -27,6 +27,10 @@ Such a constant term of static size is also read by value (`_maskvalue.whole`): 
 band, or a block-sparse mask with an empty 64x64 tile.  Band entries are -inf in the
 kernels; ``params["fill"]`` is the fill eager used outside the band (finite for HF
 masks: a row that padding leaves without a visible key is then uniform over all keys).
+
+Packed documents (``seg[b, q] == seg[b, kv]``) and prefix-LM (``band | P[b, kv]``) stay dense here;
+`_maskdoc` proves them beside, as ``MaskInfo.flex`` (a `FlexMask` the `flex` family runs from a
+(B, 2, L) vector node instead of the L x L term).
 """
 
 from __future__ import annotations
@@ -39,22 +43,20 @@ import torch
 import torch.fx as fx
 
 from .._sizes import hint
-from . import _maskvalue
+from . import _maskdoc, _maskvalue
 from ._graph import arg, eq, val
+from ._maskdoc import KINDS, FlexMask, band_bound, conjuncts, is_zero, keyed, negative, summands
 from ._maskemit import Emitter
-from ._maskexpr import HEAD, KEY, QUERY, Aff, And, Atom, Const, Ite, Op, and_, free, ne0, not_, reads, show
+from ._maskexpr import HEAD, KEY, QUERY, Aff, Atom, Const, Ite, Op, and_, free, ne0, not_, reads, show
 from ._maskread import Builder, size1
 from ._records import AttentionMatch, MaskTerm, operand_shape
-
-_LARGE_NEGATIVE = -1e4  # the matcher's bound for a mask fill
-_KINDS = ("causal", "window", "padding", "bias", "alibi", "blocksparse", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
 class MaskInfo:
     """What a match's masks were proven to be (see the module docstring)."""
 
-    kinds: tuple[str, ...]  # in _KINDS order; () = no mask
+    kinds: tuple[str, ...]  # in KINDS order; () = no mask
     causal: bool = False
     window_left: int = -1  # key j visible from query i iff j >= i - left (-1: unbounded)
     window_right: int = -1  # ... and j <= i + right (-1: unbounded; causal caps it at 0)
@@ -62,9 +64,11 @@ class MaskInfo:
     block_sparse: bool = False  # the single remaining term is a constant with empty 64x64 tiles
     proof: tuple[str, ...] = ()
     params: dict = dataclasses.field(default_factory=dict)
+    flex: FlexMask | None = None  # the same masks for the `flex` family (documents, prefix: `_maskdoc`)
 
     def report(self) -> dict:
-        return {"kind": "+".join(self.kinds) or "none", **self.params, "proof": list(self.proof)}
+        flex = {"flex": {"kind": "+".join(self.flex.kinds), "proof": list(self.flex.proof)}} if self.flex else {}
+        return {"kind": "+".join(self.kinds) or "none", **self.params, "proof": list(self.proof), **flex}
 
 
 @dataclasses.dataclass
@@ -79,6 +83,7 @@ class _Result:
     kinds: set = dataclasses.field(default_factory=set)
     proof: list = dataclasses.field(default_factory=list)
     params: dict = dataclasses.field(default_factory=dict)
+    flex: _maskdoc.DocTerm | None = None
 
 
 def analyze(gm: fx.GraphModule, m: AttentionMatch, example_inputs: Sequence[Any] | None):
@@ -88,7 +93,7 @@ def analyze(gm: fx.GraphModule, m: AttentionMatch, example_inputs: Sequence[Any]
     site = _Site(gm, m, example_inputs)
     alibi = None
     left, right = (m.window_left, m.window_right) if m.window_pad or m.bucketed else (None, None)
-    terms, kinds, proof, params, sparse = [], set(), ["is_causal=True"] if m.causal else [], {}, False
+    terms, kinds, proof, params, sparse, results = [], set(), ["is_causal=True"] if m.causal else [], {}, False, []
     if m.window_pad:
         proof.append(f"window ({left}, {right}): F.pad + unfold windows over the sequence; the padded rows are "
                      "keys with score 0 and value 0 (window_pad)")
@@ -102,6 +107,7 @@ def analyze(gm: fx.GraphModule, m: AttentionMatch, example_inputs: Sequence[Any]
         r = _cached(site, term)
         if r.alibi is not None and alibi is not None:
             r = _Result([term], kinds={"bias"}, proof=["a second ALiBi term stays an additive tensor"])
+        results.append(r)
         terms += r.terms
         kinds |= r.kinds
         proof += r.proof
@@ -122,8 +128,9 @@ def analyze(gm: fx.GraphModule, m: AttentionMatch, example_inputs: Sequence[Any]
         params.pop("fill", None)
     if terms:
         params["tensors"] = [_describe(t) for t in terms]
-    info = MaskInfo(tuple(k for k in _KINDS if k in kinds), causal=causal, window_left=wl, window_right=wr,
-                    alibi=alibi, block_sparse=sparse, proof=tuple(proof), params=params)
+    info = MaskInfo(tuple(k for k in KINDS if k in kinds), causal=causal, window_left=wl, window_right=wr,
+                    alibi=alibi, block_sparse=sparse, proof=tuple(proof), params=params,
+                    flex=_maskdoc.combine(m, results, site.fake.dtype))
     return dataclasses.replace(m, causal=causal, masks=tuple(terms)), info
 
 
@@ -147,7 +154,7 @@ def _mha_info(m: AttentionMatch) -> MaskInfo:
         kinds.add("padding" if padding else "dense")
         proof.append(f"{'key_padding_mask' if padding else 'attn_mask'} of multi_head_attention_forward "
                      "(applied as given)")
-    return MaskInfo(tuple(k for k in _KINDS if k in kinds), proof=tuple(proof))
+    return MaskInfo(tuple(k for k in KINDS if k in kinds), proof=tuple(proof))
 
 
 class _Site:
@@ -204,6 +211,8 @@ def _term(site: _Site, term: MaskTerm) -> _Result:
             res.proof = [f"{p} (not folded: the term stays, with a finite fill)" for p in parts.band_proof] + res.proof
     else:
         res.proof = ["dense: the mask has more than 4 dims, or is written in place, or is batched by vmap"]
+    res.flex, why = _maskdoc.term(site, term, e)
+    res.proof += why
     ext = site.extents or (None,) * 4
     got = _maskvalue.whole(site.gm, site.inputs, term.kind, term.negate, term.node, ext[2], ext[3], site.square)
     if got is None:
@@ -217,20 +226,6 @@ def _term(site: _Site, term: MaskTerm) -> _Result:
     total = blocks["empty"] + blocks["full"] + blocks["partial"]
     res.params = {**res.params, "blocks": blocks, "density": (total - blocks["empty"]) / total}
     return res
-
-
-def _conjuncts(p) -> list:
-    return list(p.parts) if isinstance(p, And) else [p]
-
-
-def _summands(e) -> list:
-    if isinstance(e, Op) and e.fn == "add":
-        return [s for a in e.args for s in _summands(a)]
-    return [e]
-
-
-def _zero(e) -> bool:
-    return e == Aff() or (isinstance(e, Const) and not isinstance(e.value, bool) and e.value == 0)
 
 
 def _alibi(p) -> tuple[Any, float] | None:
@@ -250,28 +245,10 @@ def _alibi(p) -> tuple[Any, float] | None:
     return None
 
 
-def _keyed(e) -> bool:
-    """Whether ``e`` is a key vector: it depends on the key index, never on the query's."""
-    fv = free(e)
-    return KEY in fv and QUERY not in fv
-
-
-def _negative(e, bound: float = _LARGE_NEGATIVE) -> bool:
-    return isinstance(e, Const) and not isinstance(e.value, bool) and e.value <= bound
-
-
 def _key_shaped(node: fx.Node) -> bool:
     """A tensor that is already (.., 1, 1, Lk)-shaped: read per key, never per query."""
     shape = [1] * 4 + list(val(node).shape)
     return size1(shape[-3]) and size1(shape[-2])
-
-
-def _bound(a: Aff) -> tuple[str, int] | None:
-    """An atom over (q, kv) as ("left", l): kv >= q - l, or ("right", r): kv <= q + r."""
-    k, c = a.coef(KEY), a.const
-    if not k or a.coef(QUERY) != -k or len(a.terms) != 2:
-        return None
-    return ("right", -c // k) if k > 0 else ("left", -c // -k)  # k(kv - q) + c <= 0, floor division
 
 
 class _Parts:
@@ -290,23 +267,23 @@ class _Parts:
         elif not dtype.is_floating_point:
             self.residual.append(f"an additive mask of dtype {dtype}")
         else:
-            for p in _summands(e):
+            for p in summands(e):
                 self._add(p, torch.finfo(dtype).min)
 
     def _add(self, p, floor: float) -> None:
-        if _zero(p):
+        if is_zero(p):
             self.proof.append("symbolic: an additive part is the constant 0 (dropped)")
             return
-        fills = [f.value for f in (p.a, p.b) if _negative(f)] if isinstance(p, Ite) else []
-        if isinstance(p, Ite) and not _keyed(p):
+        fills = [f.value for f in (p.a, p.b) if negative(f)] if isinstance(p, Ite) else []
+        if isinstance(p, Ite) and not keyed(p):
             for cond, x, f in ((p.cond, p.a, p.b), (not_(p.cond), p.b, p.a)):
-                if _negative(f, floor):
+                if negative(f, floor):
                     self._keep(cond, f.value)  # s + fill == fill: the fill swallows the score
-                    if not _zero(x):
+                    if not is_zero(x):
                         self._add(x, floor)  # x only matters where cond keeps
                     return
         slope = None if fills else _alibi(p)
-        if slope is None and _keyed(p):  # exact as an additive (B, 1, 1, Lk) vector, whatever the fill
+        if slope is None and keyed(p):  # exact as an additive (B, 1, 1, Lk) vector, whatever the fill
             (self.adds if fills else self.bias).append(p)
             self.proof.append(f"symbolic: additive {show(p, 80)} depends on (b, h, kv) only -> "
                               f"{'key padding' if fills else 'key bias'} vector")
@@ -327,13 +304,13 @@ class _Parts:
         if self.fill is not None and fill != self.fill:
             self.residual.append(f"keep conditions with different fills ({self.fill}, {fill})")
         self.fill = fill
-        for c in _conjuncts(pred):
-            if _keyed(c):
+        for c in conjuncts(pred):
+            if keyed(c):
                 self.keys.append(c)
                 self.proof.append(f"symbolic: {show(c, 80)} depends on (b, h, kv) only -> key padding vector")
                 continue
             self.key_only = False
-            bound = _bound(c.aff) if isinstance(c, Atom) else None
+            bound = band_bound(c.aff) if isinstance(c, Atom) else None
             buffer = None if bound or not reads(c) or not free(c) <= {QUERY, KEY} else \
                 _maskvalue.buffer_band(self.site.gm, self.site.inputs, c)
             if (bound or buffer) and not self.site.square:

@@ -282,6 +282,10 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> fx.Node | None:
             structure["approx"] = m.approx
         if m.tiles:
             structure["tiles"] = m.tiles
+        if m.impl:
+            structure["impl"] = m.impl
+        if m.doc is not None:
+            structure["doc"] = m.doc
         # SDPA zeroes fully masked rows where a softmax makes them NaN
         sdpa = m.form == "sdpa" and mask is not None
         fn = ops.attention_sdpa if sdpa else torch.ops.attnfuse.attention.default

@@ -125,7 +125,10 @@ def test_approximate_kernels_need_the_opt_in_and_a_calibration():
 
 
 def test_excluded_kernels_fall_back_and_say_why():
-    p = planner.plan(_shape(1024), PRESETS["h100"], ("blocksparse",))
+    p = planner.plan(_shape(1024), PRESETS["h100"], ("blocksparse",))  # the kernel the user allowed says why not
+    assert p.kernel == "eager" and p.candidates[0]["kernel"] == "blocksparse"
+    assert p.candidates[0]["rejected"].startswith("needs a constant mask")
+    p = planner.plan(_shape(1024), PRESETS["h100"], ("topk",))  # none exact allowed: the exact kernel that would run
     assert p.kernel == "eager" and p.candidates[0]["kernel"] == "flash"
     assert "not in options['kernels']" in p.candidates[0]["rejected"]
 
@@ -152,7 +155,7 @@ _UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 def _assert_consistent(p: planner.Plan, shape: dict, kernels, structure: dict, approx) -> None:
     """No row's ``rejected`` reason claims what its own numbers (or the plan's inputs) contradict."""
     rows = {c["kernel"]: c for c in p.candidates}
-    assert list(rows) != [] and len(rows) == len(p.candidates) == 6
+    assert list(rows) != [] and len(rows) == len(p.candidates) == 8
     runs = rows[p.kernel]
     assert runs["rejected"] is None and runs["est_time_s"] is not None, runs  # what runs is not rejected
     assert all(c["rejected"] for c in p.candidates if c is not runs), p.candidates
@@ -188,6 +191,8 @@ def _assert_consistent(p: planner.Plan, shape: dict, kernels, structure: dict, a
             assert c["kernel"] == "flash" and (structure.get("window") is not None or structure.get("block_sparse"))
         elif "window kernel only" in why:
             assert structure.get("window_pad") and c["kernel"] != "window"
+        elif "a candidate only for a matched site" in why:  # PyTorch's kernels need the site's facts (`limits`)
+            assert c["kernel"] in ("sdpa", "flex") and "limits" not in structure
         else:
             assert approx is not None and approx["rejected"].get(c["kernel"]) == why, why
 
