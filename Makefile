@@ -62,3 +62,10 @@ fuzz-long: $(BIN)/.ready
 	$(BIN)/python tests/passes/_fuzz.py --long
 
 .PHONY: fuzz-long
+
+# the GPU suite (benchmarks/gpu_suite.py, <= 8 min on an H100): attnfuse vs SDPA backends vs FlexAttention vs
+# stock torch.compile, JSON + PNG in benchmarks/results/ ("--dry": tiny shapes on the CPU, what the tests run)
+gpu-suite: $(BIN)/.ready
+	$(BIN)/python benchmarks/gpu_suite.py
+
+.PHONY: gpu-suite

@@ -52,6 +52,7 @@ PEERS = ("attnfuse", "sdpa", "flex")
 KERNEL = {"attnfuse": "flash", "sdpa": "sdpa", "flex": "flex"}  # the family each peer's compile allows
 VARIANT = {"attnfuse": "dense", "sdpa": "flash", "flex": "dense"}  # fit_costs' names (SDPA's CPU kernel: flash)
 MODES = ("fwd", "fwd_bwd")
+COLORS = {"attnfuse": "C0", "sdpa": "C1", "flex": "C2"}
 SITE = 'F.scaled_dot_product_attention(q, k, v, is_causal=causal) in torch.compile(m, backend="attnfuse", ' \
        'options={"kernels": [family]}, dynamic=False), inner compiler Inductor'
 
@@ -62,11 +63,14 @@ def cases(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _compiled(peer: str, causal: bool):
-    """A fresh compiled one-site module for ``peer``'s family."""
+    """A fresh compiled one-site module for ``peer``'s family.  Dynamo's caches are reset first: every compile
+    here shares one code object, and past its recompile limit Dynamo would run the frame eagerly."""
     import torch
     import torch.nn.functional as F
 
     import attnfuse  # noqa: F401 - registers the backend
+
+    torch._dynamo.reset()
 
     class Site(torch.nn.Module):
         def forward(self, q, k, v):
@@ -96,6 +100,7 @@ def measure(peer: str, case: dict[str, Any], args: argparse.Namespace) -> list[d
     rows = []
     for mode in args.modes:
         m = _compiled(peer, causal)
+        before = attnfuse.last_report()
         if mode == "fwd":
             def call():
                 with torch.no_grad():
@@ -106,9 +111,11 @@ def measure(peer: str, case: dict[str, Any], args: argparse.Namespace) -> list[d
         first = call()
         check: dict[str, Any] = {"first_call_s": time.perf_counter() - t0}
         report = attnfuse.last_report()
-        site = report.sites[0] if report is not None and report.sites else None
+        fresh = report is not None and report is not before
+        site = report.sites[0] if fresh and report.sites else None
         if site is None or site.kernel != KERNEL[peer]:
-            why = "no site in the report" if site is None else site.reason or f"the site ran {site.kernel!r}"
+            why = ("nothing compiled (no new report)" if not fresh else "no site in the report" if site is None
+                   else site.reason or f"the site ran {site.kernel!r}")
             rows.append({**head, "mode": mode, "skipped": why})
             continue
         if mode == "fwd":
@@ -215,12 +222,13 @@ def report(doc: dict[str, Any], png_path: pathlib.Path) -> None:
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     seqs = sorted({r["seq"] for r in rows})
     grid = [[common.Panel([common.Line(p, [(r["seq"], r["ms"]) for r in rows if r["peer"] == p
-                                           and r["causal"] == c and r["mode"] == m]) for p in PEERS],
+                                           and r["causal"] == c and r["mode"] == m], color=COLORS[p]) for p in PEERS],
                           seqs, title=f"{'causal' if c else 'full'}, {m}", ylabel="ms") for m in modes]
             for c in (False, True)]
     s = doc["setup"]
-    common.plot(grid, png_path, f"candidates on {doc['device']} ({s['threads']} threads): B=1, H={s['heads']}, "
-                f"d={s['head_dim']}, fp32, torch {doc['torch']} ({doc['date']}); compiled sites, backend attnfuse",
+    common.plot(grid, png_path, f"compiled sites (backend attnfuse), {doc['device']} {s['threads']} threads: B=1, "
+                f"H={s['heads']}, d={s['head_dim']}, fp32, torch {doc['torch']}\n({doc['date']}; a missing line: "
+                "the family declined the site)",
                 figsize=(4.5 * max(len(modes), 1), 7.5))
     print(table(doc["rows"]))
 

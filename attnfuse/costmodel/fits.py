@@ -15,7 +15,9 @@ committed in ``benchmarks/results/`` (a test checks that the committed file is w
 
 `ratio` looks a site up: the preset of the device spec (`preset_of`), the nearest measured head dim (in log2),
 and the ratio interpolated linearly in (log seq, log ratio) between the measured lengths, clamped outside them.
-A missing variant, mode or causal flag falls back to the nearest thing measured, and the returned `Fit` says so.
+A missing variant, mode or causal flag falls back to the nearest thing measured, and the returned `Fit` says so;
+another mode's ratio never makes the family faster than attnfuse's kernel (at least 1: a forward measured says
+nothing of a backward the family may not even run, e.g. SDPA's CPU kernel declines float32 training).
 This module imports only `attnfuse.device`.
 """
 
@@ -119,8 +121,12 @@ def ratio(spec: DeviceSpec, family: str, variant: str | None, mode: str, causal:
     if not by_variant:
         return Fit(1.0, preset, None, f"no {family} measurement for {preset}: attnfuse's own estimate")
     used, by_mode = _pick(by_variant, variant, (default, *sorted(by_variant)), f"{family} variant", notes)
-    _, by_causal = _pick(by_mode, mode, ("fwd_bwd", "fwd"), "mode", notes)
+    used_mode, by_causal = _pick(by_mode, mode, ("fwd_bwd", "fwd"), "mode", notes)
     want = "causal" if causal else "full"
     _, by_dim = _pick(by_causal, want, ("full", "causal"), "mask", notes)
     dims = sorted(by_dim, key=lambda d: (abs(math.log2(int(d)) - math.log2(max(1, head_dim))), int(d)))
-    return Fit(interpolate(by_dim[dims[0]], seq), preset, used, "; ".join(notes) or None)
+    value = interpolate(by_dim[dims[0]], seq)
+    if used_mode != mode and value < 1.0:
+        notes.append(f"{used_mode}'s ratio {value:.3g} not claimed for {mode}: 1")
+        value = 1.0
+    return Fit(value, preset, used, "; ".join(notes) or None)

@@ -32,8 +32,8 @@ from ..families import APPROXIMATE, EXACT, FAMILIES, PYTORCH_KERNELS
 from .estimates import scores_bytes, visible_keys
 from .tiles import Estimate, NoTileFits
 
-__all__ = ["APPROXIMATE", "EXACT", "PRESETS", "DeviceSpec", "Estimate", "Plan", "estimate_family", "plan",
-           "visible_keys"]
+__all__ = ["APPROXIMATE", "EXACT", "PRESETS", "PYTORCH_MARGIN", "DeviceSpec", "Estimate", "Plan", "estimate_family",
+           "plan", "visible_keys"]
 
 # key-length ranges of a dynamic plan's table: [lo, hi), each planned at its geometric middle
 _RANGES = (0, 256, 1024, 4096, 16384, 65536)
@@ -169,8 +169,13 @@ def _eager_reason(eager: dict[str, Any], best: dict[str, Any]) -> str:
             f"time of '{best['kernel']}' (it materializes {size} of scores)")
 
 
+PYTORCH_MARGIN = 0.05  # how much faster sdpa / flex must be estimated than attnfuse's best to be chosen
+
+
 def _choose(rows: list[dict[str, Any]]) -> str:
-    """The allowed candidate with the lowest estimate ("eager" if none); the other allowed ones get the ratio as
+    """The allowed candidate with the lowest estimate ("eager" if none), except that PyTorch's kernels must beat
+    attnfuse's best by `PYTORCH_MARGIN` (their estimates are attnfuse's scaled by measured ratios, whose run-to-run
+    noise is a few percent: within it, the choice would be noise); the other allowed ones get the ratio as
     reason, and ``eager`` gets `_eager_reason` (or none, when it is what runs)."""
     allowed = [r for r in rows if r["rejected"] is None]
     eager = next(r for r in rows if r["kernel"] == "eager")
@@ -178,9 +183,19 @@ def _choose(rows: list[dict[str, Any]]) -> str:
         eager["rejected"] = None
         return "eager"
     best = min(allowed, key=lambda r: r["est_time_s"])
+    own = [r for r in allowed if r["kernel"] not in PYTORCH_KERNELS]
+    if best["kernel"] in PYTORCH_KERNELS and own:  # it must win by more than its fitted ratio's noise
+        best_own = min(own, key=lambda r: r["est_time_s"])
+        if best["est_time_s"] > (1 - PYTORCH_MARGIN) * best_own["est_time_s"]:
+            best = best_own
     for r in allowed:
-        if r is not best:
-            r["rejected"] = f"estimated {r['est_time_s'] / best['est_time_s']:.2f}x the time of '{best['kernel']}'"
+        if r is best:
+            continue
+        ratio = r["est_time_s"] / best["est_time_s"]
+        r["rejected"] = f"estimated {ratio:.2f}x the time of '{best['kernel']}'"
+        if ratio < 1:
+            r["rejected"] += (f": PyTorch's kernels must be estimated more than {PYTORCH_MARGIN:.0%} faster than "
+                              "attnfuse's (the noise of the measured ratios they are fit from)")
     eager["rejected"] = _eager_reason(eager, best)
     return best["kernel"]
 
