@@ -178,4 +178,5 @@ def test_inner_eager_and_kernels_option():
         out = torch.compile(model, backend="attnfuse", options={"inner": "eager", "kernels": ["window"]})(idx)
     torch.testing.assert_close(out, model(idx))
     report = attnfuse.last_report()
-    assert not report.fused and "'flash' is not in options['kernels']" in report.sites[0].reason
+    # the reason is the allowed kernel's: why `window` cannot run this site
+    assert not report.fused and report.sites[0].reason.startswith("needs a proven band")

@@ -88,11 +88,19 @@ class Case:
     variant: str = ""  # the spelling within the family
     params: list[str] = dataclasses.field(default_factory=list)  # inputs that are module nn.Parameters
 
+    @property
+    def kernels(self) -> Any:
+        """``options["kernels"]`` of the compiled run: mostly "auto"; some cases allow only PyTorch's kernels
+        (sdpa / flex), so the fuzzer checks their exact paths too.  Drawn from its own stream: the seeds' cases
+        stay what they were."""
+        draw = random.Random(self.seed * 7919 + 17).random()
+        return ["sdpa"] if draw < 0.08 else ["flex"] if draw < 0.13 else "auto"
+
     def describe(self) -> str:
         tags = " ".join(f"{k}={v}" for k, v in self.tags.items())
         shapes = "; ".join(" ".join(f"{k}={v}" for k, v in d.items()) for d in self.dims)
         return (f"seed={self.seed} expect={self.expect} dtype={str(self.dtype)[6:]} inner={self.inner} "
-                f"dynamic={self.dynamic} grad={self.grad or '-'}\n  {tags}\n  calls: {shapes}")
+                f"kernels={self.kernels} dynamic={self.dynamic} grad={self.grad or '-'}\n  {tags}\n  calls: {shapes}")
 
 
 def _randn(*shape, scale=1.0):
@@ -1067,7 +1075,7 @@ def _run(case: Case, mode: str, backend: str = "attnfuse",
     if mode == "compiled":
         opts = {"backend": backend, "dynamic": case.dynamic if case.dynamic != "mark" else None}
         if backend == "attnfuse":
-            opts["options"] = {"inner": case.inner}
+            opts["options"] = {"inner": case.inner, "kernels": case.kernels}
         fn = torch.compile(fn, **opts)
     records: list[dict[str, Any]] = []
     reports = [] if reports is None else reports

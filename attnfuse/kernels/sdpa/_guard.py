@@ -125,5 +125,5 @@ def backward_exact(stats: torch.Tensor, grad_out: torch.Tensor, lq: int) -> bool
     """Whether the kernel's backward runs: the forward left finite statistics in ``stats`` (it marks its
     reference runs and dead rows with NaN) and ``grad_out`` is finite.  One host read."""
     acc = torch.float64 if torch.float64 in (stats.dtype, grad_out.dtype) else torch.float32
-    total = stats.flatten(2)[..., :lq].sum(dtype=acc) + grad_out.sum(dtype=acc)
+    total = stats.flatten(2)[..., :lq].sum(dtype=acc) + grad_out.detach().sum(dtype=acc)
     return math.isfinite(float(total))
