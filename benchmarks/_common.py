@@ -113,6 +113,15 @@ def write_json(path: str | os.PathLike, doc: dict[str, Any], indent: int = 2) ->
     return path
 
 
+def save_results(doc: dict[str, Any], json_path: str | os.PathLike, plot: Any) -> pathlib.Path:
+    """Write a results document and its figure (``plot(doc, png_path)``) next to it; print where they went."""
+    json_path = write_json(json_path, doc)
+    png_path = json_path.with_suffix(".png")
+    plot(doc, png_path)
+    print(f"wrote {json_path} and {png_path}")
+    return json_path
+
+
 def log(line: str) -> None:
     """Print a progress line to stdout (flushed) without tearing the tqdm bar that stderr may be showing."""
     with tqdm.external_write_mode():

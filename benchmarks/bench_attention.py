@@ -552,10 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                               "reference| once per configuration; the reference is SDPA (see each row's "
                               "'reference')"},
            "rows": rows, "ratios": ratios(rows), "command": common.command(__file__, argv)}
-    common.write_json(json_path, doc)
-    png_path = json_path.with_suffix(".png")
-    report(doc, png_path)
-    print(f"wrote {json_path} and {png_path}")
+    common.save_results(doc, json_path, report)
     return 0
 
 

@@ -286,10 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                      "check": "max_abs_diff / grad_max_abs_diff: max |peer - eager SDPA| once per (case, mode)"},
            "rows": rows, "ratios": ratios(rows), "wall_s": round(time.perf_counter() - t0, 1),
            "command": common.command(__file__, argv)}
-    common.write_json(json_path, doc)
-    png_path = json_path.with_suffix(".png")
-    report(doc, png_path)
-    print(f"wrote {json_path} and {png_path}")
+    common.save_results(doc, json_path, report)
     return 0
 
 

@@ -587,10 +587,8 @@ def main(argv: list[str] | None = None) -> int:
                               "first step's loss and parameter gradients vs the eager model's"},
            "rows": rows, "skipped": skipped, "section_s": {k: round(v, 1) for k, v in section_s.items()},
            "wall_s": round(time.perf_counter() - t0, 1), "command": common.command(__file__, argv)}
-    common.write_json(json_path, doc)
-    png_path = json_path.with_suffix(".png")
-    report(doc, png_path)
-    print(f"wrote {json_path} and {png_path} ({doc['wall_s']:.0f} s)")
+    common.save_results(doc, json_path, report)
+    print(f"({doc['wall_s']:.0f} s)")
     return 0
 
 

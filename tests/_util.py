@@ -3,7 +3,11 @@ textbook attention (`ref_attention`) written independently of attnfuse."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import math
+import pathlib
+import sys
 
 import torch
 
@@ -60,3 +64,16 @@ def ref_attention(q, k, v, mask=None, *, scale=None, causal=False, softcap=0.0, 
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), -math.inf)
     return torch.softmax(s, -1) @ v
+
+
+@contextlib.contextmanager
+def script_module(path: pathlib.Path, name: str):
+    """A script (``benchmarks/*.py``) imported as module ``name`` for the duration of the block."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)

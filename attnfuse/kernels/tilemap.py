@@ -25,7 +25,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 import triton
-from torch.utils.weak import WeakIdKeyDictionary
+
+from ._versioned import VersionCache
 
 __all__ = ["TileMap", "listing", "tile_map"]
 
@@ -39,8 +40,7 @@ class TileMap:
     cols: torch.Tensor
 
 
-# mask -> (its _version, {launch shape: TileMap}); keyed by identity: tensors compare elementwise
-_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_CACHE = VersionCache()  # mask -> {launch shape: TileMap}, per in-place version
 
 
 def tile_map(mask: torch.Tensor, *, batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int, block_m: int,
@@ -48,18 +48,7 @@ def tile_map(mask: torch.Tensor, *, batch: int, heads: int, kv_heads: int, q_len
     """The (cached) tile map of ``mask`` (bool keep, or additive; broadcastable to (batch, heads, q_len, kv_len))
     for tiles of ``block_m`` packed query rows by ``block_n`` keys, under the band ``window`` (-1: unbounded)."""
     key = (batch, heads, kv_heads, q_len, kv_len, block_m, block_n, tuple(window))
-    # fake/functional tensors under tracing build afresh (into the graph); inference tensors have no version
-    cacheable = type(mask) in (torch.Tensor, torch.nn.Parameter) and not mask.is_inference()
-    entry = _CACHE.get(mask) if cacheable else None
-    if entry is not None and entry[0] == mask._version and key in entry[1]:
-        return entry[1][key]
-    built = _build(mask, *key)
-    if cacheable:
-        if entry is None or entry[0] != mask._version:
-            entry = (mask._version, {})
-            _CACHE[mask] = entry
-        entry[1][key] = built
-    return built
+    return _CACHE.get(mask, key, lambda: _build(mask, *key))
 
 
 def _build(mask, batch, heads, kv_heads, q_len, kv_len, block_m, block_n, window) -> TileMap:

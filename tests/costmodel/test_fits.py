@@ -5,17 +5,16 @@ script's ratios on synthetic results files."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import pathlib
-import sys
 
 import pytest
 
 from attnfuse.costmodel import estimates, fits
 from attnfuse.costmodel.tiles import NoTileFits
 from attnfuse.device import PRESETS
+from tests._util import script_module
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "fit_costs.py"
@@ -23,12 +22,8 @@ SCRIPT = ROOT / "benchmarks" / "fit_costs.py"
 
 @pytest.fixture(scope="module")
 def fit_costs():
-    spec = importlib.util.spec_from_file_location("fit_costs", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    with script_module(SCRIPT, "fit_costs") as mod:
+        yield mod
 
 
 def test_committed_fits_are_what_the_committed_results_give(fit_costs):

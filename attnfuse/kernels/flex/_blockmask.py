@@ -23,7 +23,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
+
+from .._versioned import VersionCache
 
 __all__ = ["BLOCK", "EMPTY", "FULL", "PARTIAL", "band_classes", "block_mask", "classes", "doc_classes",
            "mask_classes"]
@@ -32,7 +33,7 @@ BLOCK = 128
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _INT64 = torch.iinfo(torch.int64)
 # mask -> (its _version, {(q_len, kv_len, device): classes})
-_SPARSE_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_SPARSE_CACHE = VersionCache()
 
 
 def _blocks(n: int) -> int:
@@ -110,17 +111,7 @@ def mask_classes(mask: torch.Tensor, q_len: int, kv_len: int, *, hides: bool) ->
 def _sparse_classes(mask: torch.Tensor, q_len: int, kv_len: int, hides: bool) -> torch.Tensor:
     """`mask_classes` of a block_sparse constant, cached per tensor identity and ``_version``."""
     key = (q_len, kv_len, hides, mask.device)
-    cacheable = type(mask) in (torch.Tensor, torch.nn.Parameter) and not mask.is_inference()
-    entry = _SPARSE_CACHE.get(mask) if cacheable else None
-    if entry is not None and entry[0] == mask._version and key in entry[1]:
-        return entry[1][key]
-    built = mask_classes(mask, q_len, kv_len, hides=hides)
-    if cacheable:
-        if entry is None or entry[0] != mask._version:
-            entry = (mask._version, {})
-            _SPARSE_CACHE[mask] = entry
-        entry[1][key] = built
-    return built
+    return _SPARSE_CACHE.get(mask, key, lambda: mask_classes(mask, q_len, kv_len, hides=hides))
 
 
 def _tail(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor | None:
