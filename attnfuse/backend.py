@@ -143,7 +143,10 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Co
     canonicalize.canonicalize(gm, canonical)
     found, misses = match.match(gm)
     found = [_local.bucket_window(gm, m, example_inputs) or m for m in found]
+    before = set(gm.graph.nodes)
     analyzed = [(found_m, masks.analyze(gm, found_m, example_inputs)) for found_m in found]
+    # what the mask analysis emitted (key vectors, document ids): the rewrite erases what no site reads
+    gm.meta["attnfuse_analysis_nodes"] = set(gm.graph.nodes) - before
     sites = [(*_with_structure(found_m, *result), getattr(result[1], "flex", None)) for found_m, result in analyzed]
     sites = [(m, info, structure, _torchkernels.flex_mask_for(m, fm)) for m, info, structure, fm in sites]
     verdicts = approximate.verdicts(gm, [(m, {**structure, "causal": m.causal}) for m, _, structure, _ in sites],

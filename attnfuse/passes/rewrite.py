@@ -375,6 +375,10 @@ def rewrite(gm: fx.GraphModule, matches: list[AttentionMatch]) -> fx.GraphModule
         if out is not None and m.output.users:
             m.output.replace_all_uses_with(out)
     _remove_replaced(gm.graph, {n for m in matches if m.form != "mha" for n in (*m.region, m.anchor, m.output)})
+    created = gm.meta.pop("attnfuse_analysis_nodes", set())  # the mask analysis' nodes no rewritten site reads
+    for node in reversed(list(gm.graph.nodes)):
+        if node in created and not node.users and removable(node):
+            gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
     gm.meta["attnfuse_emitted"] = [[describe(n) for n in nodes if n.graph is gm.graph] for nodes in emitted]

@@ -198,3 +198,31 @@ def test_dynamic_lengths_keep_one_implementation_per_site():
     site = attnfuse.last_report().sites[0]
     assert site.kernel in ("sdpa", "flex") and site.table
     assert {row["kernel"] for row in site.table} == {site.kernel}
+
+
+def test_unused_document_ids_leave_no_nodes_behind():
+    """The analysis emits the (B, 2, L) document ids for every such site; where flex is not chosen the rewrite
+    erases them, so the rewritten graph computes nothing the original did not (beyond the fused op)."""
+    from attnfuse.backend import transform
+    from attnfuse.config import Config
+    from attnfuse.report import Report
+
+    graphs = []
+
+    def capture(kernels):
+        def backend(gm, example_inputs):
+            out = transform(gm, example_inputs, Config.from_options({"kernels": kernels}), Report())
+            graphs.append(out)
+            return out
+        return backend
+
+    q, k, v = _qkv(n=64, d=32)
+    seg = _segments(2, 64, 2)
+    for kernels in (["flash"], ["flex"]):
+        torch._dynamo.reset()
+        torch.compile(_Packed(), backend=capture(kernels))(q, k, v, seg)
+    flash_graph, flex_graph = graphs
+    targets = {n.target for n in flash_graph.graph.nodes}
+    assert torch.stack not in targets and torch.ops.attnfuse.attention.default in targets
+    doc = [n for n in flex_graph.graph.nodes if n.target is torch.ops.attnfuse.attention.default][0].kwargs["doc"]
+    assert doc.target is torch.stack
