@@ -60,7 +60,9 @@ def test_site_config_is_what_launches(monkeypatch, device, model):
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(2, 3, 37, 40, generator=g, requires_grad=True) for _ in range(3))
     bias = torch.randn(1, 3, 37, 37, generator=g)
-    compiled = torch.compile(model(), backend="attnfuse", options={"device": device, "inner": "eager"})
+    # attnfuse's own kernels: on a GPU preset the model may pick PyTorch's (sdpa / flex), which launch no tile
+    own = ["flash", "window", "blocksparse"]
+    compiled = torch.compile(model(), backend="attnfuse", options={"device": device, "inner": "eager", "kernels": own})
     out = compiled(q, k, v, bias)
     out.sum().backward()
     site = attnfuse.last_report().sites[0]
