@@ -1,8 +1,9 @@
 """The planner: every kernel candidate for one attention site, why each may not run, and the choice.
 
 `plan(shape, spec, kernels, ...)` lists every family of the registry (`attnfuse.families`) -- ``flash`` (exact,
-dense), ``window`` and ``blocksparse`` (exact, skipping the tiles a proven mask removes), ``topk`` and ``lsh``
-(approximate, opt-in), and the unfused ``eager`` graph -- each with an `Estimate` (FLOPs, HBM bytes,
+dense), ``window`` and ``blocksparse`` (exact, skipping the tiles a proven mask removes), PyTorch's ``sdpa`` and
+``flex`` (exact; chosen only when estimated more than `PYTORCH_MARGIN` faster than attnfuse's best), ``topk`` and
+``lsh`` (approximate, opt-in), and the unfused ``eager`` graph -- each with an `Estimate` (FLOPs, HBM bytes,
 exponentials, time; `attnfuse.costmodel.estimates`) or the reason it cannot run the site, and chooses the
 cheapest one allowed.  The tile-level model under the estimates is `attnfuse.costmodel.tiles`.
 
@@ -208,7 +209,10 @@ def plan(shape: Mapping[str, Any], device: DeviceSpec, kernels: Sequence[str], *
     ``shape``: ``batch, heads, kv_heads, q_len, kv_len, head_dim, v_head_dim, elem`` (example sizes when the
     graph is dynamic) and ``causal``.  ``structure``: what the mask analysis proved and the op will be told
     (``window`` (left, right), ``causal``, ``block_sparse`` with ``density``, ``window_pad``: a padded window,
-    the window family only, at the band's cost: its zero keys cost nothing).  ``approx``: None when the user
+    the window family only, at the band's cost: its zero keys cost nothing), and for PyTorch's kernels
+    ``limits`` {"sdpa" | "flex": why it cannot compute the site exactly, or None; without it they are rejected},
+    ``sdpa_backend``, ``training`` (time forward+backward) and ``flex_mask`` (the packed-document alternative's
+    kinds and band).  ``shape`` may carry ``training`` too.  ``approx``: None when the user
     did not opt in, else the approximation policy's verdict -- ``rejected`` {family: reason}, ``errors``
     {family: measured relative error}, ``params`` {family: settings}; a family without a ``rejected`` entry was
     calibrated within the budget.  ``dynamic``: also plan the table over key-length ranges (`Plan.table`).
