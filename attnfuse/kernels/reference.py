@@ -178,7 +178,7 @@ def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softc
     (``sinks``' shape and dtype) is returned only when ``sinks`` is given."""
     ct = compute_dtype(q.dtype)
     sink = None if sinks is None else sink_table(sinks, q.shape[0], q.shape[1], ct)
-    dsink = None if sinks is None else torch.zeros(q.shape[0], q.shape[1], dtype=ct, device=q.device)
+    dsink = None if sinks is None else torch.zeros(q.shape[0], q.shape[1], dtype=torch.float64, device=q.device)
     qf, kf, vf = q.to(ct), _expand_kv(k, kv_groups).to(ct), _expand_kv(v, kv_groups).to(ct)
     do = grad_out.to(ct)
     dq = torch.empty_like(qf)
@@ -202,7 +202,7 @@ def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softc
         # rowsum(dO * O) cancels badly in float32 (up to ~10x eager's gradient error on short rows)
         if sink is not None:  # the sink's value is 0: its dp is 0, and its ds is the sink's gradient
             ds = torch.ops.aten._softmax_backward_data(torch.nn.functional.pad(dp, (0, 1)), p_all, -1, p.dtype)
-            dsink += ds[..., -1].sum(-1)
+            dsink += ds[..., -1].sum(-1, dtype=torch.float64)  # a sum over every row
             ds = ds[..., :-1]
         else:
             ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)

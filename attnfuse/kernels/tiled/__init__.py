@@ -108,7 +108,8 @@ def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softc
     if mask_grad:
         dmask = torch.zeros(ctx.mask.shape, dtype=ctx.ct)
         mb, mh, mq, mk = dmask.shape
-    dsink = None if sinks is None else torch.zeros(ctx.b, ctx.hkv, ctx.g, dtype=ctx.ct)
+    # float64 accumulator: a sum over every query row, each term a rowsum; eager sums its own order in float32
+    dsink = None if sinks is None else torch.zeros(ctx.b, ctx.hkv, ctx.g, dtype=torch.float64)
     for index, c in enumerate(plan.chunks):
         n, t = c.tiles.shape
         qc, kc, vc, doc = ctx.take(ctx.q, c), ctx.gather(ctx.k, c), ctx.gather(ctx.v, c), ctx.take(do, c)
@@ -129,7 +130,7 @@ def backward(grad_out, q, k, v, mask=None, seed=0, *, scale, causal=False, softc
             dv_c = torch.matmul(p.flatten(3, 4).transpose(-1, -2), doc)
         ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)  # the sink's dp is 0: it adds nothing
         if dsink is not None:  # d sink = -P_sink * rowsum(p * dp) (eager's softmax backward at the sink column)
-            dsink -= (p_sink.squeeze(-1) * (p * dp).sum(-1)).sum((2, 4))
+            dsink -= (p_sink.squeeze(-1) * (p * dp).sum(-1)).sum((2, 4), dtype=torch.float64)
         del dp, p
         for cols, m in dead:
             ds[..., cols].masked_fill_(m, 0.0)

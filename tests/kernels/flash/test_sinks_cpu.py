@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from attnfuse import ops
+from tests.kernels._helpers import seed_case
 from tests.kernels.flash._sinks_helpers import compare
 
 # name: (B, H, Hkv, Lq, Lk, D, Dv, kwargs)
@@ -33,7 +34,7 @@ CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_the_eager_spelling(name, dtype):
-    torch.manual_seed(hash((name, str(dtype))) % 2**31)
+    seed_case(name, dtype)
     b, h, hk, lq, lk, d, dv, kw = CASES[name]
     compare(dtype, b, h, hk, lq, lk, d, dv, **kw)
 
