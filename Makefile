@@ -69,3 +69,9 @@ gpu-suite: $(BIN)/.ready
 	$(BIN)/python benchmarks/gpu_suite.py
 
 .PHONY: gpu-suite
+
+# context parallelism on the CPU (gloo, 1/2/4 ranks, fresh processes): per-rank peak memory and time, JSON + PNG
+bench-cp: $(BIN)/.ready
+	$(BIN)/python benchmarks/bench_context_parallel.py --bwd-seqs 4096,16384 --reps 2 --ring-max-seq 4096
+
+.PHONY: bench-cp

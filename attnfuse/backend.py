@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import _logs, _publish, _sources, _torchkernels, autotune, ops  # noqa: F401 - ops registers torch.ops.attnfuse
+from . import _cpsites, _logs, _publish, _sources, _torchkernels, autotune, ops  # noqa: F401 - ops registers torch.ops.attnfuse
 from ._sizes import hint as _hint
 from .config import Config
 from .costmodel import plan as planner
@@ -85,9 +85,10 @@ _DEAD_ROWS = ("another mask term can leave a query row with no visible key, wher
 
 
 def _sdpa_key_vector(m: match.AttentionMatch) -> bool:
-    """An SDPA site whose only mask is a key vector: `ops.attention_sdpa` finds the rows a band leaves
-    without a key from the vector itself and zeroes them, as SDPA does."""
-    if m.form != "sdpa" or len(m.masks) != 1:
+    """An SDPA site whose only mask is a bool key vector: `ops.attention_sdpa` finds the rows a band leaves
+    without a key from the vector itself and zeroes them, as SDPA does for a bool mask.  Not an additive one:
+    with a finite fill (HF's finfo.min) such a row is uniform over every key in eager, band or not."""
+    if m.form != "sdpa" or len(m.masks) != 1 or (m.masks[0].kind, m.masks[0].fill) != ("keep", float("-inf")):
         return False
     shape = val(m.masks[0].node).shape
     return len(shape) >= 2 and _eq(shape[-2], 1)
@@ -160,15 +161,20 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Co
             m = dataclasses.replace(m, approx=plan.op_table(verdict["params"] if verdict else None))
         m, mask_info = _torchkernels.chosen(plan.kernel, plan.config, m, mask_info, flex_mask)
         plan, m = _what_runs(plan, m, shape)
+        cp_entry, cp_why = None, None
+        if config.context_parallel is not None and plan.kernel != "eager":
+            m, cp_entry, cp_why = _cpsites.decide(m, plan.kernel, shape, config.context_parallel,
+                                                   mask_info)
         site = _fused_site(m, mask_info, plan)
         site.autotune = getattr(plan, "autotune", None)
+        site.context_parallel = cp_entry
         entries.append((m.anchor, site))
         if plan.kernel in planner.APPROXIMATE:
             site.config = dict(verdict["params"][plan.kernel])
         site.error = (verdict or {}).get("errors", {}).get(plan.kernel)
         site.table = plan.table
         site.subgraph = {"before": _before(gm, m)}
-        why = _unsupported(m) or (keep(m, site) if keep is not None and site.status == "fused" else None)
+        why = _unsupported(m) or cp_why or (keep(m, site) if keep is not None and site.status == "fused" else None)
         if why:
             site.status, site.reason, site.kernel = "skipped", why, None
         if site.status == "fused":
@@ -191,16 +197,17 @@ def _plan(m: match.AttentionMatch, shape: dict[str, Any], spec: Any, config: Con
     (`attnfuse.autotune`) with ``options["autotune"]``.  A site's implementation is one for every key length
     (the op's ``impl``), so a dynamic table whose rows would mix PyTorch's kernels with others is planned again
     without them."""
+    kernels = config.kernels if config.context_parallel is None else _cpsites.own_kernels(config.kernels)
     lim, backend = _torchkernels.limits(m, flex_mask, shape)
     train = _torchkernels.training(m)
     full = _torchkernels.plan_structure(structure, lim, backend, flex_mask, train)
     sized = {**shape, "causal": m.causal, "training": train}
-    plan = planner.plan(sized, spec, config.kernels, structure=full, approx=verdict, dynamic=_dynamic(m))
+    plan = planner.plan(sized, spec, kernels, structure=full, approx=verdict, dynamic=_dynamic(m))
     kinds = {r["kernel"] for r in plan.table} | {plan.kernel}
     if kinds & {"sdpa", "flex"} and len(kinds) > 1:
         why = "a dynamic table runs attnfuse's kernels when its rows would differ (one implementation per site)"
         full["limits"] = {name: lim[name] or why for name in lim}
-        plan = planner.plan(sized, spec, config.kernels, structure=full, approx=verdict, dynamic=_dynamic(m))
+        plan = planner.plan(sized, spec, kernels, structure=full, approx=verdict, dynamic=_dynamic(m))
     if config.autotune and plan.kernel != "eager":
         site = _torchkernels.tunable(m, shape, flex_mask, mask_info.get("kind", "none"), spec)
         plan = autotune.tune(plan, site, config.autotune)
@@ -382,10 +389,20 @@ def inductor_patches() -> dict[str, Any]:
 
 
 def attnfuse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Any = None):
-    """The ``torch.compile`` backend (registered as "attnfuse" through an entry point)."""
+    """The ``torch.compile`` backend (registered as "attnfuse" through an entry point); masks built in another
+    graph keep their structure through `_crossgraph.compile_graph`."""
+    from . import _crossgraph
+
     config = Config.from_options(options)
+    return _crossgraph.compile_graph(gm, example_inputs, config, _compile_one)
+
+
+def _compile_one(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Config, extra_report_fn: Any = None):
+    """One graph: transform, publish the report (``extra_report_fn(report)`` first, if given), inner compile."""
     report = Report(device=config.device_spec().name, graphs=1)
     new_gm = transform(gm, example_inputs, config, report)
+    if extra_report_fn is not None:
+        extra_report_fn(report)
     _publish.publish(_publish.call_report(report), config)
     if config.inner == "eager":
         return new_gm

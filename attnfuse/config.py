@@ -21,6 +21,7 @@ from typing import Any
 
 from .device import PRESETS, DeviceSpec
 from .families import APPROXIMATE, EXACT, FAMILIES, KERNELS
+from .parallel._spec import ContextParallel, from_option
 
 KERNEL_FAMILIES = KERNELS  # the registry's (attnfuse.families) kernel families, exact first
 EXACT_FAMILIES = EXACT
@@ -53,6 +54,7 @@ class Config:
     strict: bool = False
     verify: bool | str = False
     autotune: Mapping[str, Any] | None = None  # None: the cost model chooses; else `_autotune`'s settings
+    context_parallel: ContextParallel | None = None  # the sequence split over a process group (`attnfuse.parallel`)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | Config | None = None, *,
@@ -84,6 +86,7 @@ class Config:
             verify=_verify(options["verify"]) if "verify" in options else _verify(
                 _ENV_VERIFY.get(env_verify, env_verify), " (from $ATTNFUSE_VERIFY)"),
             autotune=_autotune(options.get("autotune", False)),
+            context_parallel=_context_parallel(options.get("context_parallel")),
         )
 
     def device_spec(self) -> DeviceSpec:
@@ -244,3 +247,11 @@ def _report(value: Any, source: str = "") -> str | None:
         what = "is a directory" if os.path.isdir(path) else f"directory {folder!r} does not exist"
         raise _bad("report", value, f"{allowed} ({path!r} {what})", source)
     return path
+
+
+def _context_parallel(value: Any) -> ContextParallel | None:
+    """``context_parallel``: a ProcessGroup, a 1-D DeviceMesh or ``{"group", "strategy", "layout"}``
+    (`attnfuse.parallel.from_option`, which raises the option's `ValueError`)."""
+    if isinstance(value, ContextParallel):
+        return value
+    return from_option(value)

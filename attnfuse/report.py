@@ -44,6 +44,9 @@ class Site:
     # options["autotune"]: how the kernel was measured -- cache ("hit" | "miss" | "off"), path, measured ("forward" |
     # "forward+backward"), reps, warmup, the model's choice and what was timed (`attnfuse.autotune.tune`)
     autotune: dict[str, Any] | None = None
+    # options["context_parallel"]: how the fused site spans the group -- strategy ("ulysses" | "ring"), ranks,
+    # layout and the cost model's reason (`attnfuse.parallel.choose`)
+    context_parallel: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -114,6 +117,8 @@ class Report:
                 kernel += " [" + ", ".join(f"{row['kv_len'][0]}+:{row['kernel']}" for row in s.table) + "]"
             if s.autotune and s.kernel:
                 kernel += " (measured" + (", cached" if s.autotune.get("cache") == "hit" else "") + ")"
+            if s.context_parallel and s.kernel:
+                kernel += f" ({s.context_parallel['strategy']} x{s.context_parallel['ranks']})"
             rows.append((str(s.id), s.module or "-", s.source or "-", s.status, kernel,
                          s.mask.get("kind", "none"), str(s.kv_groups), scale, shapes, s.reason or ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

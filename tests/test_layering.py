@@ -78,6 +78,9 @@ def test_dependencies_point_one_way():
         if name.startswith("attnfuse.kernels"):
             assert "attnfuse.costmodel.plan" not in nx.descendants(graph, name), f"{name} imports the planner"
             assert not _reaches(graph, name, "attnfuse.passes"), f"{name} imports a pass"
+        if name.startswith("attnfuse.parallel"):  # below the passes: the rewritten graphs call it
+            for upper in ("attnfuse.passes", "attnfuse.backend", "attnfuse.config"):
+                assert not _reaches(graph, name, upper), f"{name} imports {upper}"
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

@@ -12,7 +12,8 @@ import attnfuse
 from attnfuse.__main__ import _Failure, _options
 from attnfuse.config import Config
 
-ALLOWED_OPTIONS = "allowed options: kernels, approximate, device, inner, report, strict, verify, autotune"
+ALLOWED_OPTIONS = ("allowed options: kernels, approximate, device, inner, report, strict, verify, autotune, "
+                   "context_parallel")
 FAMILIES = "'flash', 'window', 'blocksparse', 'sdpa', 'flex', 'topk', 'lsh'"
 APPROX = {"max_rel_error": 0.1}
 
@@ -66,6 +67,10 @@ CASES = {
     "verify: None": ({"verify": None}, "'verify'", "allowed: False | True | 'forward'"),
     "autotune": ({"autotune": "yes"}, "'autotune'", "allowed: False, True, or a dict with optional 'cache'"),
     "autotune.reps": ({"autotune": {"reps": 0}}, "'autotune.reps'", "allowed: an int >= 1"),
+    "context_parallel": ({"context_parallel": "world"}, "'context_parallel'", "allowed: a torch.distributed "
+                         "ProcessGroup, a 1-D DeviceMesh, or a dict"),
+    "context_parallel.layout": ({"context_parallel": {"group": None, "layout": "ring"}}, "'context_parallel.layout'",
+                                "allowed: 'contiguous' | 'zigzag'"),
 }
 
 

@@ -92,6 +92,10 @@ class AttentionMatch:
     # attention sinks: the (B, H, Lq, 1) column concatenated to the scores before the softmax and dropped after
     # it (GPT-OSS, x-transformers), proven constant along the queries (`_chain.sink_form`); the op reads [:, :, 0, 0]
     sinks: fx.Node | None = None
+    # context parallelism (`attnfuse.parallel`): the group's encoded spec and the strategy ("ulysses" | "ring") the
+    # plan chose; "" = one device
+    cp: str = ""
+    cp_strategy: str = ""
 
 
 def operand_shape(op: Operand) -> list:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .._sizes import hint
 from ._canon import canon
@@ -292,6 +293,18 @@ def _match_encoder_layer(node: fx.Node) -> AttentionMatch | Miss:
                           scale=None, masks=masks, pattern="transformer_encoder_layer", region=frozenset({node}))
 
 
+def _subclass_miss(m: AttentionMatch) -> Miss | None:
+    """A site whose operands or result are tensor subclasses (a DTensor, say): the op would reach the subclass's
+    dispatch, which knows no ``attnfuse::`` op (DTensor: no sharding rule), so the site stays as it is."""
+    nodes = (m.q.node, m.k.node, m.v.node, m.output, *(t.node for t in m.masks))
+    sub = next((n for n in nodes if is_traceable_wrapper_subclass(val(n))), None)
+    if sub is None:
+        return None
+    return Miss(m.anchor, "{} is a {} (a tensor subclass); attnfuse's ops take plain tensors, so the site runs as "
+                "the subclass computes it (tensor parallelism: give attention the local heads, use_local_output=True)",
+                sub.name, type(val(sub)).__name__)
+
+
 def match(gm: fx.GraphModule) -> tuple[list[AttentionMatch], list[Miss]]:
     """Every attention region of ``gm``, and a reasoned `Miss` for every near miss."""
     g = _Graph(gm)
@@ -303,6 +316,8 @@ def match(gm: fx.GraphModule) -> tuple[list[AttentionMatch], list[Miss]]:
         if reader is None:
             continue
         result = reader(node)
+        subclass = _subclass_miss(result) if result else None  # a Miss is falsy: test against None
+        result = result if subclass is None else subclass
         (found if result else misses).append(result)
     # softmax spellings `canonicalize` left alone, with why (`_softmax_forms`)
     misses += [Miss(n, "{}", why) for n, why in gm.meta.get(SPELLING_MISSES, ()) if not getattr(n, "_erased", 0)]

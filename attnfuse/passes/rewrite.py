@@ -27,6 +27,7 @@ Soundness rules (docs/architecture.md, "Soundness"):
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -288,11 +289,19 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> fx.Node | None:
             structure["doc"] = m.doc
         # SDPA zeroes fully masked rows where a softmax makes them NaN
         sdpa = m.form == "sdpa" and mask is not None
-        fn = ops.attention_sdpa if sdpa else torch.ops.attnfuse.attention.default
-        out = _op(graph, fn, q, k, v, mask, seed, alibi, *([sinks] if sinks is not None else []), scale=m.scale,
-                  causal=m.causal, softcap=m.softcap, kv_groups=m.kv_groups, dropout_p=m.dropout_p,
-                  mask_fill=fill, **structure)
-        if not sdpa:  # the op returns (out, stats)
+        if m.cp:  # the rows of a context-parallel group: attention over the global sequence (`attnfuse.parallel`)
+            from .. import parallel
+
+            scale = m.scale if m.scale is not None else 1.0 / math.sqrt(int(qs[-1]))
+            out = _op(graph, parallel.attention, q, k, v, mask, cp=m.cp, strategy=m.cp_strategy, scale=scale,
+                      causal=m.causal, softcap=m.softcap, kv_groups=m.kv_groups, mask_fill=fill,
+                      window_left=m.window_left, window_right=m.window_right, sdpa_form=sdpa)
+        else:
+            fn = ops.attention_sdpa if sdpa else torch.ops.attnfuse.attention.default
+            out = _op(graph, fn, q, k, v, mask, seed, alibi, *([sinks] if sinks is not None else []), scale=m.scale,
+                      causal=m.causal, softcap=m.softcap, kv_groups=m.kv_groups, dropout_p=m.dropout_p,
+                      mask_fill=fill, **structure)
+        if not sdpa and not m.cp:  # the op returns (out, stats)
             out = _op(graph, operator.getitem, out, 0)
         if tile:
             out = _heads_group_to_tile(graph, out, m.kv_groups)
