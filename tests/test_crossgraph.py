@@ -10,11 +10,11 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import assert_2x
 
 import attnfuse
 from attnfuse import _crossgraph
 from attnfuse.backend import attnfuse_backend
+from tests._util import assert_2x
 
 L, D, H = 37, 40, 4  # odd sizes; head_dim 10
 

@@ -13,7 +13,8 @@ arrive home after the last step, so every rank ends with the gradients of its ow
 (every score -inf) is NaN, with eager's NaN pattern in the gradients when the masks are spelled with masked_fill /
 where (NaN in all of ``dv`` of its K/V head; NaN in ``dq``/``dk`` only where an additive -inf bias, not a bool mask
 or the band, removed a key), or 0 with no gradient with ``sdpa_form`` (SDPA's convention). Everything is tensor
-code with static Python control flow over functional collectives, so dynamo and AOTAutograd trace it.
+code with static Python control flow over functional collectives, so dynamo and AOTAutograd trace it; each step's
+partial is one custom op (its row-block loop runs inside it), so the traced graph does not grow with the sequence.
 """
 
 from __future__ import annotations

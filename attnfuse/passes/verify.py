@@ -301,8 +301,12 @@ def verify(gm: fx.GraphModule, chosen: list[tuple[AttentionMatch, Any]], example
             isinstance(val(o.node), torch.Tensor) and val(o.node).requires_grad for o in (m.q, m.k, m.v))
         budget = policy["max_rel_error"] if m.approx and policy else None
         try:
-            with torch.random.fork_rng(devices=devices):
-                record = _verify_site(gm, r, values, backward, budget)
+            if m.cp:  # attention over the group's whole sequence; the original region sees this rank's rows
+                record = {"skipped": "a context-parallel site computes over every rank's rows (not comparable to "
+                                     "the region on one rank's rows)"}
+            else:
+                with torch.random.fork_rng(devices=devices):
+                    record = _verify_site(gm, r, values, backward, budget)
         except Exception as exc:
             record = {"skipped": f"verification failed to run ({type(exc).__name__}: {exc})"[:300]}
             log.warning("attnfuse: verify could not check the site in %s at %s: %s; it stays fused, unverified",

@@ -219,8 +219,8 @@ def _graph_sizes(rank: int, ranks: int, local_lens) -> None:
 
 def test_ring_graph_does_not_grow_with_row_blocks():
     """The traced graphs of a compiled ring call (2 ranks, aot_eager) hold one node per partial, not one per block
-    of query rows: 4 and 16 row blocks per zigzag half give the same node counts (the unrolled loop would not)."""
-    run(_graph_sizes, 2, (8, 32), timeout=120)
+    of query rows: 4 and 8 row blocks per zigzag half give the same node counts (the unrolled loop would not)."""
+    run(_graph_sizes, 2, (8, 16), timeout=120)
 
 
 def test_ring_two_ranks():

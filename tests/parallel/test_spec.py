@@ -42,7 +42,7 @@ def _options(rank: int, ranks: int) -> None:
 
 
 def test_from_option_on_groups_and_meshes():
-    run(_options, 2, timeout=60)
+    run(_options, 2, timeout=600)
 
 
 @pytest.mark.parametrize("value, where, allowed", [

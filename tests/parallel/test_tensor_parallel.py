@@ -96,7 +96,7 @@ def _llama_forward(rank: int, ranks: int) -> None:
 
 
 def test_llama_heads_sharded_forward():
-    run(_llama_forward, RANKS, timeout=300)
+    run(_llama_forward, RANKS, timeout=600)
 
 
 # --- 2. hand-written attention: SDPA and matmul-softmax-matmul spellings ------------------------------------------
@@ -159,7 +159,7 @@ def _handwritten(rank: int, ranks: int) -> None:
 
 
 def test_handwritten_heads_sharded():
-    run(_handwritten, RANKS, timeout=300)
+    run(_handwritten, RANKS, timeout=600)
 
 
 # --- 3. one training step: gradients of the sharded weights are the unsharded run's shards ----------------------
@@ -193,4 +193,4 @@ def _training(rank: int, ranks: int) -> None:
 
 
 def test_llama_heads_sharded_training_step():
-    run(_training, RANKS, timeout=300)
+    run(_training, RANKS, timeout=600)

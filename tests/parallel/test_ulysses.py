@@ -139,7 +139,7 @@ def _many(rank: int, ranks: int, cases: list[Case]) -> None:
 
 @pytest.mark.parametrize("ranks, cases", [(2, CASES_2), (4, CASES_4)], ids=["2ranks", "4ranks"])
 def test_ulysses_matches_unsharded_attention(ranks, cases):
-    run(_many, ranks, cases, timeout=120)
+    run(_many, ranks, cases, timeout=600)
 
 
 def _dispatched(rank: int, ranks: int) -> None:
@@ -179,7 +179,7 @@ def _dispatched(rank: int, ranks: int) -> None:
 
 
 def test_attention_dispatches_and_compiles():
-    run(_dispatched, 2, timeout=150)
+    run(_dispatched, 2, timeout=600)
 
 
 def test_ulysses_needs_heads_divisible_by_ranks():
