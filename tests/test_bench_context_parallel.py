@@ -27,7 +27,8 @@ def cp():
     sys.modules.pop(spec.name, None)
 
 
-def test_quick_run_writes_json_and_png(tmp_path):
+def test_quick_run_writes_json_and_png(tmp_path, cp):
+    cp_kernels = cp.BASELINE_KERNELS
     out = tmp_path / "cp.json"
     proc = subprocess.run([sys.executable, str(BENCH / "bench_context_parallel.py"), "--quick", "--strategies",
                            "ulysses", "--out", str(out)], capture_output=True, text=True, timeout=600, env=CPU_ENV)
@@ -44,22 +45,46 @@ def test_quick_run_writes_json_and_png(tmp_path):
         assert r["median_s"] > 0 and len(r["times_s"]) == 2 and r["first_call_s"] > 0
         assert r["local_len"] == 256 // ranks and r["threads_per_rank"] == r["threads"] == max(1, cores // ranks)
         assert len(r["alloc_peak_mb_ranks"]) == ranks and r["alloc_peak_mb"] == max(r["alloc_peak_mb_ranks"]) > 0
+        # fwd under no_grad retains its output at least: (1, 256 / ranks, 128) fp32
+        assert len(r["retained_mb_ranks"]) == ranks and r["retained_mb"] >= 256 // ranks * 128 * 4 / 2**20
         assert len(r["rss_peak_mb_ranks"]) == ranks and r["rss_method"] == "VmHWM reset"
         (site,) = r["sites"]
-        assert site["status"] == "fused"
-        if ranks == 1:
+        assert site["status"] == "fused" and r["kernel"] == site["kernel"]
+        if ranks == 1:  # planned with attnfuse's own families only, as a context-parallel site
+            assert site["kernel"] in cp_kernels
             assert site["context_parallel"] is None
         else:  # the site really spans the group, with the strategy asked for
             assert site["context_parallel"]["strategy"] == strategy and site["context_parallel"]["ranks"] == 2
     (row,) = doc["ratios"]
     assert row["ranks"] == 2 and row["ideal"] == 0.5 and row["alloc_vs_1"] > 0 and row["time_vs_1"] > 0
+    assert row["retained_vs_1"] > 0
     assert [g["goal"].split(":")[0] for g in doc["goals"]] == ["fwd 2 ranks ulysses"]
     assert "ulysses" in proc.stdout and "wrote" in proc.stdout
 
 
-def _cell(seq, mode, ranks, strategy, alloc, t=1.0):
+def _cell(seq, mode, ranks, strategy, alloc, t=1.0, retained=None):
     return {"seq": seq, "mode": mode, "ranks": ranks, "strategy": strategy, "median_s": t, "alloc_peak_mb": alloc,
-            "rss_peak_mb": alloc + 1}
+            "rss_peak_mb": alloc + 1, "retained_mb": alloc / 10 if retained is None else retained}
+
+
+def test_net_alloc_mb_counts_what_stays_allocated(cp):
+    import torch
+
+    mb, kept = cp.net_alloc_mb(lambda: torch.ones(3 * 2**18) + torch.ones(5 * 2**18)[: 3 * 2**18])  # 3 MiB kept
+    assert mb == pytest.approx(3.0) and kept.numel() == 3 * 2**18
+    mb, kept = cp.net_alloc_mb(lambda: float(torch.ones(2**20).sum()))  # nothing kept
+    assert mb == pytest.approx(0.0, abs=0.01)
+
+
+def test_fwd_bwd_goal_judges_retained_memory(cp):
+    # peak does not fall (fixed workspaces), retained does: the fwd_bwd goal reads retained_mb
+    results = [_cell(4096, "fwd_bwd", 1, "none", 100.0, retained=40.0),
+               _cell(4096, "fwd_bwd", 4, "ring", 100.0, retained=11.0),
+               _cell(4096, "fwd_bwd", 4, "ulysses", 20.0, retained=13.0)]
+    goals = {g["goal"].split(":")[0]: g for g in cp.goals(cp.ratios(results))}
+    assert goals["fwd_bwd 4 ranks ring"]["met"] is True and goals["fwd_bwd 4 ranks ring"]["value"] == 0.275
+    assert goals["fwd_bwd 4 ranks ring"]["metric"] == "retained_mb"
+    assert goals["fwd_bwd 4 ranks ulysses"]["met"] is False and goals["fwd_bwd 4 ranks ulysses"]["value"] == 0.325
 
 
 def test_ratios_and_goals(cp):

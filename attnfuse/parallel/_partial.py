@@ -111,16 +111,22 @@ def _ring_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     kk, vv = k[..., keys[0]:keys[1], :], v[..., keys[0]:keys[1], :]
     mk = _key_cols(mask, keys)
     band = None if covered(rows, keys, left, right) else (left, right)
-    accs, ms, ls = [], [], []
+    # the results are allocated once and written per block: small allocations kept across blocks would sit
+    # between the blocks' freed score buffers and keep glibc from reusing them (RSS grew ~3 score blocks a block)
+    batch, n = _batch(q, kk), rows[1] - rows[0]
+    acc, m_all = q.new_empty(*batch, n, vv.shape[-1]), q.new_empty(*batch, n)
+    l_all = torch.empty_like(m_all)
     for i0, i1 in _row_blocks(q, rows, kk.shape[-2]):
         s, _, _ = _scores(q[..., i0:i1, :], kk, mk, rows[2] + i0 - rows[0], keys[2], band, scale=scale,
                        softcap=softcap, mask_fill=mask_fill)
+        r0, r1 = i0 - rows[0], i1 - rows[0]
         m = s.amax(-1)
-        p = torch.exp(s - torch.where(m == float("-inf"), 0.0, m)[..., None])
-        ms.append(m)
-        ls.append(p.sum(-1))
-        accs.append(torch.matmul(p, vv))
-    return torch.cat(accs, -2).contiguous(), torch.cat(ms, -1).contiguous(), torch.cat(ls, -1).contiguous()
+        m_all[..., r0:r1] = m
+        s.sub_(torch.where(m == float("-inf"), 0.0, m)[..., None]).exp_()
+        l_all[..., r0:r1] = s.sum(-1)
+        acc[..., r0:r1, :] = torch.matmul(s, vv)
+        del s, m
+    return acc, m_all, l_all
 
 
 @_ring_partial.register_fake
@@ -172,7 +178,9 @@ def _ring_partial_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     kk, vv = k[..., keys[0]:keys[1], :], v[..., keys[0]:keys[1], :]
     mk = _key_cols(mask, keys)
     band = None if covered(rows, keys, left, right) else (left, right)
-    dqs, dk, dv = [], None, None
+    batch = _batch(q, kk)  # results allocated once (see `_ring_partial`)
+    dq = q.new_empty(*batch, rows[1] - rows[0], k.shape[-1])
+    dk, dv = q.new_zeros(*batch, kk.shape[-2], k.shape[-1]), q.new_zeros(*batch, kk.shape[-2], v.shape[-1])
     for i0, i1 in _row_blocks(q, rows, kk.shape[-2]):
         q_blk, do_blk = q[..., i0:i1, :], do[..., i0:i1, :]
         s, t, outside = _scores(q_blk, kk, mk, rows[2] + i0 - rows[0], keys[2], band, scale=scale, softcap=softcap,
@@ -191,11 +199,11 @@ def _ring_partial_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         if softcap > 0:
             ds = ds * (1 - t * t)
         ds = ds * scale
-        dqs.append(torch.matmul(ds, kk))
-        dk_blk = torch.matmul(ds.transpose(-2, -1), q_blk)
-        dk = dk_blk if dk is None else dk + dk_blk
-        dv = dv_blk if dv is None else dv + dv_blk
-    return torch.cat(dqs, -2).contiguous(), dk.contiguous(), dv.contiguous()
+        dq[..., r0:r1, :] = torch.matmul(ds, kk)
+        dk += torch.matmul(ds.transpose(-2, -1), q_blk)
+        dv += dv_blk
+        del s, t, outside, p, p_ds, ds, dv_blk
+    return dq, dk, dv
 
 
 @_ring_partial_backward.register_fake

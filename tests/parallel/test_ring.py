@@ -158,18 +158,20 @@ def _compiled_layout(rank: int, ranks: int, layout: str) -> None:
     q, k, v = (torch.randn(2, h, 8, 24, generator=gen) for h in (4, 2, 2))
     key_mask = torch.rand(2, 1, 1, 8, generator=gen) > 0.2
     key_mask[..., 0] = True
-    results = []
-    for f in (fn, torch.compile(fn, backend=aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw")),
-                                fullgraph=True)):
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = f(*leaves, key_mask)
-        out.backward(torch.cos(out.detach()))
-        results.append([out.detach()] + [x.grad for x in leaves])
+    compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw")), fullgraph=True)
+    results = [_out_and_grads(f, q, k, v, key_mask) for f in (fn, compiled)]
     for what, a, b in zip(("out", "dq", "dk", "dv"), *results):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, w=what: f"compiled {layout} {w}: {m}")
     # the collectives are in the traced graphs: K, V and the key mask once per step, dk/dv once more
     sends = {n: g.count("_c10d_functional.all_to_all_single.default(") for n, g in graphs.items()}
     assert sends == {"fw": 3 * (ranks - 1), "bw": 3 * (ranks - 1) + ranks}, sends
+
+
+def _out_and_grads(f, q, k, v, key_mask) -> list[torch.Tensor]:
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = f(*leaves, key_mask)
+    out.backward(torch.cos(out.detach()))
+    return [out.detach()] + [x.grad for x in leaves]
 
 
 def _graph_sizes(rank: int, ranks: int, local_lens) -> None:
@@ -201,12 +203,7 @@ def _graph_sizes(rank: int, ranks: int, local_lens) -> None:
         torch._dynamo.reset()
         compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw")),
                                  fullgraph=True, dynamic=False)
-        results = []
-        for f in (fn, compiled):
-            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-            out = f(*leaves, key_mask)
-            out.backward(torch.cos(out.detach()))
-            results.append([out.detach()] + [x.grad for x in leaves])
+        results = [_out_and_grads(f, q, k, v, key_mask) for f in (fn, compiled)]
         for what, a, b in zip(("out", "dq", "dk", "dv"), *results):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, w=what: f"L={local_len} {w}: {m}")
         for name, gm in graphs.items():
