@@ -72,6 +72,6 @@ gpu-suite: $(BIN)/.ready
 
 # context parallelism on the CPU (gloo, 1/2/4 ranks, fresh processes): per-rank peak memory and time, JSON + PNG
 bench-cp: $(BIN)/.ready
-	$(BIN)/python benchmarks/bench_context_parallel.py --bwd-seqs 4096,16384 --reps 2 --ring-max-seq 4096
+	$(BIN)/python benchmarks/bench_context_parallel.py --bwd-seqs 4096,16384 --reps 2 --timeout 900
 
 .PHONY: bench-cp
