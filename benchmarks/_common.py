@@ -260,6 +260,13 @@ def print_summary(text: str, doc: dict[str, Any], json_path: pathlib.Path, png_p
     print(f"wrote {json_path} and {png_path}")
 
 
+def print_goals(goals: list[dict[str, Any]]) -> None:
+    """One line per goal ``{"goal", "met" (None: not measured), "value"}``: PASS / FAIL with its ratio."""
+    for g in goals:
+        verdict = "not measured" if g["met"] is None else f"{'PASS' if g['met'] else 'FAIL'} ({g['value']}x)"
+        print(f"goal {g['goal']}: {verdict}")
+
+
 # ---------------------------------------------------------------- plots
 
 @dataclass

@@ -569,9 +569,7 @@ def write(doc: dict[str, Any], json_path: pathlib.Path) -> None:
                          f"B={a['batch']}, H={a['heads']}, D={a['head_dim']}, fp32, {a['cores']} cores shared "
                          f"({doc['date']})", png_path)
     common.print_summary(table(doc["results"]), doc, json_path, png_path)
-    for g in doc["goals"]:
-        verdict = "not measured" if g["met"] is None else f"{'PASS' if g['met'] else 'FAIL'} ({g['value']}x)"
-        print(f"goal {g['goal']}: {verdict}")
+    common.print_goals(doc["goals"])
 
 
 if __name__ == "__main__":

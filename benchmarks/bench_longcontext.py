@@ -415,9 +415,7 @@ def write(doc: dict[str, Any], json_path: pathlib.Path) -> None:
                          f"Hkv={a['kv_heads']}, D={a['head_dim']}, {a['dtype']}, top-k {a['topk']}, LSH "
                          f"{a['n_hashes']}x{a['bucket_size']} ({doc['date']})", png_path, device)
     common.print_summary(table(doc["results"]), doc, json_path, png_path)
-    for g in doc["goals"]:
-        verdict = "not measured" if g["met"] is None else f"{'PASS' if g['met'] else 'FAIL'} ({g['value']}x)"
-        print(f"goal {g['goal']}: {verdict}")
+    common.print_goals(doc["goals"])
 
 
 if __name__ == "__main__":
