@@ -80,6 +80,19 @@ def _shift(x: torch.Tensor, cfg: _Cfg) -> torch.Tensor:
     return got.view(x.shape)
 
 
+def _shift_kv(chunk, anchor: torch.Tensor, cfg: _Cfg):
+    """The backward's transfer of a (k, v, mask) chunk, k and v as one buffer, made to depend on ``anchor`` (an
+    exact 0 computed from the incoming gradient).  A backward collective that reads only saved forward values is
+    hoisted into the forward by the compiled joint graph's partitioner (collectives are never recomputed), and
+    the forward would then keep every chunk the backward receives alive until the backward: the ring's memory
+    would not fall with the ranks."""
+    k, v, mask = chunk
+    kv = _shift(torch.cat([k.reshape(-1), v.to(k.dtype).reshape(-1)]) + anchor.to(k.dtype), cfg)
+    if mask is not None:
+        mask = _shift(mask | (anchor != 0) if mask.dtype == torch.bool else mask + anchor.to(mask.dtype), cfg)
+    return kv[:k.numel()].view(k.shape), kv[k.numel():].view(v.shape).to(v.dtype), mask
+
+
 def _touch(chunk, x: torch.Tensor) -> torch.Tensor:
     """``x`` plus an exact 0 that reads a received chunk no step uses (a band that skips the last step): a traced
     collective whose result is unused is dead code on this rank only, and the ranks' collectives would mismatch
@@ -131,10 +144,11 @@ def _backward(q, k, v, mask, out, m, rsum, do, cfg: _Cfg):
     if not cfg.sdpa_form:  # eager: a NaN row of p reaches every key's dv of its K/V head
         nan_bh = torch.where((rsum == 0).any(-1), float("nan"), 0.0)
         poison = nan_bh.unflatten(1, (k.shape[1], cfg.groups)).sum(2)[..., None, None]
+    anchor = do.reshape(-1)[:0].sum()  # an exact 0 that depends on the gradient (see _shift_kv)
     chunk, sent = (k, v, mask), None
     for step in range(cfg.ranks):
         src = (cfg.rank - step) % cfg.ranks
-        nxt = tuple(None if x is None else _shift(x, cfg) for x in chunk) if step < cfg.ranks - 1 else None
+        nxt = _shift_kv(chunk, anchor, cfg) if step < cfg.ranks - 1 else None
         dk, dv = torch.zeros(k.shape, dtype=ct, device=q.device), torch.zeros(v.shape, dtype=ct, device=q.device)
         todo = _pairs(cfg, lc, src)
         if todo:
