@@ -3,7 +3,7 @@
 `ring` computes attention over the global sequence for this rank's query rows.  Step ``s`` (of ``P``) holds rank
 ``rank - s``'s K/V chunk (and its key-mask chunk); the next step's chunk is sent before the current one is used,
 with an asynchronous functional collective (``all_to_all_single`` to the next rank), so the transfer overlaps the
-step's compute.  Each step's partial (`attnfuse.parallel._partial`: unnormalized output, row max, row sum, in
+step's compute.  Each step's partial (`attnfuse.kernels._partial`: unnormalized output, row max, row sum, in
 float32) is merged into the running one; a step (or a pair of zigzag halves) that the band leaves empty is
 skipped, decided from the static global positions of both sides.
 
@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed._functional_collectives as fc
 
-from ._partial import Segment, empty, expand_kv, merge, partial_backward, partial_forward, right_edge, visible
+from ..kernels._partial import Segment, empty, expand_kv, merge, partial_backward, partial_forward, right_edge, visible
 from ._spec import ContextParallel, check_local_len
 
 __all__ = ["ring", "segments"]

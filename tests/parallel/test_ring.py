@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import attnfuse.parallel._partial as partial_mod
-from attnfuse.parallel._partial import covered, merge, partial_forward, visible
+import attnfuse.kernels._partial as partial_mod
+from attnfuse.kernels._partial import covered, merge, partial_forward, visible
 from attnfuse.parallel._ring import ring, segments
 from attnfuse.parallel._spec import ContextParallel, positions, shard, unshard
 

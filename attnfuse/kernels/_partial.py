@@ -1,4 +1,5 @@
-"""One ring step's attention: this rank's query rows against one visiting K/V chunk, forward and backward.
+"""One block of attention rows against one block of keys, forward and backward: a ring step
+(`attnfuse.parallel`), or one block of K/V formed from factors (`attnfuse.kernels.tpa`).
 
 Rows and keys are described by `Segment`s, runs of contiguous global positions (``(start, stop, global_start)``
 over the local rows), so the band (``i - left <= j <= i + right``, -1 = unbounded) is a static question per pair
