@@ -75,3 +75,10 @@ bench-cp: $(BIN)/.ready
 	$(BIN)/python benchmarks/bench_context_parallel.py --bwd-seqs 4096,16384 --reps 2 --timeout 900
 
 .PHONY: bench-cp
+
+# Tensor Product Attention (benchmarks/bench_tpa.py): a T6-style model as written vs attnfuse vs a plain MHA cache;
+# prefill at 4k/16k, decode per token at 8k/32k/64k, peak memory; fresh processes; JSON + PNG in benchmarks/results/
+bench-tpa: $(BIN)/.ready
+	$(BIN)/python benchmarks/bench_tpa.py
+
+.PHONY: bench-tpa

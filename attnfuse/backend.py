@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import _cpsites, _logs, _publish, _sources, _torchkernels, autotune, ops  # noqa: F401 - ops registers torch.ops.attnfuse
+from . import _cpsites, _logs, _publish, _sources, _torchkernels, _tpaop, _tpasites, autotune, ops  # noqa: F401 - ops, _tpaop register torch.ops.attnfuse
 from ._sizes import hint as _hint
 from .config import Config
 from .costmodel import plan as planner
@@ -160,6 +160,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: Co
         if plan.kernel != "eager":
             m = dataclasses.replace(m, approx=plan.op_table(verdict["params"] if verdict else None))
         m, mask_info = _torchkernels.chosen(plan.kernel, plan.config, m, mask_info, flex_mask)
+        m = _tpasites.chosen(plan.kernel, m)
         plan, m = _what_runs(plan, m, shape)
         cp_entry, cp_why = None, None
         if config.context_parallel is not None and plan.kernel != "eager":
@@ -201,6 +202,9 @@ def _plan(m: match.AttentionMatch, shape: dict[str, Any], spec: Any, config: Con
     lim, backend = _torchkernels.limits(m, flex_mask, shape)
     train = _torchkernels.training(m)
     full = _torchkernels.plan_structure(structure, lim, backend, flex_mask, train)
+    tpa = _tpasites.structure(m, config.context_parallel is not None)
+    if tpa is not None:
+        full["tpa"] = tpa
     sized = {**shape, "causal": m.causal, "training": train}
     plan = planner.plan(sized, spec, kernels, structure=full, approx=verdict, dynamic=_dynamic(m))
     kinds = {r["kernel"] for r in plan.table} | {plan.kernel}
@@ -233,6 +237,8 @@ def _what_runs(plan: planner.Plan, m: match.AttentionMatch, shape: dict[str, Any
     (`attnfuse.costmodel.cpu.path`), not Triton tiles."""
     if plan.kernel == "eager" or m.impl:  # PyTorch's kernels: the config names the op's ``impl``
         return plan, m
+    if plan.kernel == "tpa":
+        return dataclasses.replace(plan, config=_tpasites.config(m)), m
     q = val(m.q.node)
     if triton_unsupported(q.device.type, q.dtype, max(shape["head_dim"], shape["v_head_dim"])) is None:
         rows = [(r["kv_len"][0], r["kv_len"][1], r.get("config") or {}) for r in plan.table if r["kernel"] in EXACT]

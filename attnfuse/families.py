@@ -9,6 +9,10 @@ imports no kernel; `kernel_module` imports one when a module object is needed), 
 explicit backend, and FlexAttention with the proven mask compiled into its ``mask_mod`` / ``BlockMask``.  Their
 estimates scale attnfuse's own by ratios fit from measurements (`attnfuse.costmodel.fits`).
 
+``tpa`` attends from the factors of a Tensor Product Attention site (`attnfuse.kernels.tpa`): a candidate only
+where the matcher proved some side a per-token product (`attnfuse.passes._tpa`); the export formats write the
+formed tensors and the standard attention (``"original"``: the site's own ops).
+
 Readers: `attnfuse.config` (the allowed ``kernels``, the approximate settings and their defaults),
 `attnfuse.costmodel.plan` (the candidates, `estimate_family`), `attnfuse.ops` (the module an approximate table
 row runs), `attnfuse.passes.approximate` (the families a policy calibrates) and `attnfuse.export._lower`
@@ -71,6 +75,7 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
     _family("blocksparse", True, "attnfuse.kernels.blocksparse", "attention"),
     _family("sdpa", True, "attnfuse.kernels.sdpa", "attention"),
     _family("flex", True, "attnfuse.kernels.flex", "original"),
+    _family("tpa", True, "attnfuse.kernels.tpa", "original"),
     _family("topk", False, "attnfuse.kernels.topk", "original", topk=2048, block=64, sink=64, local=256),
     _family("lsh", False, "attnfuse.kernels.lsh", "original", n_hashes=4, bucket_size=64, seed=0),
     _family("eager", True, None, "original"),

@@ -18,7 +18,7 @@ from attnfuse.report import Site
 
 SHAPE = {"batch": 2, "heads": 8, "kv_heads": 2, "q_len": 300, "kv_len": 1000, "head_dim": 64, "v_head_dim": 64,
          "elem": 2}
-STRUCTURE = {"window": (128, 0), "causal": True, "block_sparse": True, "density": 0.4}
+STRUCTURE = {"window": (128, 0), "causal": True, "block_sparse": True, "density": 0.4, "tpa": {"ranks": (0, 2, 2)}}
 
 
 @pytest.mark.parametrize("name", config.KERNEL_FAMILIES)
@@ -33,7 +33,7 @@ def test_every_allowed_kernel_is_registered_with_a_module_that_runs_it(name):
 
 def test_config_and_planner_lists_are_the_registrys():
     assert Config().kernels == config.KERNEL_FAMILIES == families.KERNELS == ("flash", "window", "blocksparse",
-                                                                            "sdpa", "flex", "topk", "lsh")
+                                                                            "sdpa", "flex", "tpa", "topk", "lsh")
     assert families.PYTORCH_KERNELS == ("sdpa", "flex")
     assert config.EXACT_FAMILIES == planner.EXACT == tuple(n for n in families.KERNELS if families.FAMILIES[n].exact)
     assert config.APPROXIMATE_FAMILIES == planner.APPROXIMATE == tuple(
@@ -70,7 +70,7 @@ def test_the_planner_estimates_with_the_registrys_function_and_defaults(name):
 
 def test_unknown_family_names_the_registry():
     with pytest.raises(ValueError, match="unknown kernel family 'dense'; allowed: flash, window, blocksparse, "
-                                         "sdpa, flex, topk, lsh, eager"):
+                                         "sdpa, flex, tpa, topk, lsh, eager"):
         planner.estimate_family("dense", SHAPE, PRESETS["h100"])
 
 
@@ -79,7 +79,7 @@ def test_unknown_family_names_the_registry():
 def test_export_support_is_recorded_and_used(fmt, name):
     family = families.FAMILIES[name]
     # FlexAttention has no standard-attention form with its doc tensor (export plans without PyTorch's kernels)
-    assert family.export == ("attention" if family.exact and name != "flex" else "original")
+    assert family.export == ("attention" if family.exact and name not in ("flex", "tpa") else "original")
     assert (name in families.EXPORT_ORIGINAL) == (family.export == "original")
     match = type("M", (), {"dropout_p": 0.0, "softcap": 0.0})()
     site = Site(id=0, module="m", source="", status="fused", kernel=name)

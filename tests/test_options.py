@@ -14,7 +14,7 @@ from attnfuse.config import Config
 
 ALLOWED_OPTIONS = ("allowed options: kernels, approximate, device, inner, report, strict, verify, autotune, "
                    "context_parallel")
-FAMILIES = "'flash', 'window', 'blocksparse', 'sdpa', 'flex', 'topk', 'lsh'"
+FAMILIES = "'flash', 'window', 'blocksparse', 'sdpa', 'flex', 'tpa', 'topk', 'lsh'"
 APPROX = {"max_rel_error": 0.1}
 
 # (options, the option the message names, what the message says it accepts)

@@ -197,3 +197,29 @@ def flex(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str, 
     if documents and fit.variant != "documents":
         base = base.scaled(structure.get("density", 1.0), _once(shape), tiles.host_s(spec) + spec.launch_s)
     return {}, _times(base, fit.ratio)
+
+
+def tpa(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str, Any], params: Mapping[str, Any],
+        causal: bool) -> Result:
+    """The flash launch (over the proven band) reading factorized sides as factors (``structure["tpa"]["ranks"]``:
+    (q, k, v) rank, 0 for a plain side): each K/V tile the launch streams costs ``R * (Hk + D)`` numbers per token
+    instead of ``Hk * D``, and forming it costs ``2 * R * D`` FLOPs per (token, head) per visit, on the elementwise
+    units (weighted by the matmul units' rate over float32's).  The launch's time is scaled by the ratio of the
+    two rooflines (tpa's traffic and FLOPs against flash's): it wins where attention is memory-bound (decode, long
+    caches) and loses where it is compute-bound."""
+    config, base = _launch(shape, spec, structure.get("window") or (-1, -1), causal)
+    b, h, hk, lq, lk, d, dv, elem = _dims(shape)
+    rq, rk, rv = structure["tpa"]["ranks"]
+    formed_kv = float(b * hk * lk * (d + dv) * elem)
+    factor_kv = float(b * lk * elem * ((rk * (hk + d)) if rk else hk * d) + b * lk * elem * ((rv * (hk + dv)) if rv
+                                                                                           else hk * dv))
+    visits = max(1.0, (base.hbm_bytes - (_once(shape) - formed_kv)) / formed_kv)  # K/V reads per launch
+    formed_q, factor_q = float(b * h * lq * d * elem), float(b * lq * rq * (h + d) * elem) if rq else 0.0
+    hbm = base.hbm_bytes + visits * (factor_kv - formed_kv) + (factor_q - formed_q if rq else 0.0)
+    name = tiles.dtype_name(elem)
+    # tiles are formed by elementwise FMAs, not on the matmul units: weight their FLOPs by the rate difference
+    fma = spec.flops(name) / spec.flops("float32")
+    flops = base.flops + fma * (visits * b * hk * lk * 2.0 * (rk * d + rv * dv) + b * h * lq * 2.0 * rq * d)
+    ratio = tiles.roofline(flops, hbm, base.exp_ops, 0, spec, name).time_s / max(
+        1e-30, tiles.roofline(base.flops, base.hbm_bytes, base.exp_ops, 0, spec, name).time_s)
+    return config, Estimate(flops, hbm, base.exp_ops, base.time_s * ratio)

@@ -85,15 +85,23 @@ def _candidate(family: str, est: Estimate | None, rejected: str | None, **extra:
 
 
 def _why(family: str, kernels: Sequence[str], band: bool, sparse: bool, approx: Mapping[str, Any] | None,
-         padded: bool = False, limits: Mapping[str, str | None] | None = None):
+         padded: bool = False, limits: Mapping[str, str | None] | None = None,
+         tpa: Mapping[str, Any] | None = None):
     """Why ``family`` may not run the site (None: it may).  ``padded``: a padded window (``window_pad``), whose
     zero keys only the window kernels add; ``limits``: {"sdpa" | "flex": why PyTorch's kernel cannot compute the
-    site exactly, or None} (the backend's, from the match)."""
+    site exactly, or None} (the backend's, from the match); ``tpa``: the factorized sides' ``ranks`` and ``why``
+    not (None: no side is factorized)."""
     if family in PYTORCH_KERNELS:  # whether they can run a site is the caller's ``limits``
         if limits is None or family not in limits:
             return f"'{family}' is a candidate only for a matched site, whose facts say whether it computes it exactly"
         if limits[family]:
             return limits[family]
+        return None if family in kernels else f"'{family}' is not in options['kernels']"
+    if family == "tpa":
+        if not tpa:
+            return "needs q, k or v formed from per-token factors (Tensor Product Attention)"
+        if tpa.get("why"):
+            return tpa["why"]
         return None if family in kernels else f"'{family}' is not in options['kernels']"
     if padded and family != "window":
         return "the padded window's zero keys (the unfold spelling) run in the window kernel only"
@@ -129,8 +137,9 @@ def _candidates(shape, spec, kernels, structure, approx):
     for family in FAMILIES:
         extra: dict[str, Any] = {}
         why = _UNFUSED if family == "eager" else _why(family, kernels, band, sparse, approx, padded,
-                                                     structure.get("limits"))
-        if (family == "window" and not band) or (family == "blocksparse" and not sparse):
+                                                     structure.get("limits"), structure.get("tpa"))
+        if (family == "window" and not band) or (family == "blocksparse" and not sparse) or (
+                family == "tpa" and (not structure.get("tpa") or structure["tpa"].get("why"))):
             rows.append(_candidate(family, None, why))
             continue
         if family == "window":

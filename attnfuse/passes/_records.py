@@ -96,6 +96,10 @@ class AttentionMatch:
     # plan chose; "" = one device
     cp: str = ""
     cp_strategy: str = ""
+    # Tensor Product Attention: per side (q, k, v) its `attnfuse.passes._tpa.TpaSide` or None, when some side is
+    # a per-token product of factors; () otherwise, and once the plan chose another kernel (the rewriter emits
+    # ``attnfuse::tpa_attention`` exactly when this is set)
+    tpa: tuple = ()
 
 
 def operand_shape(op: Operand) -> list:

@@ -25,11 +25,14 @@ spelling of local attention `_unfold`'s.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .._sizes import hint
+from . import _tpa
 from ._canon import canon
 from ._chain import op_name, sink_form, walk_down, walk_up
 from ._graph import ancestors, arg, eq, is_state, name, val
@@ -318,6 +321,10 @@ def match(gm: fx.GraphModule) -> tuple[list[AttentionMatch], list[Miss]]:
         result = reader(node)
         subclass = _subclass_miss(result) if result else None  # a Miss is falsy: test against None
         result = result if subclass is None else subclass
+        if result and result.form in ("graph", "sdpa"):
+            sides = tuple(_tpa.side(o) for o in (result.q, result.k, result.v))
+            if any(sides):
+                result = dataclasses.replace(result, tpa=sides)
         (found if result else misses).append(result)
     # softmax spellings `canonicalize` left alone, with why (`_softmax_forms`)
     misses += [Miss(n, "{}", why) for n, why in gm.meta.get(SPELLING_MISSES, ()) if not getattr(n, "_erased", 0)]

@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 
 from .._sizes import hint
+from . import _tparewrite
 from ._graph import eq, val
 from ._layout import eager_layout, stride_sensitive, written_later
 from ._records import AttentionMatch, Operand, absorbs, operand_shape
@@ -235,6 +236,13 @@ def _rewrite_one(graph: fx.Graph, m: AttentionMatch) -> fx.Node | None:
         return None
     from .. import ops
 
+    if m.tpa:  # the plan chose the tpa family: the op reads the factors (`_tparewrite`)
+        with graph.inserting_before(m.output):
+            out = _tparewrite.emit(graph, m, *_mask(graph, m))
+            if stride_sensitive(m.output):
+                out = eager_layout(graph, out, val(m.output), copy=written_later(m.output))
+        m.output.replace_all_uses_with(out)
+        return out
     qs = operand_shape(m.q)
     rank = len(qs)
     with graph.inserting_before(m.output):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from attnfuse import Config
+from attnfuse import Config, families
 from attnfuse.costmodel import plan as planner
 from attnfuse.costmodel import tiles
 from attnfuse.device import PRESETS, DeviceSpec
@@ -155,7 +155,7 @@ _UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 def _assert_consistent(p: planner.Plan, shape: dict, kernels, structure: dict, approx) -> None:
     """No row's ``rejected`` reason claims what its own numbers (or the plan's inputs) contradict."""
     rows = {c["kernel"]: c for c in p.candidates}
-    assert list(rows) != [] and len(rows) == len(p.candidates) == 8
+    assert list(rows) != [] and len(rows) == len(p.candidates) == len(families.FAMILIES)
     runs = rows[p.kernel]
     assert runs["rejected"] is None and runs["est_time_s"] is not None, runs  # what runs is not rejected
     assert all(c["rejected"] for c in p.candidates if c is not runs), p.candidates
@@ -192,6 +192,8 @@ def _assert_consistent(p: planner.Plan, shape: dict, kernels, structure: dict, a
             assert not structure.get("block_sparse") and est is None
         elif "window / block-sparse mode" in why:
             assert c["kernel"] == "flash" and (structure.get("window") is not None or structure.get("block_sparse"))
+        elif why.startswith("needs q, k or v formed from per-token factors"):
+            assert c["kernel"] == "tpa" and not structure.get("tpa") and est is None
         elif "window kernel only" in why:
             assert structure.get("window_pad") and c["kernel"] != "window"
         elif "a candidate only for a matched site" in why:  # PyTorch's kernels need the site's facts (`limits`)
