@@ -222,4 +222,25 @@ def tpa(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str, A
     flops = base.flops + fma * (visits * b * hk * lk * 2.0 * (rk * d + rv * dv) + b * h * lq * 2.0 * rq * d)
     ratio = tiles.roofline(flops, hbm, base.exp_ops, 0, spec, name).time_s / max(
         1e-30, tiles.roofline(base.flops, base.hbm_bytes, base.exp_ops, 0, spec, name).time_s)
-    return config, Estimate(flops, hbm, base.exp_ops, base.time_s * ratio)
+    time_s = base.time_s * ratio
+    if spec.name == "cpu" and lq > CPU_DECODE_ROWS:
+        time_s *= CPU_BLOCKED_RATIO
+    return config, Estimate(flops, hbm, base.exp_ops, time_s)
+
+
+# The CPU path (`attnfuse.kernels.tpa._cpu`): up to this many query rows read only the factors (decode); longer
+# query sides run the blocked path, PyTorch ops over formed key blocks, measured 7.3x-8.4x the time of PyTorch's
+# fused CPU flash kernel over the formed tensors (fp32, H 8, D 64, R 2/6, causal, 1k and 4k tokens, 2-core CPU:
+# the microbenchmark in the issue-19 closing note): the planner leaves CPU prefill to the other kernels.
+CPU_DECODE_ROWS = 16
+CPU_BLOCKED_RATIO = 7.0
+
+
+def formation(shape: Mapping[str, Any], spec: DeviceSpec, ranks: tuple[int, int, int]) -> Estimate:
+    """Forming the factorized sides (``ranks``: (q, k, v), 0 = plain) in memory, as the graph does when any kernel
+    but ``tpa`` runs the site: read the factors, write the formed tensors (their read is the kernel's)."""
+    b, h, hk, lq, lk, d, dv, elem = _dims(shape)
+    sides = [(r, n, width, length) for r, n, width, length in zip(ranks, (h, hk, hk), (d, d, dv), (lq, lk, lk)) if r]
+    flops = sum(2.0 * b * length * n * width * r for r, n, width, length in sides)
+    nbytes = sum(float(b * length * (r * (n + width) + n * width) * elem) for r, n, width, length in sides)
+    return tiles.roofline(flops, nbytes, 0.0, len(sides), spec, tiles.dtype_name(elem))

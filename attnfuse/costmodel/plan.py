@@ -30,6 +30,7 @@ from typing import Any
 from .._sizes import size_text
 from ..device import PRESETS, DeviceSpec
 from ..families import APPROXIMATE, EXACT, FAMILIES, PYTORCH_KERNELS
+from . import estimates
 from .estimates import scores_bytes, visible_keys
 from .tiles import Estimate, NoTileFits
 
@@ -134,6 +135,9 @@ def _candidates(shape, spec, kernels, structure, approx):
         raise ValueError("attnfuse costmodel: structure['window_pad'] needs the band it pads, structure['window'] "
                          "= (left, right)")
     rows, configs = [], {}
+    tpa = structure.get("tpa")
+    # a factorized site: every kernel but tpa runs after the graph forms the tensors (`estimates.formation`)
+    formed = estimates.formation(shape, spec, tpa["ranks"]) if tpa and not tpa.get("why") else None
     for family in FAMILIES:
         extra: dict[str, Any] = {}
         why = _UNFUSED if family == "eager" else _why(family, kernels, band, sparse, approx, padded,
@@ -158,6 +162,8 @@ def _candidates(shape, spec, kernels, structure, approx):
         except NoTileFits as exc:  # the site's head dims (forward or backward) need more shared memory
             rows.append(_candidate(family, None, why or str(exc).removeprefix("attnfuse flash: "), **extra))
             continue
+        if formed is not None and family != "tpa":
+            est, extra["forms_factors"] = est + formed, True
         if family == "sdpa":
             configs[family] = {"impl": f"sdpa:{structure.get('sdpa_backend', 'cpu')}"}
             extra["backend"] = structure.get("sdpa_backend", "cpu")

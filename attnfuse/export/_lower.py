@@ -45,8 +45,11 @@ def unsupported(fmt: str, m: Any, site: Any) -> str | None:
                 f"original ops")
     families = {site.kernel, *(row["kernel"] for row in site.table)} & set(EXPORT_ORIGINAL)
     if families:
+        sides = "/".join(n for n, side in zip("QKV", getattr(m, "tpa", ()) or ()) if side is not None)
+        formed = (f" ({sides or 'the factorized sides'} formed from the factors, then the model's own attention)"
+                  if "tpa" in families else "")
         return (f"{target} has no {'/'.join(sorted(families))} attention; the site is exported as its original "
-                "(exact) ops")
+                f"(exact) ops{formed}")
     if fmt == "mlir" and m.softcap:
         return f"{target} has no softcap; the site is exported as its original ops"
     return None

@@ -55,6 +55,8 @@ class TpaSide:
 def _einsum_product(node: fx.Node) -> tuple[fx.Node, fx.Node, tuple[int, ...]] | None:
     """(a, b, permutation of the canonical (batch..., h, d) output) of a per-token product einsum."""
     eq_, *ops = node.args
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):  # einsum(eq, [a, b]) (and torch.export's aten.einsum)
+        ops = list(ops[0])
     if not isinstance(eq_, str) or len(ops) != 2 or "..." in eq_ or "->" not in eq_:
         return None
     ins, out = eq_.replace(" ", "").split("->")
@@ -145,7 +147,8 @@ def side(op: Operand) -> TpaSide | None:
     if not eq(vb.shape[-2], rank) or va.dtype != vb.dtype or va.dtype != out.dtype:
         return None
     # the formed tensor before the final permute: (B, T, H, D), read by the attention as (B, H, T, D)
-    if perm != (0, 2, 1, 3) or not (eq(out.shape[1], heads) and eq(out.shape[3], head_dim)):
+    read = [out.shape[p] for p in (op.perm or range(4))]  # the operand as the attention reads it: (B, H, T, D)
+    if perm != (0, 2, 1, 3) or not (eq(read[1], heads) and eq(read[3], head_dim)):
         return None
     if not reshaped and prod.ndim != 4:
         return None

@@ -16,7 +16,8 @@ Semantics (those of `attnfuse.kernels.reference` on the formed tensors): ``scale
 (True = attend; a masked score becomes ``mask_fill``, None = -inf) or an additive float bias (no gradient flows
 to it); ``causal`` and ``window_left``/``window_right`` (-1 = unbounded) keep key ``j`` for query ``i`` iff
 ``i - left <= j <= i + right`` (top-left aligned, as the op); K/V have ``H / kv_groups`` heads, query head ``h``
-reading K/V head ``h // kv_groups``.  A row that sees no key is NaN (eager's softmax), or 0 with ``sdpa_form``.
+reading K/V head ``h // kv_groups``.  A row that sees no key is NaN (eager's softmax), or 0 with no gradient with
+``sdpa_form`` (SDPA's safe softmax).
 Gradients flow to every tensor of every side (factors included), not to the key mask.
 
 Dispatch: CPU tensors run `_cpu` (unless ``TRITON_INTERPRET=1``); CUDA tensors, and CPU tensors under the
@@ -81,10 +82,10 @@ def reference(q: Side, k: Side, v: Side, key_mask: torch.Tensor | None = None, *
     if right >= 0:
         outside |= j > i + right
     s = s.masked_fill(outside, float("-inf"))
-    p = torch.softmax(s, -1)
-    if sdpa_form:
-        p = torch.where(torch.isneginf(s).all(-1, keepdim=True), 0.0, p)
-    return torch.matmul(p, vv)
+    if sdpa_form:  # SDPA's safe softmax: a row that sees no key is 0, with no gradient
+        dead = torch.isneginf(s).all(-1, keepdim=True)
+        return torch.matmul(torch.where(dead, 0.0, torch.softmax(s.masked_fill(dead, 0.0), -1)), vv)
+    return torch.matmul(torch.softmax(s, -1), vv)
 
 
 def attention(q: Side, k: Side, v: Side, key_mask: torch.Tensor | None = None, *, scale: float,

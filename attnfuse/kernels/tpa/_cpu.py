@@ -230,9 +230,11 @@ def _decode(qq: torch.Tensor, k: Factors, v: Factors, mask, cfg) -> torch.Tensor
     outside = _outside(lq, 0, k.length, cfg, s.device)
     if outside is not None:
         s = s.masked_fill(outside, float("-inf"))
-    p = torch.softmax(s, -1)  # NaN where a row sees no key (eager's softmax)
-    if cfg["sdpa_form"]:
-        p = torch.where(torch.isneginf(s).all(-1, keepdim=True), 0.0, p)
+    if cfg["sdpa_form"]:  # SDPA's safe softmax: a row that sees no key is 0, with no gradient
+        dead = torch.isneginf(s).all(-1, keepdim=True)
+        p = torch.where(dead, 0.0, torch.softmax(s.masked_fill(dead, 0.0), -1))
+    else:
+        p = torch.softmax(s, -1)  # NaN where a row sees no key (eager's softmax)
     out = None
     for (t0, t1), used in zip(splits, seen):
         if not used:

@@ -7,16 +7,24 @@ factor tiles (fp32 accumulation, one rounding to the input dtype); no kernel wri
 * forward: one program per (query tile, query head, batch), the online softmax of flash (base 2, fp32) over the
   key tiles the band reaches (masked edges around an unmasked middle; tiles outside the band are never read);
   it saves each row's statistics (max, log2 of the sum) for the backward.
+* split-K decode (`num_key_splits`: query sides up to `DECODE_ROWS` rows against long keys, as flash's decode):
+  a third grid axis splits each program's keys; every split forms its own K/V tiles from the factors and writes
+  an fp32 partial output with its statistics, which flash's `combine_kernel` merges exactly by them (the
+  statistics it writes are the unsplit ones, so the backward is unchanged).
 * backward: ``delta = rowsum(O * dO)`` (torch), then `dkdv_kernel` (per key tile and K/V head, over its query
   heads) and `dq_kernel` (per query tile and head) recompute the probabilities from the statistics; they write
   dQ/dK/dV per head in fp32 and `_side_grads` contracts those to the factor gradients with torch ops
   (``da = scale * dX . b`` over d, ``db = scale * sum_h a * dX``).
-* rows that see no key: NaN (0 / 0, eager's softmax) or 0 with ``sdpa_form`` in the forward; in the backward
-  they contribute nothing (every gradient is finite there).  Eager's NaN pattern for them (e.g. NaN in all of
-  dV of their K/V head) is the caller's to reproduce: `dead_rows` gives them from the statistics.
+* rows that see no key (`dead_rows`): NaN (0 / 0, eager's softmax) or 0 with ``sdpa_form`` in the forward.  The
+  kernels let them contribute nothing; `_dead_nan` then puts eager's NaN pattern (the textbook, masked_fill
+  spelling) into the per-head gradients with torch ops, before they are contracted to the factors: without
+  ``sdpa_form`` NaN in all of dV of their K/V head; either way NaN in their dQ row and in dK at the keys of
+  their band that no bool mask replaced (a dead row's score gradient is NaN there: only an additive -inf bias
+  leaves such keys).
 
-Not done here: a split-K decode path (a decode query runs one program per head over the whole band); eager's
-``0 * NaN`` for NaN/Inf in V outside a row's band (tiles outside the band are skipped, as flash's window path).
+Not done here: a split backward (dK/dV already run one program per key tile; dQ one per query tile and head over
+its band); eager's ``0 * NaN`` for NaN/Inf in V outside a row's band (tiles outside the band are skipped, as
+flash's window path).
 """
 
 from __future__ import annotations
@@ -26,15 +34,18 @@ from typing import NamedTuple
 import torch
 import triton
 
-from ...costmodel.tiles import TileConfig, band, widths
+from ...costmodel.tiles import UNBOUNDED, TileConfig, band, num_splits, widths
 from ...device import triton_unsupported
-from .._launch import LOG2E, launch, pow2, precision
+from .._launch import LOG2E, launch, pow2, precision, spec_for
+from ..flash.fwd import combine_kernel
 from ._triton_bwd import dkdv_kernel, dq_kernel
 from ._triton_fwd import fwd_kernel
 
-__all__ = ["MAX_RANK", "attention", "backward", "configs", "dead_rows", "forward", "runs"]
+__all__ = ["DECODE_ROWS", "MAX_RANK", "attention", "backward", "configs", "dead_rows", "forward", "num_key_splits",
+           "runs"]
 
 MAX_RANK = 16  # ranks the kernels take (each rank is one unrolled multiply-add per formed tile)
+DECODE_ROWS = 16  # query sides up to this long split their keys over programs (split-K decode)
 _FLT_MAX = 3.4028234663852886e38
 # flash's MASK_KIND values: none, additive bias, bool with -inf, bool with a finite fill
 _NONE, _BIAS, _BOOL, _BOOL_FILL = 0, 1, 2, 3
@@ -144,18 +155,52 @@ class _Launch:
         return tuple(s[3] for s in self.sides)
 
 
-def forward(q, k, v, key_mask=None, *, config: tuple[TileConfig, TileConfig] | None = None, **kw):
+def num_key_splits(run: _Launch, cfg: TileConfig, splits: int | None) -> tuple[int, int]:
+    """(splits, keys per split) of the forward: as flash's decode, enough programs to fill the SMs when a query
+    side of at most `DECODE_ROWS` rows cannot (``splits``: that many instead, for any query side), at most one
+    split per key tile of the keys a program visits (a two-sided band bounds them)."""
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"attnfuse tpa: splits={splits!r}; allowed: None (chosen) or an int >= 1")
+    keys = run.lk
+    if run.wl < UNBOUNDED and run.wr < UNBOUNDED:
+        keys = min(keys, cfg.block_m + run.wl + run.wr + cfg.block_n)
+    if splits is None:
+        first = _tensors(run.q)[0]
+        splits = 1 if run.lq > DECODE_ROWS else num_splits(cfg, run.lq, keys, run.bsz * run.h, spec_for(first))
+    n = min(splits, max(1, triton.cdiv(keys, cfg.block_n)))
+    if n == 1:
+        return 1, run.split_len(cfg.block_n)
+    return n, triton.cdiv(triton.cdiv(keys, n), cfg.block_n) * cfg.block_n
+
+
+def forward(q, k, v, key_mask=None, *, config: tuple[TileConfig, TileConfig] | None = None,
+            splits: int | None = None, **kw):
     """(out (B, H, Lq, Dv) in q's dtype, stats (B, H, Lq, 2) fp32: each row's score max and log2 of its sum of
     exp2(score - max), base 2; max -inf for a row that sees no key).  Keywords: `attention`'s."""
     run = _Launch(q, k, v, key_mask, config=config, **kw)
     cfg = run.cfg[0]
+    n_split, split_len = num_key_splits(run, cfg, splits)
     out = torch.empty(run.bsz, run.h, run.lq, run.dv, dtype=run.dtype, device=run.device)
     stats = torch.empty(run.bsz, run.h, run.lq, 2, dtype=torch.float32, device=run.device)
-    grid = (triton.cdiv(run.lq, cfg.block_m), run.bsz * run.h)
+    if n_split > 1:
+        dst = torch.empty(n_split, *out.shape, dtype=torch.float32, device=run.device)
+        dst_stats = torch.empty(n_split, *stats.shape, dtype=torch.float32, device=run.device)
+        split_strides = (dst.stride(0), dst_stats.stride(0))
+    else:
+        dst, dst_stats, split_strides = out, stats, (0, 0)
+    grid = (triton.cdiv(run.lq, cfg.block_m), run.bsz * run.h, n_split)
     launch(fwd_kernel)[grid](
-        *run.args(out, stats), *out.stride(), run.h, run.lq, run.lk, run.wl, run.wr, run.split_len(cfg.block_n),
-        *run.side_scales(), run.qk_scale, run.cap_scale, run.softcap2, run.mask[4],
-        **run.meta(cfg, SDPA_FORM=run.sdpa_form, EVEN_D=run.d == pow2(run.d) and run.dv == pow2(run.dv)))
+        *run.args(dst, dst_stats), *dst.stride()[-4:], *split_strides, run.h, run.lq, run.lk, run.wl, run.wr,
+        split_len, *run.side_scales(), run.qk_scale, run.cap_scale, run.softcap2, run.mask[4],
+        **run.meta(cfg, SDPA_FORM=run.sdpa_form, SPLIT=n_split > 1,
+                   EVEN_D=run.d == pow2(run.d) and run.dv == pow2(run.dv)))
+    if n_split > 1:
+        rows = run.bsz * run.h * run.lq
+        launch(combine_kernel)[(rows,)](
+            dst, dst_stats, out, stats, *out.stride(), run.h, run.lq, rows, n_split, HEAD_DIM_V=run.dv,
+            BLOCK_DV=pow2(run.dv), BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=4)
+        if run.sdpa_form:  # the combine leaves 0 / 0 = NaN in a row without keys
+            out.masked_fill_(dead_rows(stats)[..., None], 0.0)
     return out, stats
 
 
@@ -175,8 +220,8 @@ def _side_grads(x, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def backward(grad_out, q, k, v, key_mask, out, stats, *, config=None, **kw):
-    """The gradients of every tensor of q, k and v (a, b for factors; the tensor for a plain side), in order.
-    Rows without keys contribute nothing."""
+    """The gradients of every tensor of q, k and v (a, b for factors; the tensor for a plain side), in order,
+    with eager's NaN pattern for rows without keys (`_dead_nan`)."""
     run = _Launch(q, k, v, key_mask, config=config, **kw)
     cfg = run.cfg[1]
     delta = (out.float() * grad_out.float()).sum(-1)
@@ -193,7 +238,40 @@ def backward(grad_out, q, k, v, key_mask, out, stats, *, config=None, **kw):
     launch(dq_kernel)[(triton.cdiv(run.lq, cfg.block_m), run.bsz * run.h)](
         *run.args(grad_out, stats, delta, dq), *grad_out.stride(), run.h, run.lq, run.lk, run.wl, run.wr,
         run.split_len(cfg.block_n), *scalars, **meta)
+    _dead_nan(run, key_mask, stats, dq, dk, dv)
     return (*_side_grads(q, dq), *_side_grads(k, dk), *_side_grads(v, dv))
+
+
+def _dead_nan(run: _Launch, key_mask, stats, dq, dk, dv) -> None:
+    """Put eager's NaN pattern for the rows that saw no key into the fp32 per-head gradients, in place.
+
+    Eager's softmax row is NaN there (with ``sdpa_form``, SDPA's safe softmax: 0 with no gradient, so nothing
+    here): its dV reaches every key of the K/V head, and its score gradient is NaN at every key of the row's band
+    ``[i - wl, i + wr]`` that no bool mask replaced (masked_fill passes no gradient; an additive bias does), so NaN
+    in the row's dQ and in those keys' dK.  Band intervals and prefix sums: no (Lq, Lk) tensor is formed."""
+    if run.sdpa_form:
+        return
+    dead = dead_rows(stats)  # (B, H, Lq)
+    if not bool(dead.any()):
+        return
+    bsz, hkv, lq, lk, dev = run.bsz, run.h // run.groups, run.lq, run.lk, dead.device
+    dv.masked_fill_(dead.view(bsz, hkv, -1).any(-1)[..., None, None], float("nan"))
+    i = torch.arange(lq, device=dev)
+    lo, stop = (i - run.wl).clamp(0, lk), (i + run.wr + 1).clamp(0, lk)  # the band of row i: keys [lo, stop)
+    keep = torch.ones(bsz, lk, dtype=torch.bool, device=dev)
+    if key_mask is not None and key_mask.dtype == torch.bool:
+        keep = key_mask.reshape((1,) * (4 - key_mask.dim()) + tuple(key_mask.shape)).expand(bsz, 1, 1, lk)[:, 0, 0]
+    kept = torch.nn.functional.pad(keep.long().cumsum(-1), (1, 0))  # (B, Lk + 1): kept keys before each position
+    open_keys = (kept[:, stop] - kept[:, lo]) > 0  # (B, Lq): the band of row i holds a key no bool mask replaced
+    nan_rows = dead & open_keys[:, None, :]
+    dq.masked_fill_(nan_rows[..., None], float("nan"))
+    # dK: the kept keys inside the band of some NaN row of the K/V head's query heads (a difference array)
+    rows = nan_rows.view(bsz, hkv, run.groups, lq).any(2).long()  # (B, Hk, Lq)
+    edges = torch.zeros(bsz, hkv, lk + 1, dtype=torch.long, device=dev)
+    edges.index_add_(2, lo, rows)
+    edges.index_add_(2, stop, -rows)
+    covered = edges.cumsum(-1)[..., :lk] > 0
+    dk.masked_fill_((covered & keep[:, None, :])[..., None], float("nan"))
 
 
 class _Side(NamedTuple):
@@ -218,7 +296,7 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layout, key_mask, kw, *tensors):
         out, stats = forward(*_sides(layout, tensors), key_mask, **kw)
-        ctx.layout, ctx.kw = layout, kw
+        ctx.layout, ctx.kw = layout, {n: x for n, x in kw.items() if n != "splits"}
         ctx.save_for_backward(key_mask, out, stats, *tensors)
         return out
 
@@ -231,11 +309,13 @@ class _Attention(torch.autograd.Function):
 
 def attention(q, k, v, key_mask=None, *, scale: float, causal: bool = False, softcap: float = 0.0,
               window_left: int = -1, window_right: int = -1, kv_groups: int = 1, mask_fill: float | None = None,
-              sdpa_form: bool = False, config: tuple[TileConfig, TileConfig] | None = None) -> torch.Tensor:
+              sdpa_form: bool = False, config: tuple[TileConfig, TileConfig] | None = None,
+              splits: int | None = None) -> torch.Tensor:
     """`attnfuse.kernels.tpa.attention` on the Triton kernels (module docstring), differentiable in every tensor
-    of every side (not the key mask).  ``config``: the (forward, backward) tiles instead of `configs`'."""
+    of every side (not the key mask).  ``config``: the (forward, backward) tiles instead of `configs`';
+    ``splits``: the forward's key splits instead of `num_key_splits`' choice."""
     kw = dict(scale=scale, causal=causal, softcap=softcap, window_left=window_left, window_right=window_right,
-              kv_groups=kv_groups, mask_fill=mask_fill, sdpa_form=sdpa_form, config=config)
+              kv_groups=kv_groups, mask_fill=mask_fill, sdpa_form=sdpa_form, config=config, splits=splits)
     tensors = [t for x in (q, k, v) for t in _tensors(x)]
     mask = None if key_mask is None else key_mask.detach()
     return _Attention.apply(tuple(_layout(x) for x in (q, k, v)), mask, kw, *tensors)

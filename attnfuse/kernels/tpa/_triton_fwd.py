@@ -97,24 +97,29 @@ def fwd_kernel(
     sqa_b, sqa_l, sqa_h, sqa_r, sqb_b, sqb_h, sqb_l, sqb_r, sqb_d,
     ska_b, ska_l, ska_h, ska_r, skb_b, skb_h, skb_l, skb_r, skb_d,
     sva_b, sva_l, sva_h, sva_r, svb_b, svb_h, svb_l, svb_r, svb_d,
-    stride_mb, stride_mn, stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mn, stride_ob, stride_oh, stride_om, stride_od, stride_os, stride_ls,
     H, Lq, Lk, win_left, win_right, split_len, q_scale, k_scale, v_scale, qk_scale, cap_scale, softcap2, fill2,
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RQ: tl.constexpr, RK: tl.constexpr,
     RV: tl.constexpr, Q_FACT: tl.constexpr, K_FACT: tl.constexpr, V_FACT: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, SDPA_FORM: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, SDPA_FORM: tl.constexpr, SPLIT: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of one query head (reading K/V head ``h // GROUPS``) of one batch.
+    """One program: BLOCK_M query rows of one query head (reading K/V head ``h // GROUPS``) of one batch, and
+    with ``SPLIT`` (split-K decode) only the keys of split ``program_id(2)``: the band's first tile
+    + split * split_len on, ``split_len`` of them.
 
     Visits only the key tiles the band ``[i - win_left, i + win_right]`` reaches (masked edge tiles around an
     unmasked middle, as flash's window path); writes the output and each row's statistics (max, log2 of the
     sum, base 2) at ``Stats[b, h, row, 0:2]``.  A row that sees no key keeps max -inf and sum 0: its output is
-    0 / 0 = NaN (eager's softmax), or 0 with ``SDPA_FORM``."""
+    0 / 0 = NaN (eager's softmax), or 0 with ``SDPA_FORM``.  With ``SPLIT`` the fp32 partial output (normalized;
+    a split without a live key writes its accumulator, 0) and statistics go to ``split * stride_os`` and
+    ``split * stride_ls`` on, for flash's `combine_kernel` to merge."""
     q_scale, k_scale, v_scale, qk_scale = f32(q_scale), f32(k_scale), f32(v_scale), f32(qk_scale)
     cap_scale, softcap2, fill2 = f32(cap_scale), f32(softcap2), f32(fill2)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
     h = pid_bh % H
     b = pid_bh // H
     hkv = h // GROUPS
@@ -129,7 +134,7 @@ def fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    lo, whole_lo, whole_hi, hi = band_keys(start_m, Lq, Lk, win_left, win_right, 0, split_len, GROUPS=1,
+    lo, whole_lo, whole_hi, hi = band_keys(start_m, Lq, Lk, win_left, win_right, split, split_len, GROUPS=1,
                                            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, lo, whole_lo, q, KA, KB, VA, VB, M, b, hkv, rows, heads, offs_d,
                                offs_dv, ska_b, ska_l, ska_h, ska_r, skb_b, skb_h, skb_l, skb_r, skb_d, sva_b, sva_l,
@@ -153,10 +158,13 @@ def fwd_kernel(
                                RV=RV, K_FACT=K_FACT, V_FACT=V_FACT, MASK_KIND=MASK_KIND, HAS_SOFTCAP=HAS_SOFTCAP,
                                WINDOW=True, CHECK_M=not EVEN_M, CHECK_N=True, EVEN_D=EVEN_D, PRECISION=PRECISION)
     out = acc / l_i[:, None]
-    if SDPA_FORM:
+    if SPLIT:  # the combine weights a split without a live key 0: its partial must not be 0 / 0
+        out = tl.where(l_i[:, None] == 0, acc, out)
+    elif SDPA_FORM:
         out = tl.where((m_i == float("-inf"))[:, None], 0.0, out)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od
+    o_ptrs = (Out + split * stride_os + b * stride_ob + h * stride_oh + rows[:, None] * stride_om
+              + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V))
-    stats_ptrs = Stats + (pid_bh * Lq + rows) * 2
+    stats_ptrs = Stats + split * stride_ls + (pid_bh * Lq + rows) * 2
     tl.store(stats_ptrs, m_i, mask=rows < Lq)
     tl.store(stats_ptrs + 1, tl.log2(l_i), mask=rows < Lq)

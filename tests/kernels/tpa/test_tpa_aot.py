@@ -4,7 +4,8 @@ The tiles `attnfuse.kernels.tpa._triton.configs` launches on a GPU (a long query
 one-row query side) must compile for each architecture and fit its shared memory: the device preset's budget
 and the hardware's opt-in limit per block.  Each (device, dtype, head dim) compiles the forward, dK/dV and dQ
 kernels with every side factorized at rank 2 and no features, and again with every feature on (q plain, a key
-mask, a band, softcap, GQA, ragged lengths, ``sdpa_form``); on sm_90 the tiles of 64 rows or more must use
+mask, a band, softcap, GQA, ragged lengths, ``sdpa_form``), and the split-K decode forward (its fp32 partial
+output; flash's combine kernel is compiled by flash's AOT test); on sm_90 the tiles of 64 rows or more must use
 wgmma.  As in tests/kernels/_aot.py, the signatures mirror a launch: pointers 16-byte aligned, contiguous
 last-dim strides the constant 1, the other strides of b (multiples of D) and the launch sizes without hints.
 """
@@ -66,10 +67,11 @@ def _meta(cfg, hd: int, heavy: bool, dt: str) -> dict:
                 PRECISION="tf32")
 
 
-def _ptrs(kernel, dt: str, heavy: bool) -> dict[str, str]:
+def _ptrs(kernel, dt: str, heavy: bool, split: bool = False) -> dict[str, str]:
     mask = ("i1" if dt == "fp16" else "fp32") if heavy else dt
     every = dict(QA=f"*{dt}", QB=f"*{dt}", KA=f"*{dt}", KB=f"*{dt}", VA=f"*{dt}", VB=f"*{dt}", M=f"*{mask}",
-                 Out=f"*{dt}", DO=f"*{dt}", Stats="*fp32", Delta="*fp32", DK="*fp32", DV="*fp32", DQ="*fp32")
+                 Out="*fp32" if split else f"*{dt}", DO=f"*{dt}", Stats="*fp32", Delta="*fp32", DK="*fp32",
+                 DV="*fp32", DQ="*fp32")
     return {n: t for n, t in every.items() if n in kernel.arg_names}
 
 
@@ -83,8 +85,10 @@ def test_kernels_compile_and_fit(spec_name, dt, hd):
     fwd, bwd = _triton.configs(4096, hd, hd, 2)
     decode, _ = _triton.configs(1, hd, hd, 2)
     assert decode.block_m == 16 and fwd.block_m >= 64 and bwd.block_m >= 64
-    runs = [("fwd", _triton_fwd.fwd_kernel, cfg, heavy, dict(SDPA_FORM=heavy, EVEN_D=True))
+    runs = [("fwd", _triton_fwd.fwd_kernel, cfg, heavy, dict(SDPA_FORM=heavy, SPLIT=False, EVEN_D=True))
             for cfg, heavy in ((fwd, False), (fwd, True), (decode, True))]
+    runs += [("fwd-split", _triton_fwd.fwd_kernel, decode, heavy, dict(SDPA_FORM=False, SPLIT=True, EVEN_D=True))
+             for heavy in (False, True)]
     runs += [(name, kernel, bwd, heavy, {}) for name, kernel in (("dkdv", _triton_bwd.dkdv_kernel),
                                                                   ("dq", _triton_bwd.dq_kernel))
              for heavy in (False, True)]
@@ -92,7 +96,8 @@ def test_kernels_compile_and_fit(spec_name, dt, hd):
     for name, kernel, cfg, heavy, extra in runs:
         what = f"{spec_name}/sm_{cc} {dt} d={hd} {name} {cfg.block_m}x{cfg.block_n} {'all features' if heavy else ''}"
         try:
-            compiled = _compile(kernel, cc, _ptrs(kernel, dt, heavy), dict(_meta(cfg, hd, heavy, dt), **extra), cfg)
+            compiled = _compile(kernel, cc, _ptrs(kernel, dt, heavy, extra.get("SPLIT", False)),
+                                dict(_meta(cfg, hd, heavy, dt), **extra), cfg)
         except Exception as e:  # a compile failure of any kind is a finding
             problems.append(f"{what}: does not compile: {type(e).__name__}: {e}")
             continue

@@ -35,6 +35,10 @@ def _key_mask(kind: str, lk: int, dtype: torch.dtype):
     if kind == "dead":  # batch row 1 sees no key: NaN rows
         keep[1] = False
         return keep, None
+    if kind == "deadbias":  # batch row 1's keys all removed by an additive -inf bias
+        bias = torch.zeros(B, 1, 1, lk, dtype=dtype)
+        bias[1] = float("-inf")
+        return bias, None
     if kind == "bool":
         return keep, None
     if kind == "finfo":
@@ -91,6 +95,8 @@ CASES = {
     "bias_softcap": (23, 39, True, 2, 2, 4, "bias", {"softcap": 5.0}),
     "dead_rows": (19, 19, False, 2, 0, 1, "dead", {"causal": True}),
     "dead_rows_sdpa": (19, 19, False, 2, 0, 2, "dead", {"sdpa_form": True}),
+    "dead_bias": (19, 19, True, 2, 2, 1, "deadbias", {"causal": True}),
+    "dead_bias_sdpa": (19, 19, False, 2, 0, 2, "deadbias", {"sdpa_form": True}),
 }
 
 

@@ -5,8 +5,8 @@ tensors (`attnfuse.kernels.tpa.reference`) with the 2x rule, eager being the sam
 float16 and float32, head dim 32, odd lengths, 16x16 and 16x32 tiles so that each case is a handful of programs
 whose bands and ragged tails cross tile edges.  Cases: causal, window, key padding (bool with -inf and finfo.min
 fills), an additive key bias, softcap, GQA, q plain and factorized, K only or K/V factorized, ranks 1, 2, 5 and 16,
-q_len != kv_len, decode (one query row), rows that see no key (NaN rows, or 0 with ``sdpa_form``), and a
-poisoned key range the band's skipped tiles must never read.
+q_len != kv_len, decode (one query row), rows that see no key (NaN rows, or 0 with ``sdpa_form``, and eager's
+NaN pattern in every gradient), and a poisoned key range the band's skipped tiles must never read.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from attnfuse.costmodel.tiles import TileConfig
+from attnfuse.device import PRESETS
 from attnfuse.kernels import tpa
 from attnfuse.kernels.tpa import Factors
 from attnfuse.kernels.tpa import _triton as tpa_triton
@@ -55,8 +56,9 @@ def _run(fn, sides, mask, grad, kw):
 
 
 def _key_mask(kind: str, bsz: int, lk: int, dtype):
-    """(key mask, mask_fill) of a kind: none, bool (-inf fill), finfo (finfo.min fill), bias, dead (batch row 1
-    sees no key)."""
+    """(key mask, mask_fill) of a kind: none, bool (-inf fill), finfo (finfo.min fill), bias, dead (the last batch
+    row sees no key: bool, -inf fill), dead_bias (the same with an additive -inf bias), prefix_bias (-inf bias on
+    the last batch row's first 10 keys: under causal its first 10 rows see no key)."""
     if kind == "none":
         return None, None
     keep = torch.rand(bsz, 1, 1, lk) > 0.3
@@ -64,15 +66,18 @@ def _key_mask(kind: str, bsz: int, lk: int, dtype):
     if kind == "dead":
         keep[-1] = False
         return keep, None
-    if kind == "bias":  # some keys at -inf, the rest a finite bias
+    if kind in ("dead_bias", "prefix_bias"):
+        keep[-1, ..., :10 if kind == "prefix_bias" else lk] = False
+        keep[-1, ..., 10:11] = kind == "prefix_bias"  # row 10 on sees a key
+    if kind in ("bias", "dead_bias", "prefix_bias"):  # some keys at -inf, the rest a finite bias
         return (0.5 * torch.randn(bsz, 1, 1, lk)).masked_fill(~keep, float("-inf")).to(dtype), None
     return keep, (torch.finfo(dtype).min if kind == "finfo" else None)
 
 
-def compare(dtype, q, k, v, mask_kind="none", *, config=(T16, T16), dead_ok=False, **kw):
-    """Ours vs eager vs float64 textbook: the output (with eager's NaN pattern) and every gradient (2x rule).
-    ``dead_ok``: rows that see no key exist; the gradients are then held to the ``sdpa_form`` textbook (dead rows
-    contribute nothing, `attnfuse.kernels.tpa._triton`), and ours must be finite."""
+def compare(dtype, q, k, v, mask_kind="none", *, config=(T16, T16), splits=None, **kw):
+    """Ours vs eager vs float64 textbook: the output and every gradient, each with eager's NaN pattern and the 2x
+    rule on the finite entries; returns (our output, our gradients, eager's gradients).  ``config``/``splits``:
+    ours only."""
     bsz, lq = (q.a.shape[0], q.a.shape[1]) if isinstance(q, Factors) else (q.shape[0], q.shape[2])
     lk = k.a.shape[1] if isinstance(k, Factors) else k.shape[2]
     heads = q.a.shape[2] if isinstance(q, Factors) else q.shape[1]
@@ -80,26 +85,22 @@ def compare(dtype, q, k, v, mask_kind="none", *, config=(T16, T16), dead_ok=Fals
     kw = dict(kw, mask_fill=fill)
     kw.setdefault("scale", D ** -0.5)
     grad = torch.randn(bsz, heads, lq, D)
-    grad_kw = dict(kw, sdpa_form=True) if dead_ok else kw
     res = {}
     for name, fn, dt, fkw in (("ref", tpa.reference, torch.float64, kw), ("eager", tpa.reference, dtype, kw),
-                              ("gref", tpa.reference, torch.float64, grad_kw),
-                              ("geager", tpa.reference, dtype, grad_kw),
-                              ("ours", tpa_triton.attention, dtype, dict(kw, config=config))):
+                              ("ours", tpa_triton.attention, dtype, dict(kw, config=config, splits=splits))):
         sides = [_leaves(s, dt) for s in (q, k, v)]
         m = None if mask is None or mask.dtype == torch.bool else mask.to(dt)
         res[name] = _run(fn, sides, mask if m is None else m, grad.to(dt), fkw)
-    (o_ref, _), (o_eager, _), (o_ours, g_ours) = res["ref"], res["eager"], res["ours"]
+    (o_ref, g_ref), (o_eager, g_eager), (o_ours, g_ours) = res["ref"], res["eager"], res["ours"]
     assert o_ours.dtype == dtype
     assert torch.equal(o_ours.isnan(), o_eager.isnan()), "output NaN pattern differs from eager's"
     assert_2x(o_ours, o_eager, o_ref.to(dtype), "out")
     names = [f"{s}.{t}" for s, x in zip("qkv", (q, k, v)) for t in (("a", "b") if isinstance(x, Factors) else ("",))]
-    for name, ours, eager, ref in zip(names, g_ours, res["geager"][1], res["gref"][1]):
+    for name, ours, eager, ref in zip(names, g_ours, g_eager, g_ref):
         assert ours.dtype == dtype and ours.shape == ref.shape, name
-        if dead_ok:
-            assert torch.isfinite(ours).all(), f"d{name}: a dead row reached the gradients"
+        assert torch.equal(ours.isnan(), eager.isnan()), f"d{name}: NaN pattern differs from eager's"
         assert_2x(ours, eager, ref.to(dtype), f"d{name}")
-    return o_ours
+    return o_ours, g_ours, g_eager
 
 
 # name: (B, H, Hkv, Lq, Lk, rank q (0: plain), rank k, rank v (0: plain), mask kind, kwargs, (fwd, bwd) tiles)
@@ -129,30 +130,47 @@ def test_forward_backward(name, dtype):
     compare(dtype, _side(b, lq, h, rq), _side(b, lk, hk, rk), _side(b, lk, hk, rv), mask_kind, config=cfg, **kw)
 
 
+# kind: (Lq, Lk, H, Hkv, key mask kind, kwargs, dead (B, Lq) rows, NaN expected in dQ/dK)
+DEAD = {
+    "mask": (37, 45, 2, 2, "dead", {}, lambda i: (torch.arange(2)[:, None] == 1) & (i >= 0), False),
+    "bias": (37, 45, 4, 2, "dead_bias", dict(causal=True, kv_groups=2),
+             lambda i: (torch.arange(2)[:, None] == 1) & (i >= 0), True),
+    "prefix_bias": (37, 45, 2, 1, "prefix_bias", dict(causal=True, kv_groups=2),
+                    lambda i: (torch.arange(2)[:, None] == 1) & (i < 10), True),
+    "band": (45, 17, 2, 2, "none", dict(window_left=2, causal=True), lambda i: (i >= 17 + 2).expand(2, -1), False),
+}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("sdpa_form", [False, True])
-@pytest.mark.parametrize("kind", ["mask", "band"])
+@pytest.mark.parametrize("kind", list(DEAD))
 def test_rows_without_keys(kind, sdpa_form, dtype):
-    """A fully padded batch row (mask), or rows past the band's reach (q_len > kv_len + left: whole programs
-    visit no tile): NaN rows as eager (0 with ``sdpa_form``); they add nothing to the gradients."""
+    """Rows that see no key: a fully padded batch row (bool mask with -inf fill; an additive -inf bias, under
+    causal so that the last keys stay in no dead row's band), a -inf bias on the first keys (under causal only the
+    first rows die), rows past the band's reach (q_len > kv_len + left: whole programs visit no tile).  NaN rows as
+    eager (0 with ``sdpa_form``); every gradient has eager's NaN pattern (`compare`): without ``sdpa_form`` NaN in
+    all of dV of the dead rows' K/V heads, and NaN in dQ/dK only where a -inf bias removed a key."""
+    lq, lk, h, hk, mask_kind, kw, dead_fn, bias_nan = DEAD[kind]
     seed_case("tpa-dead", kind, sdpa_form, dtype)
-    lq, lk, kw = (37, 45, {}) if kind == "mask" else (45, 17, dict(window_left=2, causal=True))
-    q, k, v = _side(2, lq, 2, 2), _side(2, lk, 2, 2), _side(2, lk, 2, 2)
-    out = compare(dtype, q, k, v, "dead" if kind == "mask" else "none", dead_ok=True, sdpa_form=sdpa_form, **kw)
-    dead = torch.zeros(2, 2, lq, dtype=torch.bool)
-    if kind == "mask":
-        dead[1] = True
-    else:
-        dead[:, :, lk + 2:] = True
+    q, k, v = _side(2, lq, h, 2), _side(2, lk, hk, 2), _side(2, lk, hk, 1)
+    out, grads, eager = compare(dtype, q, k, v, mask_kind, sdpa_form=sdpa_form, **kw)
+    dead = dead_fn(torch.arange(lq))[:, None, :].expand(2, h, lq)
     if sdpa_form:
         assert not out.isnan().any() and (out[dead] == 0).all()
     else:
         assert torch.equal(out.isnan().all(-1), dead) and not out.isnan().any(-1)[~dead].any()
-    _, stats = tpa_triton.forward(q, k, v, None if kind == "band" else _key_mask("dead", 2, lk, dtype)[0],
-                                  scale=D ** -0.5, causal=kind == "band", softcap=0.0,
-                                  window_left=kw.get("window_left", -1), window_right=-1, kv_groups=1,
-                                  mask_fill=None, sdpa_form=sdpa_form, config=(T16, T16))
-    if kind == "band":  # the mask above was random: only the band's dead rows are known exactly
+    # the checks above can fail: eager's gradients have NaN exactly where this case says
+    assert eager[0].isnan().any() == bias_nan and eager[2].isnan().any() == bias_nan  # dq (q.a), dk (k.a)
+    assert eager[4].isnan().any() == (not sdpa_form)  # dv (v.a)
+    for b in range(2):  # without sdpa_form, all of dV of the dead rows' K/V heads: every key, every rank
+        assert grads[4][b].isnan().all() if dead[b].any() and not sdpa_form else not grads[4][b].isnan().any()
+    if bias_nan and kind != "prefix_bias":  # causal: the keys past the last row are in no dead row's band
+        assert not grads[2][1, lq:].isnan().any() and grads[2][1, :lq].isnan().all()
+    if kind in ("band", "prefix_bias"):  # `dead_rows`: the random part of the mask does not matter here
+        mask = None if mask_kind == "none" else _key_mask(mask_kind, 2, lk, dtype)[0]
+        _, stats = tpa_triton.forward(q, k, v, mask, scale=D ** -0.5, causal=True, softcap=0.0,
+                                      window_left=kw.get("window_left", -1), window_right=-1, kv_groups=h // hk,
+                                      mask_fill=None, sdpa_form=sdpa_form, config=(T16, T16))
         assert torch.equal(tpa_triton.dead_rows(stats), dead)
 
 
@@ -208,3 +226,68 @@ def test_dispatch_uses_the_kernels():
     kw = dict(scale=0.3, causal=True)
     direct = tpa_triton.attention(q, k, v, None, **kw)
     assert torch.equal(tpa.attention(q, k, v, None, **kw), direct)
+
+
+# name: (Lq, rank q (0: plain), H, Hkv, splits, mask kind, kwargs)
+SPLIT_CASES = {
+    "lq1_s2": (1, 2, 4, 2, 2, "bool", dict(kv_groups=2)),
+    "lq1_s4_bias_softcap": (1, 0, 2, 2, 4, "bias", dict(softcap=3.0, scale=0.4)),
+    "lq3_s3_window": (3, 2, 2, 1, 3, "finfo", dict(kv_groups=2, window_left=2, window_right=70)),
+    "lq3_s4_dead": (3, 0, 2, 2, 4, "dead_bias", {}),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(SPLIT_CASES))
+def test_split_k_decode(name, dtype, monkeypatch):
+    """Split-K decode: 1 or 3 query rows against 97 keys (16-key tiles: 7 tiles, ragged) in 2-4 key splits, each
+    split forming its K/V tiles from the factors, merged by flash's combine; forward and backward (the backward
+    runs the unsplit kernels on the merged statistics), eager's NaN pattern, 2x rule.  The split launch must
+    happen (a spy on the combine); its statistics are the unsplit launch's."""
+    lq, rq, h, hk, splits, mask_kind, kw = SPLIT_CASES[name]
+    seed_case("tpa-split", name, dtype)
+    q, k, v = _side(2, lq, h, rq), _side(2, 97, hk, 2), _side(2, 97, hk, 3)
+    combines = []
+    real = tpa_triton.combine_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            combines.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(tpa_triton, "combine_kernel", Spy())
+    monkeypatch.setattr(tpa_triton, "launch", lambda kernel: kernel)
+    for sdpa_form in (False, True) if mask_kind == "dead_bias" else (False,):
+        out, _, _ = compare(dtype, q, k, v, mask_kind, config=(T16, T16), splits=splits, sdpa_form=sdpa_form, **kw)
+        assert len(combines) == 1, combines
+        combines.clear()
+        if mask_kind == "dead_bias":
+            assert out[1].isnan().all() != sdpa_form and not out[0].isnan().any()
+    mask, fill = _key_mask("bool", 2, 97, dtype)
+    args = dict(scale=0.3, causal=False, softcap=0.0, window_left=-1, window_right=-1, kv_groups=h // hk,
+                mask_fill=fill, sdpa_form=False, config=(T16, T16))
+    sides = [_leaves(s, dtype) for s in (q, k, v)]
+    (o1, s1), (o2, s2) = (tpa_triton.forward(*sides, mask, splits=n, **args) for n in (1, splits))
+    torch.testing.assert_close(o2, o1, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(s2, s1, rtol=1e-5, atol=1e-5)
+
+
+def test_split_choice(monkeypatch):
+    """`num_key_splits`: decode-sized query sides split long keys (never more splits than key tiles, each split
+    a whole number of tiles that together cover every key; on an H100 flash's rule: two programs want 66 splits,
+    97 keys allow 3 of two tiles each), long query sides do not; a bad ``splits`` raises."""
+    q, k, v = _side(1, 1, 2, 2), _side(1, 97, 2, 2), _side(1, 97, 2, 2)
+    kw = dict(scale=1.0, causal=False, softcap=0.0, window_left=-1, window_right=-1, kv_groups=1, mask_fill=None,
+              sdpa_form=False)
+    run = tpa_triton._Launch(q, k, v, None, config=(T16, T16), **kw)
+    for want in (2, 3, 4, 7):
+        n, length = tpa_triton.num_key_splits(run, T16, want)
+        assert n == want and length % 16 == 0 and n * length >= 97 and (n - 1) * length < 97
+    assert tpa_triton.num_key_splits(run, T16, 50)[0] == 7
+    monkeypatch.setattr(tpa_triton, "spec_for", lambda t: PRESETS["h100"])
+    assert tpa_triton.num_key_splits(run, T16, None) == (3, 48)
+    long_q = tpa_triton._Launch(_side(1, 64, 2, 2), k, v, None, config=(T16, T16), **kw)
+    assert tpa_triton.num_key_splits(long_q, T16, None)[0] == 1
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="attnfuse tpa.*splits"):
+            tpa_triton.num_key_splits(run, T16, bad)
