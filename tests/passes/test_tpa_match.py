@@ -8,6 +8,7 @@ returned (read elsewhere), a batch-broadcast product (not per token), a product 
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -120,3 +121,21 @@ def test_cost_model_prefers_tpa_for_long_decode(spec_name):
     assert kernel == "tpa" and ratio < 0.5, (kernel, ratio)
     if spec_name == "cpu":
         assert plan(4096, 4096, True)[0] == "flash"
+
+
+def test_decode_over_a_factor_cache():
+    """A decode step of the T6 model over its cache of factors (one new token against 300 cached ones, the cache
+    concatenated as the model does): a tpa site on the decode path, reading factors only; logits equal eager's."""
+    seed_case("tpa-decode-step")
+    model = T6(vocab=40, dim=48, layers=2, heads=H, head_dim=D, q_rank=3, rank=R)
+    cache = model.random_cache(B, 300, torch.Generator().manual_seed(5))
+    token = torch.randint(0, 40, (B, 1))
+    with torch.no_grad():
+        want = model.generate_step(token, copy.deepcopy(cache))
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="attnfuse", options={"kernels": ["tpa"]})
+        got = model.generate_step(token, copy.deepcopy(cache), fn=compiled)
+    report = attnfuse.last_report()
+    assert [s.kernel for s in report.sites] == ["tpa", "tpa"], [(s.kernel, s.reason) for s in report.sites]
+    assert report.sites[0].config["path"].startswith("decode")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -149,7 +149,8 @@ def test_rows_without_keys(kind, sdpa_form, dtype):
     causal so that the last keys stay in no dead row's band), a -inf bias on the first keys (under causal only the
     first rows die), rows past the band's reach (q_len > kv_len + left: whole programs visit no tile).  NaN rows as
     eager (0 with ``sdpa_form``); every gradient has eager's NaN pattern (`compare`): without ``sdpa_form`` NaN in
-    all of dV of the dead rows' K/V heads, and NaN in dQ/dK only where a -inf bias removed a key."""
+    all of dV of the dead rows' K/V heads, and NaN in dQ/dK only where a -inf bias removed a key; with
+    ``sdpa_form`` (SDPA's safe softmax) no gradient at all from those rows."""
     lq, lk, h, hk, mask_kind, kw, dead_fn, bias_nan = DEAD[kind]
     seed_case("tpa-dead", kind, sdpa_form, dtype)
     q, k, v = _side(2, lq, h, 2), _side(2, lk, hk, 2), _side(2, lk, hk, 1)
@@ -160,11 +161,12 @@ def test_rows_without_keys(kind, sdpa_form, dtype):
     else:
         assert torch.equal(out.isnan().all(-1), dead) and not out.isnan().any(-1)[~dead].any()
     # the checks above can fail: eager's gradients have NaN exactly where this case says
-    assert eager[0].isnan().any() == bias_nan and eager[2].isnan().any() == bias_nan  # dq (q.a), dk (k.a)
+    nan_qk = bias_nan and not sdpa_form
+    assert eager[0].isnan().any() == nan_qk and eager[2].isnan().any() == nan_qk  # dq (q.a), dk (k.a)
     assert eager[4].isnan().any() == (not sdpa_form)  # dv (v.a)
     for b in range(2):  # without sdpa_form, all of dV of the dead rows' K/V heads: every key, every rank
         assert grads[4][b].isnan().all() if dead[b].any() and not sdpa_form else not grads[4][b].isnan().any()
-    if bias_nan and kind != "prefix_bias":  # causal: the keys past the last row are in no dead row's band
+    if nan_qk and kind != "prefix_bias":  # causal: the keys past the last row are in no dead row's band
         assert not grads[2][1, lq:].isnan().any() and grads[2][1, :lq].isnan().all()
     if kind in ("band", "prefix_bias"):  # `dead_rows`: the random part of the mask does not matter here
         mask = None if mask_kind == "none" else _key_mask(mask_kind, 2, lk, dtype)[0]
