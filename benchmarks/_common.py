@@ -79,6 +79,21 @@ def rerun_busy(doc: dict[str, Any], run: Callable[[dict[str, Any]], dict[str, An
                       for r in doc["results"]]
 
 
+def redo_from_json(args: argparse.Namespace, command_line: str, run: Callable[[dict[str, Any]], dict[str, Any]],
+                   write: Callable[[dict[str, Any], pathlib.Path], None]) -> int:
+    """``--from-json [--rerun-busy]``: the run's settings back into ``args``, the busy or failed results measured
+    again by ``run(result)`` (`rerun_busy`), ``command_line`` recorded, and ``write(doc, path)`` in place."""
+    json_path = pathlib.Path(args.from_json)
+    doc = json.loads(json_path.read_text())
+    for name, value in doc["setup"]["args"].items():
+        setattr(args, name, value)
+    if args.rerun_busy:
+        rerun_busy(doc, run)
+    doc.setdefault("later_commands", []).append(command_line)
+    write(doc, json_path)
+    return 0
+
+
 def command(script: str, argv: Sequence[str] | None) -> str:
     """The command line a results file records: ``benchmarks/<script> <arguments>``."""
     return " ".join([f"benchmarks/{pathlib.Path(script).name}", *(sys.argv[1:] if argv is None else argv)])

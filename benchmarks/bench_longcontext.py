@@ -47,7 +47,6 @@ top-k 2048: top-k forward >= 20x dense flash (the faster of ``sdpa`` and ``attnf
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 import sys
@@ -367,15 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = common.command(__file__, argv)
     if args.from_json:
-        json_path = pathlib.Path(args.from_json)
-        doc = json.loads(json_path.read_text())
-        for name, value in doc["setup"]["args"].items():
-            setattr(args, name, value)
-        if args.rerun_busy:
-            common.rerun_busy(doc, lambda r: _run(r["seq"], r["peer"], r["mode"], args))
-        doc.setdefault("later_commands", []).append(command)
-        write(doc, json_path)
-        return 0
+        return common.redo_from_json(args, command, lambda r: _run(r["seq"], r["peer"], r["mode"], args), write)
     info = common.machine_info()
     today = common.today()
     name = f"longcontext-{common.device_tag(args.device, today)}{'-quick' if args.quick else ''}.json"

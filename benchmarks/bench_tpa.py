@@ -45,7 +45,6 @@ attnfuse prefill (at 4k and 16k, the slower ratio) no slower than as_written.  R
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -313,15 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = common.command(__file__, argv)
     if args.from_json:
-        json_path = pathlib.Path(args.from_json)
-        doc = json.loads(json_path.read_text())
-        for name, value in doc["setup"]["args"].items():
-            setattr(args, name, value)
-        if args.rerun_busy:
-            common.rerun_busy(doc, lambda r: _run(r["arm"], r["phase"], r["length"], args))
-        doc.setdefault("later_commands", []).append(command)
-        write(doc, json_path)
-        return 0
+        return common.redo_from_json(args, command, lambda r: _run(r["arm"], r["phase"], r["length"], args), write)
     today = common.today()
     name = f"tpa-{common.device_tag(args.device, today)}{'-quick' if args.quick else ''}.json"
     json_path = common.json_path(args.out, name)
