@@ -17,10 +17,10 @@ factor tiles (fp32 accumulation, one rounding to the input dtype); no kernel wri
   (``da = scale * dX . b`` over d, ``db = scale * sum_h a * dX``).
 * rows that see no key (`dead_rows`): NaN (0 / 0, eager's softmax) or 0 with ``sdpa_form`` in the forward.  The
   kernels let them contribute nothing; `_dead_nan` then puts eager's NaN pattern (the textbook, masked_fill
-  spelling) into the per-head gradients with torch ops, before they are contracted to the factors: without
-  ``sdpa_form`` NaN in all of dV of their K/V head; either way NaN in their dQ row and in dK at the keys of
-  their band that no bool mask replaced (a dead row's score gradient is NaN there: only an additive -inf bias
-  leaves such keys).
+  spelling) into the per-head gradients with torch ops, before they are contracted to the factors: NaN in all
+  of dV of their K/V head, in their dQ row and in dK at the keys of their band that no bool mask replaced (a
+  dead row's score gradient is NaN there: only an additive -inf bias leaves such keys).  With ``sdpa_form``
+  (SDPA's safe softmax) such rows have no gradient at all.
 
 Not done here: a split backward (dK/dV already run one program per key tile; dQ one per query tile and head over
 its band); eager's ``0 * NaN`` for NaN/Inf in V outside a row's band (tiles outside the band are skipped, as
