@@ -16,6 +16,9 @@ SwiGLU MLP of 2x width, vocab 256, batch 1; CPU float32, CUDA bfloat16.  Arms:
   (whatever attnfuse does with it today: each result records the report's sites and their kernel names, and
   ``tpa_kernel`` says whether the ``tpa`` kernel ran); decode marks the cache's token axis dynamic
   (``torch._dynamo.mark_dynamic``) so that one compile serves the growing cache;
+* ``attnfuse_tpa`` (not by default) -- the same with ``options["kernels"] = ["tpa"]``: the tpa family wherever it
+  applies, whatever the plan would choose (CPU prefill: the blocked path, which the cost model's
+  ``CPU_BLOCKED_RATIO`` weighs by this arm's prefill time over as_written's);
 * ``mha_cache``  -- `t6_model.MHA` eager: the same decoder with plain multi-head attention and a plain K/V cache
   of ``H * D`` numbers per token for K and for V.
 
@@ -53,12 +56,13 @@ from typing import Any
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # _common, t6_model, also when loaded by path
 import _common as common  # noqa: E402
 
-ARMS = ("as_written", "attnfuse", "mha_cache")
+ARMS = ("as_written", "attnfuse", "mha_cache", "attnfuse_tpa")
+DEFAULT_ARMS = ARMS[:3]
 PHASES = ("prefill", "decode")
 INNER = ("inductor", "eager")
 LABELS = {"as_written": "T6 as written (formed K/V + SDPA)", "attnfuse": "T6 through attnfuse",
-          "mha_cache": "MHA, plain K/V cache"}
-COLORS = {"as_written": "tab:blue", "attnfuse": "tab:orange", "mha_cache": "tab:gray"}
+          "mha_cache": "MHA, plain K/V cache", "attnfuse_tpa": "T6 through attnfuse, tpa forced"}
+COLORS = {"as_written": "tab:blue", "attnfuse": "tab:orange", "mha_cache": "tab:gray", "attnfuse_tpa": "tab:red"}
 SHAPE = ("batch", "vocab", "dim", "layers", "heads", "head_dim", "q_rank", "rank")
 KNOBS = ("reps", "warmup", "steps", "decode_warmup")
 DEFAULTS = dict(prefill_seqs=[4096, 16384], decode_ctxs=[8192, 32768, 65536], batch=1, vocab=256, dim=512,
@@ -83,11 +87,12 @@ def build(arm: str, args: argparse.Namespace, device: str):
         model = t6_model.T6(args.vocab, args.dim, args.layers, args.heads, args.head_dim, args.q_rank, args.rank,
                             args.spelling, seed=0)
     model = model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
-    if arm != "attnfuse":
+    if not arm.startswith("attnfuse"):
         return model, model
     import attnfuse  # noqa: F401 - registers the backend
 
-    return model, torch.compile(model, backend="attnfuse", options={"inner": args.inner})
+    forced = {"kernels": ["tpa"]} if arm == "attnfuse_tpa" else {}
+    return model, torch.compile(model, backend="attnfuse", options={"inner": args.inner, **forced})
 
 
 def site_info(report) -> list[dict[str, Any]]:
@@ -123,7 +128,7 @@ def measure(arm: str, phase: str, length: int, args: argparse.Namespace) -> dict
     else:
         cache = model.random_cache(args.batch, length, g)
         start = t6_model.Cache(cache.layers, cache.length)  # the tensors are never written: sharing them is safe
-        if arm == "attnfuse":
+        if arm.startswith("attnfuse"):
             for t in (t for layer in cache.layers for t in layer):
                 torch._dynamo.mark_dynamic(t, model.cache_seq_dim)
         res["cache_mb"] = cache.nbytes() / common.MIB
@@ -140,7 +145,7 @@ def measure(arm: str, phase: str, length: int, args: argparse.Namespace) -> dict
         out = call()
         sync()
         res["first_call_s"] = time.perf_counter() - t0
-        if arm == "attnfuse":
+        if arm.startswith("attnfuse"):
             import attnfuse
 
             res["rel_err_vs_eager"] = common.rel_err(out, eager())
@@ -262,7 +267,8 @@ def _run(arm: str, phase: str, length: int, args: argparse.Namespace) -> dict[st
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--arms", type=common.csv(str), default=list(ARMS), help="comma-separated: " + ",".join(ARMS))
+    p.add_argument("--arms", type=common.csv(str), default=list(DEFAULT_ARMS),
+                   help="comma-separated: " + ",".join(ARMS) + " (default: the first three)")
     p.add_argument("--phases", type=common.csv(str), default=list(PHASES), help="comma-separated: prefill,decode")
     p.add_argument("--prefill-seqs", type=common.csv(int), help="comma-separated (default 4096,16384)")
     p.add_argument("--decode-ctxs", type=common.csv(int), help="comma-separated (default 8192,32768,65536)")

@@ -229,11 +229,13 @@ def tpa(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str, A
 
 
 # The CPU path (`attnfuse.kernels.tpa._cpu`): up to this many query rows read only the factors (decode); longer
-# query sides run the blocked path, PyTorch ops over formed key blocks, measured 7.3x-8.4x the time of PyTorch's
-# fused CPU flash kernel over the formed tensors (fp32, H 8, D 64, R 2/6, causal, 1k and 4k tokens, 2-core CPU:
-# the microbenchmark in the issue-19 closing note): the planner leaves CPU prefill to the other kernels.
+# query sides run the blocked path, PyTorch ops over formed key blocks.  Forcing it on a T6-style model's prefill
+# made the whole model 3.1x (1k tokens) and 4.2x (4k) slower than the model as written over SDPA's fused CPU
+# kernel (`benchmarks/bench_tpa.py --arms as_written,attnfuse_tpa --phases prefill --prefill-seqs 1024,4096`,
+# `benchmarks/results/tpa-cpu-blocked-2026-12-06.json`); the attention alone is slower still, so the ratio below
+# is a lower bound, and the planner leaves CPU prefill to the other kernels.
 CPU_DECODE_ROWS = 16
-CPU_BLOCKED_RATIO = 7.0
+CPU_BLOCKED_RATIO = 4.0
 
 
 def formation(shape: Mapping[str, Any], spec: DeviceSpec, ranks: tuple[int, int, int]) -> Estimate:
