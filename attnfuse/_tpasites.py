@@ -13,14 +13,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .kernels.tpa._cpu import DECODE_ROWS
 from .passes import rewrite
 from .passes._graph import val
 from .passes._records import AttentionMatch, operand_shape
 from .passes._tparewrite import statically_placeable
 
 __all__ = ["chosen", "config", "structure"]
-
-DECODE_ROWS = 16  # `attnfuse.kernels.tpa._cpu.DECODE_ROWS`: query rows the decode path takes
 
 
 def _why(m: AttentionMatch, context_parallel: bool) -> str | None:
