@@ -48,8 +48,11 @@ _UNIT = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dd", "strid
 _MASK_UNIT = {"stride_mn"}  # a contiguous (q_len, kv_len) mask broadcast to (B, H, q_len, kv_len)
 
 
-def _compile(kernel, cc: int, ptrs: dict[str, str], consts: dict, num_warps: int, num_stages: int, unit=_UNIT):
-    """Compile ``kernel`` as the launcher would launch it; ``ptrs`` maps each pointer argument to its type."""
+def _compile(kernel, cc: int, ptrs: dict[str, str], consts: dict, num_warps: int, num_stages: int, unit=_UNIT,
+             floats=_FLOATS, div16=None):
+    """Compile ``kernel`` as the launcher would launch it; ``ptrs`` maps each pointer argument to its type, the
+    ``floats`` arguments are fp32, the ``unit`` ones the constant 1, and the other ints i32, hinted divisible by
+    16 when in ``div16`` (None: every one)."""
     names = kernel.arg_names
     missing = [p.name for p in kernel.params if p.is_constexpr and p.name not in consts]
     assert not missing and set(ptrs) <= set(names), f"{kernel.__name__}: unset constexprs {missing} or stale {ptrs}"
@@ -60,14 +63,15 @@ def _compile(kernel, cc: int, ptrs: dict[str, str], consts: dict, num_warps: int
         elif name in ptrs:
             signature[name] = ptrs[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in _FLOATS:
+        elif name in floats:
             signature[name] = "fp32"
         elif name in unit:
             signature[name] = "constexpr"
             constexprs[name] = 1
         else:
             signature[name] = "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if div16 is None or name in div16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 

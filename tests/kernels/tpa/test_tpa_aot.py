@@ -20,12 +20,9 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("under TRITON_INTERPRET @triton.jit gives interpreted functions; nothing to compile",
                 allow_module_level=True)
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
 from attnfuse.device import PRESETS  # noqa: E402
 from attnfuse.kernels.tpa import _triton, _triton_bwd, _triton_fwd  # noqa: E402
+from tests.kernels._aot import _compile as _aot_compile  # noqa: E402
 
 TARGETS = {"h100": (90, 232448), "a100": (80, 166912)}  # compute capability, opt-in shared memory per block
 RANK = 2
@@ -36,27 +33,8 @@ _DIV16 = {"sqb_b", "sqb_h", "sqb_l", "sqb_r", "skb_b", "skb_l", "skb_r", "svb_b"
 
 
 def _compile(kernel, cc: int, ptrs: dict[str, str], consts: dict, cfg):
-    signature, constexprs, attrs = {}, dict(consts), {}
-    missing = [p.name for p in kernel.params if p.is_constexpr and p.name not in consts]
-    assert not missing and set(ptrs) <= set(kernel.arg_names), f"unset constexprs {missing} or stale {ptrs}"
-    for i, name in enumerate(kernel.arg_names):
-        if name in consts:
-            signature[name] = "constexpr"
-        elif name in ptrs:
-            signature[name] = ptrs[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in _FLOATS:
-            signature[name] = "fp32"
-        elif name in _UNIT:
-            signature[name] = "constexpr"
-            constexprs[name] = 1
-        else:
-            signature[name] = "i32"
-            if name in _DIV16:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", cc, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    return _aot_compile(kernel, cc, ptrs, consts, cfg.num_warps, cfg.num_stages, unit=_UNIT, floats=_FLOATS,
+                        div16=_DIV16)
 
 
 def _meta(cfg, hd: int, heavy: bool, dt: str) -> dict:
