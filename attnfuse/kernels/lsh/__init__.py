@@ -1,171 +1,94 @@
-"""LSH attention (Reformer, Kitaev et al. 2020) for separate queries and keys: O(N log N) memory, O(N*C*R) work.
+"""LSH attention: hashing retrieves the key blocks each query block attends, and attention over them is exact.
 
-Each query attends a subset of the keys chosen by hashing, in ``n_hashes`` rounds R, and the rounds are merged
-into the exact softmax over the union of the keys they chose:
+Semantics (identical on the Triton and the CPU path).  q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv);
+the ``H // Hkv`` query heads of a K/V head share one selection.  Queries and keys are cut into blocks of ``block``
+positions (top-k attention's blocks, `attnfuse.kernels.topk`).
 
-1. Asymmetric transform (Neyshabur & Srebro's MIPS reduction): per (batch, K/V head) ``M = max_j |k_j|``,
-   ``k' = [k / M, sqrt(1 - |k|^2 / M^2)]``, ``q' = [q / |q|, 0]`` (dim D+1; zero norms give zero vectors), so
-   that the angle between q' and k' orders keys by inner product with q.
-2. Random rotations: ``n_buckets = max(2, 2 * round(L / (2 * bucket_size)))``; ``R`` (n_hashes, D+1,
-   n_buckets/2) from ``torch.Generator().manual_seed(seed)`` on the CPU (every device hashes alike), shared by
-   all heads; ``bucket(x) = argmax([x'R, -x'R])`` per round (`buckets`).
-3. Per round and query head, the L queries and the L keys (of its K/V head) are sorted jointly: one sequence
-   of 2L items ordered by (bucket, position, kind), a key before the query at the same (bucket, position).  It
-   is cut into joint chunks of 2 * min(bucket_size, L) items, so a chunk holds about bucket_size queries and
-   bucket_size keys when the buckets are balanced (n_buckets ~ L / bucket_size; with the asymmetric transform
-   they are not: keys crowd a few buckets).  A query in joint chunk c attends the keys in joint chunks c and
-   c-1, where c-1 wraps to the last chunk for c = 0 (as Reformer; with one chunk it is attended once).  A
-   query and a key that share a bucket are thus attended when few items of that bucket lie between their
-   positions.  With bucket_size >= L there is one chunk: every key is attended.  Causal: key
-   position <= query position.  A query's own key is excluded inside the chunks and added once as an extra
-   "self" term, so every row has a key.
-4. Duplicates across rounds count once (Reformer's correction): with n_ij the number of rounds in which key j
-   lies in one of query i's attended chunks, every round subtracts log(n_ij) from the pair's score.  The
-   rounds and the self term merge by log-sum-exp, ``LSE_i = logsumexp(lse_1..R, s_ii)``,
-   ``out_i = sum_r exp(lse_r - LSE) o_r + exp(s_ii - LSE) v_i``: exactly the softmax over the union of the
-   attended keys.  With bucket_size >= L (one joint chunk) it is exact attention.
+1. Index (SimHash, Charikar 2002): ``tables`` tables of ``bits`` random hyperplanes each (drawn on the CPU from
+   ``seed``, shared by every head); a vector's code in a table is its sign bits there.  Keys are hashed centered
+   (minus the mean key of their batch and K/V head: that shifts all of a query's scores by one constant, so it
+   changes no ranking, and keeps a shared component from crowding one bucket); queries as they are.  ``bits=-1``
+   picks ``round(log2(Lk / 2))`` (about two keys per bucket), clipped to [0, 16].  The keys are bucketed per
+   (batch, K/V head, table) by a counting sort: O(Lk * tables), no comparison sort.
+2. Retrieval: a query row (one query position of one head) looks up its bucket in every table, and with
+   ``probes`` > 0 also the buckets that flip one of its ``probes`` least confident bits (multi-probe LSH, Lv et
+   al. 2007).  Buckets holding more than ``max(64, 8 * Lk / 2**bits)`` keys are skipped: they say little about
+   what a query needs, and would make the work quadratic.  Each key found is a vote for its key block.
+3. Selection: a query block scores each key block by the most votes any of its rows (the group's heads
+   included) gave it, ties broken by the rows' total; always kept are the sink blocks (keys < ``sink``) and the
+   local blocks (keys [first - ``local``, last] of the block; [first - local, last + local] without causal) as in
+   top-k; of the other candidate blocks (causal: holding a key <= the block's last query) with at least one vote,
+   the ``ceil(cap / block)`` best are attended (ties: lower block index).  So a query block attends at most
+   sink + local + cap keys -- the cap top-k's ``topk`` is -- and only blocks its hashes found.
+4. Exact attention over the selected blocks (`attnfuse.kernels.topk.attend`: causal masking inside partial
+   blocks, fp32 softmax, every selected key counted once).  When every key block gets a vote (``bits=0``: one
+   bucket) and ``cap`` covers them, this is exact (causal) attention.
 
-Paths.  Hashing, sorting and merging are torch ops on every path: `make_plan` sorts queries and keys separately
-by (bucket, position) (the joint order restricted to each kind) and merges the two orders with searchsorted
-into joint ranks, giving each token its joint chunk and each chunk its first query and key rank; a chunk's
-queries (keys) are consecutive in the query (key) order.  On CUDA tensors (CPU ones under
-``TRITON_INTERPRET=1``) the chunk attention is Triton: `_fwd_kernel` (per tile of consecutive sorted queries
-and (batch, head, round): the keys of the chunks c_lo - 1..c_hi adjacent to the tile's chunks c_lo..c_hi, one
-contiguous, possibly wrapping range of key ranks, masked to the pairs of the round; -log2 n_ij computed in the
-kernel from every round's chunk ids, O(R) per pair) writes each round's normalized output and log2-sum-exp
-at the queries' original positions; the backward kernels (`_bwd_dq_kernel` per query tile, `_bwd_dkdv_kernel`
-per key tile over the group's query heads and the queries of the chunks c_lo..c_hi + 1 that attend it) need
-no per-round output: with the merged LSE the round's probabilities are ``exp(s - log n - LSE)`` and
-``dS = P (dP - Delta)``, ``Delta = rowsum(dO * O)`` (the gradient through lse_r folds into Delta).  The kernels
-gather q/k/v/dO rows by the sort permutation (no sorted copies); per-round dQ/dK/dV (fp32, original
-positions) are summed over the rounds in torch.  Plain CPU tensors take `_cpu.forward` (each chunk's queries
-and keys cut into blocks of 32 ranks, every query block paired with the key blocks of its chunk and the one
-before: batched block products with no padding of chunks to their fullest; memory bounded by groups of
-pairs); its backward recomputes the forward under autograd.
+Work: hashing O((Lq * H + Lk * Hkv) * D * tables * bits); the index O(Lk * tables); the votes O(Lq * H * tables
+* (1 + probes) * keys per bucket) plus one pass over a (query rows, key blocks) counter per chunk of query blocks
+(no multiply-adds); selection and attention as top-k's.  The selection is discrete: no gradient flows through it,
+and the backward recomputes it.  Not supported: masks, softcap, dropout, ALiBi (ValueError).
 
-The hash and the transform's M are discrete / treated as constants: no gradient flows through them.
+Paths.  Triton (CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``): the counting sort is `_bucket_kernel`
+(atomic slot counters) and the votes `_vote_kernel`; the attention is flash's block-sparse mode, as top-k's.
+On CUDA exact score ties between blocks may break differently (``torch.topk``), as in top-k.  CPU: the counting
+sort is PyTorch's stable sort of the 1-D integer bucket ids (ATen runs it as a radix sort), the votes are
+enumerated with torch ops, and the attention is top-k's CPU path.
 
-Limitations: q_len must equal kv_len; no mask, softcap, dropout or ALiBi; head dims up to 256.  Quality
-depends on the bucket balance: the asymmetric transform puts most keys in a few buckets, so a query in a
-query-heavy bucket attends few keys in that round (on inputs with planted strong keys, as
-benchmarks/bench_longcontext.py makes, a query attends about 40 keys per round at bucket_size 64, not 2 * 64),
-and many queries aimed at one key, all in its bucket, push it out of the later ones' chunks.  n_buckets grows
-with L (as Reformer's), so hashing costs O(N * D * L / C) multiply-adds (a matmul done in blocks of bounded
-memory); capping n_buckets would make buckets, and the items between a query and its key, grow with L.
-
-Layout: `attention`, `forward`, `backward` and the checks here; `_hashing` the hashing, sorting and merging
-every path runs; `_triton` the Triton kernels and their launchers; `_cpu` the plain-CPU path.
+Layout: `attention`, `forward`, `backward` here; `_index` the checks, hashing, index, votes and `select`;
+`_triton` the index's Triton kernels.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
 
 from .. import _family, validate
-from . import _cpu
-from ._hashing import buckets, check_params, expand_kv, make_plan, merge, self_scores
-from ._triton import triton_grads, triton_rounds
+from ..topk import attend, attend_backward
+from ._index import auto_bits, check, select, spill, unsupported
 
-__all__ = ["attention", "backward", "buckets", "forward", "unsupported"]
+__all__ = ["DEFAULTS", "attention", "auto_bits", "backward", "forward", "select", "spill", "unsupported"]
 
-
-def unsupported(q_shape, k_shape, *, causal: bool = False) -> str | None:
-    """None when LSH attention takes these (B, H, L, D) shapes, else why not (one sentence, for the policy)."""
-    if len(q_shape) != 4 or len(k_shape) != 4:
-        return "LSH attention takes 4-D (batch, heads, seqlen, head_dim) tensors"
-    if q_shape[2] != k_shape[2]:
-        return f"LSH attention hashes queries and keys into one set of chunks: it needs q_len == kv_len, " \
-               f"not {q_shape[2]} != {k_shape[2]}"
-    if q_shape[2] < 1:
-        return "LSH attention needs at least one token"
-    return None
+DEFAULTS = dict(tables=8, bits=-1, probes=0, cap=2048, block=64, sink=64, local=256, seed=0)
 
 
-def _triton_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the Triton path runs (`attnfuse.kernels._family.triton_runs`); the CPU path takes CPU tensors."""
-    return _family.triton_runs(q, k, v, "attnfuse.kernels.lsh")
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, causal: bool = False,
+            tables: int = 8, bits: int = -1, probes: int = 0, cap: int = 2048, block: int = 64, sink: int = 64,
+            local: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, stats) as `attnfuse.kernels.topk.forward`'s: out (B, H, Lq, Dv) laid out as (B, Lq, H, Dv); stats
+    flash's fp32 row statistics on the Triton path, an empty tensor on the CPU path."""
+    kw = dict(tables=tables, bits=bits, probes=probes, cap=cap, block=block, sink=sink, local=local, seed=seed)
+    check(q, k, v, causal, who="attnfuse.kernels.lsh.forward", **kw)
+    return attend(q, k, v, lambda: select(q, k, causal=causal, **kw), scale=scale, causal=causal, block=block)
 
 
-def _validate(q, k, v, causal, n_hashes, bucket_size, seed, mask=None, softcap=0.0, dropout_p=0.0,
-              alibi=None) -> None:
-    """Raise ValueError (prefixed ``attnfuse.kernels.lsh``) for a setting LSH attention does not take, bad
-    params, q/k/v that are not one attention (`attnfuse.kernels.validate.qkv`, floating), `unsupported` shapes,
-    or tensors neither path runs."""
-    who = "attnfuse.kernels.lsh"
-    validate.unsupported(who, "LSH attention",
-                         "attnfuse.kernels.flash.attention for masked, soft-capped, dropout or ALiBi attention",
-                         mask=(mask, None), alibi=(alibi, None), softcap=(softcap, 0.0), dropout_p=(dropout_p, 0.0))
-    check_params(n_hashes, bucket_size, seed)
-    validate.qkv(who, q, k, v, floating=True)
-    why = unsupported(tuple(q.shape), tuple(k.shape), causal=causal)
-    if why:
-        raise ValueError(f"{who}: {why}")
-    _triton_path(q, k, v)  # raises for tensors neither path takes
-
-
-def _scale(q, scale) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-
-
-def forward(q, k, v, *, scale=None, causal=False, n_hashes=4, bucket_size=64, seed=0, mask=None, softcap=0.0,
-            dropout_p=0.0, alibi=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, H, L, Dv) in q's dtype, stats (B, H, L, 2) fp32): stats holds the merged log-sum-exp of each row
-    in log2 units and 0 (flash's (max, log2 sum) convention), which `backward` needs on the Triton path."""
-    _validate(q, k, v, causal, n_hashes, bucket_size, seed, mask, softcap, dropout_p, alibi)
-    sc = _scale(q, scale)
-    with torch.no_grad():
-        plan = make_plan(q, k, n_hashes, bucket_size, seed)
-        if _triton_path(q, k, v):
-            out, lse2 = merge(q, k, v, *triton_rounds(q, k, v, plan, sc, causal), sc)
-        else:
-            out, lse2 = _cpu.forward(q, k, v, plan, sc, causal)
-    stats = torch.stack([lse2.float(), torch.zeros_like(lse2, dtype=torch.float32)], dim=-1)
-    return out.to(q.dtype), stats
-
-
-def backward(grad_out, q, k, v, out, stats, *, scale=None, causal=False, n_hashes=4, bucket_size=64,
-             seed=0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of `forward`'s output.  Recomputes the hashing; the Triton path reads the merged LSE from
-    ``stats`` and ``Delta = rowsum(grad_out * out)``, the CPU path recomputes its forward under autograd."""
-    sc = _scale(q, scale)
-    if not _triton_path(q, k, v):
-        with torch.enable_grad():
-            qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-            o, _ = _cpu.forward(qq, kk, vv, make_plan(qq, kk, n_hashes, bucket_size, seed), sc, causal)
-            grads = torch.autograd.grad(o, (qq, kk, vv), grad_out.to(o.dtype))
-        return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
-    b, h, n, d = q.shape
-    hkv = k.shape[1]
-    with torch.no_grad():
-        plan = make_plan(q, k, n_hashes, bucket_size, seed)
-        go = grad_out.to(q.dtype)
-        stats = stats.float().contiguous()
-        delta = (go.float() * out.float()).sum(-1).contiguous()
-        dq_r, dk_r, dv_r = triton_grads(go, q, k, v, stats, delta, plan, sc, causal)
-        # the self term: p_ii = exp2(s_ii - LSE2), dS_ii = p_ii (dO_i . v_i - Delta_i)
-        p_self = torch.exp2(self_scores(q, k, sc) - stats[..., 0])
-        gof = go.float()
-        ds = p_self * ((gof * expand_kv(v, h).float()).sum(-1) - delta)
-        dq = dq_r.sum(2) + (ds * sc)[..., None] * expand_kv(k, h).float()
-        dk = dk_r.sum(2) + ((ds * sc)[..., None] * q.float()).view(b, hkv, h // hkv, n, d).sum(2)
-        dv = dv_r.sum(2) + (p_self[..., None] * gof).view(b, hkv, h // hkv, n, -1).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             stats: torch.Tensor, *, scale: float | None = None, causal: bool = False, tables: int = 8, bits: int = -1,
+             probes: int = 0, cap: int = 2048, block: int = 64, sink: int = 64, local: int = 256,
+             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `forward`: the selection is recomputed (it gets no gradient)."""
+    kw = dict(tables=tables, bits=bits, probes=probes, cap=cap, block=block, sink=sink, local=local, seed=seed)
+    check(q, k, v, causal, who="attnfuse.kernels.lsh.backward", **kw)
+    return attend_backward(grad_out, q, k, v, out, stats, lambda: select(q, k, causal=causal, **kw), scale=scale,
+                           causal=causal, block=block)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, causal: bool = False,
-              n_hashes: int = 4, bucket_size: int = 64, seed: int = 0, mask=None, softcap: float = 0.0,
-              dropout_p: float = 0.0, alibi=None) -> torch.Tensor:
+              tables: int = 8, bits: int = -1, probes: int = 0, cap: int = 2048, block: int = 64, sink: int = 64,
+              local: int = 256, seed: int = 0, mask: torch.Tensor | None = None, softcap: float = 0.0,
+              dropout_p: float = 0.0, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """LSH attention on ``(batch, heads, seqlen, head_dim)`` tensors, with autograd (module docstring).
 
-    K/V may have fewer heads (GQA).  ``n_hashes`` rounds, chunks of ``bucket_size`` sorted tokens, rotations
-    from ``seed``.  ``mask``/``softcap``/``dropout_p``/``alibi`` exist only to raise a clear ValueError.  Runs the
-    Triton kernels on CUDA tensors (CPU ones under ``TRITON_INTERPRET=1``), torch ops (what
-    ``torch.ops.attnfuse.attention`` runs for LSH) on other CPU tensors, float64 included
-    (`attnfuse.kernels._family.triton_runs`).
-    """
-    _validate(q, k, v, causal, n_hashes, bucket_size, seed, mask, softcap, dropout_p, alibi)
-    kwargs = dict(scale=scale, causal=causal, n_hashes=n_hashes, bucket_size=bucket_size, seed=seed)
-    return _family.attention(sys.modules[__name__], q, k, v, kwargs)
+    ``tables``/``bits``/``probes``: the index; ``cap``: keys (rounded up to whole blocks) a query block attends
+    beyond its sink and local blocks; ``block`` (a multiple of 32), ``sink``, ``local`` as top-k's; ``seed``: the
+    hyperplanes.  GQA: K/V may have fewer heads.  Runs the Triton kernels on CUDA tensors (or CPU ones under
+    ``TRITON_INTERPRET=1``), torch ops and top-k's CPU path (what ``torch.ops.attnfuse.attention`` runs for LSH)
+    on other CPU tensors, float64 included.  ``mask``/``softcap``/``dropout_p``/``alibi`` raise ValueError."""
+    who = "attnfuse.kernels.lsh.attention"
+    validate.unsupported(who, "LSH attention", "attnfuse.kernels.flash.attention for exact attention with it",
+                         mask=(mask, None), softcap=(softcap, 0.0), dropout_p=(dropout_p, 0.0), alibi=(alibi, None))
+    kw = dict(tables=tables, bits=bits, probes=probes, cap=cap, block=block, sink=sink, local=local, seed=seed)
+    check(q, k, v, causal, who=who, **kw)
+    return _family.attention(sys.modules[__name__], q, k, v, dict(scale=scale, causal=causal, **kw))

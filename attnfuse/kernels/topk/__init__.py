@@ -52,9 +52,10 @@ import torch
 from .. import _family, flash, validate
 from . import _cpu
 from ._select import check, select, unsupported
-from ._tilemap import map_builder, pick_config, tile_config, tile_map
+from ._tilemap import pick_config, tile_config, tile_map
 
-__all__ = ["attention", "backward", "forward", "pick_config", "select", "tile_map", "unsupported"]
+__all__ = ["attend", "attend_backward", "attention", "backward", "forward", "pick_config", "select", "tile_map",
+           "unsupported"]
 
 
 def _triton(q, k, v) -> bool:
@@ -62,20 +63,52 @@ def _triton(q, k, v) -> bool:
     return _family.triton_runs(q, k, v, "attnfuse.kernels.topk")
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chosen, *, scale: float | None, causal: bool,
+           block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, stats) of exact attention over the key blocks ``chosen`` selects (a bool (B, Hkv, n_query_blocks,
+    n_key_blocks) mask as `select` returns, or a no-argument callable making it): the Triton path (flash's
+    block-sparse mode) or the CPU path.  ``stats``: flash's fp32 row statistics, or an empty tensor on the CPU
+    path (its backward recomputes).  Shared with `attnfuse.kernels.lsh`, which selects blocks by hashing."""
+    if _triton(q, k, v):
+        made = _made(chosen)
+        builder = lambda cfg: tile_map(made, cfg, q_len=q.shape[2], kv_len=k.shape[2],  # noqa: E731
+                                       kv_groups=q.shape[1] // k.shape[1], block=block, causal=causal, cols=False)
+        return flash.forward(q, k, v, scale=scale, causal=causal, config=tile_config("fwd", q, k, v, block),
+                             tile_map=builder)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    with torch.no_grad():
+        out = _cpu.forward(q.detach(), k.detach(), v.detach(), _made(chosen).cpu(), sm_scale, causal, block)
+    return out, q.new_empty(0, dtype=torch.float32)
+
+
+def attend_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    stats: torch.Tensor, chosen, *, scale: float | None, causal: bool,
+                    block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `attend` over the same ``chosen`` blocks (the selection gets no gradient)."""
+    if _triton(q, k, v):
+        made = _made(chosen)
+        builder = lambda cfg: tile_map(made, cfg, q_len=q.shape[2], kv_len=k.shape[2],  # noqa: E731
+                                       kv_groups=q.shape[1] // k.shape[1], block=block, causal=causal, cols=True)
+        dq, dk, dv, _ = flash.backward(grad_out, q, k, v, out, stats, scale=scale, causal=causal,
+                                       config=tile_config("bwd", q, k, v, block), tile_map=builder)
+        return dq, dk, dv
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    with torch.no_grad():
+        return _cpu.backward(grad_out.detach(), q.detach(), k.detach(), v.detach(), _made(chosen).cpu(), sm_scale,
+                             causal, block)
+
+
+def _made(chosen) -> torch.Tensor:
+    return chosen() if callable(chosen) else chosen
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, causal: bool = False,
             topk: int = 2048, block: int = 64, sink: int = 64, local: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, stats): out (B, H, Lq, Dv) laid out as (B, Lq, H, Dv); stats the flash kernels' fp32 (B, H, Lq, 2)
     row statistics on the Triton path, an empty tensor on the CPU path (its backward recomputes)."""
     check(q, k, v, causal, topk, block, sink, local, "attnfuse.kernels.topk.forward")
-    if _triton(q, k, v):
-        builder = map_builder(q, k, causal, topk, block, sink, local, cols=False)  # the forward reads rows
-        return flash.forward(q, k, v, scale=scale, causal=causal, config=tile_config("fwd", q, k, v, block),
-                             tile_map=builder)
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    chosen = select(q, k, causal=causal, topk=topk, block=block, sink=sink, local=local).cpu()
-    with torch.no_grad():
-        out = _cpu.forward(q.detach(), k.detach(), v.detach(), chosen, sm_scale, causal, block)
-    return out, q.new_empty(0, dtype=torch.float32)
+    return attend(q, k, v, lambda: select(q, k, causal=causal, topk=topk, block=block, sink=sink, local=local),
+                  scale=scale, causal=causal, block=block)
 
 
 def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -84,15 +117,9 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     """(dq, dk, dv) of `forward` (the selection is recomputed; it gets no gradient).  ``out``/``stats`` are
     `forward`'s (the CPU path ignores them)."""
     check(q, k, v, causal, topk, block, sink, local, "attnfuse.kernels.topk.backward")
-    if _triton(q, k, v):
-        builder = map_builder(q, k, causal, topk, block, sink, local, cols=True)
-        dq, dk, dv, _ = flash.backward(grad_out, q, k, v, out, stats, scale=scale, causal=causal,
-                                       config=tile_config("bwd", q, k, v, block), tile_map=builder)
-        return dq, dk, dv
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    chosen = select(q, k, causal=causal, topk=topk, block=block, sink=sink, local=local).cpu()
-    with torch.no_grad():
-        return _cpu.backward(grad_out.detach(), q.detach(), k.detach(), v.detach(), chosen, sm_scale, causal, block)
+    return attend_backward(grad_out, q, k, v, out, stats,
+                           lambda: select(q, k, causal=causal, topk=topk, block=block, sink=sink, local=local),
+                           scale=scale, causal=causal, block=block)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, causal: bool = False,

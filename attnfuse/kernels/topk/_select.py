@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .. import _launch, validate
 
-__all__ = ["check", "select", "unsupported"]
+__all__ = ["block_masks", "check", "select", "take_best", "unsupported"]
 
 _SELECT_ELEMS = 2**21  # indexer bounds per select chunk
 _SCORE_KB = 64  # key blocks per `_score_kernel` step
@@ -194,30 +194,46 @@ def select(q: torch.Tensor, k: torch.Tensor, *, causal: bool, topk: int, block: 
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     nqb, nkb = triton.cdiv(lq, block), triton.cdiv(lk, block)
-    dev = q.device
-    qb = torch.arange(nqb, device=dev)[:, None]
-    kb = torch.arange(nkb, device=dev)[None, :]
-    first, last = qb * block, torch.clamp((qb + 1) * block, max=lq) - 1
-    key_lo, key_hi = kb * block, torch.clamp((kb + 1) * block, max=lk) - 1
-    candidate = (key_lo <= last) if causal else torch.ones(nqb, nkb, dtype=torch.bool, device=dev)
-    local_hi = last if causal else last + local
-    kept = ((key_lo < sink) | ((key_hi >= first - local) & (key_lo <= local_hi))) & candidate  # (nqb, nkb)
-    open_ = candidate & ~kept
+    kept, open_ = block_masks(lq, lk, causal=causal, block=block, sink=sink, local=local, device=q.device)
     n_pick = min(triton.cdiv(topk, block), nkb)
-    chosen = kept.expand(b, hkv, nqb, nkb).clone()
     if not n_pick:
-        return chosen
+        return kept.expand(b, hkv, nqb, nkb).clone()
     if _launch.supported(q, k, k) is None:
         ranked = _scores_triton(q, k, causal=causal, block=block, sink=sink, local=local)  # -inf unless open
     else:
         scores = _scores_torch(q, k, causal=causal, block=block)
-        ranked = torch.where(open_, scores, torch.tensor(float("-inf"), dtype=scores.dtype, device=dev))
+        ranked = torch.where(open_, scores, torch.tensor(float("-inf"), dtype=scores.dtype, device=q.device))
         ranked = torch.nan_to_num(ranked, nan=float("-inf"))
-    if q.is_cuda:  # k = n_pick is small: a partial selection, not a full sort of every row
+    return take_best(ranked, kept, open_, n_pick)
+
+
+def block_masks(lq: int, lk: int, *, causal: bool, block: int, sink: int, local: int,
+                device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, open): bool (n_query_blocks, n_key_blocks) -- the candidate key blocks always kept (sink and local),
+    and the other candidates (causal: blocks holding a key <= the query block's last position)."""
+    nqb, nkb = triton.cdiv(lq, block), triton.cdiv(lk, block)
+    qb = torch.arange(nqb, device=device)[:, None]
+    kb = torch.arange(nkb, device=device)[None, :]
+    first, last = qb * block, torch.clamp((qb + 1) * block, max=lq) - 1
+    key_lo, key_hi = kb * block, torch.clamp((kb + 1) * block, max=lk) - 1
+    candidate = (key_lo <= last) if causal else torch.ones(nqb, nkb, dtype=torch.bool, device=device)
+    local_hi = last if causal else last + local
+    kept = ((key_lo < sink) | ((key_hi >= first - local) & (key_lo <= local_hi))) & candidate
+    return kept, candidate & ~kept
+
+
+def take_best(ranked: torch.Tensor, kept: torch.Tensor, open_: torch.Tensor, n_pick: int) -> torch.Tensor:
+    """Bool (B, Hkv, nqb, nkb): ``kept`` plus, per query block, the ``n_pick`` best-ranked ``open_`` blocks (ties:
+    lower block index on the CPU; ``torch.topk`` on CUDA may break exact ties otherwise).  ``ranked`` (B, Hkv,
+    nqb, nkb) float, -inf for blocks that must not be picked; fewer than ``n_pick`` open blocks: all of them."""
+    chosen = kept.expand(ranked.shape).clone()
+    if not n_pick:
+        return chosen
+    if ranked.is_cuda:  # k = n_pick is small: a partial selection, not a full sort of every row
         order = torch.topk(ranked, n_pick, dim=-1, sorted=False).indices
     else:  # ranked by score, then index
         order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :n_pick]
     # only open candidates count (there may be fewer than n_pick)
-    live = torch.gather(open_.expand(b, hkv, nqb, nkb), -1, order)
+    live = torch.gather(open_.expand(ranked.shape), -1, order)
     chosen.scatter_(-1, order, live | torch.gather(chosen, -1, order))
     return chosen

@@ -11,9 +11,8 @@ import triton.language as tl
 
 from ...costmodel import tiles
 from .. import _launch, blocksparse
-from ._select import select
 
-__all__ = ["map_builder", "pick_config", "tile_config", "tile_map"]
+__all__ = ["pick_config", "tile_config", "tile_map"]
 
 _LIST_T = 256  # tiles per `_listing_kernel` step
 
@@ -170,10 +169,3 @@ def tile_map(chosen: torch.Tensor, cfg: tiles.TileConfig, *, q_len: int, kv_len:
     rows = blocksparse.listing(full, partial)
     return blocksparse.TileMap(rows, blocksparse.listing(full.transpose(-1, -2), partial.transpose(-1, -2))
                                if cols else rows.new_empty(0))
-
-
-def map_builder(q, k, causal, topk, block, sink, local, cols):
-    """The flash launcher's ``tile_map`` argument: tile -> `tile_map` of this call's `select` mask."""
-    chosen = select(q, k, causal=causal, topk=topk, block=block, sink=sink, local=local)
-    return lambda cfg: tile_map(chosen, cfg, q_len=q.shape[2], kv_len=k.shape[2], kv_groups=q.shape[1] // k.shape[1],
-                                block=block, causal=causal, cols=cols)
