@@ -49,14 +49,14 @@ def spill(kv_len: int, bits: int) -> int:
 def check(q, k, v, causal, tables, bits, probes, cap, block, sink, local, seed, who="attnfuse.kernels.lsh") -> None:
     """Raise ValueError (prefixed ``who``) unless LSH attention takes these tensors (`validate.qkv`, ``v`` None
     checks q and k; `unsupported`) and settings (ints: ``tables`` >= 1, ``bits`` in [-1, `MAX_BITS`],
-    ``probes`` in [0, bits], ``cap``/``sink``/``local`` >= 0, ``block`` a multiple of 32, any ``seed``)."""
+    ``probes`` in [0, bits], ``cap``/``sink``/``local`` >= 0, ``block`` a multiple of 32, ``seed`` in [0, 2**63))."""
     validate.qkv(who, q, k, v)
     why = unsupported(tuple(q.shape), tuple(k.shape), causal=causal)
     if why:
         raise ValueError(f"{who}: {why}")
     for name, val, low, high in (("tables", tables, 1, None), ("bits", bits, -1, MAX_BITS), ("probes", probes, 0, None),
                                  ("cap", cap, 0, None), ("block", block, 32, None), ("sink", sink, 0, None),
-                                 ("local", local, 0, None), ("seed", seed, None, None)):
+                                 ("local", local, 0, None), ("seed", seed, 0, 2**63 - 1)):
         if not isinstance(val, int) or isinstance(val, bool) or (low is not None and val < low) or (
                 high is not None and val > high):
             allowed = "an int" + (f" >= {low}" if low is not None else "") + (f" and <= {high}" if high else "")

@@ -1,11 +1,10 @@
-"""LSH attention's Triton kernels (`attnfuse.kernels.lsh`) compile for sm_90/sm_80 and fit their shared memory.
+"""LSH attention's index kernels (`attnfuse.kernels.lsh._triton`) compile for sm_90/sm_80 and fit their shared
+memory; see `_aot.py`.  The attention itself is flash's block-sparse mode, compiled as top-k launches it
+(test_topk_aot.py).
 
-Every launch uses `lsh._triton._config(chunk, head_dim, head_dim_v)`: tiles of at most 64 rows (32 past head dim 128)
-whatever the bucket size, since a chunk is visited tile by tile.  So each (target, dtype, head dim) compiles the
-forward, dQ and dK/dV kernels at the default bucket size (64), and fp16 also at a small one (16: 16-row tiles,
-the other MMA path; shared memory depends on the element size, not the type), causal (the masks add no
-buffers), with GQA on (a loop in the dK/dV kernel).  See `_aot.py` for the signatures (16-byte aligned pointers,
-unit last-dim strides, other ints multiples of 16).
+`_bucket_kernel` (a counting sort's scatter by atomic slot counters) and `_vote_kernel` (atomic vote counters)
+take only integer pointers and int arguments: each compiles with every int hinted divisible by 16 (the most
+specialized launch) and with none, at the block sizes and lookup counts (tables x (1 + probes)) launches use.
 """
 
 from __future__ import annotations
@@ -13,35 +12,31 @@ from __future__ import annotations
 import pytest
 
 from attnfuse.kernels.lsh import _triton
-from tests.kernels._aot import DTYPES, TARGETS, _compile, _Report
+from tests.kernels._aot import TARGETS, _compile, _Report
 
-CASES = [pytest.param(s, dt, hd, id=f"{s}-{dt}-d{hd}") for s in TARGETS for dt in DTYPES for hd in (64, 128)]
-_INDEX = dict(QIdx="*i32", KIdx="*i32", QCh="*i32", KCh="*i32", QStart="*i32", KStart="*i32")
-
-
-def _consts(chunk: int, hd: int) -> tuple[dict, int, int]:
-    block_m, block_n, warps, stages = _triton._config(chunk, hd, hd)
-    consts = dict(GROUPS=2, HEAD_DIM=hd, HEAD_DIM_V=hd, BLOCK_D=hd, BLOCK_DV=hd, BLOCK_M=block_m, BLOCK_N=block_n,
-                  IS_CAUSAL=True, PRECISION="tf32")
-    return consts, warps, stages
+_BUCKET_PTRS = dict(Gid="*i64", Cursor="*i64", Out="*i32")
+_VOTE_PTRS = dict(Gid="*i64", Offsets="*i64", KeyBlocks="*i32", Acc="*i32")
 
 
-@pytest.mark.parametrize("spec_name,dt,hd", CASES)
-def test_lsh_kernels_compile_and_fit(spec_name, dt, hd):
-    rep = _Report(spec_name, dt, hd)
-    qkv = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}")
-    grads = dict(DO=f"*{dt}", Stats="*fp32", Delta="*fp32")
-    kernels = (("fwd", _triton._fwd_kernel, dict(qkv, **_INDEX, Out="*fp32", Lse="*fp32")),
-               ("dq", _triton._bwd_dq_kernel, dict(qkv, **grads, **_INDEX, DQ="*fp32")),
-               ("dkdv", _triton._bwd_dkdv_kernel, dict(qkv, **grads, **_INDEX, DK="*fp32", DV="*fp32")))
+@pytest.mark.parametrize("spec_name", list(TARGETS))
+def test_index_kernels_compile_and_fit(spec_name):
+    rep = _Report(spec_name, "int", 0)
     compiled = 0
-    chunks = (64, 16) if dt == "fp16" else (64,)  # shared memory depends on the element size, not the type
-    for chunk in chunks:
-        consts, warps, stages = _consts(chunk, hd)
-        for name, kernel, ptrs in kernels:
-            what = f"{name} chunk {chunk} ({consts['BLOCK_M']}x{consts['BLOCK_N']} w{warps} s{stages})"
-            out = rep.compile(what, _compile, kernel, rep.cc, ptrs, consts, warps, stages)
+    for div16 in (None, set()):
+        hints = "div16" if div16 is None else "no hints"
+        for block in (32, 64, 128):
+            what = f"bucket block {block} {hints}"
+            out = rep.compile(what, _compile, _triton._bucket_kernel, rep.cc, _BUCKET_PTRS,
+                              dict(BLOCK=block, SORT_BLOCK=_triton._SORT_BLOCK), 4, 3, unit=set(), floats=set(),
+                              div16=div16)
+            rep.shared(what, out)
+            compiled += out is not None
+        for lookups in (1, 8, 24):  # tables x (1 + probes): 1 x 1, 8 x 1 (the defaults), 8 x 3
+            what = f"vote lookups {lookups} {hints}"
+            out = rep.compile(what, _compile, _triton._vote_kernel, rep.cc, _VOTE_PTRS,
+                              dict(LOOKUPS=lookups, ROWS=_triton._VOTE_ROWS), 4, 3, unit=set(), floats=set(),
+                              div16=div16)
             rep.shared(what, out)
             compiled += out is not None
     rep.check()
-    assert compiled == 3 * len(chunks)
+    assert compiled == 12
