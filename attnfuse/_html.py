@@ -235,6 +235,11 @@ def _site(s) -> str:
              ("dtype", s.dtype), ("scale", scale), ("kv_groups", s.kv_groups)]
     if s.error is not None:
         facts.append(("calibrated rel. error", f"{s.error:.3g}"))
+        row = next((c for c in s.candidates if c.get("kernel") == s.kernel and c.get("params")), {})
+        if row:
+            facts.append(("knobs (cost model)", _config(row["params"])))
+        for i, t in enumerate(row.get("tried") or []):
+            facts.append((f"calibrated level {i}", f"{_config(t['params'])}: error {t['error']:.3g}"))
     approx = '<span class="badge approx">approximate</span>' if s.error is not None else ""
     out = [f'<section class="site" id="site-{s.id}" data-status="{_e(s.status)}">',
            f'<h2><span class="badge {_e(s.status)}">{_e(s.status)}</span>{approx}#{s.id} '

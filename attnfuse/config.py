@@ -33,8 +33,12 @@ _FAMILY_SETTINGS = {name: FAMILIES[name].defaults for name in APPROXIMATE}  # op
 _CALIBRATION_DEFAULTS = {"max_heads": 4, "max_rows": 256, "seed": 0}
 AUTOTUNE_DEFAULTS = {"reps": 10, "warmup": 2}  # options["autotune"]: timed calls (median) and untimed ones first
 DEFAULT_AUTOTUNE_CACHE = "~/.cache/attnfuse/autotune-v1.json"
-# (settings key, name) -> (least value, multiple of): the top-k kernel's key blocks are whole 32-key tiles
-_SETTING_RULES = {("approximate.topk", "block"): (32, 32)}
+# (settings key, name) -> (least value, multiple of, greatest value or None); a name not listed: an int >= 1
+# (>= 0 for seed, sink and local).  The top-k and LSH kernels' key blocks are whole 32-key tiles; LSH's ``bits``
+# is -1 (auto: about two keys per bucket, `attnfuse.kernels.lsh.auto_bits`) or 0..16 bits per table.
+_SETTING_RULES = {("approximate.topk", "block"): (32, 32, None), ("approximate.lsh", "block"): (32, 32, None),
+                  ("approximate.lsh", "bits"): (-1, 1, 16), ("approximate.lsh", "probes"): (0, 1, None),
+                  ("approximate.lsh", "cap"): (0, 1, None)}
 
 
 def _bad(key: str, value: Any, allowed: str, source: str = "") -> ValueError:
@@ -149,8 +153,11 @@ def _kernels(value: Any) -> tuple[str, ...]:
 def _approximate(value: Any) -> Mapping[str, Any] | None:
     """The approximation policy, with every default filled in: ``max_rel_error`` (the budget: relative
     Frobenius error of a site's output on the calibration inputs), ``families`` (default both), per-family
-    settings ``topk`` {topk, block, sink, local} and ``lsh`` {n_hashes, bucket_size, seed}, and ``calibration``
-    {max_heads, max_rows, seed}: how many K/V heads and query rows of the example inputs are compared."""
+    settings ``topk`` {topk, block, sink, local} and ``lsh`` {tables, bits, probes, cap, block, sink, local,
+    seed} (`attnfuse.kernels.lsh.DEFAULTS`; ``bits`` -1: auto), ``calibration`` {max_heads, max_rows, seed}: how
+    many K/V heads and query rows of the example inputs are compared, and ``pinned`` {family: the settings the
+    user gave explicitly} -- LSH calibrates a ladder of settings chosen from the key length and the budget
+    (`attnfuse.costmodel.lshknobs.ladder`) in which only the pinned ones stay fixed."""
     allowed = ("False, or a dict with 'max_rel_error' (float in (0, 1)) and optional 'families', 'topk', 'lsh', "
                "'calibration'")
     if value is False or value is None:
@@ -173,6 +180,7 @@ def _approximate(value: Any) -> Mapping[str, Any] | None:
     policy: dict[str, Any] = {"max_rel_error": float(err), "families": tuple(dict.fromkeys(families))}
     for name, defaults in (*_FAMILY_SETTINGS.items(), ("calibration", _CALIBRATION_DEFAULTS)):
         policy[name] = _settings(f"approximate.{name}", value.get(name, {}), defaults)
+    policy["pinned"] = {name: {k: policy[name][k] for k in value.get(name, {})} for name in _FAMILY_SETTINGS}
     return policy
 
 
@@ -183,9 +191,10 @@ def _settings(key: str, value: Any, defaults: Mapping[str, int]) -> dict[str, in
     for name, v in value.items():
         if name not in defaults:
             raise _bad(f"{key}.{name}", v, "one of the keys " + ", ".join(defaults))
-        low, step = _SETTING_RULES.get((key, name), (0 if name in ("seed", "sink", "local") else 1, 1))
-        if not isinstance(v, int) or isinstance(v, bool) or v < low or v % step:
-            raise _bad(f"{key}.{name}", v, f"an int >= {low}" + (f", a multiple of {step}" if step > 1 else ""))
+        low, step, high = _SETTING_RULES.get((key, name), (0 if name in ("seed", "sink", "local") else 1, 1, None))
+        if not isinstance(v, int) or isinstance(v, bool) or v < low or v % step or (high is not None and v > high):
+            raise _bad(f"{key}.{name}", v, f"an int >= {low}" + (f" and <= {high}" if high is not None else "")
+                       + (f", a multiple of {step}" if step > 1 else ""))
         out[name] = v
     return out
 

@@ -27,8 +27,8 @@ Export (`Family.export`):
 * ``"original"``: the formats have no such attention; the site is exported as its original (exact) ops, and
   the report says why (`attnfuse.export._lower.unsupported`).
 
-Layering: this module imports `attnfuse.costmodel.estimates` (hence only `tiles` and `device`) and sits below
-the planner, config, ops, the passes and export.
+Layering: this module imports `attnfuse.costmodel.estimates` (hence only `tiles`, `fits`, `lshknobs` and
+`device`; LSH's defaults are `lshknobs.DEFAULTS`) and sits below the planner, config, ops, the passes and export.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from types import MappingProxyType, ModuleType
 
-from .costmodel import estimates
+from .costmodel import estimates, lshknobs
 from .costmodel.tiles import Estimate
 
 __all__ = ["APPROXIMATE", "EXACT", "EXPORT_ORIGINAL", "FAMILIES", "KERNELS", "PYTORCH_KERNELS", "Family",
@@ -77,7 +77,8 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
     _family("flex", True, "attnfuse.kernels.flex", "original"),
     _family("tpa", True, "attnfuse.kernels.tpa", "original"),
     _family("topk", False, "attnfuse.kernels.topk", "original", topk=2048, block=64, sink=64, local=256),
-    _family("lsh", False, "attnfuse.kernels.lsh", "original", n_hashes=4, bucket_size=64, seed=0),
+    # `attnfuse.kernels.lsh.DEFAULTS` as the planner layer writes them out (`lshknobs`: it imports no kernel)
+    _family("lsh", False, "attnfuse.kernels.lsh", "original", **lshknobs.DEFAULTS),
     _family("eager", True, None, "original"),
 )})
 

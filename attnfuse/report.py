@@ -112,7 +112,8 @@ class Report:
             scale = f"{s.scale:.4g}" if isinstance(s.scale, float) else str(s.scale)
             kernel = s.kernel or "-"
             if s.error is not None and s.kernel:
-                kernel += f" (err {s.error:.2g})"
+                knobs = knob_text(s)
+                kernel += f" (err {s.error:.2g}" + (f"; {knobs})" if knobs else ")")
             if s.table and len({row["kernel"] for row in s.table}) > 1:
                 kernel += " [" + ", ".join(f"{row['kv_len'][0]}+:{row['kernel']}" for row in s.table) + "]"
             if s.autotune and s.kernel:
@@ -128,6 +129,19 @@ class Report:
         if self.device:
             summary += f" (device: {self.device})"
         return "\n".join([summary, *lines, *(f"note: {n}" for n in self.notes)])
+
+
+# the knobs of an approximate kernel the text report shows (the JSON has every setting, `Site.candidates`)
+KNOBS = {"lsh": ("tables", "bits", "probes", "cap"), "topk": ("topk",)}
+
+
+def knob_text(site: Site) -> str:
+    """``"tables=12 bits=7 probes=1 cap=512"``: the chosen approximate kernel's knobs as its candidate row records
+    them (LSH's ``bits`` resolved at the site's key length), or "" when the row has none."""
+    row = next((c for c in site.candidates if c.get("kernel") == site.kernel and c.get("params")), None)
+    if row is None:
+        return ""
+    return " ".join(f"{k}={row['params'][k]}" for k in KNOBS.get(site.kernel, ()) if k in row["params"])
 
 
 def _source_key(source: str) -> tuple[str, float]:

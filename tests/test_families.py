@@ -53,6 +53,13 @@ def test_approximate_settings_default_to_the_registrys():
     assert not any(families.FAMILIES[name].defaults for name in families.EXACT)
 
 
+def test_the_registrys_lsh_defaults_are_the_kernels():
+    """The registry writes `attnfuse.kernels.lsh.DEFAULTS` out (`lshknobs`: no kernel import): they agree, in order."""
+    from attnfuse.kernels import lsh
+
+    assert list(families.FAMILIES["lsh"].defaults.items()) == list(lsh.DEFAULTS.items())
+
+
 @pytest.mark.parametrize("name", list(families.FAMILIES))
 def test_the_planner_estimates_with_the_registrys_function_and_defaults(name):
     family = families.FAMILIES[name]

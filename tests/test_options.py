@@ -46,10 +46,28 @@ CASES = {
                                "an int >= 32, a multiple of 32"),
     "approximate.topk.sink": ({"approximate": {**APPROX, "topk": {"sink": -1}}}, "'approximate.topk.sink'",
                               "an int >= 0"),
-    "approximate.lsh.n_hashes": ({"approximate": {**APPROX, "lsh": {"n_hashes": 0}}}, "'approximate.lsh.n_hashes'",
-                                 "an int >= 1"),
-    "approximate.lsh.bucket_size": ({"approximate": {**APPROX, "lsh": {"bucket_size": 2.5}}},
-                                    "'approximate.lsh.bucket_size'", "an int >= 1"),
+    "approximate.lsh: old key": ({"approximate": {**APPROX, "lsh": {"n_hashes": 4}}}, "'approximate.lsh.n_hashes'",
+                                 "one of the keys tables, bits, probes, cap, block, sink, local, seed"),
+    "approximate.lsh.tables": ({"approximate": {**APPROX, "lsh": {"tables": 0}}}, "'approximate.lsh.tables'",
+                               "an int >= 1"),
+    "approximate.lsh.bits: low": ({"approximate": {**APPROX, "lsh": {"bits": -2}}}, "'approximate.lsh.bits'",
+                                  "an int >= -1 and <= 16"),
+    "approximate.lsh.bits: high": ({"approximate": {**APPROX, "lsh": {"bits": 17}}}, "'approximate.lsh.bits'",
+                                   "an int >= -1 and <= 16"),
+    "approximate.lsh.probes": ({"approximate": {**APPROX, "lsh": {"probes": -1}}}, "'approximate.lsh.probes'",
+                               "an int >= 0"),
+    "approximate.lsh.cap": ({"approximate": {**APPROX, "lsh": {"cap": 2.5}}}, "'approximate.lsh.cap'",
+                            "an int >= 0"),
+    "approximate.lsh.block: step": ({"approximate": {**APPROX, "lsh": {"block": 48}}}, "'approximate.lsh.block'",
+                                    "an int >= 32, a multiple of 32"),
+    "approximate.lsh.block: zero": ({"approximate": {**APPROX, "lsh": {"block": 0}}}, "'approximate.lsh.block'",
+                                    "an int >= 32, a multiple of 32"),
+    "approximate.lsh.sink": ({"approximate": {**APPROX, "lsh": {"sink": -1}}}, "'approximate.lsh.sink'",
+                             "an int >= 0"),
+    "approximate.lsh.local": ({"approximate": {**APPROX, "lsh": {"local": True}}}, "'approximate.lsh.local'",
+                              "an int >= 0"),
+    "approximate.lsh.seed": ({"approximate": {**APPROX, "lsh": {"seed": -3}}}, "'approximate.lsh.seed'",
+                             "an int >= 0"),
     "approximate.calibration": ({"approximate": {**APPROX, "calibration": {"max_rows": "all"}}},
                                 "'approximate.calibration.max_rows'", "an int >= 1"),
     "device: name": ({"device": "tpu"}, "'device'", "\"auto\", a DeviceSpec, a spec JSON file, or one of 'h100'"),
@@ -84,6 +102,15 @@ def test_bad_option_message(options, option, allowed):
     with pytest.raises(ValueError) as again:  # audit's own default (verify) does not hide the error
         attnfuse.audit(torch.nn.Identity(), torch.ones(1), options=options)
     assert str(again.value) == text
+
+
+def test_lsh_settings_take_their_whole_range_and_the_policy_records_what_was_given():
+    given = {"tables": 1, "bits": -1, "probes": 0, "cap": 0, "block": 96, "sink": 0, "local": 0, "seed": 0}
+    policy = Config.from_options({"approximate": {**APPROX, "lsh": given}}).approximate
+    assert policy["lsh"] == given and policy["pinned"] == {"topk": {}, "lsh": given}
+    policy = Config.from_options({"approximate": {**APPROX, "lsh": {"bits": 16, "probes": 3}}}).approximate
+    assert policy["lsh"]["bits"] == 16 and policy["lsh"]["probes"] == 3 and policy["lsh"]["tables"] == 8
+    assert policy["pinned"]["lsh"] == {"bits": 16, "probes": 3}  # the rest are the cost model's (lshknobs)
 
 
 def test_every_option_has_a_bad_value_case():

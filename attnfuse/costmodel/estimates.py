@@ -11,14 +11,16 @@ approximate family's settings, complete.
   scales the dense work by the tile density;
 * topk adds its indexer (two skinny matmuls against per-block channel min/max) to the flash estimate scaled by
   the kept blocks over the visible ones;
-* lsh is hashing matmuls, sort and gather traffic for every round, chunk attention over two chunks and the merge;
+* lsh is its hashing matmul, the bucket index and the votes (`lsh`), plus top-k's attention over the kept key
+  blocks with its ``cap`` as top-k's ``topk``;
 * eager (the unfused graph) writes and reads the score matrix several times;
 * sdpa and flex (PyTorch's kernels) are the launch of attnfuse's own kernel they would replace, times the
   measured ratio of their time over attnfuse's on the device's preset (`attnfuse.costmodel.fits`), in the
   site's mode: ``"fwd_bwd"`` when ``shape["training"]`` (or ``structure["training"]``), else ``"fwd"``.
 
 The roofline formula and the element-size map are `tiles.roofline` and `tiles.dtype_name`; this module imports
-only `attnfuse.device`, `attnfuse.costmodel.tiles` and `attnfuse.costmodel.fits`.
+only `attnfuse.device`, `attnfuse.costmodel.tiles`, `attnfuse.costmodel.fits` and `attnfuse.costmodel.lshknobs`
+(LSH's ``bits=-1`` resolved as the kernel resolves it).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 
 from ..device import DeviceSpec
-from . import fits, tiles
+from . import fits, lshknobs, tiles
 from .tiles import Estimate
 
 __all__ = ["blocksparse", "eager", "flash", "flex", "lsh", "scores_bytes", "sdpa", "topk", "visible_keys", "window"]
@@ -110,18 +112,26 @@ def eager(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str,
                               tiles.dtype_name(elem))
 
 
+def _kept(shape: Mapping[str, Any], spec: DeviceSpec, causal: bool, *, cap: int, block: int, sink: int,
+          local: int) -> Estimate:
+    """Exact attention over the key blocks a query block keeps -- ``ceil(cap / block)`` selected ones plus its sink
+    and local blocks, at most the visible ones -- in the flash kernel's block-sparse mode: the dense launch's work
+    scaled by the kept blocks over the visible ones (inputs read once, launches stay)."""
+    lq, lk = shape["q_len"], shape["kv_len"]
+    visible = max(1.0, visible_keys(lq, lk, -1, -1, causal) / block)
+    kept = min(visible, math.ceil(cap / block) + math.ceil(sink / block) + math.ceil((local + block) / block))
+    _, dense = _launch(shape, spec, (-1, -1), causal)
+    return dense.scaled(kept / visible, _once(shape), tiles.host_s(spec) + spec.launch_s)
+
+
 def topk(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str, Any], params: Mapping[str, Any],
          causal: bool) -> Result:
     """Indexer (per-block channel min/max of K; two matmuls of the queries against them) + selection + exact
-    attention over the kept key blocks (the flash kernel's block-sparse mode)."""
+    attention over the kept key blocks (`_kept`, ``cap`` = ``topk``)."""
     b, h, hk, lq, lk, d, dv, elem = _dims(shape)
     block = params["block"]
     n_blocks = math.ceil(lk / block)
-    visible = max(1.0, visible_keys(lq, lk, -1, -1, causal) / block)
-    kept = min(visible, math.ceil(params["topk"] / block) + math.ceil(params["sink"] / block)
-               + math.ceil((params["local"] + block) / block))
-    _, dense = _launch(shape, spec, (-1, -1), causal)  # the kept blocks are a fraction of the visible ones
-    attend = dense.scaled(kept / visible, _once(shape), tiles.host_s(spec) + spec.launch_s)
+    attend = _kept(shape, spec, causal, cap=params["topk"], block=block, sink=params["sink"], local=params["local"])
     index = tiles.roofline(4.0 * b * h * lq * n_blocks * d, (b * h * lq * d + 2 * b * hk * n_blocks * d) * elem
                            + b * hk * math.ceil(lq / block) * n_blocks * 4.0, 0.0, 6, spec, tiles.dtype_name(elem))
     return {}, index + attend
@@ -129,20 +139,28 @@ def topk(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str, 
 
 def lsh(shape: Mapping[str, Any], spec: DeviceSpec, *, structure: Mapping[str, Any], params: Mapping[str, Any],
         causal: bool) -> Result:
-    """Hashing (one matmul per round), sorting and gathering every round's copies, chunk attention over two
-    chunks per query, and the log-sum-exp merge of the rounds."""
+    """The index, the votes and exact attention over the selected key blocks (`attnfuse.kernels.lsh`; ``bits`` -1
+    is resolved at the site's key length, `lshknobs.resolved`):
+
+    * hashing: one float32 matmul of every query row and key against ``tables * bits`` hyperplanes,
+      ``2 * (B*H*Lq + B*Hkv*Lk) * D * tables * bits`` FLOPs, reading q and k once;
+    * the index: a counting sort of ``B*Hkv*Lk*tables`` (bucket, key) entries (written and read, 16 bytes each);
+    * the votes: each query row reads ``tables * (1 + probes)`` buckets of ``max(1, Lk / 2**bits)`` keys (8 bytes
+      a vote: the key's block and its counter), then one pass over its (row, key block) counters, and the
+      selection reads the (query block, key block) scores;
+    * attention over the kept blocks: top-k's (`_kept`) with ``cap`` keys selected."""
     b, h, hk, lq, lk, d, dv, elem = _dims(shape)
-    rounds, chunk = params["n_hashes"], params["bucket_size"]
-    buckets = max(2, 2 * round(lk / (2 * chunk)))
-    tokens = b * (h * lq + h * lk)  # GQA gathers each query head's keys
-    hashing = 2.0 * tokens * (d + 1) * buckets / 2 * rounds
-    keys = min(lk, 2 * chunk) * (0.5 if causal else 1.0)
-    attend = 2.0 * rounds * b * h * lq * keys * (d + dv)
-    sort_bytes = rounds * tokens * (math.log2(max(2, lk)) * 8.0 + 2 * (d + dv) * elem)
-    merge_bytes = rounds * b * h * lq * (dv + 1) * 4.0 * 2
-    est = tiles.roofline(hashing + attend, sort_bytes + merge_bytes, rounds * b * h * lq * keys, 12 * rounds, spec,
-                         tiles.dtype_name(elem))
-    return {}, est + Estimate(0.0, 0.0, 0.0, tiles.host_s(spec))  # plus its Triton launch's host time
+    p = lshknobs.resolved(params, lk)
+    tables, bits, probes, block = p["tables"], p["bits"], p["probes"], p["block"]
+    nqb, nkb = math.ceil(lq / block), math.ceil(lk / block)
+    rows = b * h * lq
+    hashing = 2.0 * (rows + b * hk * lk) * d * tables * bits
+    index = (rows + b * hk * lk) * d * elem + b * hk * lk * tables * 16.0 + rows * tables * (1 + probes) * 8.0
+    per_bucket = max(1.0, lk / 2.0 ** bits)
+    votes = rows * tables * (1 + probes) * per_bucket * 8.0 + rows * nkb * 8.0 + b * hk * nqb * nkb * 8.0
+    select = tiles.roofline(hashing, index + votes, 0.0, 6, spec, "float32")
+    attend = _kept(shape, spec, causal, cap=p["cap"], block=block, sink=p["sink"], local=p["local"])
+    return {}, select + attend
 
 
 def _fit(shape: Mapping[str, Any], spec: DeviceSpec, structure: Mapping[str, Any], family: str,

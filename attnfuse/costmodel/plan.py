@@ -30,7 +30,7 @@ from typing import Any
 from .._sizes import size_text
 from ..device import PRESETS, DeviceSpec
 from ..families import APPROXIMATE, EXACT, FAMILIES, PYTORCH_KERNELS
-from . import estimates
+from . import estimates, lshknobs
 from .estimates import scores_bytes, visible_keys
 from .tiles import Estimate, NoTileFits
 
@@ -54,7 +54,8 @@ class Plan:
 
     def op_table(self, params: Mapping[str, Any] | None = None) -> str:
         """The op's ``approx`` argument: "" when every length runs the exact kernel the graph was rewritten for,
-        else JSON ``{"table": [[lo, hi, "exact" | "topk" | "lsh"], ...], "params": {...}}`` (hi -1: unbounded)."""
+        else JSON ``{"table": [[lo, hi, "exact" | "topk" | "lsh"], ...], "params": {...}}`` (hi -1: unbounded).
+        ``params`` as calibrated: LSH's ``bits`` stays -1 where auto, so each call resolves it at its key length."""
         rows = self.table or [{"kv_len": [0, None], "kernel": self.kernel}]
         kinds = [r["kernel"] if r["kernel"] in APPROXIMATE else "exact" for r in rows]
         if all(k == "exact" for k in kinds):
@@ -125,6 +126,13 @@ def _why(family: str, kernels: Sequence[str], band: bool, sparse: bool, approx: 
 _UNFUSED = "the unfused graph runs only where no allowed kernel applies"  # eager's reason until `_choose`
 
 
+def _knobs(family: str, params: Mapping[str, Any], kv_len: int) -> dict[str, Any]:
+    """An approximate family's complete settings (registry defaults filled in), LSH's ``bits`` resolved at
+    ``kv_len`` (`lshknobs.resolved`; the op's table keeps -1, resolved per call)."""
+    full = {**FAMILIES[family].defaults, **params}
+    return lshknobs.resolved(full, kv_len) if family == "lsh" else full
+
+
 def _candidates(shape, spec, kernels, structure, approx):
     """Every family's candidate row for one shape (``rejected`` None: allowed), and the tile configs."""
     structure = structure or {}
@@ -156,6 +164,11 @@ def _candidates(shape, spec, kernels, structure, approx):
         if family in APPROXIMATE and approx is not None and family in approx.get("errors", {}):
             extra["error"] = approx["errors"][family]
         params = (approx or {}).get("params", {}).get(family, {})
+        if family in APPROXIMATE and approx is not None:  # the knobs, as they run at this row's key length
+            params = extra["params"] = _knobs(family, params, shape["kv_len"])
+            if approx.get("tried", {}).get(family):
+                extra["tried"] = [{**t, "params": _knobs(family, t["params"], shape["kv_len"])}
+                                  for t in approx["tried"][family]]
         try:
             configs[family], est = estimate_family(family, shape, spec, structure=structure, params=params,
                                                    causal=causal)
@@ -229,8 +242,11 @@ def plan(shape: Mapping[str, Any], device: DeviceSpec, kernels: Sequence[str], *
     ``sdpa_backend``, ``training`` (time forward+backward) and ``flex_mask`` (the packed-document alternative's
     kinds and band).  ``shape`` may carry ``training`` too.  ``approx``: None when the user
     did not opt in, else the approximation policy's verdict -- ``rejected`` {family: reason}, ``errors``
-    {family: measured relative error}, ``params`` {family: settings}; a family without a ``rejected`` entry was
-    calibrated within the budget.  ``dynamic``: also plan the table over key-length ranges (`Plan.table`).
+    {family: measured relative error}, ``params`` {family: settings}, optionally ``tried`` {family: [{"params",
+    "error"}, ...]} (the settings calibration measured, `attnfuse.passes.approximate`); a family without a
+    ``rejected`` entry was calibrated within the budget.  With ``approx``, the approximate families' rows carry
+    their ``params`` (complete; LSH's ``bits`` resolved at the row's key length) and ``tried`` where given.
+    ``dynamic``: also plan the table over key-length ranges (`Plan.table`).
     The first candidate is the chosen one, or (not fused) the exact kernel that would have run, with the reason.
     """
     rows, configs = _candidates(shape, device, kernels, structure, approx)

@@ -2,8 +2,16 @@
 
 Entry point: `verdicts(gm, sites, example_inputs, policy) -> list[verdict]`, one per (match, structure) in
 ``sites``; a verdict is the ``approx`` argument of `attnfuse.costmodel.plan`: ``rejected`` {family: reason},
-``errors`` {family: measured relative error}, ``params`` {family: settings}.  ``policy`` is
-``Config.approximate`` (None: the user did not opt in, and every verdict is None).
+``errors`` {family: measured relative error}, ``params`` {family: settings}, ``tried`` {family: [{"params",
+"error"}, ...]} (LSH: every level calibrated, in order).  ``policy`` is ``Config.approximate`` (None: the user
+did not opt in, and every verdict is None).
+
+Settings.  Top-k runs the policy's settings.  LSH's knobs (tables, bits, probes, cap) are the cost model's:
+`attnfuse.costmodel.lshknobs.ladder` at the site's example key length and the budget, with the settings the user
+gave explicitly (``policy["pinned"]["lsh"]``) fixed on every level; the levels are calibrated cheapest first and
+the first within ``max_rel_error`` is the verdict's ``params``/``errors`` entry (``bits`` -1 where auto: the op
+resolves it per call).  When none is, LSH is rejected with its best error and the budget; its ``params`` and
+``errors`` are then those of the best level.
 
 A family is considered for a site only if the site is plain attention the approximate kernels compute: no mask
 other than a causal one (folded into ``causal``), no proven window / ALiBi / block-sparse structure (the exact
@@ -28,6 +36,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..costmodel import lshknobs
 from ..families import APPROXIMATE, kernel_module
 from .effects import capture
 from .match import AttentionMatch
@@ -147,17 +156,47 @@ def verdicts(gm: fx.GraphModule, sites: Sequence[tuple[AttentionMatch, Mapping[s
     for i, m, f, causal in todo:
         q, k, v = _op_inputs(m, values)
         scale = m.scale if m.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        try:
-            err = measure(f, q, k, v, scale=scale, causal=causal, params=policy[f],
-                          calibration=policy["calibration"])
-        except ValueError as exc:
-            out[i]["rejected"][f] = str(exc)
-            continue
-        out[i]["errors"][f] = err
-        if not err <= policy["max_rel_error"]:
-            out[i]["rejected"][f] = (f"calibrated error {err:.3g} exceeds max_rel_error "
-                                     f"{policy['max_rel_error']:g} on the example inputs")
+        _calibrate(out[i], f, _levels(f, policy, k.shape[2]), policy,
+                   lambda params: measure(f, q, k, v, scale=scale, causal=causal, params=params,
+                                          calibration=policy["calibration"]))
     return out
+
+
+def _levels(family: str, policy: Mapping[str, Any], kv_len: int) -> list[dict[str, int]]:
+    """The settings to calibrate, cheapest first: LSH's ladder (`lshknobs.ladder`), else the policy's one."""
+    if family != "lsh":
+        return [dict(policy[family])]
+    pinned = policy.get("pinned", {}).get("lsh", {})
+    return lshknobs.ladder(kv_len, policy["max_rel_error"], pinned, policy["lsh"]["block"])
+
+
+def _calibrate(verdict: dict[str, Any], family: str, levels: Sequence[Mapping[str, int]],
+               policy: Mapping[str, Any], error_of) -> None:
+    """Measure ``levels`` in order into ``verdict`` (``error_of(params) -> error``): the first within the budget
+    is the family's ``params``/``errors``; with none, the best is, and the family is rejected with why."""
+    budget, tried, best = policy["max_rel_error"], [], None
+    for params in levels:
+        try:
+            err = error_of(params)
+        except ValueError as exc:  # settings the kernel refuses for these shapes
+            verdict["rejected"][family] = str(exc)
+            break
+        tried.append({"params": dict(params), "error": err})
+        if best is None or err < best["error"]:
+            best = tried[-1]
+        if err <= budget:
+            verdict["rejected"].pop(family, None)
+            best = tried[-1]
+            break
+    if len(levels) > 1 or family == "lsh":
+        verdict.setdefault("tried", {})[family] = tried
+    if best is None:
+        return
+    verdict["params"][family], verdict["errors"][family] = dict(best["params"]), best["error"]
+    if not best["error"] <= budget:
+        what = f" (the best of {len(tried)} LSH settings tried)" if len(tried) > 1 else ""
+        verdict["rejected"][family] = (f"calibrated error {best['error']:.3g}{what} exceeds max_rel_error "
+                                       f"{budget:g} on the example inputs")
 
 
 def _shape_reason(family: str, m: AttentionMatch, causal: bool) -> str | None:

@@ -124,6 +124,55 @@ def test_approximate_kernels_need_the_opt_in_and_a_calibration():
     assert p.kernel == "flash" and rows["topk"]["error"] == 0.3 and "0.3" in rows["topk"]["rejected"]
 
 
+def test_the_lsh_estimate_is_its_index_plus_top_ks_attention_over_cap_keys():
+    """Hashing FLOPs ``2 * (B*H*Lq + B*Hkv*Lk) * D * tables * bits`` (bits -1 resolved at the key length) plus top-k's
+    block-sparse attention with ``topk`` = ``cap``; more tables, probes or cap cost more."""
+    from attnfuse.kernels import lsh
+
+    spec = PRESETS["h100"]
+    for seq, kv_heads in ((3000, 8), (40000, 2)):
+        shape, d = _shape(seq, kv_heads=kv_heads), 64
+        n_blocks = -(-seq // 64)
+        for params in ({}, {"tables": 12, "bits": 9, "probes": 1, "cap": 1000}):
+            full = {**lsh.DEFAULTS, **params}
+            bits = lsh.auto_bits(full["bits"], seq)
+            _, est = planner.estimate_family("lsh", shape, spec, params=params, causal=True)
+            _, top = planner.estimate_family("topk", shape, spec, params={"topk": full["cap"]}, causal=True)
+            hashing = 2.0 * (8 * seq + kv_heads * seq) * d * full["tables"] * bits
+            assert est.flops == pytest.approx(hashing + top.flops - 4.0 * 8 * seq * n_blocks * d, rel=1e-9)
+            assert est.exp_ops == pytest.approx(top.exp_ops, rel=1e-9)
+    shape = _shape(40000, kv_heads=2)  # long enough that the attention's launch overhead does not dominate
+    times = [planner.estimate_family("lsh", shape, spec, params=p, causal=True)[1].time_s
+             for p in ({"cap": 256}, {"cap": 256, "tables": 12}, {"cap": 256, "tables": 12, "probes": 1},
+                       {"tables": 12, "probes": 1, "cap": 1024})]
+    assert times == sorted(times) and len(set(times)) == 4
+
+
+def test_approximate_rows_carry_their_knobs_and_the_op_table_keeps_auto_bits():
+    from attnfuse.kernels import lsh
+
+    spec = PRESETS["h100"]
+    level = {**lsh.DEFAULTS, "tables": 12, "probes": 1, "cap": 4096}
+    tried = [{"params": dict(lsh.DEFAULTS), "error": 0.2}, {"params": level, "error": 0.03}]
+    approx = {"rejected": {}, "errors": {"lsh": 0.03, "topk": 0.01}, "params": {"lsh": level, "topk": {"topk": 512}},
+              "tried": {"lsh": tried}}
+    for seq in (5000, 70000):
+        p = planner.plan(_shape(seq), spec, ("flash", "lsh", "topk"), approx=approx, dynamic=True)
+        rows = {c["kernel"]: c for c in p.candidates}
+        assert rows["lsh"]["params"] == {**level, "bits": lsh.auto_bits(-1, seq)} and rows["lsh"]["error"] == 0.03
+        assert [t["params"]["tables"] for t in rows["lsh"]["tried"]] == [8, 12]
+        assert [t["error"] for t in rows["lsh"]["tried"]] == [0.2, 0.03]
+        assert all(t["params"]["bits"] == lsh.auto_bits(-1, seq) for t in rows["lsh"]["tried"])
+        assert rows["topk"]["params"] == {**families.FAMILIES["topk"].defaults, "topk": 512}
+        assert "tried" not in rows["topk"] and "params" not in rows["flash"]
+        assert planner.estimate_family("lsh", _shape(seq), spec, params=rows["lsh"]["params"],
+                                       causal=True)[1].time_s == rows["lsh"]["est_time_s"]
+        if "lsh" in {r["kernel"] for r in p.table}:
+            assert json.loads(p.op_table(approx["params"]))["params"]["lsh"]["bits"] == -1
+    plain = {c["kernel"]: c for c in planner.plan(_shape(5000), spec, ALL).candidates}
+    assert "params" not in plain["lsh"] and "tried" not in plain["lsh"]  # no opt-in: no knobs to report
+
+
 def test_excluded_kernels_fall_back_and_say_why():
     p = planner.plan(_shape(1024), PRESETS["h100"], ("blocksparse",))  # the kernel the user allowed says why not
     assert p.kernel == "eager" and p.candidates[0]["kernel"] == "blocksparse"

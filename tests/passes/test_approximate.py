@@ -12,10 +12,12 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import attnfuse
+from attnfuse.costmodel import lshknobs
 from attnfuse.kernels import lsh, topk
 
 TOPK = {"topk": 32, "block": 32, "sink": 32, "local": 32}
-LSH = {"n_hashes": 4, "bucket_size": 64, "seed": 0}
+# every LSH setting given: calibration measures these only (the cost model's ladder, `lshknobs`, is fully pinned)
+LSH = {"tables": 4, "bits": 3, "probes": 0, "cap": 64, "block": 32, "sink": 32, "local": 32, "seed": 0}
 
 
 class Causal(nn.Module):
@@ -105,6 +107,54 @@ def test_a_tight_budget_rejects_and_the_report_says_why():
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_the_cost_models_lsh_knobs_are_calibrated_in_order_and_reported(tmp_path):
+    """No LSH settings given: the ladder at the example's 1000 keys (`lshknobs.ladder`) is measured cheapest first,
+    the first level within the budget runs, and the report records its knobs (bits resolved) and every try."""
+    model, x, budget = _model(), _x(1000), 0.01
+    options = {"approximate": {"max_rel_error": budget, "families": ["lsh"]}, "kernels": ["lsh"]}
+    with torch.no_grad():
+        out = _compile(model, options)(x)
+        report = attnfuse.last_report()
+        site = report.sites[0]
+        row = {c["kernel"]: c for c in site.candidates}["lsh"]
+        ladder = lshknobs.ladder(1000, budget, {}, 64)
+        tried = row["tried"]
+        assert len(ladder) == 3 and 2 <= len(tried) <= 3  # level 0 (cap 256 of 1000 keys) misses the budget here
+        assert [t["params"] for t in tried] == [{**p, "bits": lsh.auto_bits(-1, 1000)} for p in ladder[:len(tried)]]
+        assert all(t["error"] > budget for t in tried[:-1]) and 0 < tried[-1]["error"] <= budget
+        chosen = ladder[len(tried) - 1]
+        assert site.kernel == "lsh" and site.config == chosen and site.error == tried[-1]["error"] == row["error"]
+        assert row["params"] == {**chosen, "bits": 9} and row["rejected"] is None  # round(log2(1000 / 2)) bits
+        want = _swapped(model, lambda q, k, v: lsh.attention(q, k, v, causal=True, **chosen))(x)
+        exact = model(x)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    assert (out - exact).abs().max() > 1e-4  # an approximation, within the budget
+    knobs = f"tables={chosen['tables']} bits=9 probes={chosen['probes']} cap={chosen['cap']}"
+    assert f"lsh (err {site.error:.2g}; {knobs})" in str(report)
+    again = {c["kernel"]: c for c in attnfuse.Report.from_json(report.to_json()).sites[0].candidates}["lsh"]
+    assert again["tried"] == tried and again["params"] == row["params"]
+    page = report.to_html(tmp_path / "r.html").read_text()
+    assert f"tables={chosen['tables']} bits=9 probes={chosen['probes']} cap={chosen['cap']}" in page
+    assert "calibrated level 0" in page and f"error {tried[0]['error']:.3g}" in page
+
+
+def test_an_lsh_budget_no_level_meets_stays_exact_and_says_why():
+    model, x, budget = _model(), _x(3000), 0.005
+    options = {"approximate": {"max_rel_error": budget, "families": ["lsh"]}, "kernels": ["flash", "lsh"]}
+    with torch.no_grad():
+        out = _compile(model, options)(x)
+    site = attnfuse.last_report().sites[0]
+    row = {c["kernel"]: c for c in site.candidates}["lsh"]
+    ladder = lshknobs.ladder(3000, budget, {}, 64)  # tight: level 0 skipped
+    assert site.kernel == "flash" and site.error is None and [p["tables"] for p in ladder] == [12, 16]
+    assert [t["params"]["cap"] for t in row["tried"]] == [p["cap"] for p in ladder]  # every level measured
+    best = min(t["error"] for t in row["tried"])
+    assert best > budget and row["error"] == best
+    assert row["rejected"] == (f"calibrated error {best:.3g} (the best of 2 LSH settings tried) exceeds "
+                               f"max_rel_error {budget:g} on the example inputs")
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_calibration_does_not_repeat_the_graphs_in_place_writes():
     # calibration runs the graph up to the site on the example inputs: a counter written in place before it
     # must still be incremented once per call (effects.capture copies what in-place ops write)
@@ -189,7 +239,8 @@ def test_the_op_backward_runs_the_table_family():
 def test_bad_approximate_options_raise():
     for bad, key in [({"max_rel_error": 0.1, "families": ["magic"]}, "approximate.families"),
                      ({"max_rel_error": 0.1, "topk": {"k": 5}}, "approximate.topk.k"),
-                     ({"max_rel_error": 0.1, "lsh": {"n_hashes": 0}}, "approximate.lsh.n_hashes"),
+                     ({"max_rel_error": 0.1, "lsh": {"tables": 0}}, "approximate.lsh.tables"),
+                     ({"max_rel_error": 0.1, "lsh": {"n_hashes": 4}}, "approximate.lsh.n_hashes"),
                      ({"max_rel_error": 0.1, "calibration": {"max_rows": "all"}}, "approximate.calibration.max_rows")]:
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
             attnfuse.Config.from_options({"approximate": bad})

@@ -12,8 +12,9 @@ positions (top-k attention's blocks, `attnfuse.kernels.topk`).
    (batch, K/V head, table) by a counting sort: O(Lk * tables), no comparison sort.
 2. Retrieval: a query row (one query position of one head) looks up its bucket in every table, and with
    ``probes`` > 0 also the buckets that flip one of its ``probes`` least confident bits (multi-probe LSH, Lv et
-   al. 2007).  Buckets holding more than ``max(64, 8 * ceil(Lk / 2**bits))`` keys are skipped: they say little about
-   what a query needs, and would make the work quadratic.  Each key found is a vote for its key block.
+   al. 2007; with ``bits=-1``, at most the bits resolved).  Buckets holding more than
+   ``max(64, 8 * ceil(Lk / 2**bits))`` keys are skipped: they say little about what a query needs, and would
+   make the work quadratic.  Each key found is a vote for its key block.
 3. Selection: a query block scores each key block by the most votes any of its rows (the group's heads
    included) gave it, ties broken by the rows' total; always kept are the sink blocks (keys < ``sink``) and the
    local blocks (keys [first - ``local``, last] of the block; [first - local, last + local] without causal) as in

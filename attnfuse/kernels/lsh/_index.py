@@ -49,7 +49,9 @@ def spill(kv_len: int, bits: int) -> int:
 def check(q, k, v, causal, tables, bits, probes, cap, block, sink, local, seed, who="attnfuse.kernels.lsh") -> None:
     """Raise ValueError (prefixed ``who``) unless LSH attention takes these tensors (`validate.qkv`, ``v`` None
     checks q and k; `unsupported`) and settings (ints: ``tables`` >= 1, ``bits`` in [-1, `MAX_BITS`],
-    ``probes`` in [0, bits], ``cap``/``sink``/``local`` >= 0, ``block`` a multiple of 32, ``seed`` in [0, 2**63))."""
+    ``probes`` >= 0 and, with explicit ``bits``, <= bits (with ``bits=-1`` they are clipped to the bits a call
+    resolves, so one setting serves every length), ``cap``/``sink``/``local`` >= 0, ``block`` a multiple of 32,
+    ``seed`` in [0, 2**63))."""
     validate.qkv(who, q, k, v)
     why = unsupported(tuple(q.shape), tuple(k.shape), causal=causal)
     if why:
@@ -63,9 +65,8 @@ def check(q, k, v, causal, tables, bits, probes, cap, block, sink, local, seed, 
             raise ValueError(f"{who}: {name} must be {allowed}; got {val!r}")
     if block % 32:
         raise ValueError(f"{who}: block must be a multiple of 32 (32, 64, 128, ...); got {block}")
-    resolved = auto_bits(bits, k.shape[2])
-    if probes > resolved:
-        raise ValueError(f"{who}: probes ({probes}) must be <= the bits per table ({resolved}): each probe flips one "
+    if bits >= 0 and probes > bits:
+        raise ValueError(f"{who}: probes ({probes}) must be <= the bits per table ({bits}): each probe flips one "
                          "bit of the query's code")
 
 
@@ -170,7 +171,7 @@ def votes(qcodes: torch.Tensor, offsets: torch.Tensor, key_blocks: torch.Tensor,
 def _votes_torch(gid: torch.Tensor, offsets: torch.Tensor, key_blocks: torch.Tensor, limit: int, nqb: int, nkb: int,
                  block: int) -> torch.Tensor:
     """`votes` by torch ops, linear in the votes: per chunk of query rows, every (row, table, probe) bucket's keys
-    are enumerated (``repeat_interleave``) as (row, key block) pairs, sorted (a radix sort of 1-D integers) and
+    are enumerated (``repeat_interleave``) as (row, key block) pairs, sorted (1-D integers) and
     counted; the counts are max- and sum-reduced into their (query block, key block) cell."""
     b, hkv, g, lq, tables, width = gid.shape
     dev = gid.device
@@ -192,10 +193,11 @@ def _votes_torch(gid: torch.Tensor, offsets: torch.Tensor, key_blocks: torch.Ten
         ends = torch.cumsum(size, 0)
         at = torch.arange(n, device=dev) + torch.repeat_interleave(start - (ends - size), size, output_size=n)
         # (row, key block) as one integer: entries are row-major, so sorting groups each row's key blocks
-        pair = torch.repeat_interleave((row * nkb).repeat_interleave(tables * width), size, output_size=n)
-        pair += key_blocks.index_select(0, at)
-        pair, count = torch.unique_consecutive(torch.sort(pair, stable=True).values, return_counts=True)
-        where = cell.index_select(0, pair // nkb) + pair % nkb
+        small = torch.int32 if row.numel() * nkb < 2**31 else torch.int64  # int32 sorts about twice as fast
+        pair = torch.repeat_interleave((row * nkb).to(small).repeat_interleave(tables * width), size, output_size=n)
+        pair += key_blocks.index_select(0, at).to(small)
+        pair, count = torch.unique_consecutive(torch.sort(pair).values, return_counts=True)
+        where = cell.index_select(0, (pair // nkb).long()) + pair % nkb
         most.scatter_reduce_(0, where, count, "amax")
         total.index_add_(0, where, count)
     return ((most << 32) + total).view(b, hkv, nqb, nkb)
@@ -209,6 +211,7 @@ def select(q: torch.Tensor, k: torch.Tensor, *, causal: bool, tables: int, bits:
     (the package docstring)."""
     check(q, k, None, causal, tables, bits, probes, cap, block, sink, local, seed, "attnfuse.kernels.lsh.select")
     bits = auto_bits(bits, k.shape[2])
+    probes = min(probes, bits)
     lq, lk = q.shape[2], k.shape[2]
     kept, open_ = block_masks(lq, lk, causal=causal, block=block, sink=sink, local=local, device=q.device)
     n_pick = min(triton.cdiv(cap, block), open_.shape[-1])

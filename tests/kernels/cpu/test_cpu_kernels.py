@@ -258,22 +258,26 @@ def test_topk_odd_sizes_against_its_reference(dtype):
           lambda q, k, v: sdpa(q, k, v, keep=keep), dtype, inputs, what="topk")
 
 
+LSH = dict(tables=2, bits=3, probes=1, cap=32, block=32, sink=0, local=0, seed=5)
+
+
 @pytest.mark.parametrize("dtype", EXACT_DTYPES, ids=str)
 def test_lsh_odd_sizes_against_its_reference(dtype):
-    """LSH attention == exact attention over the union of attended keys (tests/kernels/lsh's reference)."""
-    from tests.kernels.lsh._lsh_helpers import union_mask
+    """LSH attention == exact attention over the key blocks its `select` chose (tests/kernels/lsh checks the
+    selection itself against its own reference)."""
+    from tests.kernels.topk._topk_helpers import visible
 
-    params = dict(n_hashes=2, bucket_size=16, seed=5)
     inputs = _inputs(1)
     q, k = (x.to(dtype) for x in inputs[:2])
-    keep = union_mask(q, k, causal=True, **params)
-    assert keep.float().mean() < 0.75, "the union covers most pairs: not a sparse test"
-    check(lambda q, k, v: lsh.attention(q, k, v, causal=True, **params),
+    chosen = lsh.select(q, k, causal=True, **LSH)
+    assert not chosen[..., -1, :].all(), "the last query block kept every key block: not a sparse test"
+    keep = visible(chosen, L, L, H, LSH["block"]) & band(L, L, causal=True)
+    check(lambda q, k, v: lsh.attention(q, k, v, causal=True, **LSH),
           lambda q, k, v: sdpa(q, k, v, keep=keep), dtype, inputs, what="lsh")
 
 
 @pytest.mark.parametrize("family,params", [("topk", {"topk": 32, "block": 32, "sink": 32, "local": 0}),
-                                           ("lsh", {"n_hashes": 2, "bucket_size": 16, "seed": 5})])
+                                           ("lsh", LSH), ("lsh", dict(LSH, bits=-1, probes=0))])
 def test_approximate_kernels_are_the_ops_cpu_path(family, params):
     q, k, v = (x.float() for x in _inputs(1))
     module = {"topk": topk, "lsh": lsh}[family]

@@ -210,3 +210,15 @@ def test_errors():
         lsh.backward(q, q, k, v, q, q.new_empty(0), bits=1, probes=2)
     with pytest.raises(ValueError, match=r"attnfuse\.kernels\.lsh\.attention: .*share a dtype"):
         lsh.attention(q, k.half(), v)
+
+
+def test_auto_bits_clip_probes():
+    """With ``bits=-1`` the probes are clipped to the bits a call resolves (one setting serves every length), so a
+    short call selects as with that many probes; explicit bits still reject more probes than bits."""
+    for lk in (3, 7, 40):
+        q, k, _ = qkv(torch.float32, 1, 2, 1, lk, lk, 16, 16)
+        bits = lsh.auto_bits(-1, lk)
+        kw = dict(causal=True, tables=3, bits=-1, cap=32, block=32, sink=0, local=0, seed=4)
+        assert torch.equal(lsh.select(q, k, probes=bits + 2, **kw), lsh.select(q, k, probes=bits, **kw))
+    with pytest.raises(ValueError, match=r"attnfuse\.kernels\.lsh\.select: probes \(2\) must be <= the bits"):
+        lsh.select(q, k, causal=True, tables=3, bits=1, probes=2, cap=32, block=32, sink=0, local=0, seed=4)
