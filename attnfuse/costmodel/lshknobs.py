@@ -23,9 +23,9 @@ blocks of ``block`` keys:
 `attnfuse.passes.approximate` measures the levels in order at the site's example key length and keeps the first
 within the budget.
 
-Layering: the planner may import no kernel (tests/test_layering.py), so `DEFAULTS` and `auto_bits` write out
-`attnfuse.kernels.lsh.DEFAULTS` and `attnfuse.kernels.lsh.auto_bits` (tests/costmodel/test_lshknobs.py checks
-that they agree); the registry (`attnfuse.families`) takes LSH's defaults from here.  Imports nothing of attnfuse.
+Also the LSH settings' one home: `DEFAULTS`, `MAX_BITS` and `auto_bits` are what the kernel
+(`attnfuse.kernels.lsh`) and the registry (`attnfuse.families`) use -- here, because the planner may import no
+kernel (tests/test_layering.py).  Imports nothing of attnfuse.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from typing import Any
 
 __all__ = ["DEFAULTS", "LEVELS", "LONG", "MAX_BITS", "TIGHT", "auto_bits", "base_cap", "ladder", "resolved"]
 
-DEFAULTS = dict(tables=8, bits=-1, probes=0, cap=2048, block=64, sink=64, local=256, seed=0)  # the kernel's
-MAX_BITS = 16  # bits per table (the kernel's)
-_KEYS_PER_BUCKET = 2  # ``bits=-1``: about this many keys per bucket (the kernel's)
+DEFAULTS = dict(tables=8, bits=-1, probes=0, cap=2048, block=64, sink=64, local=256, seed=0)
+MAX_BITS = 16  # bits per table
+_KEYS_PER_BUCKET = 2  # ``bits=-1``: about this many keys per bucket
 LONG = 16384  # from this many keys on, the base cap is `LONG_CAP` keys
 LONG_CAP = 2048
 TIGHT = 0.01  # a budget below this skips level 0
@@ -47,7 +47,7 @@ LEVELS = ((8, 0, 1), (12, 1, 2), (16, 1, 4))  # (tables, probes, cap in base cap
 
 def auto_bits(bits: int, kv_len: int) -> int:
     """``bits``, or for -1 the bits that leave about two keys per bucket at ``kv_len`` keys, clipped to [0, 16]
-    (`attnfuse.kernels.lsh.auto_bits`, written out)."""
+    (what the kernel resolves)."""
     if bits >= 0:
         return bits
     return max(0, min(MAX_BITS, round(math.log2(max(1, kv_len) / _KEYS_PER_BUCKET))))

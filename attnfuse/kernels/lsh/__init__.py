@@ -46,13 +46,14 @@ import sys
 
 import torch
 
+from ...costmodel import lshknobs
 from .. import _family, validate
 from ..topk import attend, attend_backward
 from ._index import auto_bits, check, select, spill, unsupported
 
 __all__ = ["DEFAULTS", "attention", "auto_bits", "backward", "forward", "select", "spill", "unsupported"]
 
-DEFAULTS = dict(tables=8, bits=-1, probes=0, cap=2048, block=64, sink=64, local=256, seed=0)
+DEFAULTS = lshknobs.DEFAULTS  # the registry's too (`attnfuse.families`)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, causal: bool = False,

@@ -6,11 +6,11 @@ selection they make (`select`).  Torch ops on every device; the bucket index and
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 
+from ...costmodel.lshknobs import MAX_BITS, auto_bits
 from .. import validate
 from ..topk._select import block_masks, take_best
 from ..topk._select import unsupported as _block_unsupported
@@ -18,8 +18,6 @@ from . import _triton
 
 __all__ = ["auto_bits", "check", "key_codes", "key_index", "query_codes", "select", "spill", "unsupported", "votes"]
 
-MAX_BITS = 16  # bits per table: 2**16 buckets
-AUTO_KEYS_PER_BUCKET = 2  # ``bits=-1``: about this many keys per bucket
 _SPILL_MIN, _SPILL_FACTOR = 64, 8  # a bucket holding more keys than `spill` votes for nothing
 _HASH_ROWS = 2**15  # rows per hashing matmul
 _VOTE_ELEMS = 2**22  # (row, key block) vote counters per chunk of query blocks (Triton path)
@@ -30,13 +28,6 @@ def unsupported(q_shape, k_shape, *, causal: bool) -> str | None:
     """None when LSH attention takes these (B, H, Lq, D) / (B, Hkv, Lk, D) shapes, else why not (one sentence)."""
     why = _block_unsupported(q_shape, k_shape, causal=causal)
     return why.replace("top-k attention", "LSH attention").replace("top-k", "LSH") if why else None
-
-
-def auto_bits(bits: int, kv_len: int) -> int:
-    """``bits``, or for -1 the bits that leave about `AUTO_KEYS_PER_BUCKET` keys per bucket at ``kv_len`` keys."""
-    if bits >= 0:
-        return bits
-    return max(0, min(MAX_BITS, round(math.log2(max(1, kv_len) / AUTO_KEYS_PER_BUCKET))))
 
 
 def spill(kv_len: int, bits: int) -> int:
