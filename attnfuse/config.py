@@ -35,7 +35,7 @@ AUTOTUNE_DEFAULTS = {"reps": 10, "warmup": 2}  # options["autotune"]: timed call
 DEFAULT_AUTOTUNE_CACHE = "~/.cache/attnfuse/autotune-v1.json"
 # (settings key, name) -> (least value, multiple of, greatest value or None); a name not listed: an int >= 1
 # (>= 0 for seed, sink and local).  The top-k and LSH kernels' key blocks are whole 32-key tiles; LSH's ``bits``
-# is -1 (auto: about two keys per bucket, `attnfuse.kernels.lsh.auto_bits`) or 0..16 bits per table.
+# is -1 (auto: about four keys per bucket, `attnfuse.kernels.lsh.auto_bits`) or 0..16 bits per table.
 _SETTING_RULES = {("approximate.topk", "block"): (32, 32, None), ("approximate.lsh", "block"): (32, 32, None),
                   ("approximate.lsh", "bits"): (-1, 1, 16), ("approximate.lsh", "probes"): (0, 1, None),
                   ("approximate.lsh", "cap"): (0, 1, None)}

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_longcontext.py [--device auto|cpu|cuda] [--seqs 4096,...,65536] [--modes fwd,fwd_bwd]
                                            [--peers sdpa,attnfuse,topk,lsh] [--exact-max-seq N] [--topk 2048]
+                                           [--tables 8] [--bits -1] [--probes 0]
                                            [--reps 3] [--warmup 1] [--quick] [--out benchmarks/results]
     python benchmarks/bench_longcontext.py --from-json RESULTS.json [--rerun-busy]   # re-plot (re-measure)
 
@@ -12,11 +13,15 @@ Peers, all causal on the same inputs (``(batch, heads, seq, head_dim)``, GQA whe
 * ``attnfuse`` -- exact: on CPU attnfuse's op ``torch.ops.attnfuse.attention(..., causal=True, kv_groups=G)``,
   on CUDA its Triton flash kernel ``attnfuse.kernels.flash.attention(q, k, v, causal=True)``;
 * ``topk``     -- ``attnfuse.kernels.topk.attention(q, k, v, causal=True, topk=, block=, sink=, local=)``;
-* ``lsh``      -- ``attnfuse.kernels.lsh.attention(q, k, v, causal=True, n_hashes=, bucket_size=, seed=)``.
+* ``lsh``      -- ``attnfuse.kernels.lsh.attention(q, k, v, causal=True, tables=, bits=, probes=, cap=topk,
+  block=, sink=, local=, seed=0)``: the same block/sink/local and ``cap`` = top-k's ``topk``, so both attend at
+  most the same number of keys per query block (sink + local + topk); they differ only in how the extra key
+  blocks are found (top-k: scored against every key block; LSH: hash-table votes).
 
 Defaults: CPU seq 4k..64k, batch 1, 4 heads (4 K/V heads), head dim 64, fp32; CUDA seq 4k..128k, batch 1, 16
-heads, head dim 128, bf16; top-k keeps 2048 tokens (blocks of 64, 64 sink and 256 local tokens), LSH 4 rounds
-of 64-key buckets.  Exact peers above ``--exact-max-seq`` are not run (cells marked "skipped").
+heads, head dim 128, bf16; top-k keeps 2048 tokens (blocks of 64, 64 sink and 256 local tokens); LSH
+``--tables``/``--bits``/``--probes`` default to ``attnfuse.kernels.lsh.DEFAULTS`` (8 tables, bits -1 = auto,
+0 probes).  Exact peers above ``--exact-max-seq`` are not run (cells marked "skipped").
 
 Inputs (seeded, made inside each worker): ``q ~ N(0, 1)``, ``k ~ N(0, 0.25)``, ``v ~ N(0, 1)``, plus planted
 "needles" so that attention is peaked, as in trained models, and a sparse kernel has something to find: per
@@ -30,6 +35,11 @@ forward under ``torch.no_grad()``; ``fwd_bwd`` a forward and ``out.backward(grad
 outside the timed region).  On a shared CPU, calls during which other processes kept a core busy are retried
 for up to ``--retry-s`` seconds and the quietest kept (``others_busy_cores`` says how quiet it was).
 
+Selection (``topk`` and ``lsh`` cells): in the same worker, after the peer's own timing, the selection alone --
+``attnfuse.kernels.topk.select`` / ``attnfuse.kernels.lsh.select`` with the peer's settings, under
+``torch.no_grad()`` -- is timed the same way (one first call, ``--warmup``, median of ``--reps``, retried the
+same): ``select_median_s``, ``select_times_s``, ``select_others_busy_cores``.
+
 Memory, counted from the call's start (inputs are the baseline): CPU ``alloc_peak_mb`` (primary: most tensor
 bytes live at once, from ``torch.profiler`` memory events) and ``rss_peak_mb`` (peak RSS growth); CUDA
 ``alloc_peak_mb`` = ``max_memory_allocated`` minus ``memory_allocated`` before the call.
@@ -39,9 +49,21 @@ approximate peer's worker when ``seq <= --exact-max-seq``), and ``rel_err_rows``
 sampled query rows against a float64 reference (always, for every peer: cheap, and the only accuracy figure
 where exact was skipped).
 
-Goals (printed PASS/FAIL, also in the JSON): CPU, seq 32k: top-k forward >= 5x exact (SDPA); CUDA, seq 128k,
-top-k 2048: top-k forward >= 20x dense flash (the faster of ``sdpa`` and ``attnfuse``).  Results:
-``benchmarks/results/longcontext-<device>-<date>.json`` and ``.png`` (time, memory and error vs seq, log-log).
+Goals (printed PASS/FAIL with the measured ratio, also in the JSON's ``goals``; "not measured" where a side is
+missing; mode ``fwd``):
+
+* CPU: top-k forward at seq 32k >= 5x exact (SDPA);
+* CPU, every seq in [8k, 64k] with both measured: LSH ``rel_err_rows`` <= 1.1 x top-k's (value: LSH / top-k);
+* CPU, seq 32k and 64k: LSH forward time <= 1.2 x top-k's (value: LSH / top-k);
+* CPU, selection growth: with N1 < N2 the two largest seqs where LSH's selection was timed, ``select_median_s``
+  at N2 / at N1 <= 1.25 * (N2 / N1) * (log2 N2 / log2 N1) -- i.e. ~N log N with 25% slack (value: the time
+  ratio; at 32k -> 64k the bound is 1.25 * 2 * 16/15 = 2.67, where a selection growing as N^2 / block gives 4);
+  the JSON's ``select_growth`` lists the same ratio and bound per peer for every pair of consecutive seqs;
+* CUDA, seq 128k, top-k 2048: top-k forward >= 20x dense flash (the faster of ``sdpa`` and ``attnfuse``);
+* CUDA, every seq >= 32k: LSH forward faster than dense flash (value: speedup, > 1).
+
+Results: ``benchmarks/results/longcontext-<device>-<date>.json`` and ``.png`` (time, memory, error and selection
+time vs seq, log-log).
 """
 
 from __future__ import annotations
@@ -58,6 +80,7 @@ import _common as common  # noqa: E402
 
 PEERS = ("sdpa", "attnfuse", "topk", "lsh")
 EXACT = ("sdpa", "attnfuse")
+SPARSE = ("topk", "lsh")
 MODES = ("fwd", "fwd_bwd")
 LABELS = {"cpu": {"sdpa": "SDPA (exact)", "attnfuse": "attnfuse op (exact)", "topk": "attnfuse top-k",
                   "lsh": "attnfuse LSH"},
@@ -68,11 +91,15 @@ DEFAULTS = {"cpu": dict(seqs=[4096, 8192, 16384, 32768, 65536], batch=1, heads=4
                         dtype="float32"),
             "cuda": dict(seqs=[4096, 8192, 16384, 32768, 65536, 131072], batch=1, heads=16, kv_heads=16,
                          head_dim=128, dtype="bfloat16")}
-KNOBS = dict(topk=2048, block=64, sink=64, local=256, n_hashes=4, bucket_size=64, reps=3, warmup=1, err_rows=256)
-QUICK = dict(seqs=[256, 512], heads=2, kv_heads=2, head_dim=32, topk=64, block=32, sink=32, local=32,
-             bucket_size=32, reps=2, warmup=0, err_rows=32, retry_s=0.0)
+LSH_KNOBS = ("tables", "bits", "probes")  # defaults: attnfuse.kernels.lsh.DEFAULTS (`lsh_defaults`)
+KNOBS = dict(topk=2048, block=64, sink=64, local=256, tables=None, bits=None, probes=None, reps=3, warmup=1,
+             err_rows=256)
+QUICK = dict(seqs=[256, 512], heads=2, kv_heads=2, head_dim=32, topk=64, block=32, sink=32, local=32, reps=2,
+             warmup=0, err_rows=32, retry_s=0.0)
 GOALS = {"cpu": {"seq": 32768, "peer": "topk", "mode": "fwd", "min_speedup": 5.0, "vs": "sdpa"},
          "cuda": {"seq": 131072, "peer": "topk", "mode": "fwd", "min_speedup": 20.0, "vs": "dense flash"}}
+LSH_VS_TOPK = {"err_seqs": (8192, 65536), "max_err_ratio": 1.1, "time_seqs": (32768, 65536), "max_time_ratio": 1.2,
+               "growth_slack": 1.25, "cuda_min_seq": 32768}
 SEGMENT = 128  # queries pointed at the same needle
 
 
@@ -131,17 +158,44 @@ def make_peer(peer: str, device: str, knobs: dict[str, Any]):
 
         return lambda q, k, v: torch.ops.attnfuse.attention(q, k, v, causal=True,
                                                             kv_groups=q.shape[1] // k.shape[1])[0]
-    if peer == "topk":
-        from attnfuse.kernels import topk
+    if peer in SPARSE:
+        import importlib
 
-        kw = {name: knobs[name] for name in ("topk", "block", "sink", "local")}
-        return lambda q, k, v: topk.attention(q, k, v, causal=True, **kw)
-    if peer == "lsh":
-        from attnfuse.kernels import lsh
-
-        kw = {"n_hashes": knobs["n_hashes"], "bucket_size": knobs["bucket_size"], "seed": 0}
-        return lambda q, k, v: lsh.attention(q, k, v, causal=True, **kw)
+        mod = importlib.import_module(f"attnfuse.kernels.{peer}")
+        kw = sparse_settings(peer, knobs)
+        return lambda q, k, v: mod.attention(q, k, v, causal=True, **kw)
     raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+
+
+def sparse_settings(peer: str, knobs: dict[str, Any]) -> dict[str, int]:
+    """The keyword settings of a sparse peer: top-k's {topk, block, sink, local}; LSH's {tables, bits, probes,
+    cap, block, sink, local, seed} with ``cap`` = top-k's ``topk`` (the same number of kept keys)."""
+    kw = {name: knobs[name] for name in ("block", "sink", "local")}
+    if peer == "topk":
+        return {"topk": knobs["topk"], **kw}
+    return {**{name: knobs[name] for name in LSH_KNOBS}, "cap": knobs["topk"], **kw, "seed": 0}
+
+
+def make_select(peer: str, knobs: dict[str, Any]):
+    """``fn(q, k) -> bool block mask``: the selection alone of a sparse peer (``attnfuse.kernels.<peer>.select``,
+    causal, the peer's settings)."""
+    import importlib
+
+    mod = importlib.import_module(f"attnfuse.kernels.{peer}")
+    kw = sparse_settings(peer, knobs)
+    if peer == "lsh":
+        kw = {name: kw[name] for name in mod.DEFAULTS}
+    return lambda q, k: mod.select(q, k, causal=True, **kw)
+
+
+def lsh_defaults() -> dict[str, int]:
+    """``attnfuse.kernels.lsh.DEFAULTS``' index settings ({tables, bits, probes}); the documented values where the
+    kernel cannot be imported (its cell then records the import error)."""
+    try:
+        from attnfuse.kernels.lsh import DEFAULTS as lsh
+    except Exception:  # noqa: BLE001 - an unavailable kernel is a result row, not a crash here
+        lsh = dict(tables=8, bits=-1, probes=0)
+    return {name: lsh[name] for name in LSH_KNOBS}
 
 
 def rows_error(out, q, k, v, n_rows: int, seed: int = 1) -> float:
@@ -205,6 +259,18 @@ def measure(seq: int, peer: str, mode: str, device: str, shape: dict[str, Any], 
         res["all_times_s"] = timing.all_times_s
     res["median_s"], res["others_busy_cores"] = timing.median_s, timing.others_busy_cores
     reset()
+    if peer in SPARSE:
+        select = make_select(peer, knobs)
+        qd, kd = q.detach(), k.detach()
+
+        def call_select() -> None:
+            with torch.no_grad():
+                select(qd, kd)
+
+        call_select()
+        timing = common.time_call(call_select, device, reps=knobs["reps"], warmup=knobs["warmup"], retry_s=retry_s)
+        res["select_times_s"], res["select_median_s"] = timing.times_s, timing.median_s
+        res["select_others_busy_cores"] = timing.others_busy_cores
     if cuda:
         sync()
         torch.cuda.reset_peak_memory_stats()
@@ -251,22 +317,81 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def goals(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
-    """The issue's speed target for ``device`` ("cpu" or "cuda") checked against ``ratios`` rows."""
+def _goal(what: str, value: float | None, met: bool | None) -> dict[str, Any]:
+    if value is None:
+        return {"goal": what, "value": None, "met": None, "note": "not measured"}
+    return {"goal": what, "value": round(value, 3), "met": met}
+
+
+def _values(results: list[dict[str, Any]], peer: str, field: str, modes=("fwd",)) -> dict[int, float]:
+    """{seq: r[field]} of ``peer``'s cells in the first of ``modes`` that has any."""
+    for mode in modes:
+        got = {r["seq"]: r[field] for r in results
+               if (r["peer"], r["mode"]) == (peer, mode) and r.get(field) is not None}
+        if got:
+            return got
+    return {}
+
+
+def nlogn_bound(n1: int, n2: int, slack: float = LSH_VS_TOPK["growth_slack"]) -> float:
+    """The selection-growth bound from seq ``n1`` to ``n2``: slack * (n2 / n1) * (log2 n2 / log2 n1)."""
+    return slack * (n2 / n1) * (math.log2(n2) / math.log2(n1))
+
+
+def select_growth(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per sparse peer and pair of consecutive timed seqs: the selection's time ratio and `nlogn_bound`."""
+    out = []
+    for peer in SPARSE:
+        t = _values(results, peer, "select_median_s", MODES)
+        seqs = sorted(t)
+        out += [{"peer": peer, "seq_lo": a, "seq_hi": b, "time_ratio": t[b] / t[a], "nlogn_bound": nlogn_bound(a, b)}
+                for a, b in zip(seqs, seqs[1:])]
+    return out
+
+
+def goals(results: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """The issue's targets for ``device`` ("cpu" or "cuda") checked against ``results`` (module docstring)."""
+    rows = ratios(results)
     goal = GOALS[device]
     key = "speedup_vs_sdpa" if goal["vs"] == "sdpa" else "speedup_vs_best_exact"
-    found = next((r for r in rows if (r["seq"], r["peer"], r["mode"]) == (goal["seq"], goal["peer"], goal["mode"])
-                  and r.get(key) is not None), None)
-    what = f"{device}: {goal['peer']} {goal['mode']} at seq {goal['seq']} >= {goal['min_speedup']:g}x {goal['vs']}"
-    if found is None:
-        return [{"goal": what, "value": None, "met": None, "note": "not measured"}]
-    return [{"goal": what, "value": round(found[key], 2), "met": found[key] >= goal["min_speedup"]}]
+    found = next((r[key] for r in rows if (r["seq"], r["peer"], r["mode"]) == (goal["seq"], goal["peer"],
+                                                                               goal["mode"]) and r.get(key)), None)
+    out = [_goal(f"{device}: {goal['peer']} {goal['mode']} at seq {goal['seq']} >= {goal['min_speedup']:g}x "
+                 f"{goal['vs']}", found, found is not None and found >= goal["min_speedup"])]
+    g = LSH_VS_TOPK
+    if device == "cuda":
+        fast = {r["seq"]: r["speedup_vs_best_exact"] for r in rows if (r["peer"], r["mode"]) == ("lsh", "fwd")
+                and r["seq"] >= g["cuda_min_seq"] and r.get("speedup_vs_best_exact")}
+        for seq in sorted(fast) or [f">= {g['cuda_min_seq']}"]:
+            out.append(_goal(f"cuda: lsh fwd faster than dense flash at seq {seq} (speedup > 1)", fast.get(seq),
+                             fast.get(seq, 0) > 1.0))
+        return out
+    err_lsh, err_topk = _values(results, "lsh", "rel_err_rows"), _values(results, "topk", "rel_err_rows")
+    lo, hi = g["err_seqs"]
+    for seq in sorted(n for n in set(err_lsh) & set(err_topk) if lo <= n <= hi) or [f"{lo}..{hi}"]:
+        ratio = err_lsh[seq] / max(err_topk[seq], 1e-300) if seq in err_lsh else None
+        out.append(_goal(f"cpu: lsh rel_err_rows <= {g['max_err_ratio']:g}x topk's at seq {seq}", ratio,
+                         ratio is not None and ratio <= g["max_err_ratio"]))
+    t_lsh, t_topk = _values(results, "lsh", "median_s"), _values(results, "topk", "median_s")
+    for seq in g["time_seqs"]:
+        ratio = t_lsh[seq] / t_topk[seq] if seq in t_lsh and seq in t_topk else None
+        out.append(_goal(f"cpu: lsh fwd time <= {g['max_time_ratio']:g}x topk's at seq {seq}", ratio,
+                         ratio is not None and ratio <= g["max_time_ratio"]))
+    t = _values(results, "lsh", "select_median_s", MODES)
+    what = (f"cpu: lsh select time growth between the two largest seqs <= {g['growth_slack']:g} (N2/N1) "
+            "(log2 N2/log2 N1)")
+    if len(t) < 2:
+        return [*out, _goal(what, None, None)]
+    n1, n2 = sorted(t)[-2:]
+    bound = nlogn_bound(n1, n2)
+    return [*out, {**_goal(f"{what}: seq {n1} -> {n2}, bound {bound:.2f}", t[n2] / t[n1], t[n2] / t[n1] <= bound),
+                   "bound": round(bound, 3)}]
 
 
 def table(results: list[dict[str, Any]]) -> str:
     rat = {(r["seq"], r["mode"], r["peer"]): r for r in ratios(results)}
-    head = ("seq", "mode", "peer", "median s", "x sdpa", "peak MB", "mem/sdpa", "rel err", "rel err rows", "busy",
-            "note")
+    head = ("seq", "mode", "peer", "median s", "x sdpa", "peak MB", "mem/sdpa", "rel err", "rel err rows",
+            "select s", "busy", "note")
     lines = []
     for r in results:
         x = rat.get((r["seq"], r["mode"], r["peer"]), {})
@@ -275,16 +400,18 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append((str(r["seq"]), r["mode"], r["peer"], fmt(r.get("median_s"), "{:.4f}"),
                       fmt(x.get("speedup_vs_sdpa"), "{:.2f}"), fmt(r.get("alloc_peak_mb"), "{:.1f}"),
                       fmt(x.get("memory_vs_sdpa"), "{:.3f}"), fmt(r.get("rel_err"), "{:.2e}"),
-                      fmt(r.get("rel_err_rows"), "{:.2e}"), fmt(r.get("others_busy_cores"), "{:.1f}"), note))
+                      fmt(r.get("rel_err_rows"), "{:.2e}"), fmt(r.get("select_median_s"), "{:.4f}"),
+                      fmt(r.get("others_busy_cores"), "{:.1f}"), note))
     return common.table(lines, head)
 
 
 def plot(results: list[dict[str, Any]], title: str, path: pathlib.Path, device: str = "cpu") -> None:
-    """One row of panels per mode: time, peak memory and relative error vs seq (log-log), a line per peer."""
+    """One row of panels per mode: time, peak memory, relative error and the sparse peers' selection time vs seq
+    (log-log), a line per peer."""
     ok = [r for r in results if "median_s" in r]
     modes = [m for m in MODES if any(r["mode"] == m for r in ok)] or ["fwd"]
     metrics = (("median_s", "time (s)"), ("alloc_peak_mb", "peak tensor memory (MB)"),
-               ("rel_err_rows", "relative error (sampled rows)"))
+               ("rel_err_rows", "relative error (sampled rows)"), ("select_median_s", "selection time (s)"))
     seqs = sorted({r["seq"] for r in ok})
     grid = [[common.Panel([common.Line(LABELS[device][peer], [] if metric == "rel_err_rows" and peer in EXACT else
                                        [(r["seq"], r[metric]) for r in ok
@@ -292,7 +419,7 @@ def plot(results: list[dict[str, Any]], title: str, path: pathlib.Path, device: 
                                        COLORS[peer]) for peer in PEERS],
                           seqs, title=f"{mode}: {label}", ylabel=label) for metric, label in metrics]
             for mode in modes]
-    common.plot(grid, path, title, figsize=(15, 4.2 * len(modes)), tick_label=common.seq_label, legend_size=8)
+    common.plot(grid, path, title, figsize=(20, 4.2 * len(modes)), tick_label=common.seq_label, legend_size=8)
 
 
 # ---------------------------------------------------------------- CLI
@@ -340,7 +467,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    fill = {**DEFAULTS[args.device], **KNOBS, "retry_s": 60.0, **(QUICK if args.quick else {})}
+    fill = {**DEFAULTS[args.device], **KNOBS, **lsh_defaults(), "retry_s": 60.0, **(QUICK if args.quick else {})}
     for name, value in fill.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -388,7 +515,10 @@ def main(argv: list[str] | None = None) -> int:
                                "rss_peak_mb (CPU): peak RSS growth during one call",
                      "error": "rel_err: ||out - sdpa||_F / ||sdpa||_F (approximate peers, seq <= exact_max_seq); "
                               "rel_err_rows: the same over err_rows sampled query rows vs float64 attention",
-                     "process": "each (seq, peer, mode) in a fresh process"},
+                     "process": "each (seq, peer, mode) in a fresh process",
+                     "select": "select_median_s (topk, lsh): attnfuse.kernels.<peer>.select alone, timed in the "
+                               "peer's worker after its own timing, as median_s",
+                     "lsh": "cap = topk, block/sink/local as top-k's, seed 0"},
            "results": results, "command": command}
     write(doc, json_path)
     return 0
@@ -398,13 +528,15 @@ def write(doc: dict[str, Any], json_path: pathlib.Path) -> None:
     """Add ratios and goals to ``doc``; write it as JSON and the plot as PNG next to it; print a summary."""
     device = doc["setup"]["args"]["device"]
     doc["ratios"] = ratios(doc["results"])
-    doc["goals"] = goals(doc["ratios"], device)
+    doc["goals"] = goals(doc["results"], device)
+    doc["select_growth"] = select_growth(doc["results"])
     common.write_json(json_path, doc)
     png_path = json_path.with_suffix(".png")
     a = doc["setup"]["args"]
     plot(doc["results"], f"causal attention on {doc['device']}: B={a['batch']}, H={a['heads']}, "
-                         f"Hkv={a['kv_heads']}, D={a['head_dim']}, {a['dtype']}, top-k {a['topk']}, LSH "
-                         f"{a['n_hashes']}x{a['bucket_size']} ({doc['date']})", png_path, device)
+                         f"Hkv={a['kv_heads']}, D={a['head_dim']}, {a['dtype']}, top-k / LSH cap {a['topk']}, LSH "
+                         f"{a.get('tables')} tables x {'auto' if a.get('bits') == -1 else a.get('bits')} bits, "
+                         f"{a.get('probes')} probes ({doc['date']})", png_path, device)
     common.print_summary(table(doc["results"]), doc, json_path, png_path)
     common.print_goals(doc["goals"])
 

@@ -1,9 +1,9 @@
 """Model quality with approximate attention: train a small transformer on associative recall (CPU), then
 evaluate it with exact, top-k and LSH attention swapped in through attnfuse.
 
-    python benchmarks/quality.py [--minutes 3] [--seq 1024] [--train-seq 512] [--topk 128] [--bucket-size 32]
-                                 [--variants eager,attnfuse,topk,lsh] [--route attnfuse|direct] [--quick]
-                                 [--out benchmarks/results]
+    python benchmarks/quality.py [--minutes 3] [--seq 1024] [--train-seq 512] [--topk 128] [--block 32]
+                                 [--sink 32] [--local 64] [--variants eager,attnfuse,topk,lsh]
+                                 [--route attnfuse|direct] [--quick] [--out benchmarks/results]
 
 Task (multi-query associative recall): every position holds one token.  A context token carries a (key,
 value) pair -- its embedding is the sum of a key embedding and a value embedding, keys unique within a
@@ -25,14 +25,23 @@ Variants (one fresh compile each, ``inner="eager"``):
 * ``attnfuse`` -- ``torch.compile(model, backend="attnfuse")`` with no approximation (exact);
 * ``topk``     -- the same with ``options={"kernels": ["topk"], "approximate": {"max_rel_error": 0.99,
   "families": ["topk"], "topk": {"topk", "block", "sink", "local"}}}``;
-* ``lsh``      -- likewise with ``"lsh": {"n_hashes", "bucket_size", "seed": 0}``.
+* ``lsh``      -- likewise with ``"lsh": {"block", "sink", "local"}`` (top-k's flags) and ``"seed": 0``: what
+  a user would pin; the index knobs (tables, bits, probes) and ``cap`` are left to attnfuse, whose policy
+  calibrates a ladder of levels the cost model chooses and keeps the first within ``max_rel_error``.
 
 ``--route direct`` instead swaps the kernel into the model's attention modules by hand (eager), for
-comparison or while the policy is unavailable.  Per variant: accuracy, ``logits_rel_err`` (||logits -
-eager logits||_F / ||eager logits||_F over the evaluation batches, query positions), the report's kernel and
-calibration ``error`` per site, and ``attn_rel_err``: per layer, the family's kernel called directly on that
-layer's q, k, v from an eager forward of the first evaluation batch, against SDPA (the attention output's own
-relative error).  Results: ``benchmarks/results/quality-cpu-<date>.json`` and a table on stdout.
+comparison or while the policy is unavailable: top-k with the flags' settings, LSH with
+``attnfuse.kernels.lsh.DEFAULTS`` but ``cap`` = ``--topk`` and ``block``/``sink``/``local`` from the flags
+(the same kept keys as top-k).  Per variant: accuracy, ``logits_rel_err`` (||logits - eager logits||_F /
+||eager logits||_F over the evaluation batches, query positions), per site the report's kernel, calibration
+``error``, ``config`` and ``params`` (the chosen approximate settings: the site's config and its candidate
+row's ``params``, where the report has them; None otherwise), and ``attn_rel_err``: per layer, the family's
+kernel called directly (with the settings the report chose for that layer's site, else the direct route's) on
+that layer's q, k, v from an eager forward of the first evaluation batch, against SDPA (the attention output's
+own relative error).
+
+Goal (printed PASS/FAIL, also the JSON's ``goals``): LSH accuracy >= exact (eager) accuracy - 0.02 (value:
+LSH - exact).  Results: ``benchmarks/results/quality-cpu-<date>.json`` and a table on stdout.
 """
 
 from __future__ import annotations
@@ -54,10 +63,10 @@ import _common as common  # noqa: E402
 VARIANTS = ("eager", "attnfuse", "topk", "lsh")
 APPROX = ("topk", "lsh")
 DEFAULTS = dict(minutes=3.0, seq=1024, train_seq=512, keys=2048, values=32, d_model=128, heads=4, layers=2,
-                batch=16, lr=2e-3, eval_batches=8, eval_batch=8, topk=128, block=32, sink=32, local=64, n_hashes=4,
-                bucket_size=32)
+                batch=16, lr=2e-3, eval_batches=8, eval_batch=8, topk=128, block=32, sink=32, local=64)
 QUICK = dict(minutes=0.1, seq=256, train_seq=128, keys=512, d_model=64, heads=2, batch=16, eval_batches=2,
              eval_batch=4, topk=64, block=32, sink=32, local=32)
+LSH_GOAL = 0.02  # LSH accuracy may be at most this much below exact (eager) accuracy
 
 
 # ---------------------------------------------------------------- task and model
@@ -184,18 +193,48 @@ def eval_batches(args: argparse.Namespace) -> list[tuple[torch.Tensor, ...]]:
 
 
 def knobs(family: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The direct route's settings: top-k's flags; LSH's `attnfuse.kernels.lsh.DEFAULTS` with ``cap`` =
+    ``--topk`` and ``block``/``sink``/``local`` from the flags."""
+    kw = {"block": args.block, "sink": args.sink, "local": args.local}
     if family == "topk":
-        return {"topk": args.topk, "block": args.block, "sink": args.sink, "local": args.local}
-    return {"n_hashes": args.n_hashes, "bucket_size": args.bucket_size, "seed": 0}
+        return {"topk": args.topk, **kw}
+    from attnfuse.kernels.lsh import DEFAULTS
+
+    return {**DEFAULTS, "cap": args.topk, **kw}
 
 
 def options(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     """The attnfuse options of a compiled variant (see the module docstring)."""
     opts: dict[str, Any] = {"inner": "eager"}
     if variant in APPROX:
+        pinned = knobs(variant, args) if variant == "topk" else {
+            "block": args.block, "sink": args.sink, "local": args.local, "seed": 0}
         opts["kernels"] = [variant]
-        opts["approximate"] = {"max_rel_error": 0.99, "families": [variant], variant: knobs(variant, args)}
+        opts["approximate"] = {"max_rel_error": 0.99, "families": [variant], variant: pinned}
     return opts
+
+
+def site_params(site) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(config, params) of a report site running an approximate kernel: its ``config`` and the ``params`` of its
+    kernel's candidate row (the chosen settings, LSH's ``bits`` resolved), each None where the report lacks it."""
+    if getattr(site, "kernel", None) not in APPROX:
+        return None, None
+    config = getattr(site, "config", None)
+    rows = [c for c in getattr(site, "candidates", None) or [] if isinstance(c, dict)
+            and c.get("kernel") == site.kernel and isinstance(c.get("params"), dict)]
+    row = next((c for c in rows if c.get("chosen")), rows[0] if rows else None)
+    return (dict(config) if isinstance(config, dict) and config else None), (dict(row["params"]) if row else None)
+
+
+def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The LSH accuracy goal (module docstring): value LSH - exact accuracy; met None where either is missing."""
+    acc = {r["variant"]: r.get("accuracy") for r in results}
+    what = f"lsh accuracy >= exact (eager) accuracy - {LSH_GOAL:g}"
+    if acc.get("lsh") is None or acc.get("eager") is None:
+        return [{"goal": what, "value": None, "met": None, "note": "not measured"}]
+    diff = acc["lsh"] - acc["eager"]
+    return [{"goal": what, "value": round(diff, 4), "met": diff >= -LSH_GOAL, "lsh_accuracy": acc["lsh"],
+             "exact_accuracy": acc["eager"]}]
 
 
 def policy_available() -> bool:
@@ -209,12 +248,12 @@ def policy_available() -> bool:
         return False
 
 
-def kernel_fn(family: str, args: argparse.Namespace):
-    """``fn(q, k, v) -> out`` of an approximate family, causal, with this run's settings."""
+def kernel_fn(family: str, args: argparse.Namespace, settings: dict[str, Any] | None = None):
+    """``fn(q, k, v) -> out`` of an approximate family, causal, with ``settings`` (default: `knobs`)."""
     import importlib
 
     mod = importlib.import_module(f"attnfuse.kernels.{family}")
-    kw = knobs(family, args)
+    kw = settings or knobs(family, args)
     return lambda q, k, v: mod.attention(q, k, v, causal=True, **kw)
 
 
@@ -259,12 +298,16 @@ def evaluate(model: RecallModel, variant: str, batches, reference: list[torch.Te
     if run is not model:
         rep = attnfuse.last_report()
         res["sites"] = [{"module": s.module, "status": s.status, "kernel": s.kernel, "error": s.error,
-                         "reason": s.reason} for s in rep.sites] if rep is not None else []
+                         "reason": s.reason, **dict(zip(("config", "params"), site_params(s)))}
+                        for s in rep.sites] if rep is not None else []
     return res, logits
 
 
-def attention_errors(model: RecallModel, family: str, batch, args: argparse.Namespace) -> list[float]:
-    """Per layer: the family's kernel on that layer's eager (q, k, v) vs SDPA, relative Frobenius error."""
+def attention_errors(model: RecallModel, family: str, batch, args: argparse.Namespace,
+                     sites: list[dict[str, Any]] | None = None) -> list[float]:
+    """Per layer: the family's kernel on that layer's eager (q, k, v) vs SDPA, relative Frobenius error; with the
+    settings the report chose for that layer's site (``blocks.<i>.attn``'s ``config``) where ``sites`` has one,
+    else the direct route's (`knobs`)."""
     keys, values, _ = batch
     captured: list = []
     for a in attentions(model):
@@ -275,10 +318,17 @@ def attention_errors(model: RecallModel, family: str, batch, args: argparse.Name
     finally:
         for a in attentions(model):
             a.captured = None
-    fn = kernel_fn(family, args)
+    chosen = {s["module"]: s.get("config") for s in sites or [] if s.get("kernel") == family}
+    fns = [kernel_fn(family, args, chosen.get(f"blocks.{i}.attn")) for i in range(len(captured))]
     with torch.no_grad():
         return [common.rel_err(fn(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True), torch.float64)
-                for q, k, v in captured]
+                for fn, (q, k, v) in zip(fns, captured)]
+
+
+def _knobs(params: dict[str, Any] | None) -> str:
+    """`` [tables=8 bits=9 probes=0 cap=128]`` of LSH params, "" for others or none."""
+    shown = [f"{k}={params[k]}" for k in ("tables", "bits", "probes", "cap") if k in (params or {})]
+    return f" [{' '.join(shown)}]" if shown else ""
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -289,7 +339,8 @@ def table(results: list[dict[str, Any]]) -> str:
             lines.append((r["variant"], r.get("route", ""), "-", "-", "-", r["error"][:90]))
             continue
         sites = ", ".join(f"{s['kernel'] or s['status']}" + (f" {s['error']:.1e}" if s.get("error") is not None
-                                                              else "") for s in r.get("sites", []))
+                                                              else "") + _knobs(s.get("params"))
+                          for s in r.get("sites", []))
         attn = ", ".join(f"{e:.2e}" for e in r.get("attn_rel_err", [])) or "-"
         err = r.get("logits_rel_err")
         lines.append((r["variant"], r["route"], f"{r['accuracy']:.4f}", "-" if err is None else f"{err:.2e}", attn,
@@ -344,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             if variant == "eager":
                 reference = logits
             if variant in APPROX:
-                res["attn_rel_err"] = attention_errors(model, variant, batches[0], args)
+                res["attn_rel_err"] = attention_errors(model, variant, batches[0], args, res.get("sites"))
         except Exception as e:  # an unavailable kernel or policy is a row, not a crash
             res = {"variant": variant, "route": args.route, "error": common.error_text(e, limit=None)}
         results.append(res)
@@ -359,10 +410,15 @@ def main(argv: list[str] | None = None) -> int:
            "setup": {**setup, "task": "multi-query associative recall, (key, value) pair per context token, "
                                        "1 in 8 positions a query after the first eighth",
                      "chance": 1 / args.values, "policy_available": policy_available()},
-           "training": training, "results": results,
+           "training": training, "results": results, "goals": goals(results),
            "command": common.command(__file__, argv)}
     common.write_json(json_path, doc)
     print(table(results))
+    for g in doc["goals"]:
+        verdict = "not measured" if g["met"] is None else (
+            f"{'PASS' if g['met'] else 'FAIL'} (lsh {g['lsh_accuracy']:.4f}, exact {g['exact_accuracy']:.4f}, "
+            f"difference {g['value']:+.4f})")
+        print(f"goal {g['goal']}: {verdict}")
     print(f"wrote {json_path}")
     return 0
 

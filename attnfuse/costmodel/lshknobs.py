@@ -5,7 +5,7 @@ at a key length (what the report records).
 The ladder rule, for ``kv_len`` keys, the budget ``max_rel_error``, the user's ``pinned`` settings and key
 blocks of ``block`` keys:
 
-* ``bits`` is -1 (auto: about two keys per bucket, `auto_bits`), so an op whose key
+* ``bits`` is -1 (auto: about four keys per bucket, `auto_bits`), so an op whose key
   length varies resolves it per call;
 * the base cap (keys a query block attends beyond its sink and local blocks) is 2048 from `LONG` (16384) keys
   on, below that an eighth of the keys in whole blocks, at least 4 blocks:
@@ -38,7 +38,7 @@ __all__ = ["DEFAULTS", "LEVELS", "LONG", "MAX_BITS", "TIGHT", "auto_bits", "base
 
 DEFAULTS = dict(tables=8, bits=-1, probes=0, cap=2048, block=64, sink=64, local=256, seed=0)
 MAX_BITS = 16  # bits per table
-_KEYS_PER_BUCKET = 2  # ``bits=-1``: about this many keys per bucket
+_KEYS_PER_BUCKET = 4  # ``bits=-1``: about this many keys per bucket
 LONG = 16384  # from this many keys on, the base cap is `LONG_CAP` keys
 LONG_CAP = 2048
 TIGHT = 0.01  # a budget below this skips level 0
@@ -46,7 +46,7 @@ LEVELS = ((8, 0, 1), (12, 1, 2), (16, 1, 4))  # (tables, probes, cap in base cap
 
 
 def auto_bits(bits: int, kv_len: int) -> int:
-    """``bits``, or for -1 the bits that leave about two keys per bucket at ``kv_len`` keys, clipped to [0, 16]
+    """``bits``, or for -1 the bits that leave about four keys per bucket at ``kv_len`` keys, clipped to [0, 16]
     (what the kernel resolves)."""
     if bits >= 0:
         return bits
@@ -84,5 +84,5 @@ def ladder(kv_len: int, max_rel_error: float, pinned: Mapping[str, int], block: 
 
 def resolved(params: Mapping[str, Any], kv_len: int) -> dict[str, Any]:
     """``params`` (LSH settings) with ``bits`` resolved at ``kv_len`` keys as the kernel resolves it (`auto_bits`:
-    -1 becomes the bits that leave about two keys per bucket; other values stay), a new dict."""
+    -1 becomes the bits that leave about four keys per bucket; other values stay), a new dict."""
     return {**params, "bits": auto_bits(int(params["bits"]), kv_len)}

@@ -124,17 +124,17 @@ def test_the_cost_models_lsh_knobs_are_calibrated_in_order_and_reported(tmp_path
         assert all(t["error"] > budget for t in tried[:-1]) and 0 < tried[-1]["error"] <= budget
         chosen = ladder[len(tried) - 1]
         assert site.kernel == "lsh" and site.config == chosen and site.error == tried[-1]["error"] == row["error"]
-        assert row["params"] == {**chosen, "bits": 9} and row["rejected"] is None  # round(log2(1000 / 2)) bits
+        assert row["params"] == {**chosen, "bits": 8} and row["rejected"] is None  # round(log2(1000 / 4)) bits
         want = _swapped(model, lambda q, k, v: lsh.attention(q, k, v, causal=True, **chosen))(x)
         exact = model(x)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
     assert (out - exact).abs().max() > 1e-4  # an approximation, within the budget
-    knobs = f"tables={chosen['tables']} bits=9 probes={chosen['probes']} cap={chosen['cap']}"
+    knobs = f"tables={chosen['tables']} bits=8 probes={chosen['probes']} cap={chosen['cap']}"
     assert f"lsh (err {site.error:.2g}; {knobs})" in str(report)
     again = {c["kernel"]: c for c in attnfuse.Report.from_json(report.to_json()).sites[0].candidates}["lsh"]
     assert again["tried"] == tried and again["params"] == row["params"]
     page = report.to_html(tmp_path / "r.html").read_text()
-    assert f"tables={chosen['tables']} bits=9 probes={chosen['probes']} cap={chosen['cap']}" in page
+    assert f"tables={chosen['tables']} bits=8 probes={chosen['probes']} cap={chosen['cap']}" in page
     assert "calibrated level 0" in page and f"error {tried[0]['error']:.3g}" in page
 
 

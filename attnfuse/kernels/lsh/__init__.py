@@ -8,7 +8,7 @@ positions (top-k attention's blocks, `attnfuse.kernels.topk`).
    ``seed``, shared by every head); a vector's code in a table is its sign bits there.  Keys are hashed centered
    (minus the mean key of their batch and K/V head: that shifts all of a query's scores by one constant, so it
    changes no ranking, and keeps a shared component from crowding one bucket); queries as they are.  ``bits=-1``
-   picks ``round(log2(Lk / 2))`` (about two keys per bucket), clipped to [0, 16].  The keys are bucketed per
+   picks ``round(log2(Lk / 4))`` (about four keys per bucket), clipped to [0, 16].  The keys are bucketed per
    (batch, K/V head, table) by a counting sort: O(Lk * tables), no comparison sort.
 2. Retrieval: a query row (one query position of one head) looks up its bucket in every table, and with
    ``probes`` > 0 also the buckets that flip one of its ``probes`` least confident bits (multi-probe LSH, Lv et

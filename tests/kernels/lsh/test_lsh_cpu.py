@@ -105,7 +105,7 @@ def test_select_cap_zero_and_huge():
 
 
 def test_auto_bits_and_spill():
-    for lk, want in ((1, 0), (2, 0), (5, 1), (300, 7), (4096, 11), (10**7, 16)):
+    for lk, want in ((1, 0), (2, 0), (5, 0), (7, 1), (300, 6), (4096, 10), (10**7, 16)):
         assert _index.auto_bits(-1, lk) == want, lk
     assert _index.auto_bits(4, 10**6) == 4
     assert _index.spill(300, 5) == 80 and _index.spill(300, 7) == 64 and _index.spill(10**5, 0) == 8 * 10**5
