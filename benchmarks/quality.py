@@ -1,8 +1,8 @@
 """Model quality with approximate attention: train a small transformer on associative recall (CPU), then
 evaluate it with exact, top-k and LSH attention swapped in through attnfuse.
 
-    python benchmarks/quality.py [--minutes 3] [--seq 1024] [--train-seq 512] [--topk 128] [--block 32]
-                                 [--sink 32] [--local 64] [--variants eager,attnfuse,topk,lsh]
+    python benchmarks/quality.py [--minutes 3] [--seq 1024] [--train-seq 512] [--topk 128] [--lsh-budget 0.1]
+                                 [--block 32] [--sink 32] [--local 64] [--variants eager,attnfuse,topk,lsh]
                                  [--route attnfuse|direct] [--quick] [--out benchmarks/results]
 
 Task (multi-query associative recall): every position holds one token.  A context token carries a (key,
@@ -25,9 +25,11 @@ Variants (one fresh compile each, ``inner="eager"``):
 * ``attnfuse`` -- ``torch.compile(model, backend="attnfuse")`` with no approximation (exact);
 * ``topk``     -- the same with ``options={"kernels": ["topk"], "approximate": {"max_rel_error": 0.99,
   "families": ["topk"], "topk": {"topk", "block", "sink", "local"}}}``;
-* ``lsh``      -- likewise with ``"lsh": {"block", "sink", "local"}`` (top-k's flags) and ``"seed": 0``: what
-  a user would pin; the index knobs (tables, bits, probes) and ``cap`` are left to attnfuse, whose policy
-  calibrates a ladder of levels the cost model chooses and keeps the first within ``max_rel_error``.
+* ``lsh``      -- ``options={"kernels": ["lsh"], "approximate": {"max_rel_error": --lsh-budget (0.1),
+  "families": ["lsh"], "lsh": {"block", "sink", "local", "seed": 0}}}``: top-k's flags are what a user would
+  pin; the index knobs (tables, bits, probes) and ``cap`` are left to attnfuse, whose policy calibrates a
+  ladder of levels the cost model chooses from the key length and the budget, and keeps the first within it
+  (`attnfuse.costmodel.lshknobs`).  A real budget, not top-k's 0.99: it is what chooses LSH's knobs.
 
 ``--route direct`` instead swaps the kernel into the model's attention modules by hand (eager), for
 comparison or while the policy is unavailable: top-k with the flags' settings, LSH with
@@ -63,7 +65,7 @@ import _common as common  # noqa: E402
 VARIANTS = ("eager", "attnfuse", "topk", "lsh")
 APPROX = ("topk", "lsh")
 DEFAULTS = dict(minutes=3.0, seq=1024, train_seq=512, keys=2048, values=32, d_model=128, heads=4, layers=2,
-                batch=16, lr=2e-3, eval_batches=8, eval_batch=8, topk=128, block=32, sink=32, local=64)
+                batch=16, lr=2e-3, eval_batches=8, eval_batch=8, topk=128, block=32, sink=32, local=64, lsh_budget=0.1)
 QUICK = dict(minutes=0.1, seq=256, train_seq=128, keys=512, d_model=64, heads=2, batch=16, eval_batches=2,
              eval_batch=4, topk=64, block=32, sink=32, local=32)
 LSH_GOAL = 0.02  # LSH accuracy may be at most this much below exact (eager) accuracy
@@ -210,7 +212,8 @@ def options(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         pinned = knobs(variant, args) if variant == "topk" else {
             "block": args.block, "sink": args.sink, "local": args.local, "seed": 0}
         opts["kernels"] = [variant]
-        opts["approximate"] = {"max_rel_error": 0.99, "families": [variant], variant: pinned}
+        budget = 0.99 if variant == "topk" else args.lsh_budget
+        opts["approximate"] = {"max_rel_error": budget, "families": [variant], variant: pinned}
     return opts
 
 

@@ -10,8 +10,12 @@ blocks of ``block`` keys:
 * the base cap (keys a query block attends beyond its sink and local blocks) is 2048 from `LONG` (16384) keys
   on, below that an eighth of the keys in whole blocks, at least 4 blocks:
   ``max(4 * block, ceil(kv_len / 8 / block) * block)``;
-* the levels (tables, probes, cap) are (8, 0, base), (12, 1, 2 * base), (16, 1, 4 * base): more tables and a
-  probe find more of the keys a query needs, a larger cap keeps more of what they find, and each costs more;
+* the base tables are 8 from `SHORT` (8192) keys on and grow as the keys shrink, ``8 * 8192 / kv_len`` up to
+  64 (a power of two): hashing costs rows x tables, attention rows x cap, so a short sequence affords many
+  tables per kept key -- and needs them, since its small cap leaves little room for blocks found by chance;
+* the levels (tables, probes, cap) are (T, 0, base), (1.5 T, 1, 2 * base), (2 T, 1, 4 * base) for base tables T:
+  more tables and a probe find more of the keys a query needs, a larger cap keeps more of what they find, and
+  each costs more;
 * a tight budget (``max_rel_error`` < `TIGHT`) skips level 0;
 * of the remaining levels, those after the first whose cap (rounded up to whole blocks) covers every key are
   dropped: a larger cap could select nothing more;
@@ -34,7 +38,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["DEFAULTS", "LEVELS", "LONG", "MAX_BITS", "TIGHT", "auto_bits", "base_cap", "ladder", "resolved"]
+__all__ = ["DEFAULTS", "LEVELS", "LONG", "MAX_BITS", "SHORT", "TIGHT", "auto_bits", "base_cap", "base_tables", "ladder",
+           "resolved"]
 
 DEFAULTS = dict(tables=8, bits=-1, probes=0, cap=2048, block=64, sink=64, local=256, seed=0)
 MAX_BITS = 16  # bits per table
@@ -42,7 +47,9 @@ _KEYS_PER_BUCKET = 4  # ``bits=-1``: about this many keys per bucket
 LONG = 16384  # from this many keys on, the base cap is `LONG_CAP` keys
 LONG_CAP = 2048
 TIGHT = 0.01  # a budget below this skips level 0
-LEVELS = ((8, 0, 1), (12, 1, 2), (16, 1, 4))  # (tables, probes, cap in base caps), cheapest first
+LEVELS = ((2, 0, 1), (3, 1, 2), (4, 1, 4))  # (tables in half base tables, probes, cap in base caps), cheapest first
+SHORT = 8192  # below this many keys, more base tables
+MAX_BASE_TABLES = 64
 
 
 def auto_bits(bits: int, kv_len: int) -> int:
@@ -51,6 +58,14 @@ def auto_bits(bits: int, kv_len: int) -> int:
     if bits >= 0:
         return bits
     return max(0, min(MAX_BITS, round(math.log2(max(1, kv_len) / _KEYS_PER_BUCKET))))
+
+
+def base_tables(kv_len: int) -> int:
+    """Level 0's tables: 8 from `SHORT` keys on, else ``8 * SHORT / kv_len`` rounded down to a power of two, at
+    most `MAX_BASE_TABLES`."""
+    if kv_len >= SHORT:
+        return 8
+    return min(MAX_BASE_TABLES, 1 << int(math.log2(8 * SHORT / max(1, kv_len))))
 
 
 def base_cap(kv_len: int, block: int) -> int:
@@ -64,7 +79,8 @@ def ladder(kv_len: int, max_rel_error: float, pinned: Mapping[str, int], block: 
     """The LSH settings to calibrate at ``kv_len`` keys, cheapest first, each complete (every key of
     `DEFAULTS`); the rule is the module docstring's."""
     base = base_cap(kv_len, block)
-    levels = [(tables, probes, scale * base) for tables, probes, scale in LEVELS]
+    half = base_tables(kv_len) // 2
+    levels = [(tables * half, probes, scale * base) for tables, probes, scale in LEVELS]
     if max_rel_error < TIGHT:
         levels = levels[1:]
     n_blocks = math.ceil(kv_len / block)

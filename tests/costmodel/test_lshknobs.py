@@ -1,6 +1,7 @@
 """The LSH knobs the cost model proposes (`attnfuse.costmodel.lshknobs`): the ladder's rule (base cap from the key
 length, three levels cheapest first, covering caps dropped, a tight budget skipping level 0), the user's pinned
-settings fixed on every level, and ``bits`` resolved as the kernel resolves it."""
+settings fixed on every level, base tables growing as the keys shrink, and ``bits`` resolved as the kernel
+resolves it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,19 @@ from attnfuse.kernels import lsh
 
 def _knobs(levels):
     return [(p["tables"], p["probes"], p["cap"]) for p in levels]
+
+
+def _at(kv_len, want):
+    """``want`` written for 8 base tables (levels 8, 12, 16), at ``kv_len``'s base tables."""
+    t = lshknobs.base_tables(kv_len)
+    return [(tables * t // 8, probes, cap) for tables, probes, cap in want]
+
+
+@pytest.mark.parametrize("kv_len,tables", [(1, 64), (700, 64), (1024, 64), (1025, 32), (2048, 32), (3000, 16),
+                                           (4096, 16), (8191, 8), (8192, 8), (10**6, 8)])
+def test_base_tables_grow_as_the_keys_shrink(kv_len, tables):
+    """8 from 8192 keys on; below, 8 * 8192 / kv_len rounded down to a power of two, at most 64."""
+    assert lshknobs.base_tables(kv_len) == tables
 
 
 @pytest.mark.parametrize("kv_len,block,want", [
@@ -32,7 +46,7 @@ def _knobs(levels):
 ])
 def test_the_ladder_rule(kv_len, block, want):
     levels = lshknobs.ladder(kv_len, 0.05, {}, block)
-    assert _knobs(levels) == want
+    assert _knobs(levels) == _at(kv_len, want)
     for p in levels:  # complete settings, bits auto, the defaults for what the rule does not choose
         assert list(p) == list(lsh.DEFAULTS) and p["bits"] == -1 and p["block"] == block
         assert (p["sink"], p["local"], p["seed"]) == (lsh.DEFAULTS["sink"], lsh.DEFAULTS["local"], 0)
@@ -47,14 +61,14 @@ def test_the_ladder_rule(kv_len, block, want):
     (50000, [(12, 1, 4096), (16, 1, 8192)]),
 ])
 def test_a_tight_budget_skips_level_0(kv_len, want):
-    assert _knobs(lshknobs.ladder(kv_len, 0.0099, {}, 64)) == want
-    assert _knobs(lshknobs.ladder(kv_len, 0.01, {}, 64))[0] == (8, 0, lshknobs.base_cap(kv_len, 64))
+    assert _knobs(lshknobs.ladder(kv_len, 0.0099, {}, 64)) == _at(kv_len, want)
+    assert _knobs(lshknobs.ladder(kv_len, 0.01, {}, 64))[0] == _at(kv_len, [(8, 0, lshknobs.base_cap(kv_len, 64))])[0]
 
 
 def test_pinned_settings_override_every_level_and_identical_levels_are_kept_once():
     pinned = {"cap": 128, "seed": 7, "local": 64}
     levels = lshknobs.ladder(1000, 0.05, pinned, 64)
-    assert _knobs(levels) == [(8, 0, 128), (12, 1, 128), (16, 1, 128)]
+    assert _knobs(levels) == _at(1000, [(8, 0, 128), (12, 1, 128), (16, 1, 128)])
     assert all(p["seed"] == 7 and p["local"] == 64 and p["sink"] == 64 for p in levels)
     levels = lshknobs.ladder(1000, 0.05, {"tables": 4, "probes": 1}, 64)
     assert _knobs(levels) == [(4, 1, 256), (4, 1, 512), (4, 1, 1024)]

@@ -130,7 +130,7 @@ def key_index(codes: torch.Tensor, *, bits: int, block: int) -> tuple[torch.Tens
     torch.cumsum(counts, 0, out=offsets[1:])
     if _triton.runs_on(codes):
         return offsets, _triton.bucket_keys(gid, offsets, lk, block)
-    order = torch.argsort(gid, stable=True)
+    order = torch.argsort(gid.to(torch.int32) if n_buckets < 2**31 else gid, stable=True)  # int32 sorts faster
     return offsets, ((order % lk) // block).to(torch.int32)
 
 
